@@ -1,0 +1,1 @@
+"""Hardware profiles: one YAML per device, with storage options and sourced figures."""

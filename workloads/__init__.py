@@ -1,0 +1,1 @@
+"""MoE architectures, routing traces, request streams and expert storage formats."""

@@ -1,0 +1,107 @@
+"""MoE architectures from their public configs (config.json on each model's hub page).
+
+Only what the policies and the cost model need: the MoE structure and the widths that
+set an expert's size. `layers` counts MoE layers (dense-FFN layers are `dense_layers`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices.units import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    name: str
+    layers: int                 # MoE layers
+    experts: int                # routed experts per MoE layer
+    top_k: int
+    d_model: int
+    d_ff: int                   # intermediate width of one routed expert
+    shared_experts: int = 0
+    shared_d_ff: int = 0        # intermediate width of one shared expert
+    expert_matrices: int = 3    # SwiGLU: w1 (gate), w3 (up), w2 (down); Switch FFN: 2
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    vocab: int = 32000
+    dense_layers: int = 0       # leading layers with a dense FFN instead of experts
+    dense_d_ff: int = 0
+    dtype_bytes: int = 2        # bf16
+    source: str = ""
+
+    @property
+    def expert_params(self) -> int:
+        return self.expert_matrices * self.d_model * self.d_ff
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.dtype_bytes
+
+    @property
+    def expert_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each weight matrix of one expert, nn.Linear convention."""
+        up = (self.d_ff, self.d_model)
+        down = (self.d_model, self.d_ff)
+        return [up, up, down] if self.expert_matrices == 3 else [up, down]
+
+    @property
+    def attention_params_per_layer(self) -> int:
+        head_dim = self.d_model // self.n_heads
+        q_o = 2 * self.d_model * self.d_model
+        k_v = 2 * self.d_model * self.n_kv_heads * head_dim
+        return q_o + k_v
+
+    @property
+    def dense_params_per_layer(self) -> int:
+        """Non-expert weights read for every token of a MoE layer: attention, router, shared experts."""
+        shared = self.shared_experts * self.expert_matrices * self.d_model * self.shared_d_ff
+        return self.attention_params_per_layer + self.d_model * self.experts + shared
+
+    def scaled(self, d_model: int, d_ff: int, *, layers: int | None = None, vocab: int | None = None,
+               n_heads: int | None = None) -> "ModelArch":
+        """Same expert/top-k structure, smaller widths (runs on a CPU)."""
+        heads = n_heads or max(1, min(self.n_heads, d_model // 64))
+        kv = max(1, heads * self.n_kv_heads // self.n_heads)
+        return ModelArch(
+            name=f"{self.name}-scaled-{d_model}", layers=layers or self.layers, experts=self.experts,
+            top_k=self.top_k, d_model=d_model, d_ff=d_ff, shared_experts=self.shared_experts,
+            shared_d_ff=d_ff * (self.shared_d_ff // self.d_ff if self.d_ff else 0) if self.shared_experts else 0,
+            expert_matrices=self.expert_matrices, n_heads=heads, n_kv_heads=kv,
+            vocab=vocab or self.vocab, dense_layers=0, dtype_bytes=self.dtype_bytes,
+            source=f"scaled from {self.name}")
+
+
+CATALOG: dict[str, ModelArch] = {m.name: m for m in [
+    ModelArch("mixtral-8x7b", layers=32, experts=8, top_k=2, d_model=4096, d_ff=14336,
+              n_heads=32, n_kv_heads=8, vocab=32000,
+              source="mistralai/Mixtral-8x7B-v0.1 config.json"),
+    ModelArch("llama-moe-3.5b", layers=32, experts=8, top_k=2, d_model=4096, d_ff=1376,
+              n_heads=32, n_kv_heads=32, vocab=32000,
+              source="llama-moe/LLaMA-MoE-v1-3_5B-2_8 config.json (11008 split into 8 experts of 1376)"),
+    ModelArch("deepseek-v2-lite", layers=26, experts=64, top_k=6, d_model=2048, d_ff=1408,
+              shared_experts=2, shared_d_ff=1408, n_heads=16, n_kv_heads=16, vocab=102400,
+              dense_layers=1, dense_d_ff=10944,
+              source="deepseek-ai/DeepSeek-V2-Lite config.json (27 layers, first_k_dense_replace=1)"),
+    ModelArch("qwen1.5-moe-a2.7b", layers=24, experts=60, top_k=4, d_model=2048, d_ff=1408,
+              shared_experts=1, shared_d_ff=5632, n_heads=16, n_kv_heads=16, vocab=151936,
+              source="Qwen/Qwen1.5-MoE-A2.7B config.json"),
+    ModelArch("olmoe-1b-7b", layers=16, experts=64, top_k=8, d_model=2048, d_ff=1024,
+              n_heads=16, n_kv_heads=16, vocab=50304,
+              source="allenai/OLMoE-1B-7B-0924 config.json"),
+    ModelArch("qwen3-30b-a3b", layers=48, experts=128, top_k=8, d_model=2048, d_ff=768,
+              n_heads=32, n_kv_heads=4, vocab=151936,
+              source="Qwen/Qwen3-30B-A3B config.json"),
+    ModelArch("phi-3.5-moe", layers=32, experts=16, top_k=2, d_model=4096, d_ff=6400,
+              n_heads=32, n_kv_heads=8, vocab=32064,
+              source="microsoft/Phi-3.5-MoE-instruct config.json"),
+    ModelArch("switch-large-128", layers=24, experts=128, top_k=1, d_model=1024, d_ff=4096,
+              expert_matrices=2, n_heads=16, n_kv_heads=16, vocab=32128,
+              source="google/switch-large-128 config.json (12 sparse encoder + 12 sparse decoder layers)"),
+]}
+
+
+def get_model(name: str) -> ModelArch:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))}") from None

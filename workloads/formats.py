@@ -1,0 +1,149 @@
+"""Expert storage formats as the engines see them: load items (parts) and their sizes.
+
+An expert on storage is a list of *parts*, each one load item (DESIGN.md). A precision
+*level* needs a prefix of the parts: level i needs parts 0..parts_for_level(i)-1.
+
+- bf16: one part, the whole expert.
+- mwq:  part 0 is the b1-bit base plane (packed codes + fp16 scale and zero point per
+        group), part j>0 the j-th binary residual plane (1 bit per weight + fp16 scale per
+        group). Level i (i = 0..bK-b1) is INT(b1+i) and needs parts 0..i.
+- zip:  part 0 is the sign+mantissa bytes (one byte per weight, raw), parts 1..K the K
+        exponent chunks (compressed). The only level needs every part. Keeping only
+        part 0 resident is ZipMoE's SM-only tier.
+
+Torch-free, so the simulator can import it; the executor's encoders produce exactly
+these sizes (tests check it; the zip ratio is an input taken from a measurement).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from devices.units import ConfigError
+
+SCALE_BYTES = 2  # scales and zero points are stored as float16
+
+
+def split_sizes(n: int, k: int) -> list[int]:
+    """Sizes of k contiguous chunks of n items, as numpy.array_split cuts them."""
+    base, extra = divmod(n, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """Sizes of one expert's parts. Subclasses fill the three per-part lists."""
+    shapes: tuple[tuple[int, int], ...]
+    name: str = "expert"
+    part_bytes: tuple[int, ...] = field(init=False)          # bytes on storage (one load item)
+    resident_bytes: tuple[int, ...] = field(init=False)      # bytes in memory once ready
+    decompress_bytes: tuple[int, ...] = field(init=False)    # raw bytes a decompression task produces (0: none)
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for o, i in self.shapes)
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.part_bytes)
+
+    @property
+    def levels(self) -> int:
+        return 1
+
+    def parts_for_level(self, level: int) -> int:
+        """How many leading parts a token computed at `level` needs."""
+        return self.n_parts
+
+    def level_label(self, level: int) -> str:
+        return self.name
+
+    def level_bytes(self, level: int) -> int:
+        """Resident bytes the compute of `level` reads."""
+        return sum(self.resident_bytes[: self.parts_for_level(level)])
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(self.part_bytes)
+
+    def _set(self, part: list[int], resident: list[int], decompress: list[int]) -> None:
+        object.__setattr__(self, "part_bytes", tuple(part))
+        object.__setattr__(self, "resident_bytes", tuple(resident))
+        object.__setattr__(self, "decompress_bytes", tuple(decompress))
+
+
+@dataclass(frozen=True)
+class Bf16Format(ExpertFormat):
+    name: str = "bf16"
+
+    def __post_init__(self):
+        n = 2 * self.params
+        self._set([n], [n], [0])
+
+
+@dataclass(frozen=True)
+class MwqFormat(ExpertFormat):
+    name: str = "mwq"
+    b1: int = 2
+    bK: int = 4
+    group: int = 128
+
+    def __post_init__(self):
+        if not 1 <= self.b1 <= self.bK <= 16:
+            raise ConfigError(f"mwq: need 1 <= b1 <= bK <= 16, got b1={self.b1}, bK={self.bK}")
+        for out, inp in self.shapes:
+            if inp % self.group:
+                raise ConfigError(f"mwq: group size {self.group} does not divide the input dimension {inp}")
+        base = sum(math.ceil(o * i * self.b1 / 8) + 2 * SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
+        plane = sum(math.ceil(o * i / 8) + SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
+        sizes = [base] + [plane] * (self.bK - self.b1)
+        self._set(sizes, sizes, [0] * len(sizes))
+
+    @property
+    def levels(self) -> int:
+        return self.bK - self.b1 + 1
+
+    def parts_for_level(self, level: int) -> int:
+        if not 0 <= level < self.levels:
+            raise ConfigError(f"mwq: level {level} out of range 0..{self.levels - 1} (INT{self.b1}..INT{self.bK})")
+        return level + 1
+
+    def level_label(self, level: int) -> str:
+        return f"int{self.b1 + level}"
+
+
+@dataclass(frozen=True)
+class ZipFormat(ExpertFormat):
+    name: str = "zip"
+    chunks: int = 3
+    codec: str = "lz4hc"
+    exponent_ratio: float = 0.40  # compressed/raw exponent bytes; ZipMoE's code profiles: 0.40 LZ4(HC), 0.36 zstd
+
+    def __post_init__(self):
+        if self.chunks < 1:
+            raise ConfigError(f"zip: chunks must be >= 1, got {self.chunks}")
+        if not 0 < self.exponent_ratio <= 1.1:
+            raise ConfigError(f"zip: exponent_ratio must be in (0, 1.1], got {self.exponent_ratio}")
+        n = self.params
+        raw = split_sizes(n, self.chunks)
+        comp = [max(1, round(r * self.exponent_ratio)) for r in raw]
+        self._set([n] + comp, [n] + raw, [0] + raw)
+
+
+FORMATS = {"bf16": Bf16Format, "mwq": MwqFormat, "zip": ZipFormat}
+MWQ_LADDERS = {"v1": (2, 4), "v2": (5, 8)}
+
+
+def make_format(name: str, shapes, **options) -> ExpertFormat:
+    """Build a format by name for experts of the given (out, in) shapes."""
+    if name not in FORMATS:
+        raise ConfigError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
+    ladder = options.pop("ladder", None)
+    if ladder is not None:
+        if ladder not in MWQ_LADDERS:
+            raise ConfigError(f"unknown mwq ladder {ladder!r}; known: {', '.join(MWQ_LADDERS)}")
+        options["b1"], options["bK"] = MWQ_LADDERS[ladder]
+    try:
+        return FORMATS[name](shapes=tuple(tuple(s) for s in shapes), **options)
+    except TypeError as e:
+        raise ConfigError(f"format {name!r}: bad option ({e})") from None
