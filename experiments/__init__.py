@@ -1,0 +1,1 @@
+"""The `moelab` command line, sweeps, paper reproductions, validation reports and plots."""

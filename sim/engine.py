@@ -1,0 +1,188 @@
+"""The SimPy engine: one run = (device, workload, policy bundle) -> timeline.
+
+A SimPy process walks the batch steps and, in each, the MoE layers. At a layer it
+waits for the dense part (attention, router, shared experts), then asks the policies
+for their decisions, hands the plan to the storage channel, the decompression workers
+and the compute queue (FIFO servers, sim/servers.py), and sleeps until the layer's
+last expert is computed. Everything the engine did is an Event on the timeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from devices.profile import DeviceProfile, StorageProfile
+from devices.units import ConfigError, format_size
+from policies import (Allocator, BudgetError, CachePolicy, PolicyContext, Routing, Scheduler,
+                      make_allocator, make_cache, make_scheduler, needed_keys)
+from sim.servers import FifoServer, StorageChannel
+from sim.timeline import Timeline
+from workloads.batching import Step, batch_steps
+from workloads.catalog import ModelArch
+from workloads.formats import ExpertFormat
+from workloads.trace import RoutingTrace
+
+
+@dataclass
+class Workload:
+    model: ModelArch
+    trace: RoutingTrace
+    fmt: ExpertFormat
+    batch: int = 1
+    steps: list[Step] = field(init=False)
+
+    def __post_init__(self):
+        self.trace.validate(self.model.layers, self.model.experts, self.trace.metadata.get("path", "trace"))
+        self.steps = batch_steps(self.trace, self.batch)
+
+    def routing(self, step: Step, layer: int) -> Routing:
+        return Routing(self.trace.experts[step.tokens, layer], self.trace.scores[step.tokens, layer])
+
+    def popularity(self) -> np.ndarray:
+        counts = np.zeros((self.model.layers, self.model.experts), np.int64)
+        for layer in range(self.model.layers):
+            counts[layer] = np.bincount(self.trace.experts[:, layer].ravel(), minlength=self.model.experts)
+        return counts
+
+    def access_sequence(self, allocator: Allocator) -> list[list]:
+        """Needed keys at every decision point, in engine order (what offline policies see)."""
+        return [needed_keys(allocator.allocate(layer, self.routing(step, layer)), self.fmt)
+                for step in self.steps for layer in range(self.model.layers)]
+
+
+@dataclass
+class Policies:
+    allocator: Allocator
+    scheduler: Scheduler
+    cache: CachePolicy
+
+
+def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
+                   allocator: str = "fixed", **allocator_options) -> Policies:
+    """Build a policy bundle by name, checking the budget can run the workload at all."""
+    fmt, model = workload.fmt, workload.model
+    base = PolicyContext(fmt, model.layers, model.experts, budget)
+    alloc = make_allocator(allocator, base, **allocator_options)
+    future = workload.access_sequence(make_allocator(allocator, base, **allocator_options))
+    lowest = fmt.level_bytes(0)
+    minimum = max((len({k.expert for k in keys}) for keys in future), default=0) * lowest
+    if budget < minimum:
+        raise BudgetError(f"budget {format_size(budget)} is below the minimum this workload can run with: "
+                          f"{format_size(minimum)} ({minimum} B = the largest single-layer demand, "
+                          f"{minimum // max(lowest, 1)} experts at the lowest precision)")
+    ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
+                        popularity=workload.popularity())
+    return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx))
+
+
+class Simulator:
+    def __init__(self, device: DeviceProfile, workload: Workload, policies: Policies,
+                 storage: StorageProfile | None = None):
+        self.device = device
+        self.storage = storage or device.storage_option(None)
+        self.w = workload
+        self.p = policies
+        fmt = workload.fmt
+        codec = getattr(fmt, "codec", None)
+        self.decompress_rate = None
+        if any(fmt.decompress_bytes):
+            if codec not in device.decompress_throughput:
+                raise ConfigError(f"{device.path or device.name}: decompress_throughput has no entry for codec "
+                                  f"{codec!r}; known: {', '.join(device.decompress_throughput)}")
+            self.decompress_rate = device.decompress_throughput[codec]
+        m = workload.model
+        self._dense_cache: dict[int, float] = {}
+        self._compute_cache: dict[tuple[int, int], float] = {}
+
+    def dense_seconds(self, tokens: int) -> float:
+        """Attention, router and shared experts of one layer for `tokens` tokens (roofline)."""
+        t = self._dense_cache.get(tokens)
+        if t is None:
+            m = self.w.model
+            t = self._dense_cache[tokens] = self.device.expert_time(
+                m.dense_params_per_layer * m.dtype_bytes, m.dense_params_per_layer, tokens)
+        return t
+
+    def expert_seconds(self, level: int, tokens: int) -> float:
+        key = (level, tokens)
+        t = self._compute_cache.get(key)
+        if t is None:
+            fmt = self.w.fmt
+            t = self._compute_cache[key] = self.device.expert_time(fmt.level_bytes(level), fmt.params, tokens)
+        return t
+
+    def run(self) -> Timeline:
+        env = simpy.Environment()
+        self.timeline = Timeline(meta=self._meta())
+        self.io = StorageChannel(self.storage.read_bandwidth, self.storage.latency, self.storage.queue_depth)
+        self.decomp = FifoServer(self.device.decompress_workers)
+        env.process(self._decode(env))
+        env.run()
+        self.timeline.meta["peak_expert_bytes"] = self.p.cache.peak
+        return self.timeline
+
+    def _meta(self) -> dict:
+        w = self.w
+        return {"engine": "sim", "device": self.device.name, "storage": self.storage.name,
+                "model": w.model.name, "format": w.fmt.name, "batch": w.batch,
+                "budget_bytes": self.p.cache.capacity, "cache": self.p.cache.name,
+                "scheduler": self.p.scheduler.name, "allocator": self.p.allocator.name,
+                "steps": [{"step": s.index, "group": s.group, "prefill": s.prefill,
+                           "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
+
+    def _decode(self, env: simpy.Environment):
+        for step in self.w.steps:
+            for layer in range(self.w.model.layers):
+                t_dense = self.dense_seconds(len(step.tokens))
+                self.timeline.add("dense", "dense", env.now, env.now + t_dense, layer, step=step.index,
+                                  tokens=len(step.tokens))
+                yield env.timeout(t_dense)
+                yield env.timeout(self._layer(env.now, step, layer) - env.now)
+
+    def _layer(self, now: float, step: Step, layer: int) -> float:
+        """Make and carry out one layer's decisions from time `now`; returns when it is done."""
+        w, p, add = self.w, self.p, self.timeline.add
+        fmt, s = w.fmt, step.index
+        demand = p.allocator.allocate(layer, w.routing(step, layer))
+        plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
+        keys = needed_keys(demand, fmt)
+        for key, hit in zip(keys, p.cache.begin_layer(layer, keys)):
+            if hit:
+                add("cache", "hit", now, now, layer, key.expert, key.part, fmt.resident_bytes[key.part], s)
+        ready = {}
+        for item in plan:
+            for k in p.cache.admit(item):
+                add("cache", "evict", now, now, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
+            key = item.key
+            add("cache", "admit", now, now, layer, key.expert, key.part, item.resident_bytes, s)
+            issue, done = self.io.reserve(now, item.nbytes)
+            add("io", "load", issue, done, layer, key.expert, key.part, item.nbytes, s)
+            if item.decompress_bytes:
+                start, done, worker = self.decomp.reserve(done, item.decompress_bytes / self.decompress_rate)
+                add(f"decompress[{worker}]", "decompress", start, done, layer, key.expert, key.part,
+                    item.decompress_bytes, s)
+            ready[key.expert, key.part] = done
+        assert p.cache.used <= p.cache.capacity, "budget exceeded"
+        # each (expert, level) computes once the parts it needs are ready, in order of readiness
+        tasks = []
+        for (expert, level), n in demand.counts().items():
+            t_ready = max((ready.get((expert, part), now) for part in range(fmt.parts_for_level(level))),
+                          default=now)
+            tasks.append((t_ready, len(tasks), expert, level, n))
+        tasks.sort()
+        free = now
+        for t_ready, _, expert, level, n in tasks:
+            start = max(t_ready, free)
+            free = start + self.expert_seconds(level, n)
+            add("compute", "expert", start, free, layer, expert, level, fmt.level_bytes(level), s, n)
+        for k in p.cache.end_layer(layer):
+            add("cache", "evict", free, free, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
+        return free
+
+
+def simulate(device: DeviceProfile, workload: Workload, budget: int, *, cache: str = "lru",
+             scheduler: str = "fifo", allocator: str = "fixed", storage: str | None = None) -> Timeline:
+    policies = build_policies(workload, budget, cache, scheduler, allocator)
+    return Simulator(device, workload, policies, device.storage_option(storage)).run()

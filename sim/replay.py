@@ -1,0 +1,163 @@
+"""Cache-only replay: hit ratios without timing, for miss-ratio curves over many capacities.
+
+Two paths that give the same answer:
+- `replay_policies` drives the very policy objects the engine drives, decision point by
+  decision point (any format, any policy, sizes in bytes);
+- `replay_units` is the fast path for one-part experts (capacities counted in experts):
+  tight loops over integer keys, one per eviction rule, with the engine's semantics
+  (a decision point first looks up all its keys, pinning them, then admits the misses in
+  router order). tests/test_replay.py checks both against the engine and libCacheSim.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import numpy as np
+
+from policies import BudgetError, PolicyContext, make_cache, needed_keys
+
+
+def replay_policies(workload, policies) -> dict:
+    """Run allocator -> scheduler -> cache for every decision point, no timing."""
+    p, fmt = policies, workload.fmt
+    hits = accesses = 0
+    for step in workload.steps:
+        for layer in range(workload.model.layers):
+            demand = p.allocator.allocate(layer, workload.routing(step, layer))
+            plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
+            flags = p.cache.begin_layer(layer, needed_keys(demand, fmt))
+            hits += sum(flags)
+            accesses += len(flags)
+            for item in plan:
+                p.cache.admit(item)
+            p.cache.end_layer(layer)
+    return {"hits": hits, "accesses": accesses, "hit_ratio": hits / accesses if accesses else float("nan"),
+            "peak_bytes": p.cache.peak}
+
+
+def unit_groups(trace, steps) -> list[list[int]]:
+    """Decision points of a trace as lists of integer keys (layer * experts + expert),
+    each expert once, in first-appearance (router) order."""
+    E = trace.num_experts
+    groups = []
+    for step in steps:
+        sel = trace.experts[step.tokens]                       # [tokens, layers, k]
+        for layer in range(trace.layers):
+            row = sel[:, layer, :].ravel().tolist()
+            groups.append([layer * E + e for e in dict.fromkeys(row)])
+    return groups
+
+
+def _lru(groups, capacity, move_on_hit=True):
+    cache: OrderedDict = OrderedDict()
+    hits = 0
+    move = cache.move_to_end
+    for group in groups:
+        misses = []
+        for k in group:
+            if k in cache:
+                hits += 1
+                if move_on_hit:
+                    move(k)
+            else:
+                misses.append(k)
+        for k in misses:
+            cache[k] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)   # the front is never pinned: capacity >= group size
+    return hits
+
+
+def _lfu(groups, capacity):
+    freq, last, heap = {}, {}, []
+    hits = tick = 0
+    for group in groups:
+        pinned = set(group)
+        misses = []
+        for k in group:
+            if k in freq:
+                hits += 1
+                freq[k] += 1
+                tick += 1
+                last[k] = tick
+                heapq.heappush(heap, (freq[k], tick, k))
+            else:
+                misses.append(k)
+        for k in misses:
+            if len(freq) >= capacity:
+                skipped = []
+                while True:
+                    f, t, v = heapq.heappop(heap)
+                    if last.get(v) != t:
+                        continue
+                    if v in pinned:
+                        skipped.append((f, t, v))
+                        continue
+                    del freq[v], last[v]
+                    break
+                for entry in skipped:
+                    heapq.heappush(heap, entry)
+            freq[k] = 1
+            tick += 1
+            last[k] = tick
+            heapq.heappush(heap, (1, tick, k))
+    return hits
+
+
+def _belady(groups, capacity):
+    never = 1 << 62
+    nxt = [None] * len(groups)          # next decision point using each key of each group
+    seen: dict[int, int] = {}
+    for i in range(len(groups) - 1, -1, -1):
+        nxt[i] = [seen.get(k, never) for k in groups[i]]
+        for k in groups[i]:
+            seen[k] = i
+    cache: dict[int, int] = {}          # key -> its next use
+    heap: list = []
+    hits = 0
+    for i, group in enumerate(groups):
+        pinned = set(group)
+        misses = []
+        for k, n in zip(group, nxt[i]):
+            if k in cache:
+                hits += 1
+                cache[k] = n
+                heapq.heappush(heap, (-n, k))
+            else:
+                misses.append((k, n))
+        for k, n in misses:
+            if len(cache) >= capacity:
+                skipped = []
+                while True:
+                    neg, v = heapq.heappop(heap)
+                    if cache.get(v) != -neg:          # stale entry
+                        continue
+                    if v in pinned:
+                        skipped.append((neg, v))
+                        continue
+                    del cache[v]
+                    break
+                for entry in skipped:
+                    heapq.heappush(heap, entry)
+            cache[k] = n
+            heapq.heappush(heap, (-n, k))
+    return hits
+
+
+FAST = {"lru": _lru, "fifo": lambda g, c: _lru(g, c, move_on_hit=False), "lfu": _lfu, "belady": _belady,
+        "on-demand": lambda g, c: 0}
+
+
+def replay_units(groups: list[list[int]], policy: str, capacities) -> dict[int, float]:
+    """Hit ratio per capacity (in experts) for one-part experts."""
+    if policy not in FAST:
+        raise BudgetError(f"no fast replay for {policy!r}; fast policies: {', '.join(FAST)}")
+    accesses = sum(len(g) for g in groups)
+    largest = max((len(g) for g in groups), default=0)
+    out = {}
+    for cap in capacities:
+        if cap < largest:
+            raise BudgetError(f"capacity {cap} is below the largest single-layer demand ({largest} experts)")
+        out[cap] = FAST[policy](groups, cap) / accesses if accesses else float("nan")
+    return out

@@ -1,0 +1,162 @@
+"""The SimPy engine against hand-computed timelines, and its invariants."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import TINY, make_device, make_trace
+from policies import BudgetError, CACHES
+from sim.engine import Simulator, Workload, build_policies
+from sim.metrics import compute_metrics
+from workloads.catalog import ModelArch
+from workloads.formats import make_format
+
+EXPERT = 192          # bytes of one TINY expert in bf16
+LOAD = 0.02 + 0.1     # latency + 192 B at 1920 B/s
+COMPUTE = 0.01        # 192 B at 19200 B/s
+DENSE = 0.0075        # attention 64 + router 8 params = 144 B at 19200 B/s
+
+
+def run(trace, budget, policy="lru", model=TINY, fmt=None, batch=1, device=None):
+    fmt = fmt or make_format("bf16", model.expert_shapes)
+    w = Workload(model, trace, fmt, batch=batch)
+    p = build_policies(w, budget, cache=policy)
+    return Simulator(device or make_device(), w, p).run()
+
+
+def timed(tl):
+    return [(e.resource, e.kind, round(e.start, 9), round(e.end, 9), e.layer, e.expert)
+            for e in tl.events if e.resource != "cache"]
+
+
+def test_hand_computed_timeline():
+    # token 0: L0->E0, L1->E1; token 1: L0->E0, L1->E0; budget = 2 experts, LRU
+    tl = run(make_trace([[[0], [1]], [[0], [0]]]), 2 * EXPERT)
+    t = 0.0
+    expected = []
+    def ev(res, kind, dur, layer, expert):
+        nonlocal t
+        expected.append((res, kind, round(t, 9), round(t + dur, 9), layer, expert))
+        t += dur
+    ev("dense", "dense", DENSE, 0, -1); ev("io", "load", LOAD, 0, 0); ev("compute", "expert", COMPUTE, 0, 0)
+    ev("dense", "dense", DENSE, 1, -1); ev("io", "load", LOAD, 1, 1); ev("compute", "expert", COMPUTE, 1, 1)
+    step0 = t
+    ev("dense", "dense", DENSE, 0, -1); ev("compute", "expert", COMPUTE, 0, 0)          # hit
+    ev("dense", "dense", DENSE, 1, -1); ev("io", "load", LOAD, 1, 0); ev("compute", "expert", COMPUTE, 1, 0)
+    assert timed(tl) == expected
+    # LRU evicts (L1, E1): (L0, E0) was used more recently
+    assert ("evict", 1, 1, 1, 0) in tl.decisions()
+    m = compute_metrics(tl)
+    assert m["ttft_s"] == pytest.approx(step0)
+    assert m["tpot_s_mean"] == pytest.approx(t - step0)
+    assert m["hit_ratio"] == pytest.approx(0.25)
+    assert m["bytes_read"] == 3 * EXPERT
+    assert m["peak_expert_bytes"] == 2 * EXPERT
+    assert m["throughput_tok_s"] == pytest.approx(2 / t)
+
+
+def test_io_overlaps_compute_within_a_layer():
+    # top-2 at one layer: the second load runs while the first expert computes
+    model = ModelArch("tiny2", layers=1, experts=2, top_k=2, d_model=4, d_ff=8, n_heads=1, n_kv_heads=1)
+    tl = run(make_trace([[[0, 1]]]), 2 * EXPERT, model=model)
+    loads = [(round(e.start, 9), round(e.end, 9)) for e in tl.of("io")]
+    comps = [(round(e.start, 9), round(e.end, 9)) for e in tl.of("compute")]
+    d = DENSE  # a 2-expert router: the same dense size as TINY's
+    assert loads == [(round(d, 9), round(d + LOAD, 9)), (round(d + LOAD, 9), round(d + 2 * LOAD, 9))]
+    assert comps == [(round(d + LOAD, 9), round(d + LOAD + COMPUTE, 9)),
+                     (round(d + 2 * LOAD, 9), round(d + 2 * LOAD + COMPUTE, 9))]
+
+
+def test_queue_depth_overlaps_latency():
+    # QD 2: the second request's latency overlaps the first transfer
+    model = ModelArch("tiny2", layers=1, experts=2, top_k=2, d_model=4, d_ff=8, n_heads=1, n_kv_heads=1)
+    tl = run(make_trace([[[0, 1]]]), 2 * EXPERT, model=model, device=make_device(queue_depth=2))
+    ends = [round(e.end - tl.of("dense")[0].end, 9) for e in tl.of("io")]
+    assert ends == [round(LOAD, 9), round(LOAD + 0.1, 9)]
+
+
+def test_zip_format_decompresses_on_workers():
+    fmt = make_format("zip", TINY.expert_shapes, chunks=2, exponent_ratio=0.5)
+    tl = run(make_trace([[[0], [1]]]), 2 * fmt.expert_bytes, fmt=fmt)
+    dec = tl.of("decompress")
+    assert len(dec) == 2 * 2                                   # 2 chunks per expert, 2 experts
+    assert {e.resource for e in dec} <= {"decompress[0]", "decompress[1]"}
+    for e in dec:                                              # raw chunk bytes at 1000 B/s
+        assert e.end - e.start == pytest.approx(e.bytes / 1000.0)
+    # compute starts only after every chunk of its expert is decompressed
+    for c in tl.of("compute"):
+        last = max(e.end for e in dec if (e.layer, e.expert) == (c.layer, c.expert))
+        assert c.start >= last - 1e-12
+
+
+def test_budget_below_minimum_states_it():
+    model = ModelArch("tiny2", layers=1, experts=2, top_k=2, d_model=4, d_ff=8, n_heads=1, n_kv_heads=1)
+    with pytest.raises(BudgetError, match=r"minimum .*384 B"):
+        run(make_trace([[[0, 1]]]), EXPERT, model=model)
+
+
+def test_prefill_loads_union_and_ttft_counts_it():
+    prompt = np.array([True, True, False])
+    tl = run(make_trace([[[0], [0]], [[1], [0]], [[1], [1]]], prompt=prompt), 4 * EXPERT)
+    steps = tl.meta["steps"]
+    assert [s["prefill"] for s in steps] == [True, False]
+    pre = [e for e in tl.of("compute") if e.step == 0]
+    assert sorted((e.layer, e.expert, e.tokens) for e in pre) == [(0, 0, 1), (0, 1, 1), (1, 0, 2)]
+
+
+# -- properties --------------------------------------------------------------------------
+@st.composite
+def cases(draw):
+    layers = draw(st.integers(1, 3))
+    experts = draw(st.integers(2, 5))
+    k = draw(st.integers(1, min(2, experts)))
+    tokens = draw(st.integers(1, 8))
+    batch = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    ex = np.stack([np.stack([rng.choice(experts, k, replace=False) for _ in range(layers)])
+                   for _ in range(tokens)])
+    req = rng.integers(0, 3, tokens)
+    prompt = rng.random(tokens) < 0.3
+    fmt = draw(st.sampled_from(["bf16", "mwq", "zip"]))
+    extra = draw(st.integers(0, experts * layers))
+    policy = draw(st.sampled_from(sorted(CACHES)))
+    return layers, experts, k, ex, req, prompt, batch, fmt, extra, policy
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_invariants(case):
+    layers, experts, k, ex, req, prompt, batch, fmt_name, extra, policy = case
+    model = ModelArch("prop", layers=layers, experts=experts, top_k=k, d_model=128, d_ff=128,
+                      n_heads=1, n_kv_heads=1)
+    opts = {"mwq": {"b1": 2, "bK": 4}, "zip": {"chunks": 2}}.get(fmt_name, {})
+    fmt = make_format(fmt_name, model.expert_shapes, **opts)
+    trace = make_trace(ex, prompt=prompt, request_ids=req, num_experts=experts)
+    w = Workload(model, trace, fmt, batch=batch)
+    budget = (experts + extra) * fmt.level_bytes(fmt.levels - 1)   # at least any layer's demand
+    tl1 = Simulator(make_device(), w, build_policies(w, budget, cache=policy)).run()
+    # budget never exceeded, at any decision
+    mem = 0
+    for e in tl1.events:
+        if e.resource == "cache" and e.kind in ("admit", "evict"):
+            mem += e.bytes if e.kind == "admit" else -e.bytes
+            assert 0 <= mem <= budget
+    # every requested (step, layer, expert) computed, for exactly its tokens
+    wanted = {}
+    for s in w.steps:
+        for layer in range(layers):
+            for e in ex[s.tokens, layer].ravel():
+                wanted[s.index, layer, int(e)] = wanted.get((s.index, layer, int(e)), 0) + 1
+    got = {}
+    for e in tl1.of("compute"):
+        got[e.step, e.layer, e.expert] = got.get((e.step, e.layer, e.expert), 0) + e.tokens
+    assert got == wanted
+    # a compute never starts before the loads of its expert in that step finished
+    loads = {}
+    for e in tl1.of("io"):
+        loads[e.step, e.layer, e.expert] = max(loads.get((e.step, e.layer, e.expert), 0), e.end)
+    for e in tl1.of("compute"):
+        assert e.start >= loads.get((e.step, e.layer, e.expert), 0) - 1e-12
+    # deterministic: the same inputs give the same timeline
+    tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy)).run()
+    assert tl1.events == tl2.events
