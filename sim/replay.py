@@ -49,7 +49,7 @@ def unit_groups(trace, steps) -> list[list[int]]:
     return groups
 
 
-def _lru(groups, capacity, move_on_hit=True):
+def _lru(groups, capacity):
     cache: OrderedDict = OrderedDict()
     hits = 0
     move = cache.move_to_end
@@ -58,14 +58,28 @@ def _lru(groups, capacity, move_on_hit=True):
         for k in group:
             if k in cache:
                 hits += 1
-                if move_on_hit:
-                    move(k)
+                move(k)
             else:
                 misses.append(k)
         for k in misses:
             cache[k] = None
             if len(cache) > capacity:
-                cache.popitem(last=False)   # the front is never pinned: capacity >= group size
+                # the group's keys were all just moved to the back, so the front is unpinned
+                cache.popitem(last=False)
+    return hits
+
+
+def _fifo(groups, capacity):
+    cache: dict = {}                 # insertion-ordered
+    hits = 0
+    for group in groups:
+        misses = [k for k in group if k not in cache]
+        hits += len(group) - len(misses)
+        for k in misses:
+            if len(cache) >= capacity:
+                victim = next(v for v in cache if v not in group)   # oldest unpinned
+                del cache[victim]
+            cache[k] = None
     return hits
 
 
@@ -145,7 +159,7 @@ def _belady(groups, capacity):
     return hits
 
 
-FAST = {"lru": _lru, "fifo": lambda g, c: _lru(g, c, move_on_hit=False), "lfu": _lfu, "belady": _belady,
+FAST = {"lru": _lru, "fifo": _fifo, "lfu": _lfu, "belady": _belady,
         "on-demand": lambda g, c: 0}
 
 

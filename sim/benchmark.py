@@ -1,0 +1,82 @@
+"""`python -m sim.benchmark`: the simulator's own speed, as one JSON line.
+
+- sim_tokens_per_s: simulated decode tokens per wall-clock second, full timing
+  simulation of mixtral-8x7b (32 layers, top-2, batch 1, LRU, bf16) on the default device;
+- replay_accesses_per_s: cache-only LRU replay, expert accesses per second, beside
+  libCacheSim's LRU on the same sequence (its own C loop via process_trace).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from devices.profile import load_device
+from sim.engine import Simulator, Workload, build_policies
+from sim.replay import replay_units, unit_groups
+from workloads.catalog import get_model
+from workloads.formats import make_format
+from workloads.synthetic import synthetic_trace
+
+
+def bench_engine(tokens: int = 2000) -> dict:
+    model = get_model("mixtral-8x7b")
+    device = load_device("jetson-agx-orin-64gb")
+    trace = synthetic_trace(model, requests=1, prompt_len=0, output_len=tokens, seed=0)
+    w = Workload(model, trace, make_format("bf16", model.expert_shapes), batch=1)
+    budget = 120 * model.expert_bytes
+    policies = build_policies(w, budget, cache="lru")
+    t0 = time.perf_counter()
+    tl = Simulator(device, w, policies).run()
+    wall = time.perf_counter() - t0
+    return {"sim_tokens": tokens, "sim_wall_s": round(wall, 3), "sim_tokens_per_s": round(tokens / wall, 1),
+            "sim_events": len(tl.events)}
+
+
+def libcachesim_lru_rate(seq: list[int], capacity: int) -> float | None:
+    """Accesses per second of libCacheSim's LRU over `seq`, read from a CSV trace by its C reader."""
+    try:
+        import libcachesim as lcs
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "seq.csv")
+        np.savetxt(path, np.asarray(seq), fmt="%d")
+        params = lcs.ReaderInitParam(has_header=False, delimiter=",", obj_id_field=1,
+                                     obj_id_is_num=True)
+        reader = lcs.TraceReader(path, trace_type=lcs.TraceType.CSV_TRACE, reader_init_params=params)
+        cache = lcs.LRU(cache_size=capacity)
+        t0 = time.perf_counter()
+        cache.process_trace(reader)
+        return len(seq) / (time.perf_counter() - t0)
+
+
+def bench_replay(tokens: int = 20000, capacity: int = 96) -> dict:
+    model = get_model("mixtral-8x7b")
+    trace = synthetic_trace(model, requests=1, prompt_len=0, output_len=tokens, seed=1)
+    from workloads.batching import batch_steps
+    groups = unit_groups(trace, batch_steps(trace, 1))
+    accesses = sum(map(len, groups))
+    t0 = time.perf_counter()
+    hit = replay_units(groups, "lru", [capacity])[capacity]
+    wall = time.perf_counter() - t0
+    ours = accesses / wall
+    seq = [k for g in groups for k in g]
+    ref = libcachesim_lru_rate(seq, capacity)
+    return {"replay_accesses": accesses, "replay_hit_ratio": round(hit, 4),
+            "replay_accesses_per_s": round(ours), "libcachesim_lru_accesses_per_s": ref and round(ref),
+            "replay_vs_libcachesim": ref and round(ours / ref, 3)}
+
+
+def main() -> None:
+    out = {"benchmark": "sim"}
+    out.update(bench_engine())
+    out.update(bench_replay())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
