@@ -14,4 +14,4 @@ class FixedLevel(Allocator):
 
     def allocate(self, layer: int, routing: Routing) -> Demand:
         lvl = self.level
-        return Demand(layer, tuple(tuple((int(e), lvl) for e in row) for row in routing.experts.tolist()))
+        return Demand(layer, tuple([tuple([(e, lvl) for e in row]) for row in routing.experts.tolist()]))

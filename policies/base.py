@@ -14,7 +14,6 @@ the same trace make identical decisions.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -38,8 +37,7 @@ class LoadItem(NamedTuple):
     decompress_bytes: int    # raw bytes a decompression task produces after the read (0: none)
 
 
-@dataclass(frozen=True)
-class Routing:
+class Routing(NamedTuple):
     """Router output of one layer for the tokens of one step: [tokens, k] ids and scores."""
     experts: np.ndarray
     scores: np.ndarray
@@ -53,22 +51,33 @@ class Demand:
 
     def counts(self) -> dict[tuple[int, int], int]:
         """Tokens needing each (expert, level), in order of first appearance."""
-        return dict(Counter(pair for token in self.per_token for pair in token))
+        out: dict[tuple[int, int], int] = {}
+        for token in self.per_token:
+            for pair in token:
+                out[pair] = out.get(pair, 0) + 1
+        return out
 
     def max_level(self) -> dict[int, int]:
         """Highest level needed of each expert, in order of first appearance."""
         out: dict[int, int] = {}
+        get = out.get
         for token in self.per_token:
             for expert, level in token:
-                if level > out.get(expert, -1):
+                if level > get(expert, -1):
                     out[expert] = level
         return out
 
 
 def needed_keys(demand: Demand, fmt: ExpertFormat) -> list[Key]:
-    """Every part the layer needs, expert by expert in first-appearance order, parts ascending."""
-    return [Key(demand.layer, e, p) for e, lvl in demand.max_level().items()
-            for p in range(fmt.parts_for_level(lvl))]
+    """Every part the layer needs, expert by expert in first-appearance order, parts ascending.
+    Computed once per demand (engines and schedulers both ask)."""
+    cached = demand.__dict__.get("_keys")
+    if cached is None or cached[0] is not fmt:
+        parts, layer = fmt.level_parts, demand.layer
+        keys = [Key(layer, e, p) for e, lvl in demand.max_level().items() for p in range(parts[lvl])]
+        cached = (fmt, keys)
+        object.__setattr__(demand, "_keys", cached)   # a memo, not state: Demand stays immutable
+    return cached[1]
 
 
 def load_item(key: Key, fmt: ExpertFormat) -> LoadItem:
@@ -106,5 +115,5 @@ class Scheduler:
     def __init__(self, ctx: PolicyContext):
         self.fmt = ctx.fmt
 
-    def order(self, layer: int, demand: Demand, resident: frozenset[Key]) -> list[LoadItem]:
+    def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
         raise NotImplementedError

@@ -32,8 +32,9 @@ class CachePolicy:
         self.clock = 0                                        # decision points seen
 
     # -- what engines call -------------------------------------------------
-    def resident(self, layer: int) -> frozenset[Key]:
-        return frozenset(self.by_layer[layer])
+    def resident(self, layer: int) -> set[Key]:
+        """The layer's resident keys: a live view, read it now, do not keep or change it."""
+        return self.by_layer[layer]
 
     def begin_layer(self, layer: int, keys: Sequence[Key]) -> list[bool]:
         """Record an access to each key; pin them for this layer. Returns hit flags."""

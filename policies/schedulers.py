@@ -8,5 +8,5 @@ class FifoScheduler(Scheduler):
     """Router order: experts as tokens first select them, each expert's parts ascending."""
     name = "fifo"
 
-    def order(self, layer: int, demand: Demand, resident: frozenset[Key]) -> list[LoadItem]:
+    def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
         return [load_item(k, self.fmt) for k in needed_keys(demand, self.fmt) if k not in resident]

@@ -37,17 +37,15 @@ def bench_engine(tokens: int = 2000) -> dict:
 
 
 def libcachesim_lru_rate(seq: list[int], capacity: int) -> float | None:
-    """Accesses per second of libCacheSim's LRU over `seq`, read from a CSV trace by its C reader."""
+    """Accesses per second of libCacheSim's LRU over `seq`, read from a text trace by its C reader."""
     try:
         import libcachesim as lcs
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "seq.csv")
+        path = os.path.join(d, "seq.txt")
         np.savetxt(path, np.asarray(seq), fmt="%d")
-        params = lcs.ReaderInitParam(has_header=False, delimiter=",", obj_id_field=1,
-                                     obj_id_is_num=True)
-        reader = lcs.TraceReader(path, trace_type=lcs.TraceType.CSV_TRACE, reader_init_params=params)
+        reader = lcs.TraceReader(path, trace_type=lcs.TraceType.PLAIN_TXT_TRACE)
         cache = lcs.LRU(cache_size=capacity)
         t0 = time.perf_counter()
         cache.process_trace(reader)

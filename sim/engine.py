@@ -9,6 +9,7 @@ last expert is computed. Everything the engine did is an Event on the timeline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import simpy
@@ -18,11 +19,13 @@ from devices.units import ConfigError, format_size
 from policies import (Allocator, BudgetError, CachePolicy, PolicyContext, Routing, Scheduler,
                       make_allocator, make_cache, make_scheduler, needed_keys)
 from sim.servers import FifoServer, StorageChannel
-from sim.timeline import Timeline
+from sim.timeline import Event, Timeline
 from workloads.batching import Step, batch_steps
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
 from workloads.trace import RoutingTrace
+
+_event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Simulator:
         t = self._compute_cache.get(key)
         if t is None:
             fmt = self.w.fmt
-            t = self._compute_cache[key] = self.device.expert_time(fmt.level_bytes(level), fmt.params, tokens)
+            t = self._compute_cache[key] = self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens)
         return t
 
     def run(self) -> Timeline:
@@ -133,52 +136,63 @@ class Simulator:
                            "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
 
     def _decode(self, env: simpy.Environment):
+        trace, layers = self.w.trace, self.w.model.layers
         for step in self.w.steps:
-            for layer in range(self.w.model.layers):
-                t_dense = self.dense_seconds(len(step.tokens))
-                self.timeline.add("dense", "dense", env.now, env.now + t_dense, layer, step=step.index,
-                                  tokens=len(step.tokens))
-                yield env.timeout(t_dense)
-                yield env.timeout(self._layer(env.now, step, layer) - env.now)
+            # [layers, tokens, k], so a layer's routing is a cheap view
+            experts = trace.experts[step.tokens].transpose(1, 0, 2)
+            scores = trace.scores[step.tokens].transpose(1, 0, 2)
+            n = len(step.tokens)
+            t_dense = self.dense_seconds(n)
+            for layer in range(layers):
+                # Nothing else runs while this process waits for the dense part, so the
+                # layer's decisions can be taken at the dense part's (simulated) end time
+                # with one wake-up per layer instead of two.
+                start = env.now
+                self.timeline.events.append(_event(("dense", "dense", start, start + t_dense, layer, -1, -1, 0,
+                                                    step.index, n)))
+                routing = Routing(experts[layer], scores[layer])
+                yield env.timeout(self._layer(start + t_dense, step.index, layer, routing) - start)
 
-    def _layer(self, now: float, step: Step, layer: int) -> float:
-        """Make and carry out one layer's decisions from time `now`; returns when it is done."""
-        w, p, add = self.w, self.p, self.timeline.add
-        fmt, s = w.fmt, step.index
-        demand = p.allocator.allocate(layer, w.routing(step, layer))
+    def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
+        """Make and carry out one layer's decisions at time `now`; returns when it is done."""
+        p, fmt, add = self.p, self.w.fmt, self.timeline.events.append
+        sizes = fmt.resident_bytes
+        demand = p.allocator.allocate(layer, routing)
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
         for key, hit in zip(keys, p.cache.begin_layer(layer, keys)):
             if hit:
-                add("cache", "hit", now, now, layer, key.expert, key.part, fmt.resident_bytes[key.part], s)
+                add(_event(("cache", "hit", now, now, layer, key.expert, key.part, sizes[key.part], s, 0)))
         ready = {}
         for item in plan:
             for k in p.cache.admit(item):
-                add("cache", "evict", now, now, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
+                add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
             key = item.key
-            add("cache", "admit", now, now, layer, key.expert, key.part, item.resident_bytes, s)
+            add(_event(("cache", "admit", now, now, layer, key.expert, key.part, item.resident_bytes, s, 0)))
             issue, done = self.io.reserve(now, item.nbytes)
-            add("io", "load", issue, done, layer, key.expert, key.part, item.nbytes, s)
+            add(_event(("io", "load", issue, done, layer, key.expert, key.part, item.nbytes, s, 0)))
             if item.decompress_bytes:
                 start, done, worker = self.decomp.reserve(done, item.decompress_bytes / self.decompress_rate)
-                add(f"decompress[{worker}]", "decompress", start, done, layer, key.expert, key.part,
-                    item.decompress_bytes, s)
+                add(_event((f"decompress[{worker}]", "decompress", start, done, layer, key.expert, key.part,
+                            item.decompress_bytes, s, 0)))
             ready[key.expert, key.part] = done
         assert p.cache.used <= p.cache.capacity, "budget exceeded"
         # each (expert, level) computes once the parts it needs are ready, in order of readiness
+        parts, level_sizes = fmt.level_parts, fmt.level_sizes
         tasks = []
         for (expert, level), n in demand.counts().items():
-            t_ready = max((ready.get((expert, part), now) for part in range(fmt.parts_for_level(level))),
-                          default=now)
+            t_ready = now
+            for part in range(parts[level]):
+                t_ready = max(t_ready, ready.get((expert, part), now))
             tasks.append((t_ready, len(tasks), expert, level, n))
         tasks.sort()
         free = now
         for t_ready, _, expert, level, n in tasks:
             start = max(t_ready, free)
             free = start + self.expert_seconds(level, n)
-            add("compute", "expert", start, free, layer, expert, level, fmt.level_bytes(level), s, n)
+            add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
         for k in p.cache.end_layer(layer):
-            add("cache", "evict", free, free, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
+            add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
         return free
 
 

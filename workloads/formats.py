@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from devices.units import ConfigError
 
@@ -58,9 +59,19 @@ class ExpertFormat:
     def level_label(self, level: int) -> str:
         return self.name
 
+    @cached_property
+    def level_parts(self) -> tuple[int, ...]:
+        """parts_for_level of every level, precomputed for the engines' hot loops."""
+        return tuple(self.parts_for_level(lvl) for lvl in range(self.levels))
+
     def level_bytes(self, level: int) -> int:
         """Resident bytes the compute of `level` reads."""
         return sum(self.resident_bytes[: self.parts_for_level(level)])
+
+    @cached_property
+    def level_sizes(self) -> tuple[int, ...]:
+        """level_bytes of every level, precomputed."""
+        return tuple(self.level_bytes(lvl) for lvl in range(self.levels))
 
     @property
     def expert_bytes(self) -> int:
