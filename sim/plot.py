@@ -17,8 +17,12 @@ def gantt(tl: Timeline, path, *, max_events: int = 20000, title: str | None = No
     """One row per resource; loads, decompressions and computes as bars. Long runs are
     cut to the first `max_events` timed events so the chart stays readable."""
     timed = [e for e in tl.events if e.resource != "cache" and e.end > e.start][:max_events]
-    rows = sorted({e.resource for e in timed}, key=lambda r: ("io", "decompress", "dense", "compute").index(
-        r.split("[")[0]) if r.split("[")[0] in ("io", "decompress", "dense", "compute") else 9)
+    order = ("io", "decompress", "dense", "compute")
+    def rank(res):
+        base = res.split("[")[0]
+        index = int(res[len(base) + 1:-1]) if "[" in res else 0
+        return (order.index(base) if base in order else len(order), index)
+    rows = sorted({e.resource for e in timed}, key=rank)
     fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * max(len(rows), 1)))
     for y, res in enumerate(rows):
         bars = [(e.start, e.end - e.start) for e in timed if e.resource == res]
