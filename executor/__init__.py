@@ -1,0 +1,1 @@
+"""Torch executor: MoE model, codecs, on-disk expert store, I/O and decompression workers."""

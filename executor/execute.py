@@ -1,0 +1,169 @@
+"""Running a model through the runtime: the store, the policies, the steps, the outputs.
+
+Two ways to route (DESIGN.md): the model's own router (real), or forced from a routing
+trace, step by step as the simulator batches it (workloads/batching.py), for an
+apples-to-apples comparison with `moelab simulate` on the same trace.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from devices.units import ConfigError
+from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
+from executor.model import MoETransformer
+from executor.runtime import ExpertRuntime, StepInfo
+from executor.store import Store, build_store
+from sim.engine import Policies, Workload, build_policies
+from workloads.batching import batch_steps
+from workloads.catalog import ModelArch
+from workloads.formats import make_format
+from workloads.trace import RoutingTrace
+
+
+def model_arch(model: MoETransformer, name: str = "model") -> ModelArch:
+    c = model.cfg
+    return ModelArch(name, layers=c.n_layers, experts=c.experts, top_k=c.top_k, d_model=c.d_model, d_ff=c.d_ff,
+                     shared_experts=c.shared_experts, shared_d_ff=c.shared_d_ff, expert_matrices=c.expert_matrices,
+                     n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab=c.vocab)
+
+
+def model_experts(model: MoETransformer):
+    """(layer, expert, weights) of every resident expert, for build_store."""
+    for i, layer in enumerate(model.moe_layers):
+        for j, expert in enumerate(layer.experts):
+            yield i, j, expert.weights()
+
+
+def strip_experts(model: MoETransformer) -> MoETransformer:
+    """Drop the resident routed experts: from now on they come from the store."""
+    for layer in model.moe_layers:
+        layer.experts = torch.nn.ModuleList()
+    return model
+
+
+def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: bool = False, **fmt_options) -> Store:
+    """Open the store in `folder`, building it (resumably) from the model's experts if needed."""
+    arch = model_arch(model)
+    fmt = make_format(fmt_name, arch.expert_shapes, **fmt_options)
+    folder = Path(folder)
+    if (folder / "index.json").exists():
+        store = Store.open(folder)
+        if store.format == fmt:
+            return store
+        raise ConfigError(f"{folder}: holds a {store.format.name} store of other shapes or options; "
+                          f"use another --store folder")
+    info = {"layers": arch.layers, "experts": arch.experts, "d_model": arch.d_model, "d_ff": arch.d_ff}
+    return build_store(folder, model_experts(model), fmt, arch_info=info, quiet=quiet,
+                       total=arch.layers * arch.experts)
+
+
+@dataclass
+class Run:
+    timeline: object
+    tokens: torch.Tensor          # [requests, prompt + generated]
+    peak_rss_bytes: int
+    reader_mode: str
+
+
+def execute(model: MoETransformer, store: Store, policies: Policies, prompts: torch.Tensor, new_tokens: int, *,
+            trace: RoutingTrace | None = None, batch: int | None = None, io_concurrency: int = 2,
+            throttle: StorageThrottle | None = None, decompress_workers: int = 2, torch_device: str = "cpu",
+            read_mode: str = "auto", quiet: bool = False, meta: dict | None = None) -> Run:
+    """Greedy generation of `new_tokens` per prompt ([requests, P] token ids) in groups of
+    `batch` requests decoded in lockstep. With `trace`, routing is forced from it and the
+    step structure is the trace's (its prompt lengths and output counts win)."""
+    model.eval()
+    with BlobReader(store, mode=read_mode) as reader, \
+            IOWorkers(reader, io_concurrency, throttle) as io, DecompressPool(decompress_workers) as dec:
+        rt = ExpertRuntime(store, policies, activation=model.cfg.activation, torch_device=torch_device,
+                           dtype=model.output.weight.dtype, io=io, decompress=dec,
+                           meta=dict(meta or {}, read_mode=reader.mode))
+        model.set_expert_fn(rt)
+        try:
+            if trace is not None:
+                tokens = _forced_run(model, rt, trace, batch or 1, prompts, quiet)
+            else:
+                tokens = _real_run(model, rt, prompts, new_tokens, batch or prompts.shape[0], quiet)
+        finally:
+            model.set_expert_fn(None)
+            model.set_forced_routing(None)
+        rt.timeline.meta["peak_expert_bytes"] = rt.memory.peak
+        mode = reader.mode
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+    return Run(rt.timeline, tokens, rss, mode)
+
+
+@torch.no_grad()
+def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: int, step0: int, bar,
+                    forced_steps=None):
+    """Prefill `prompt` [B, P] (one step), then `decode_steps` lockstep decode steps."""
+    B, P = prompt.shape
+    model.setup_caches(B, P + decode_steps + 1)
+    steps = iter(forced_steps or [])
+    step = step0
+    rt.begin_step(StepInfo(step, group, True, B * P, B))
+    _force(model, rt, next(steps, None), B)
+    logits = model(prompt, torch.arange(P))
+    nxt = logits[:, -1].argmax(-1)
+    out = [prompt, nxt[:, None]]
+    bar.update(1)
+    for i in range(decode_steps):
+        step += 1
+        rt.begin_step(StepInfo(step, group, False, B, B))
+        _force(model, rt, next(steps, None), B)
+        logits = model(nxt[:, None], torch.tensor([P + i]))
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt[:, None])
+        bar.update(1)
+    return torch.cat(out, dim=1), step + 1
+
+
+def _force(model, rt, routing, B) -> None:
+    if routing is None:
+        return
+    experts, scores = routing                     # [tokens, layers, k], tokens request-major
+    def forced(layer, input_pos):
+        S = input_pos.shape[0]
+        ids = torch.from_numpy(experts[:, layer].astype(np.int64)).view(B, S, -1)
+        gates = torch.from_numpy(scores[:, layer].copy()).view(B, S, -1)
+        return ids, gates
+    model.set_forced_routing(forced)
+
+
+def _real_run(model, rt, prompts, new_tokens, batch, quiet) -> torch.Tensor:
+    outs, step = [], 0
+    with tqdm(total=-(-prompts.shape[0] // batch) * new_tokens, disable=quiet, desc="execute", unit="step") as bar:
+        for g, first in enumerate(range(0, prompts.shape[0], batch)):
+            toks, step = _generate_group(model, rt, prompts[first:first + batch], new_tokens - 1, g, step, bar)
+            outs.append(toks)
+    return torch.cat(outs)
+
+
+def _forced_run(model, rt, trace: RoutingTrace, batch: int, prompts, quiet) -> torch.Tensor:
+    steps = batch_steps(trace, batch)
+    groups: dict[int, list] = {}
+    for s in steps:
+        groups.setdefault(s.group, []).append(s)
+    outs, step = [], 0
+    with tqdm(total=len(steps), disable=quiet, desc="execute (forced)", unit="step") as bar:
+        for g, gsteps in groups.items():
+            if not gsteps[0].prefill:
+                raise ConfigError("forced trace: the executor needs prompt tokens (a prefill step) in every "
+                                  "request group; record traces with `moelab trace record`")
+            B = gsteps[0].new_tokens
+            P = len(gsteps[0].tokens) // B
+            if P * B != len(gsteps[0].tokens) or any(len(s.tokens) != B for s in gsteps[1:]):
+                raise ConfigError("forced trace: requests decoded together must have equal prompt and output "
+                                  f"lengths (group {g})")
+            routing = [(trace.experts[s.tokens], trace.scores[s.tokens]) for s in gsteps]
+            prompt = prompts[:1, :P].expand(B, P) if prompts.shape[1] >= P else \
+                torch.arange(P).remainder(model.cfg.vocab).expand(B, P)
+            toks, step = _generate_group(model, rt, prompt.contiguous(), len(gsteps) - 1, g, step, bar, routing)
+            outs.append(toks)
+    return torch.cat(outs)

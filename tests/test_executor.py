@@ -1,0 +1,109 @@
+"""The executor: same outputs as the plain model, same decisions as the simulator."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_device
+from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.model import MoEConfig, MoETransformer, generate, init_weights
+from executor.store import IntegrityError
+from policies import PolicyContext, make_allocator, make_cache, make_scheduler
+from sim.engine import Policies, Simulator, Workload, build_policies
+from workloads.formats import make_format
+from workloads.synthetic import synthetic_trace
+
+CFG = MoEConfig(vocab=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, experts=6, top_k=2, d_ff=48,
+                max_seq=64)
+
+
+def tiny_model(seed=0) -> MoETransformer:
+    model = init_weights(MoETransformer(CFG), seed=seed).eval()
+    with torch.no_grad():       # experts live in the store as bf16: hold the same rounded values
+        for layer in model.moe_layers:
+            for ex in layer.experts:
+                for p in ex.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+def online_policies(model, budget, cache="lru"):
+    fmt = make_format("bf16", model_arch(model).expert_shapes)
+    ctx = PolicyContext(fmt, CFG.n_layers, CFG.experts, budget)
+    return Policies(make_allocator("fixed", ctx), make_scheduler("fifo", ctx), make_cache(cache, ctx))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return ensure_store(tiny_model(), tmp_path_factory.mktemp("store"), quiet=True)
+
+
+def test_all_resident_logits_equal_plain_model(store):
+    plain = tiny_model()
+    prompt = torch.tensor([[1, 5, 9, 2, 7]])
+    want = plain(prompt)
+    runner = strip_experts(tiny_model())
+    captured = {}
+    expert_bytes = store.format.expert_bytes
+    pol = online_policies(runner, CFG.n_layers * CFG.experts * expert_bytes)
+    orig_forward = runner.forward
+    def spy(tokens, input_pos=None):
+        out = orig_forward(tokens, input_pos)
+        captured.setdefault("logits", out)
+        return out
+    runner.forward = spy
+    run = execute(runner, store, pol, prompt, 1, quiet=True)
+    assert torch.allclose(captured["logits"][:, -1], want[:, -1], atol=1e-5)
+    assert run.tokens.shape == (1, 6)
+
+
+@pytest.mark.parametrize("cache", ["lru", "on-demand", "lfu"])
+def test_budgeted_generation_equals_unbudgeted(store, cache):
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
+    want = generate(tiny_model(), prompt, 8)
+    runner = strip_experts(tiny_model())
+    budget = 2 * CFG.top_k * 6 * store.format.expert_bytes // 2      # well under the 18 experts
+    run = execute(runner, store, online_policies(runner, max(budget, 12 * store.format.expert_bytes), cache),
+                  prompt, 8, batch=2, quiet=True)
+    assert torch.equal(run.tokens, want)
+    loads = run.timeline.of("io")
+    assert loads, "a budget below the model's experts must load"
+    assert run.timeline.meta["peak_expert_bytes"] <= 12 * store.format.expert_bytes
+
+
+@pytest.mark.parametrize("cache", ["lru", "fifo", "belady", "static-hot"])
+def test_same_decisions_as_the_simulator(store, cache):
+    model = tiny_model()
+    arch = model_arch(model)
+    trace = synthetic_trace(arch, requests=2, prompt_len=4, output_len=6, skew=1.0, locality=0.5, seed=3)
+    fmt = store.format
+    w = Workload(arch, trace, fmt, batch=2)
+    budget = 9 * fmt.expert_bytes
+    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache=cache)).run()
+    runner = strip_experts(model)
+    run = execute(runner, store, build_policies(w, budget, cache=cache), torch.tensor([[1, 2, 3, 4]]), 0,
+                  trace=trace, batch=2, quiet=True)
+    assert run.timeline.decisions() == sim_tl.decisions()
+    assert len(run.timeline.decisions()) > 0
+    sim_computes = sorted((e.step, e.layer, e.expert, e.tokens) for e in sim_tl.of("compute"))
+    ex_computes = sorted((e.step, e.layer, e.expert, e.tokens) for e in run.timeline.of("compute"))
+    assert ex_computes == sim_computes
+
+
+def test_corrupted_blob_is_refused(tmp_path):
+    model = tiny_model()
+    store = ensure_store(model, tmp_path / "s", quiet=True)
+    info = store.blob_info((1, 2, 0))
+    path = tmp_path / "s" / info.file
+    data = bytearray(path.read_bytes())
+    data[info.offset + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    runner = strip_experts(tiny_model())
+    trace = synthetic_trace(model_arch(model), requests=1, prompt_len=3, output_len=2, seed=0)
+    trace.experts[:, 1, 0] = 2                          # make sure layer 1 needs expert 2
+    trace.experts[:, 1, 1] = 3
+    w = Workload(model_arch(model), trace, store.format, batch=1)
+    with pytest.raises(IntegrityError, match=r"layer 1, expert 2"):
+        execute(runner, store, build_policies(w, 18 * store.format.expert_bytes), torch.tensor([[1, 2, 3]]), 0,
+                trace=trace, quiet=True)

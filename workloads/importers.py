@@ -1,0 +1,454 @@
+"""Import routing traces recorded by other tools: JSON Lines, CSV (one file per layer), NumPy.
+
+Every importer returns a RoutingTrace. Traces come from many hand-rolled recorders, so
+every input error is a ConfigError naming the file, the line / row / column and what was
+expected (peers.md: users ask for robustness to odd ids and extra columns).
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from devices.units import ConfigError
+from workloads.trace import RoutingTrace
+
+_TOKEN_COLUMNS = ("token", "token_idx", "token_id")
+_REQUEST_COLUMNS = ("request", "request_id")
+
+
+# -- small checks shared by the importers ---------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt_int(value, name: str, where: str, minimum: int = 1):
+    """An integer option that may arrive as a string from the command line."""
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        value = int(value)
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{where}: option {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def _request_codes(values: list, where) -> tuple[np.ndarray, list | None]:
+    """Request ids as int32: integers are kept; strings get codes in order of first appearance.
+
+    `where(i)` names the record of values[i] for error messages.
+    """
+    kinds = {type(v) for v in values}
+    if kinds <= {int}:
+        ids = np.array(values, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= 2**31):
+            i = int(np.argmax((ids < 0) | (ids >= 2**31)))
+            raise ConfigError(f"{where(i)}: request id {values[i]} out of range 0..{2**31 - 1}")
+        return ids.astype(np.int32), None
+    if kinds <= {str}:
+        codes: dict[str, int] = {}
+        ids = np.array([codes.setdefault(v, len(codes)) for v in values], np.int32)
+        return ids, list(codes)
+    first_type = type(values[0])
+    i = next(i for i, v in enumerate(values) if type(v) is not first_type)
+    raise ConfigError(f"{where(i)}: request id {values[i]!r} is a {type(values[i]).__name__}, earlier ones are "
+                      f"{first_type.__name__}s; use integers or strings throughout")
+
+
+# -- JSON Lines ---------------------------------------------------------------------------
+def _field(rec: dict, key: str, option: str, where: str):
+    if key not in rec:
+        raise ConfigError(f"{where}: record has no field {key!r} (fields: {', '.join(map(repr, rec))}); "
+                          f"name the right one with {option}=...")
+    return rec[key]
+
+
+def _int_field(rec: dict, key: str, option: str, where: str) -> int:
+    v = _field(rec, key, option, where)
+    if not _is_int(v) or v < 0:
+        raise ConfigError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _list_field(rec: dict, key: str, option: str, where: str, check, what: str) -> list:
+    v = _field(rec, key, option, where)
+    v = [v] if not isinstance(v, list) else v          # a bare value is a top-1 record
+    if not v or not all(check(x) for x in v):
+        raise ConfigError(f"{where}: field {key!r} must be a non-empty list of {what}, got {v!r}")
+    return v
+
+
+def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_field="experts",
+                 scores_field="gating_probs", request_field=None, prompt_field=None,
+                 num_experts=None) -> RoutingTrace:
+    """One JSON object per line, one line per (token, layer), in any order, e.g.
+    {"layer": 3, "token_idx": 7, "experts": [6, 5], "gating_probs": [0.7, 0.3]}.
+
+    Tokens are sorted by (request, token index); requests given as strings keep their order
+    of first appearance. Without a scores field every score is 1/k (noted in the metadata).
+    """
+    path = Path(path)
+    num_experts = _opt_int(num_experts, "num_experts", str(path))
+    reqs, toks, lays, exps, scs, prms, lines = [], [], [], [], [], [], []
+    k = k_line = has_scores = None
+    with _open_text(path) as f:
+        try:
+            for n, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                where = f"{path}, line {n}"
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ConfigError(f"{where}: expected a JSON object such as {{{layer_field!r}: 0, "
+                                      f"{token_field!r}: 0, {experts_field!r}: [1, 4]}}, got {text.strip()[:60]}")
+                layer = _int_field(rec, layer_field, "layer_field", where)
+                tok = _int_field(rec, token_field, "token_field", where)
+                ex = _list_field(rec, experts_field, "experts_field", where,
+                                 lambda x: _is_int(x) and x >= 0, "non-negative integer expert ids")
+                if k is None:
+                    k, k_line, has_scores = len(ex), n, scores_field in rec
+                if len(ex) != k:
+                    raise ConfigError(f"{where}: {len(ex)} experts, but line {k_line} has {k}; "
+                                      f"every record needs the same top-k")
+                if len(set(ex)) != k:
+                    raise ConfigError(f"{where}: expert ids {ex} repeat; a token selects {k} distinct experts")
+                if num_experts is not None and max(ex) >= num_experts:
+                    raise ConfigError(f"{where}: expert id {max(ex)} out of range 0..{num_experts - 1}")
+                if (scores_field in rec) != has_scores:
+                    raise ConfigError(f"{where}: field {scores_field!r} is "
+                                      f"{'missing' if has_scores else 'present'} here but "
+                                      f"{'present' if has_scores else 'missing'} on line {k_line}")
+                if has_scores:
+                    sc = _list_field(rec, scores_field, "scores_field", where, _is_number, "finite numbers")
+                    if len(sc) != k:
+                        raise ConfigError(f"{where}: {len(sc)} scores for {k} experts")
+                    scs.append(sc)
+                if request_field is not None:
+                    r = _field(rec, request_field, "request_field", where)
+                    if not (_is_int(r) or isinstance(r, str)):
+                        raise ConfigError(f"{where}: field {request_field!r} must be an integer or a string, "
+                                          f"got {r!r}")
+                    reqs.append(r)
+                if prompt_field is not None:
+                    p = _field(rec, prompt_field, "prompt_field", where)
+                    if not isinstance(p, bool) and p not in (0, 1):
+                        raise ConfigError(f"{where}: field {prompt_field!r} must be true/false, got {p!r}")
+                    prms.append(bool(p))
+                toks.append(tok)
+                lays.append(layer)
+                exps.append(ex)
+                lines.append(n)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    if not lines:
+        raise ConfigError(f"{path}: no records; expected one JSON object per line")
+
+    line = np.array(lines)
+    if request_field is not None:
+        req, names = _request_codes(reqs, lambda i: f"{path}, line {lines[i]}")
+    else:
+        req, names = np.zeros(len(lines), np.int32), None
+    layer_ids, li = np.unique(np.array(lays, np.int64), return_inverse=True)
+    li = li.ravel()
+    L = len(layer_ids)
+    # token order: sorted by (request code, token index)
+    token_keys, ti = np.unique(np.stack([req.astype(np.int64), np.array(toks, np.int64)], 1), axis=0,
+                               return_inverse=True)
+    ti = ti.ravel()
+    T = len(token_keys)
+
+    def token_name(t: int) -> str:
+        r, tok = token_keys[t]
+        if request_field is None:
+            return f"token {tok}"
+        return f"token {tok} of request {names[r] if names else r!r}"
+
+    slot = ti * L + li
+    order = np.argsort(slot, kind="stable")
+    dup = np.flatnonzero(slot[order][1:] == slot[order][:-1])
+    if len(dup):
+        a, b = order[dup[0]], order[dup[0] + 1]
+        raise ConfigError(f"{path}, line {line[b]}: duplicate record for {token_name(ti[b])}, layer "
+                          f"{layer_ids[li[b]]} (first on line {line[a]})")
+    have = np.bincount(ti, minlength=T)
+    if (have < L).any():
+        t = int(np.flatnonzero(have < L)[0])
+        mine = ti == t
+        missing = np.setdiff1d(layer_ids, layer_ids[li[mine]])
+        raise ConfigError(f"{path}: {token_name(t)} (first record on line {line[mine].min()}) has no record for "
+                          f"layer {missing[0]}; every token needs one record per layer {layer_ids.tolist()}")
+
+    experts = np.empty((T, L, k), np.int32)
+    experts[ti, li] = np.array(exps, np.int32)
+    scores = np.full((T, L, k), 1.0 / k, np.float32)
+    if has_scores:
+        scores[ti, li] = np.array(scs, np.float32)
+    prompt = np.zeros(T, bool)
+    if prompt_field is not None:
+        prompt[ti] = prms
+        if (prompt[ti] != np.array(prms)).any():
+            i = int(np.flatnonzero(prompt[ti] != np.array(prms))[0])
+            raise ConfigError(f"{path}, line {line[i]}: {prompt_field!r} disagrees with another record of "
+                              f"{token_name(ti[i])}")
+    meta = {"format": "jsonl", "path": str(path),
+            "fields": {"layer": layer_field, "token": token_field, "experts": experts_field,
+                       "scores": scores_field, "request": request_field, "prompt": prompt_field}}
+    if num_experts is not None:
+        meta["experts"] = num_experts
+    if not has_scores:
+        meta["scores"] = f"field {scores_field!r} absent: every score filled with 1/k"
+    if not np.array_equal(layer_ids, np.arange(L)):
+        meta["layer_ids"] = layer_ids.tolist()          # trace layer i is input layer layer_ids[i]
+    if names is not None:
+        meta["request_names"] = names
+    return RoutingTrace(experts, scores, token_keys[:, 0].astype(np.int32), prompt, meta)
+
+
+# -- CSV: one file per layer ----------------------------------------------------------------
+def _layer_order(paths: list[Path]) -> list[Path]:
+    """Sort by the last number in each file name (layer_10 after layer_2) when every name has a
+    distinct one; otherwise keep the given order."""
+    nums = [re.findall(r"\d+", p.stem) for p in paths]
+    if all(nums):
+        keys = [int(n[-1]) for n in nums]
+        if len(set(keys)) == len(keys):
+            return [p for _, p in sorted(zip(keys, paths))]
+    return list(paths)
+
+
+def _read_layer_csv(path: Path) -> dict:
+    with _open_text(path) as f:
+        try:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise ConfigError(f"{path}: empty; expected a header row with one column per expert "
+                                  f"(and optionally 'token' / 'request')")
+            names = [h.strip() for h in header]
+            low = [h.lower() for h in names]
+            tok_col = next((i for i, h in enumerate(low) if h in _TOKEN_COLUMNS), None)
+            req_col = next((i for i, h in enumerate(low) if h in _REQUEST_COLUMNS), None)
+            ecols = [i for i in range(len(names)) if i not in (tok_col, req_col)]
+            if not ecols:
+                raise ConfigError(f"{path}: header {names} has no expert columns")
+            rows, line_nums = [], []
+            for row in reader:
+                if not any(c.strip() for c in row):
+                    continue
+                if len(row) != len(names):
+                    raise ConfigError(f"{path}, row {len(rows) + 1} (line {reader.line_num}): {len(row)} cells, "
+                                      f"the header has {len(names)}")
+                rows.append(row)
+                line_nums.append(reader.line_num)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
+        except csv.Error as e:
+            raise ConfigError(f"{path}, line {reader.line_num}: cannot parse as CSV ({e})") from None
+    if not rows:
+        raise ConfigError(f"{path}: no data rows after the header")
+    cells = [[row[c] for c in ecols] for row in rows]
+    try:
+        scores = np.array(cells, dtype=np.float64)      # numpy parses the strings in one pass
+        bad = ~np.isfinite(scores)
+    except ValueError:
+        bad = None
+    if bad is None or bad.any():
+        # the fast path failed: find the first offending cell to name it
+        for r, row in enumerate(cells):
+            for j, cell in enumerate(row):
+                try:
+                    ok = math.isfinite(float(cell))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ConfigError(f"{path}, row {r + 1} (line {line_nums[r]}), column {names[ecols[j]]!r}: "
+                                      f"expected a finite number (an expert score), got {cell!r}")
+    def column(c):
+        return None if c is None else [row[c].strip() for row in rows]
+    return {"path": path, "experts": [names[c] for c in ecols], "scores": scores, "lines": line_nums,
+            "token": column(tok_col), "token_name": None if tok_col is None else names[tok_col],
+            "request": column(req_col), "request_name": None if req_col is None else names[req_col]}
+
+
+def import_csv(paths, *, num_experts=None, top_k) -> RoutingTrace:
+    """One CSV file per layer, one row per token, one column per expert score.
+
+    The top_k highest scores are the selected experts (ties: the lower id first); their raw
+    scores are kept, not renormalised. An optional 'token' / 'request' column orders tokens.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise ConfigError("CSV import: no files given; expected one CSV file per layer")
+    top_k = _opt_int(top_k, "top_k", str(paths[0]))
+    num_experts = _opt_int(num_experts, "num_experts", str(paths[0]))
+    paths = _layer_order(paths)
+    tables = [_read_layer_csv(p) for p in paths]
+    first = tables[0]
+    E, T = len(first["experts"]), len(first["scores"])
+    for t in tables[1:]:
+        if len(t["experts"]) != E:
+            raise ConfigError(f"{t['path']}: {len(t['experts'])} expert columns, {first['path']} has {E}")
+        if len(t["scores"]) != T:
+            raise ConfigError(f"{t['path']}: {len(t['scores'])} rows, {first['path']} has {T}; "
+                              f"every layer file needs one row per token")
+        for key in ("token", "request"):
+            if t[key] is not None and first[key] is not None and t[key] != first[key]:
+                r = next(i for i, (a, b) in enumerate(zip(t[key], first[key])) if a != b)
+                raise ConfigError(f"{t['path']}, row {r + 1} (line {t['lines'][r]}), column {t[key + '_name']!r}: "
+                                  f"{t[key][r]!r} differs from {first['path']} ({first[key][r]!r})")
+    if num_experts is not None and num_experts != E:
+        raise ConfigError(f"{first['path']}: {E} expert columns, but num_experts={num_experts}")
+    if top_k > E:
+        raise ConfigError(f"{first['path']}: top_k={top_k} exceeds the {E} expert columns")
+
+    scores = np.stack([t["scores"] for t in tables], axis=1)             # [tokens, layers, experts]
+    experts = np.argsort(-scores, axis=-1, kind="stable")[..., :top_k]   # stable: ties -> lower id
+    top = np.take_along_axis(scores, experts, -1)
+
+    def cell(col: str):
+        return lambda i: f"{first['path']}, row {i + 1} (line {first['lines'][i]}), column {col!r}"
+
+    req, names = np.zeros(T, np.int32), None
+    if first["request"] is not None:
+        vals = [int(v) if re.fullmatch(r"\d+", v) else v for v in first["request"]]
+        req, names = _request_codes(vals, cell(first["request_name"]))
+    order = np.arange(T)
+    if first["token"] is not None:
+        bad = next((i for i, v in enumerate(first["token"]) if not re.fullmatch(r"\d+", v)), None)
+        if bad is not None:
+            raise ConfigError(f"{cell(first['token_name'])(bad)}: expected a non-negative integer token index, "
+                              f"got {first['token'][bad]!r}")
+        order = np.lexsort((np.array(first["token"], np.int64), req))
+    meta = {"format": "csv", "path": str(paths[0].parent), "layer_files": [str(p) for p in paths],
+            "expert_names": first["experts"], "experts": E,
+            "scores": "raw router scores of the top-k (not renormalised)"}
+    if names is not None:
+        meta["request_names"] = names
+    return RoutingTrace(experts[order], top[order], req[order], None, meta)
+
+
+# -- NumPy --------------------------------------------------------------------------------
+def _array(value, what: str) -> tuple[np.ndarray, str]:
+    """An array, or one loaded from a .npy path (no pickle); also returns a name for errors."""
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        try:
+            return np.load(path, allow_pickle=False), str(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (expected a .npy array of {what})") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot read as a .npy array of {what} ({e})") from None
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise ConfigError(f"{what} array: expected numbers, got Python objects")
+    return arr, f"{what} array"
+
+
+def import_numpy(experts, scores=None, request_ids=None, prompt=None, metadata=None) -> RoutingTrace:
+    """Arrays (or .npy paths): experts [tokens, layers, k] ints, scores the same shape (default
+    1/k), request_ids [tokens], prompt [tokens] bools."""
+    ex, ex_name = _array(experts, "expert ids")
+    if ex.ndim != 3:
+        raise ConfigError(f"{ex_name}: expected shape [tokens, layers, k], got {ex.shape}")
+    if not np.issubdtype(ex.dtype, np.integer):
+        if not np.issubdtype(ex.dtype, np.floating) or not np.array_equal(ex, np.round(ex)):
+            raise ConfigError(f"{ex_name}: expert ids must be integers, got dtype {ex.dtype}")
+    if ex.size and (ex.min() < 0 or ex.max() >= 2**31):
+        idx = tuple(int(i) for i in np.argwhere((ex < 0) | (ex >= 2**31))[0])
+        raise ConfigError(f"{ex_name}: expert id {ex[idx]} at [token, layer, slot] {list(idx)} is out of range")
+    meta = dict(metadata or {})
+    meta.setdefault("format", "numpy")
+    if isinstance(experts, (str, Path)):
+        meta.setdefault("path", str(experts))
+    if scores is None:
+        sc = np.full(ex.shape, 1.0 / max(ex.shape[2], 1), np.float32)
+        meta.setdefault("scores", "absent: every score filled with 1/k")
+    else:
+        sc, name = _array(scores, "gate scores")
+        if sc.shape != ex.shape:
+            raise ConfigError(f"{name}: shape {sc.shape} differs from the expert ids' {ex.shape}")
+        if not np.issubdtype(sc.dtype, np.number) or not np.isfinite(sc).all():
+            raise ConfigError(f"{name}: gate scores must be finite numbers")
+    arrays = {}
+    for key, value, what in (("request_ids", request_ids, "request ids"), ("prompt", prompt, "prompt flags")):
+        if value is None:
+            arrays[key] = None
+            continue
+        arr, name = _array(value, what)
+        if arr.shape != (ex.shape[0],):
+            raise ConfigError(f"{name}: expected shape ({ex.shape[0]},) (one per token), got {arr.shape}")
+        if key == "request_ids" and not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"{name}: request ids must be integers, got dtype {arr.dtype}")
+        if key == "prompt" and not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
+            raise ConfigError(f"{name}: prompt flags must be booleans (or 0/1)")
+        arrays[key] = arr
+    return RoutingTrace(ex.astype(np.int32), sc.astype(np.float32), arrays["request_ids"], arrays["prompt"], meta)
+
+
+# -- dispatch -----------------------------------------------------------------------------
+_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".npz": "npz", ".npy": "numpy"}
+_ALIASES = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "npz": "npz", "numpy": "numpy", "npy": "numpy"}
+
+
+def import_trace(path, fmt=None, **options) -> RoutingTrace:
+    """Read a trace, choosing the importer from `fmt` or the extension (.jsonl/.json, .csv or a
+    directory of CSVs, .npz, .npy). Options may be strings (from `--option KEY=VALUE`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    if fmt is None:
+        fmt = "csv" if path.is_dir() else _BY_SUFFIX.get(path.suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"{path}: cannot tell the trace format from the extension {path.suffix!r}; "
+                              f"use one of {', '.join(_BY_SUFFIX)} or a directory of CSVs, or give the format")
+    elif fmt not in _ALIASES:
+        raise ConfigError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(_ALIASES)}")
+    fmt = _ALIASES[fmt]
+    if fmt == "npz":
+        if options:
+            raise ConfigError(f"{path}: a .npz trace takes no options, got {', '.join(options)}")
+        return RoutingTrace.load(path)
+    func = {"jsonl": import_jsonl, "csv": import_csv, "numpy": import_numpy}[fmt]
+    allowed = list(inspect.signature(func).parameters)[1:]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)} for the {fmt} importer; "
+                          f"allowed: {', '.join(allowed)}")
+    for key in ("num_experts", "top_k"):
+        if key in options:
+            options[key] = _opt_int(options[key], key, str(path))
+    if isinstance(options.get("metadata"), str):
+        try:
+            options["metadata"] = json.loads(options["metadata"])
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: option metadata must be a JSON object ({e.msg})") from None
+    if fmt == "csv":
+        if "top_k" not in options:
+            raise ConfigError(f"{path}: a CSV trace needs top_k, the number of experts each token selects "
+                              f"(e.g. --option top_k=2)")
+        files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+        if not files:
+            raise ConfigError(f"{path}: directory holds no .csv files (expected one per layer)")
+        return import_csv(files, **options)
+    return func(path, **options)
