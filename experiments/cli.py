@@ -152,6 +152,127 @@ def cmd_trace_import(args) -> None:
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k}")
 
 
+# -- executor subcommands (torch imported only here) ------------------------------------
+DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def load_model(args):
+    """(model, tokenizer or None, name): the trained default, a trained folder, or a HF folder."""
+    if getattr(args, "hf", None):
+        from executor.hf_checkpoint import load_hf_moe
+        model, _ = load_hf_moe(args.hf)
+        return model, None, Path(args.hf).name
+    from executor.train import DEFAULT_MODEL, load_trained
+    path = args.model_dir or DEFAULT_MODEL
+    model, tok, _ = load_trained(path)
+    return model, tok, Path(path).name
+
+
+def default_store_dir(args, name: str) -> Path:
+    return Path(args.store) if args.store else Path("runs") / "stores" / f"{name}-{args.format}"
+
+
+def format_options(args) -> dict:
+    if args.format == "mwq":
+        return {"ladder": "v1"}
+    if args.format == "zip":
+        return {"codec": args.codec or "lz4hc"}
+    return {}
+
+
+def cmd_train(args) -> None:
+    from executor.train import train
+    log = train(args.out, minutes=args.minutes, seed=args.seed, quiet=args.quiet)
+    print(json.dumps({k: v for k, v in log.items() if k not in ("history", "losses")}, indent=1, default=str))
+
+
+def cmd_store_build(args) -> None:
+    from executor.execute import ensure_store
+    model, _, name = load_model(args)
+    store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
+    fmt = store.format
+    print(f"store {store.path}: {fmt.name}, {len(store.keys())} blobs, {format_size(fmt.expert_bytes)} per expert "
+          f"({fmt.n_parts} parts)")
+
+
+def prompt_tokens(args, tok, vocab: int, requests: int):
+    import torch
+    text = args.prompt or DEFAULT_PROMPT
+    ids = tok.encode(text) if tok is not None else [t % vocab for t in text.encode()]
+    return torch.tensor([ids] * requests, dtype=torch.long)
+
+
+def cmd_execute(args) -> None:
+    import torch
+    from devices.profile import load_device
+    from executor.execute import ensure_store, execute, model_arch, strip_experts
+    from executor.io import StorageThrottle
+    from policies import PolicyContext, make_allocator, make_cache, make_scheduler
+    from sim.engine import Policies, Workload, build_policies
+    from sim.metrics import compute_metrics
+
+    model, tok, name = load_model(args)
+    store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
+    strip_experts(model)
+    fmt, arch = store.format, model_arch(model, name)
+    total = arch.layers * arch.experts * fmt.level_bytes(fmt.levels - 1)
+    budget = parse_size(args.budget, "--budget") if args.budget else total // 4
+    trace = None
+    if args.trace:
+        from workloads.importers import import_trace
+        trace = import_trace(args.trace)
+        w = Workload(arch, trace, fmt, batch=args.batch)
+        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler)
+    else:
+        ctx = PolicyContext(fmt, arch.layers, arch.experts, budget)
+        minimum = min(arch.experts, arch.top_k) * fmt.level_bytes(0)
+        if budget < minimum:
+            from policies import BudgetError
+            raise BudgetError(f"budget {format_size(budget)} is below the minimum of one decode step: "
+                              f"{format_size(minimum)} ({arch.top_k} experts)")
+        policies = Policies(make_allocator("fixed", ctx), make_scheduler(args.scheduler, ctx),
+                            make_cache(args.policy, ctx))
+    throttle = None
+    if args.throttle:
+        dev_name, _, storage = args.throttle.partition(":")
+        throttle = StorageThrottle.from_profile(load_device(dev_name).storage_option(storage or None))
+    prompts = prompt_tokens(args, tok, model.cfg.vocab, args.batch)
+    run = execute(model, store, policies, prompts, args.tokens, trace=trace, batch=args.batch,
+                  io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
+                  torch_device=args.torch_device, quiet=args.quiet,
+                  meta={"model": name, "device": f"host ({args.torch_device})", "format": fmt.name,
+                        "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler})
+    metrics = compute_metrics(run.timeline)
+    metrics.update(model=name, format=fmt.name, policy=args.policy, scheduler=args.scheduler, budget_bytes=budget,
+                   expert_bytes_total=total, batch=args.batch, peak_rss_bytes=run.peak_rss_bytes,
+                   read_mode=run.reader_mode, torch_device=args.torch_device,
+                   throttle=args.throttle or None)
+    if tok is not None:
+        metrics["text"] = [tok.decode(row.tolist()) for row in run.tokens]
+    print(f"moelab execute: {name}, {fmt.name} experts from {store.path}, {args.policy} cache, budget "
+          f"{format_size(budget)} of {format_size(total)}, batch {args.batch}, reads: {run.reader_mode}"
+          f"{', throttled like ' + args.throttle if args.throttle else ''}")
+    print_table(summary_rows(metrics) + [("peak RSS", format_size(run.peak_rss_bytes))])
+    if tok is not None and not args.quiet:
+        print("  text:", repr(metrics["text"][0][-160:]))
+    write_outputs(Path(args.out), run.timeline, metrics, args.quiet)
+
+
+def cmd_trace_record(args) -> None:
+    from executor.execute import model_arch
+    from executor.record import record_routing
+    model, tok, name = load_model(args)
+    prompts = prompt_tokens(args, tok, model.cfg.vocab, args.requests)
+    trace = record_routing(model, prompts, args.tokens, model_name=name)
+    print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k} "
+          f"({args.requests} requests; replay it with `moelab simulate --trace {args.out} ...`)")
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
+    p.add_argument("--hf", help="a local Hugging Face MoE checkpoint folder (Mixtral, Qwen2-MoE, OLMoE)")
+
+
 # -- parser -----------------------------------------------------------------------------------
 def add_workload_args(p) -> None:
     p.add_argument("--model", default=DEFAULTS["model"], help="architecture from `moelab models`")
@@ -219,6 +340,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importer option, e.g. experts_field=topk_ids")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_trace_import)
+    p = sub.add_parser("train", help="train the small MoE LM on the Python standard library's sources")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=15.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("store", help="expert stores").add_subparsers(dest="store_cmd", required=True)
+    p = sp.add_parser("build", help="write a model's experts as an on-disk store (resumable)")
+    add_model_args(p)
+    p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
+    p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
+    p.add_argument("--store", "--out", dest="store", help="store folder (default runs/stores/MODEL-FORMAT)")
+    p.set_defaults(func=cmd_store_build)
+
+    p = sub.add_parser("execute", help="run a real model with experts loaded on demand under a policy")
+    add_model_args(p)
+    p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
+    p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
+    p.add_argument("--store", help="store folder (default runs/stores/MODEL-FORMAT, built if missing)")
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--scheduler", default="fifo")
+    p.add_argument("--budget", help="expert memory budget (default: a quarter of all experts)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--trace", help="force routing from this trace (as `moelab simulate --trace` replays it)")
+    p.add_argument("--throttle", metavar="DEVICE[:STORAGE]", help="make the disk behave like a device's storage")
+    p.add_argument("--io-concurrency", type=int, default=2)
+    p.add_argument("--decompress-workers", type=int, default=2)
+    p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="runs/execute")
+    p.set_defaults(func=cmd_execute)
+
+    p = tp.add_parser("record", help="record a real model's routing as a trace")
+    add_model_args(p)
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--requests", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_trace_record)
     return ap
 
 

@@ -1,0 +1,43 @@
+"""`moelab trace record`: a real model's routing, in the trace format the simulator replays."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from executor.model import MoETransformer, generate
+from workloads.trace import RoutingTrace
+
+
+@torch.no_grad()
+def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int, model_name: str = "") -> RoutingTrace:
+    """Greedy-decode `new_tokens` for each prompt ([requests, P], lockstep) and record, for
+    every token that went through the model, each layer's experts and gate scores."""
+    model.eval()
+    B, P = prompts.shape
+    L, k = model.cfg.n_layers, model.cfg.top_k
+    steps: list[list] = []                      # per forward: per layer (ids, gates) [B * S, k]
+
+    def spy(layer, hidden, ids, gates):
+        if layer == 0:
+            steps.append([None] * L)
+        steps[-1][layer] = (ids.cpu().numpy(), gates.float().cpu().numpy())
+        return model.moe_layers[layer].resident_experts(layer, hidden, ids, gates)
+
+    model.set_expert_fn(spy)
+    try:
+        generate(model, prompts, new_tokens)
+    finally:
+        model.set_expert_fn(None)
+    experts, scores, request_ids, prompt = [], [], [], []
+    for r in range(B):
+        for i, step in enumerate(steps):
+            S = step[0][0].shape[0] // B
+            rows = slice(r * S, (r + 1) * S)
+            experts.append(np.stack([step[layer][0][rows] for layer in range(L)], axis=1))
+            scores.append(np.stack([step[layer][1][rows] for layer in range(L)], axis=1))
+            request_ids += [r] * S
+            prompt += [i == 0] * S
+    meta = {"source": "moelab trace record", "model": model_name, "experts": model.cfg.experts,
+            "requests": B, "prompt_len": P, "new_tokens": new_tokens}
+    return RoutingTrace(np.concatenate(experts), np.concatenate(scores), np.array(request_ids),
+                        np.array(prompt), meta)
