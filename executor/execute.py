@@ -150,7 +150,7 @@ def _forced_run(model, rt, trace: RoutingTrace, batch: int, prompts, quiet) -> t
     groups: dict[int, list] = {}
     for s in steps:
         groups.setdefault(s.group, []).append(s)
-    outs, step = [], 0
+    outs, step, first = [], 0, 0
     with tqdm(total=len(steps), disable=quiet, desc="execute (forced)", unit="step") as bar:
         for g, gsteps in groups.items():
             if not gsteps[0].prefill:
@@ -162,8 +162,15 @@ def _forced_run(model, rt, trace: RoutingTrace, batch: int, prompts, quiet) -> t
                 raise ConfigError("forced trace: requests decoded together must have equal prompt and output "
                                   f"lengths (group {g})")
             routing = [(trace.experts[s.tokens], trace.scores[s.tokens]) for s in gsteps]
-            prompt = prompts[:1, :P].expand(B, P) if prompts.shape[1] >= P else \
-                torch.arange(P).remainder(model.cfg.vocab).expand(B, P)
+            # the input tokens only feed attention: routing comes from the trace. Use the given
+            # prompts where they fit, else a fixed filler.
+            if prompts.shape[1] >= P and prompts.shape[0] >= first + B:
+                prompt = prompts[first:first + B, :P]
+            elif prompts.shape[1] >= P:
+                prompt = prompts[:1, :P].expand(B, P)
+            else:
+                prompt = torch.arange(P).remainder(model.cfg.vocab).expand(B, P)
+            first += B
             toks, step = _generate_group(model, rt, prompt.contiguous(), len(gsteps) - 1, g, step, bar, routing)
             outs.append(toks)
     return torch.cat(outs)

@@ -107,3 +107,17 @@ def test_corrupted_blob_is_refused(tmp_path):
     with pytest.raises(IntegrityError, match=r"layer 1, expert 2"):
         execute(runner, store, build_policies(w, 18 * store.format.expert_bytes), torch.tensor([[1, 2, 3]]), 0,
                 trace=trace, quiet=True)
+
+
+def test_recorded_trace_replays_to_the_same_tokens(store):
+    from executor.record import record_routing
+    prompt = torch.tensor([[5, 3, 8, 1], [9, 9, 2, 4]])
+    model = tiny_model()
+    trace = record_routing(model, prompt, 5)
+    want = generate(tiny_model(), prompt, 5)
+    assert trace.tokens == 2 * (4 + 4) and trace.prompt.sum() == 8
+    w = Workload(model_arch(model), trace, store.format, batch=2)
+    runner = strip_experts(tiny_model())
+    run = execute(runner, store, build_policies(w, 8 * store.format.expert_bytes), prompt, 5, trace=trace,
+                  batch=2, quiet=True)
+    assert torch.equal(run.tokens, want)      # forced routing = the model's own routing here
