@@ -81,7 +81,7 @@ def cmd_simulate(args) -> None:
     workload = Workload(model, trace, fmt, batch=args.batch)
     budget = parse_size(args.budget, "--budget") if args.budget else device.expert_budget_bytes
     policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler)
-    timeline = Simulator(device, workload, policies, storage).run()
+    timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
     metrics = compute_metrics(timeline)
     metrics.update(device=device.name, storage=storage.name, model=model.name, format=fmt.name,
                    policy=args.policy, scheduler=args.scheduler, budget_bytes=budget, batch=args.batch)
@@ -289,10 +289,14 @@ def add_workload_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moelab", description="On-device MoE serving policies: simulate, execute, compare.")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("simulate", help="simulate a (device, workload, policy) run")
+    def add(group, name, **kw):          # every subcommand takes --quiet
+        return group.add_parser(name, parents=[common], **kw)
+
+    p = add(sub, "simulate", help="simulate a (device, workload, policy) run")
     p.add_argument("--device", default=DEFAULTS["device"], help="profile from `moelab devices` or a YAML path")
     p.add_argument("--storage", help="storage option of the device (default: the profile's)")
     add_workload_args(p)
@@ -304,26 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/simulate", help="output folder")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("replay", help="hit ratio per cache capacity (experts), no timing")
+    p = add(sub, "replay", help="hit ratio per cache capacity (experts), no timing")
     p.add_argument("--trace", required=True)
     p.add_argument("--policy", default="lru")
     p.add_argument("--capacities", default="8,16,32,64,128")
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("devices", help="list device profiles, or `devices show NAME`")
+    p = add(sub, "devices", help="list device profiles, or `devices show NAME`")
     p.add_argument("action", nargs="?", choices=["show"])
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_devices)
 
-    sub.add_parser("models", help="list the architecture catalog").set_defaults(func=cmd_models)
-    sub.add_parser("policies", help="list the registered policies").set_defaults(func=cmd_policies)
+    add(sub, "models", help="list the architecture catalog").set_defaults(func=cmd_models)
+    add(sub, "policies", help="list the registered policies").set_defaults(func=cmd_policies)
 
-    tp = sub.add_parser("trace", help="routing traces: stats, synth, import").add_subparsers(dest="trace_cmd", required=True)
-    p = tp.add_parser("stats", help="per-layer skew and reuse statistics")
+    tp = add(sub, "trace", help="routing traces: stats, synth, import, record").add_subparsers(
+        dest="trace_cmd", required=True)
+    p = add(tp, "stats", help="per-layer skew and reuse statistics")
     p.add_argument("file")
     p.set_defaults(func=cmd_trace_stats)
-    p = tp.add_parser("synth", help="write a seeded synthetic trace")
+    p = add(tp, "synth", help="write a seeded synthetic trace")
     p.add_argument("--model", default=DEFAULTS["model"])
     p.add_argument("--requests", type=int, default=1)
     p.add_argument("--prompt", type=int, default=DEFAULTS["prompt"])
@@ -333,28 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_trace_synth)
-    p = tp.add_parser("import", help="convert a JSONL / CSV / NumPy trace to .npz")
+    p = add(tp, "import", help="convert a JSONL / CSV / NumPy trace to .npz")
     p.add_argument("file")
     p.add_argument("--format", choices=["jsonl", "csv", "numpy", "npz"])
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="importer option, e.g. experts_field=topk_ids")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_trace_import)
-    p = sub.add_parser("train", help="train the small MoE LM on the Python standard library's sources")
+    p = add(sub, "train", help="train the small MoE LM on the Python standard library's sources")
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=15.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("store", help="expert stores").add_subparsers(dest="store_cmd", required=True)
-    p = sp.add_parser("build", help="write a model's experts as an on-disk store (resumable)")
+    sp = add(sub, "store", help="expert stores").add_subparsers(dest="store_cmd", required=True)
+    p = add(sp, "build", help="write a model's experts as an on-disk store (resumable)")
     add_model_args(p)
     p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
     p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
     p.add_argument("--store", "--out", dest="store", help="store folder (default runs/stores/MODEL-FORMAT)")
     p.set_defaults(func=cmd_store_build)
 
-    p = sub.add_parser("execute", help="run a real model with experts loaded on demand under a policy")
+    p = add(sub, "execute", help="run a real model with experts loaded on demand under a policy")
     add_model_args(p)
     p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
     p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
@@ -373,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/execute")
     p.set_defaults(func=cmd_execute)
 
-    p = tp.add_parser("record", help="record a real model's routing as a trace")
+    p = add(tp, "record", help="record a real model's routing as a trace")
     add_model_args(p)
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--requests", type=int, default=1)

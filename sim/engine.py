@@ -13,6 +13,7 @@ from functools import partial
 
 import numpy as np
 import simpy
+from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from devices.units import ConfigError, format_size
@@ -116,13 +117,14 @@ class Simulator:
             t = self._compute_cache[key] = self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens)
         return t
 
-    def run(self) -> Timeline:
+    def run(self, quiet: bool = True) -> Timeline:
         env = simpy.Environment()
         self.timeline = Timeline(meta=self._meta())
         self.io = StorageChannel(self.storage.read_bandwidth, self.storage.latency, self.storage.queue_depth)
         self.decomp = FifoServer(self.device.decompress_workers)
-        env.process(self._decode(env))
-        env.run()
+        with tqdm(total=len(self.w.steps), disable=quiet, desc="simulate", unit="step", mininterval=0.5) as bar:
+            env.process(self._decode(env, bar))
+            env.run()
         self.timeline.meta["peak_expert_bytes"] = self.p.cache.peak
         return self.timeline
 
@@ -135,7 +137,7 @@ class Simulator:
                 "steps": [{"step": s.index, "group": s.group, "prefill": s.prefill,
                            "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
 
-    def _decode(self, env: simpy.Environment):
+    def _decode(self, env: simpy.Environment, bar):
         trace, layers = self.w.trace, self.w.model.layers
         for step in self.w.steps:
             # [layers, tokens, k], so a layer's routing is a cheap view
@@ -152,6 +154,7 @@ class Simulator:
                                                     step.index, n)))
                 routing = Routing(experts[layer], scores[layer])
                 yield env.timeout(self._layer(start + t_dense, step.index, layer, routing) - start)
+            bar.update(1)
 
     def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
         """Make and carry out one layer's decisions at time `now`; returns when it is done."""
