@@ -14,7 +14,8 @@ the same trace make identical decisions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -30,6 +31,9 @@ class Key(NamedTuple):
     part: int
 
 
+_new_key = partial(tuple.__new__, Key)   # Key from a 3-tuple, without NamedTuple's slower __new__
+
+
 class LoadItem(NamedTuple):
     key: Key
     nbytes: int              # bytes read from storage
@@ -43,11 +47,13 @@ class Routing(NamedTuple):
     scores: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Demand:
-    """What each token of the step needs at this layer: a tuple of (expert, level) per token."""
+    """What each token of the step needs at this layer: a tuple of (expert, level) per token.
+    Treat it as immutable; `_keys` memoises needed_keys (engines and schedulers both ask)."""
     layer: int
     per_token: tuple[tuple[tuple[int, int], ...], ...]
+    _keys: tuple | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[tuple[int, int], int]:
         """Tokens needing each (expert, level), in order of first appearance."""
@@ -71,12 +77,11 @@ class Demand:
 def needed_keys(demand: Demand, fmt: ExpertFormat) -> list[Key]:
     """Every part the layer needs, expert by expert in first-appearance order, parts ascending.
     Computed once per demand (engines and schedulers both ask)."""
-    cached = demand.__dict__.get("_keys")
+    cached = demand._keys
     if cached is None or cached[0] is not fmt:
         parts, layer = fmt.level_parts, demand.layer
-        keys = [Key(layer, e, p) for e, lvl in demand.max_level().items() for p in range(parts[lvl])]
-        cached = (fmt, keys)
-        object.__setattr__(demand, "_keys", cached)   # a memo, not state: Demand stays immutable
+        keys = [_new_key((layer, e, p)) for e, lvl in demand.max_level().items() for p in range(parts[lvl])]
+        cached = demand._keys = (fmt, keys)
     return cached[1]
 
 

@@ -39,12 +39,11 @@ class CachePolicy:
     def begin_layer(self, layer: int, keys: Sequence[Key]) -> list[bool]:
         """Record an access to each key; pin them for this layer. Returns hit flags."""
         self.clock += 1
-        hits = []
-        for key in keys:
-            hit = key in self.sizes
+        sizes, touch = self.sizes, self._touch
+        hits = [key in sizes for key in keys]
+        for key, hit in zip(keys, hits):
             if hit:
-                self._touch(key)
-            hits.append(hit)
+                touch(key)
         self.pinned = set(keys)
         return hits
 

@@ -139,21 +139,20 @@ class Simulator:
 
     def _decode(self, env: simpy.Environment, bar):
         trace, layers = self.w.trace, self.w.model.layers
+        add, layer_fn, timeout = self.timeline.events.append, self._layer, env.timeout
         for step in self.w.steps:
             # [layers, tokens, k], so a layer's routing is a cheap view
             experts = trace.experts[step.tokens].transpose(1, 0, 2)
             scores = trace.scores[step.tokens].transpose(1, 0, 2)
-            n = len(step.tokens)
+            n, s = len(step.tokens), step.index
             t_dense = self.dense_seconds(n)
             for layer in range(layers):
                 # Nothing else runs while this process waits for the dense part, so the
                 # layer's decisions can be taken at the dense part's (simulated) end time
                 # with one wake-up per layer instead of two.
                 start = env.now
-                self.timeline.events.append(_event(("dense", "dense", start, start + t_dense, layer, -1, -1, 0,
-                                                    step.index, n)))
-                routing = Routing(experts[layer], scores[layer])
-                yield env.timeout(self._layer(start + t_dense, step.index, layer, routing) - start)
+                add(_event(("dense", "dense", start, start + t_dense, layer, -1, -1, 0, s, n)))
+                yield timeout(layer_fn(start + t_dense, s, layer, Routing(experts[layer], scores[layer])) - start)
             bar.update(1)
 
     def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
@@ -181,18 +180,23 @@ class Simulator:
             ready[key.expert, key.part] = done
         assert p.cache.used <= p.cache.capacity, "budget exceeded"
         # each (expert, level) computes once the parts it needs are ready, in order of readiness
-        parts, level_sizes = fmt.level_parts, fmt.level_sizes
+        parts, level_sizes, seconds = fmt.level_parts, fmt.level_sizes, self._compute_cache
         tasks = []
         for (expert, level), n in demand.counts().items():
             t_ready = now
-            for part in range(parts[level]):
-                t_ready = max(t_ready, ready.get((expert, part), now))
+            if ready:
+                for part in range(parts[level]):
+                    t = ready.get((expert, part))
+                    if t is not None and t > t_ready:
+                        t_ready = t
             tasks.append((t_ready, len(tasks), expert, level, n))
-        tasks.sort()
+        if ready:
+            tasks.sort()
         free = now
         for t_ready, _, expert, level, n in tasks:
-            start = max(t_ready, free)
-            free = start + self.expert_seconds(level, n)
+            start = t_ready if t_ready > free else free
+            duration = seconds.get((level, n))
+            free = start + (duration if duration is not None else self.expert_seconds(level, n))
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
         for k in p.cache.end_layer(layer):
             add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
