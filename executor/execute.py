@@ -50,6 +50,13 @@ def strip_experts(model: MoETransformer) -> MoETransformer:
 def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: bool = False, **fmt_options) -> Store:
     """Open the store in `folder`, building it (resumably) from the model's experts if needed."""
     arch = model_arch(model)
+    if fmt_name == "mwq" and "group" not in fmt_options:
+        # the paper's g=128 where the widths allow it, else the largest power of two that divides them
+        fmt_options["group"] = next(g for g in (128, 64, 32, 16, 8, 4, 2, 1)
+                                    if all(i % g == 0 for _, i in arch.expert_shapes))
+    if fmt_name == "zip" and "exponent_ratio" not in fmt_options:
+        fmt_options["exponent_ratio"] = measured_exponent_ratio(model, fmt_options.get("chunks", 3),
+                                                                fmt_options.get("codec", "lz4hc"))
     fmt = make_format(fmt_name, arch.expert_shapes, **fmt_options)
     folder = Path(folder)
     if (folder / "index.json").exists():
@@ -61,6 +68,23 @@ def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: b
     info = {"layers": arch.layers, "experts": arch.experts, "d_model": arch.d_model, "d_ff": arch.d_ff}
     return build_store(folder, model_experts(model), fmt, arch_info=info, quiet=quiet,
                        total=arch.layers * arch.experts)
+
+
+def measured_exponent_ratio(model: MoETransformer, chunks: int, codec: str, sample: int = 8,
+                            margin: float = 1.03) -> float:
+    """ZipFormat's exponent_ratio for this model: the worst chunk's compressed/raw ratio over a
+    sample of experts, plus a margin (every chunk must fit its fixed-size part)."""
+    from executor.zipcodec import ZIP_HEADER_BYTES, encode_expert
+    worst = 0.0
+    for i, (_, _, w) in enumerate(model_experts(model)):
+        if i >= sample:
+            break
+        mats = [w[k].to(torch.bfloat16) for k in ("w1", "w3", "w2") if k in w]
+        parts = encode_expert(mats, chunks=chunks, codec=codec)
+        n = sum(m.numel() for m in mats)
+        raw = n / chunks
+        worst = max(worst, max((len(p) - ZIP_HEADER_BYTES) / raw for p in parts[1:]))
+    return min(1.1, worst * margin)
 
 
 @dataclass

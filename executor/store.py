@@ -70,9 +70,19 @@ Weights = Mapping[str, torch.Tensor]
 
 
 class Encoder(Protocol):
+    """A format's codec. encode: weights -> one bytes object per part (sizes = fmt.part_bytes).
+    decode: the *resident* parts a level needs -> weights. A format whose parts carry a
+    decompression task (fmt.decompress_bytes[p] > 0) also has
+    decompress_part(part, stored_bytes, fmt) -> resident bytes, which engines run on the
+    decompression workers."""
     def encode(self, weights: Weights, fmt: ExpertFormat) -> list[bytes]: ...
 
     def decode(self, parts: Sequence[Any], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]: ...
+
+
+def resident_part(encoder: Encoder, fmt: ExpertFormat, part: int, data):
+    """What a stored part becomes in memory: itself, or its decompressed bytes."""
+    return encoder.decompress_part(part, data, fmt) if fmt.decompress_bytes[part] else data
 
 
 _ENCODERS: dict[str, Encoder] = {}
@@ -132,6 +142,13 @@ class Bf16Encoder:
 
 
 register_encoder("bf16", Bf16Encoder())
+
+
+def _register_paper_formats() -> None:
+    from executor.mwq import MwqEncoder          # D²MoE nested bit-planes
+    from executor.zipcodec import ZipEncoder     # ZipMoE lossless BF16
+    register_encoder("mwq", MwqEncoder())
+    register_encoder("zip", ZipEncoder())
 
 
 # -- index ---------------------------------------------------------------------
@@ -352,8 +369,10 @@ class Store:
     def load_expert(self, layer: int, expert: int, level: int | None = None) -> dict[str, torch.Tensor]:
         """Read and decode one expert at `level` (default: the highest)."""
         level = self.format.levels - 1 if level is None else level
-        parts = [self.read((layer, expert, p)) for p in range(self.format.parts_for_level(level))]
-        return get_encoder(self.format.name).decode(parts, self.format, level)
+        enc = get_encoder(self.format.name)
+        parts = [resident_part(enc, self.format, p, self.read((layer, expert, p)))
+                 for p in range(self.format.parts_for_level(level))]
+        return enc.decode(parts, self.format, level)
 
     def verify(self) -> None:
         for key in self.blobs:
@@ -545,3 +564,6 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
     os.unlink(out / JOURNAL)
     _fsync_dir(out)
     return Store.open(out)
+
+
+_register_paper_formats()

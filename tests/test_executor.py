@@ -121,3 +121,25 @@ def test_recorded_trace_replays_to_the_same_tokens(store):
     run = execute(runner, store, build_policies(w, 8 * store.format.expert_bytes), prompt, 5, trace=trace,
                   batch=2, quiet=True)
     assert torch.equal(run.tokens, want)      # forced routing = the model's own routing here
+
+
+@pytest.mark.parametrize("fmt_name", ["zip", "mwq"])
+def test_paper_formats_run_end_to_end(tmp_path, fmt_name):
+    model = tiny_model()
+    store = ensure_store(model, tmp_path / fmt_name, fmt_name, quiet=True)
+    fmt, arch = store.format, model_arch(model)
+    trace = synthetic_trace(arch, requests=2, prompt_len=3, output_len=4, seed=5)
+    w = Workload(arch, trace, fmt, batch=2)
+    budget = 8 * fmt.level_bytes(fmt.levels - 1)
+    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache="lru")).run()
+    run = execute(strip_experts(tiny_model()), store, build_policies(w, budget, cache="lru"),
+                  torch.tensor([[1, 2, 3]]), 0, trace=trace, batch=2, quiet=True)
+    assert run.timeline.decisions() == sim_tl.decisions()
+    if fmt_name == "zip":
+        # lossless: the same tokens as the bf16 model under the same forced routing
+        ref = execute(strip_experts(tiny_model()), ensure_store(tiny_model(), tmp_path / "bf16", quiet=True),
+                      build_policies(Workload(arch, trace, make_format("bf16", arch.expert_shapes), batch=2),
+                                     10**9), torch.tensor([[1, 2, 3]]), 0, trace=trace, batch=2, quiet=True)
+        assert torch.equal(run.tokens, ref.tokens)
+        dec = run.timeline.of("decompress")
+        assert len(dec) == fmt.chunks * len(run.timeline.of("io", "load")) // (fmt.chunks + 1)

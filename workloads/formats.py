@@ -8,8 +8,8 @@ An expert on storage is a list of *parts*, each one load item (DESIGN.md). A pre
         group), part j>0 the j-th binary residual plane (1 bit per weight + fp16 scale per
         group). Level i (i = 0..bK-b1) is INT(b1+i) and needs parts 0..i.
 - zip:  part 0 is the sign+mantissa bytes (one byte per weight, raw), parts 1..K the K
-        exponent chunks (compressed). The only level needs every part. Keeping only
-        part 0 resident is ZipMoE's SM-only tier.
+        exponent chunks (compressed; each a ZIP_HEADER_BYTES header + codec payload). The
+        only level needs every part. Keeping only part 0 resident is ZipMoE's SM-only tier.
 
 Torch-free, so the simulator can import it; the executor's encoders produce exactly
 these sizes (tests check it; the zip ratio is an input taken from a measurement).
@@ -23,6 +23,7 @@ from functools import cached_property
 from devices.units import ConfigError
 
 SCALE_BYTES = 2  # scales and zero points are stored as float16
+ZIP_HEADER_BYTES = 16  # per compressed exponent chunk: magic, codec, raw/payload length, crc32 (executor/zipcodec.py)
 
 
 def split_sizes(n: int, k: int) -> list[int]:
@@ -137,7 +138,11 @@ class ZipFormat(ExpertFormat):
             raise ConfigError(f"zip: exponent_ratio must be in (0, 1.1], got {self.exponent_ratio}")
         n = self.params
         raw = split_sizes(n, self.chunks)
-        comp = [max(1, round(r * self.exponent_ratio)) for r in raw]
+        # exponent_ratio = codec payload bytes / raw exponent bytes (headers excluded); the total
+        # payload is spread over the chunks like the raw bytes, so an expert's size is exact
+        # when the ratio is one measured on it (executor/zipcodec.exponent_ratio)
+        payload = split_sizes(round(n * self.exponent_ratio), self.chunks)
+        comp = [ZIP_HEADER_BYTES + p for p in payload]
         self._set([n] + comp, [n] + raw, [0] + raw)
 
 
