@@ -19,7 +19,7 @@ from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.model import MoETransformer
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store import Store, build_store
-from sim.engine import Policies, Workload, build_policies
+from sim.engine import Policies
 from workloads.batching import batch_steps
 from workloads.catalog import ModelArch
 from workloads.formats import make_format

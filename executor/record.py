@@ -14,7 +14,7 @@ def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int
     every token that went through the model, each layer's experts and gate scores."""
     model.eval()
     B, P = prompts.shape
-    L, k = model.cfg.n_layers, model.cfg.top_k
+    L = model.cfg.n_layers
     steps: list[list] = []                      # per forward: per layer (ids, gates) [B * S, k]
 
     def spy(layer, hidden, ids, gates):

@@ -19,7 +19,6 @@ import queue
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from executor.io import DecompressPool, IOWorkers

@@ -203,7 +203,6 @@ def prompt_tokens(args, tok, vocab: int, requests: int):
 
 
 def cmd_execute(args) -> None:
-    import torch
     from devices.profile import load_device
     from executor.execute import ensure_store, execute, model_arch, strip_experts
     from executor.io import StorageThrottle
@@ -259,7 +258,6 @@ def cmd_execute(args) -> None:
 
 
 def cmd_trace_record(args) -> None:
-    from executor.execute import model_arch
     from executor.record import record_routing
     model, tok, name = load_model(args)
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.requests)

@@ -11,6 +11,10 @@ from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, Policy
 from policies.cache import FIFO, LFU, LRU, Belady, CachePolicy, OnDemand, StaticHot
 from policies.schedulers import FifoScheduler
 
+__all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "PolicyContext", "Routing",
+           "Scheduler", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS", "make_cache",
+           "make_scheduler", "make_allocator", "register"]
+
 CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler,)}
 ALLOCATORS = {a.name: a for a in (FixedLevel,)}

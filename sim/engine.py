@@ -96,7 +96,6 @@ class Simulator:
                 raise ConfigError(f"{device.path or device.name}: decompress_throughput has no entry for codec "
                                   f"{codec!r}; known: {', '.join(device.decompress_throughput)}")
             self.decompress_rate = device.decompress_throughput[codec]
-        m = workload.model
         self._dense_cache: dict[int, float] = {}
         self._compute_cache: dict[tuple[int, int], float] = {}
 
@@ -202,8 +201,3 @@ class Simulator:
             add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
         return free
 
-
-def simulate(device: DeviceProfile, workload: Workload, budget: int, *, cache: str = "lru",
-             scheduler: str = "fifo", allocator: str = "fixed", storage: str | None = None) -> Timeline:
-    policies = build_policies(workload, budget, cache, scheduler, allocator)
-    return Simulator(device, workload, policies, device.storage_option(storage)).run()

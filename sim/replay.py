@@ -13,9 +13,8 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
-import numpy as np
 
-from policies import BudgetError, PolicyContext, make_cache, needed_keys
+from policies import BudgetError, needed_keys
 
 
 def replay_policies(workload, policies) -> dict:

@@ -34,9 +34,6 @@ class Timeline:
     events: list[Event] = field(default_factory=list)
     meta: dict = field(default_factory=dict)   # engine, batch, steps (list of {"step", "prefill", "tokens"}), ...
 
-    def add(self, *args, **kw) -> None:
-        self.events.append(Event(*args, **kw))
-
     def of(self, resource_prefix: str, kind: str | None = None) -> list[Event]:
         return [e for e in self.events
                 if e.resource.startswith(resource_prefix) and (kind is None or e.kind == kind)]

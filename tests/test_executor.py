@@ -1,7 +1,5 @@
 """The executor: same outputs as the plain model, same decisions as the simulator."""
-import copy
 
-import numpy as np
 import pytest
 import torch
 
