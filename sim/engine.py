@@ -145,13 +145,15 @@ class Simulator:
             scores = trace.scores[step.tokens].transpose(1, 0, 2)
             n, s = len(step.tokens), step.index
             t_dense = self.dense_seconds(n)
+            # The layers of a step are a chain (each needs the previous one's output) and this is
+            # the only process, so the step's timeline is computed layer by layer from the
+            # servers' state and the clock advances once per step: one SimPy wake-up per token
+            # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
+            t = env.now
             for layer in range(layers):
-                # Nothing else runs while this process waits for the dense part, so the
-                # layer's decisions can be taken at the dense part's (simulated) end time
-                # with one wake-up per layer instead of two.
-                start = env.now
-                add(_event(("dense", "dense", start, start + t_dense, layer, -1, -1, 0, s, n)))
-                yield timeout(layer_fn(start + t_dense, s, layer, Routing(experts[layer], scores[layer])) - start)
+                add(_event(("dense", "dense", t, t + t_dense, layer, -1, -1, 0, s, n)))
+                t = layer_fn(t + t_dense, s, layer, Routing(experts[layer], scores[layer]))
+            yield timeout(t - env.now)
             bar.update(1)
 
     def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
