@@ -14,4 +14,6 @@ class FixedLevel(Allocator):
 
     def allocate(self, layer: int, routing: Routing) -> Demand:
         lvl = self.level
-        return Demand(layer, tuple([tuple([(e, lvl) for e in row]) for row in routing.experts.tolist()]))
+        rows = routing.experts.tolist()
+        return Demand(layer, tuple([tuple([(e, lvl) for e in row]) for row in rows]),
+                      _max=dict.fromkeys([e for row in rows for e in row], lvl))

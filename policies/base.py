@@ -50,10 +50,12 @@ class Routing(NamedTuple):
 @dataclass(slots=True)
 class Demand:
     """What each token of the step needs at this layer: a tuple of (expert, level) per token.
-    Treat it as immutable; `_keys` memoises needed_keys (engines and schedulers both ask)."""
+    Treat it as immutable; `_keys` memoises needed_keys (engines and schedulers both ask), and
+    an allocator that knows max_level() cheaply may pass it as `_max`."""
     layer: int
     per_token: tuple[tuple[tuple[int, int], ...], ...]
     _keys: tuple | None = field(default=None, repr=False, compare=False)
+    _max: dict | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[tuple[int, int], int]:
         """Tokens needing each (expert, level), in order of first appearance."""
@@ -65,6 +67,8 @@ class Demand:
 
     def max_level(self) -> dict[int, int]:
         """Highest level needed of each expert, in order of first appearance."""
+        if self._max is not None:
+            return self._max
         out: dict[int, int] = {}
         get = out.get
         for token in self.per_token:

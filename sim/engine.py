@@ -182,17 +182,19 @@ class Simulator:
         assert p.cache.used <= p.cache.capacity, "budget exceeded"
         # each (expert, level) computes once the parts it needs are ready, in order of readiness
         parts, level_sizes, seconds = fmt.level_parts, fmt.level_sizes, self._compute_cache
-        tasks = []
-        for (expert, level), n in demand.counts().items():
-            t_ready = now
-            if ready:
+        counts = demand.counts()
+        if ready:
+            tasks = []
+            for (expert, level), n in counts.items():
+                t_ready = now
                 for part in range(parts[level]):
                     t = ready.get((expert, part))
                     if t is not None and t > t_ready:
                         t_ready = t
-            tasks.append((t_ready, len(tasks), expert, level, n))
-        if ready:
+                tasks.append((t_ready, len(tasks), expert, level, n))
             tasks.sort()
+        else:      # everything was resident: compute in first-appearance order
+            tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
         free = now
         for t_ready, _, expert, level, n in tasks:
             start = t_ready if t_ready > free else free
