@@ -396,6 +396,8 @@ def main(argv=None) -> int:
     except MoelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:          # `moelab ... | head`
+        return 0
     return 0
 
 

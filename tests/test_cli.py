@@ -1,5 +1,6 @@
 """The `moelab` command line: outputs and clear errors (no tracebacks)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,20 @@ def test_devices_and_models(capsys):
     assert main(["models"]) == 0 and main(["policies"]) == 0
     out = capsys.readouterr().out
     assert "raspberry-pi-4-8gb" in out and "switch-large-128" in out and "belady" in out
+
+
+def test_record_then_simulate_and_force_the_same_trace(tmp_path, capsys):
+    from workloads.catalog import get_model
+    model_dir = str(Path(__file__).resolve().parents[1] / "executor" / "assets" / "tiny-moe")
+    trace = tmp_path / "real.npz"
+    assert get_model(model_dir).experts == 16
+    assert main(["trace", "record", "--quiet", "--requests", "2", "--tokens", "6", "--out", str(trace)]) == 0
+    assert main(["simulate", "--quiet", "--model", model_dir, "--trace", str(trace), "--batch", "2",
+                 "--budget", "2.5MB", "--out", str(tmp_path / "s")]) == 0
+    assert main(["execute", "--quiet", "--trace", str(trace), "--batch", "2", "--budget", "2.5MB",
+                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / "e")]) == 0
+    sim = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    ex = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    # the same decisions, so the same hit ratio and bytes read
+    assert sim["hit_ratio"] == ex["hit_ratio"] and sim["bytes_read"] == ex["bytes_read"]
+    assert ex["peak_rss_bytes"] > 0 and ex["generated_tokens"] == 2 * 6

@@ -5,7 +5,9 @@ set an expert's size. `layers` counts MoE layers (dense-FFN layers are `dense_la
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from devices.units import ConfigError
 
@@ -101,7 +103,37 @@ CATALOG: dict[str, ModelArch] = {m.name: m for m in [
 
 
 def get_model(name: str) -> ModelArch:
-    try:
+    """A catalog architecture by name, or the architecture of a local model folder (its config.json)."""
+    if name in CATALOG:
         return CATALOG[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))}") from None
+    path = Path(name)
+    if (path / "config.json").exists():
+        return arch_from_config(path / "config.json")
+    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))} "
+                      f"(or a folder with a config.json: a `moelab train` output or a Hugging Face checkpoint)")
+
+
+# config.json keys of moelab's own models, then of Hugging Face MoE configs
+_CONFIG_KEYS = {
+    "layers": ("n_layers", "num_hidden_layers"), "experts": ("experts", "num_local_experts", "num_experts"),
+    "top_k": ("top_k", "num_experts_per_tok"), "d_model": ("d_model", "hidden_size"),
+    "d_ff": ("d_ff", "moe_intermediate_size", "intermediate_size"), "n_heads": ("n_heads", "num_attention_heads"),
+    "n_kv_heads": ("n_kv_heads", "num_key_value_heads"), "vocab": ("vocab", "vocab_size"),
+}
+
+
+def arch_from_config(path: Path) -> ModelArch:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read as JSON ({e})") from None
+    fields = {}
+    for field_name, keys in _CONFIG_KEYS.items():
+        key = next((k for k in keys if k in raw), None)
+        if key is None:
+            raise ConfigError(f"{path}: no {' / '.join(keys)} key; cannot tell the model's {field_name}")
+        fields[field_name] = int(raw[key])
+    shared = int(raw.get("shared_experts", 1 if raw.get("shared_expert_intermediate_size") else 0))
+    shared_d_ff = int(raw.get("shared_d_ff", raw.get("shared_expert_intermediate_size", 0)))
+    return ModelArch(path.parent.name, shared_experts=shared, shared_d_ff=shared_d_ff,
+                     expert_matrices=int(raw.get("expert_matrices", 3)), source=str(path), **fields)
