@@ -41,6 +41,9 @@ class LoadItem(NamedTuple):
     decompress_bytes: int    # raw bytes a decompression task produces after the read (0: none)
 
 
+_new_item = partial(tuple.__new__, LoadItem)
+
+
 class Routing(NamedTuple):
     """Router output of one layer for the tokens of one step: [tokens, k] ids and scores."""
     experts: np.ndarray
@@ -91,7 +94,7 @@ def needed_keys(demand: Demand, fmt: ExpertFormat) -> list[Key]:
 
 def load_item(key: Key, fmt: ExpertFormat) -> LoadItem:
     p = key.part
-    return LoadItem(key, fmt.part_bytes[p], fmt.resident_bytes[p], fmt.decompress_bytes[p])
+    return _new_item((key, fmt.part_bytes[p], fmt.resident_bytes[p], fmt.decompress_bytes[p]))
 
 
 class BudgetError(MoelabError):
