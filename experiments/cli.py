@@ -101,8 +101,10 @@ def cmd_replay(args) -> None:
     groups = unit_groups(trace, batch_steps(trace, args.batch))
     ratios = replay_units(groups, args.policy, caps)
     print(f"{'capacity':>10}  {'hit ratio':>9}   ({args.policy}, {sum(map(len, groups))} accesses)")
+    largest = max(map(len, groups), default=0)
     for cap, r in ratios.items():
-        print(f"{cap:>10}  {r:>9.4f}")
+        print(f"{cap:>10}  {r:>9.4f}" if r is not None else
+              f"{cap:>10}  {'-':>9}   (below the largest single-layer demand: {largest} experts)")
 
 
 def cmd_devices(args) -> None:

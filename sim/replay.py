@@ -162,8 +162,9 @@ FAST = {"lru": _lru, "fifo": _fifo, "lfu": _lfu, "belady": _belady,
         "on-demand": lambda g, c: 0}
 
 
-def replay_units(groups: list[list[int]], policy: str, capacities) -> dict[int, float]:
-    """Hit ratio per capacity (in experts) for one-part experts."""
+def replay_units(groups: list[list[int]], policy: str, capacities) -> dict[int, float | None]:
+    """Hit ratio per capacity (in experts) for one-part experts; None for a capacity below the
+    largest single-layer demand, which cannot run (a layer's experts must all be resident)."""
     if policy not in FAST:
         raise BudgetError(f"no fast replay for {policy!r}; fast policies: {', '.join(FAST)}")
     accesses = sum(len(g) for g in groups)
@@ -171,6 +172,7 @@ def replay_units(groups: list[list[int]], policy: str, capacities) -> dict[int, 
     out = {}
     for cap in capacities:
         if cap < largest:
-            raise BudgetError(f"capacity {cap} is below the largest single-layer demand ({largest} experts)")
+            out[cap] = None
+            continue
         out[cap] = FAST[policy](groups, cap) / accesses if accesses else float("nan")
     return out

@@ -94,3 +94,9 @@ def test_belady_bounds_the_others():
         best = replay_units(groups, "belady", [cap])[cap]
         for p in ("lru", "fifo", "lfu"):
             assert replay_units(groups, p, [cap])[cap] <= best + 1e-12
+
+
+def test_capacity_below_a_layers_demand_is_reported_not_run():
+    groups = [[0, 1], [2, 3], [0, 2]]
+    out = replay_units(groups, "lru", [1, 2, 4])
+    assert out[1] is None and out[2] is not None and out[4] == pytest.approx(2 / 6)
