@@ -65,7 +65,6 @@ def test_time_budget_picks_the_step_count(tmp_path, corpus):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(), reason="default model not trained yet")
 def test_committed_default_model():
     model, tok, cfg = load_trained()
     log = json.loads((DEFAULT_MODEL / "train_log.json").read_text())
