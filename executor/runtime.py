@@ -121,8 +121,9 @@ class ExpertRuntime:
         for t, token in enumerate(demand.per_token):
             for pair in token:
                 rows.setdefault(pair, []).append(t)
-        waiting = {pair: {Key(layer, pair[0], q) for q in range(fmt.parts_for_level(pair[1]))}
-                   - set(self.memory.buffers) for pair in rows}
+        resident = self.memory.buffers
+        waiting = {pair: {k for k in (Key(layer, pair[0], q) for q in range(fmt.parts_for_level(pair[1])))
+                          if k not in resident} for pair in rows}
         out = torch.zeros_like(hidden)
         for pair in [pr for pr, need in waiting.items() if not need]:      # hits first, router order
             self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
