@@ -74,7 +74,8 @@ class ExpertRuntime:
         self.activation, self.device, self.dtype = activation, torch.device(torch_device), dtype
         self.io, self.decompress = io, decompress
         self.memory = ExpertMemory(policies.cache.capacity)
-        self.timeline = Timeline(meta=dict(meta or {}, engine="executor", steps=[]))
+        self.timeline = Timeline(meta=dict(meta or {}, engine="executor", steps=[],
+                                           level_parts=list(self.fmt.level_parts)))
         self.t0 = time.perf_counter()
         self.step: StepInfo | None = None
         self.last = 0.0                     # when the previous layer's experts finished
@@ -102,9 +103,7 @@ class ExpertRuntime:
         demand = p.allocator.allocate(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy()))
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
-        for key, hit in zip(keys, p.cache.begin_layer(layer, keys)):
-            if hit:
-                self._add("cache", "hit", now, now, layer, key.expert, key.part, fmt.resident_bytes[key.part], s)
+        p.cache.begin_layer(layer, keys)        # hits are derived by the metrics, as for the simulator
         for item in plan:
             for k in p.cache.admit(item):
                 self.memory.release(k)

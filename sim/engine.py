@@ -130,7 +130,8 @@ class Simulator:
     def _meta(self) -> dict:
         w = self.w
         return {"engine": "sim", "device": self.device.name, "storage": self.storage.name,
-                "model": w.model.name, "format": w.fmt.name, "batch": w.batch,
+                "model": w.model.name, "format": w.fmt.name, "level_parts": list(w.fmt.level_parts),
+                "batch": w.batch,
                 "budget_bytes": self.p.cache.capacity, "cache": self.p.cache.name,
                 "scheduler": self.p.scheduler.name, "allocator": self.p.allocator.name,
                 "steps": [{"step": s.index, "group": s.group, "prefill": s.prefill,
@@ -163,9 +164,7 @@ class Simulator:
         demand = p.allocator.allocate(layer, routing)
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
-        for key, hit in zip(keys, p.cache.begin_layer(layer, keys)):
-            if hit:
-                add(_event(("cache", "hit", now, now, layer, key.expert, key.part, sizes[key.part], s, 0)))
+        p.cache.begin_layer(layer, keys)        # hits are not recorded: metrics derive them (sim/metrics.py)
         ready = {}
         for item in plan:
             for k in p.cache.admit(item):

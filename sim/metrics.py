@@ -33,6 +33,19 @@ def step_spans(tl: Timeline) -> dict[int, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in spans.items()}
 
 
+def count_accesses(tl: Timeline) -> int:
+    """Parts needed over all decision points: for each (step, layer, expert) computed, the
+    parts of the highest level it was computed at. Each was a hit or an admission."""
+    level_parts = tl.meta["level_parts"]
+    top: dict[tuple[int, int, int], int] = {}
+    for e in tl.events:
+        if e.resource == "compute":
+            key = (e.step, e.layer, e.expert)
+            if e.level > top.get(key, -1):
+                top[key] = e.level
+    return sum(level_parts[lvl] for lvl in top.values())
+
+
 def compute_metrics(tl: Timeline) -> dict:
     steps = tl.meta["steps"]
     spans = step_spans(tl)
@@ -49,18 +62,16 @@ def compute_metrics(tl: Timeline) -> dict:
             tpot.append(end - prev_end)
         prev_end = end
     generated = sum(s["new_tokens"] for s in steps)
-    counts = {"hit": 0, "admit": 0}
-    mem, peak = 0, 0
+    mem, peak, admits = 0, 0, 0
     for e in tl.events:
         if e.resource == "cache":
-            if e.kind in counts:
-                counts[e.kind] += 1
             if e.kind == "admit":
+                admits += 1
                 mem += e.bytes
                 peak = max(peak, mem)
             elif e.kind == "evict":
                 mem -= e.bytes
-    accesses = counts["hit"] + counts["admit"]
+    accesses = count_accesses(tl)
     io = [(e.start, e.end) for e in work if e.resource == "io"]
     compute = [(e.start, e.end) for e in work if e.resource in ("compute", "dense")]
     decomp = [(e.start, e.end) for e in work if e.resource.startswith("decompress")]
@@ -76,7 +87,7 @@ def compute_metrics(tl: Timeline) -> dict:
         "peak_expert_bytes": int(peak),
         "bytes_read": int(sum(e.bytes for e in work if e.resource == "io")),
         "loads": len(io),
-        "hit_ratio": counts["hit"] / accesses if accesses else float("nan"),
+        "hit_ratio": (accesses - admits) / accesses if accesses else float("nan"),
         "compute_bubble_fraction": 1.0 - busy_time(compute) / makespan if makespan > 0 else float("nan"),
         "io_busy_fraction": busy_time(io) / makespan if makespan > 0 else float("nan"),
         "decompress_busy_fraction": busy_time(decomp) / makespan if makespan > 0 else 0.0,

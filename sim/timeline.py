@@ -2,7 +2,9 @@
 and cache decision. Metrics, Chrome traces and Gantt charts read only this.
 
 Resources: "io", "decompress[i]", "compute", "dense", and "cache" (zero-length
-decision records: kind "hit", "admit", "evict", at the decision time).
+decision records: kind "admit", "evict", at the decision time). Hits are not recorded:
+every part a compute needed was either admitted at that decision point or a hit, so
+metrics derive them (meta["level_parts"] says how many parts each level needs).
 `step` is the index of the batch step (prefill or decode) the event belongs to;
 `tokens` is how many tokens a compute covered.
 """
