@@ -104,15 +104,14 @@ class ExpertRuntime:
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
         p.cache.begin_layer(layer, keys)        # hits are derived by the metrics, as for the simulator
+        done: queue.SimpleQueue = queue.SimpleQueue()
         for item in plan:
             for k in p.cache.admit(item):
                 self.memory.release(k)
                 self._add("cache", "evict", now, now, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
             self.memory.reserve(item.key, item.resident_bytes)
             self._add("cache", "admit", now, now, layer, item.key.expert, item.key.part, item.resident_bytes, s)
-
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        for item in plan:                                   # loads go to storage in plan order
+            # to storage at once, in plan order: the read overlaps the remaining admissions
             self.io.submit(item.key).add_done_callback(done.put)
 
         # (expert, level) -> token rows; computed once every part it needs is resident
