@@ -19,8 +19,7 @@ from executor import benchmark_io
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from executor.io import StorageThrottle
 from executor.train import load_trained
-from policies import PolicyContext, make_allocator, make_cache, make_scheduler
-from sim.engine import Policies
+from sim.engine import build_online_policies
 from sim.metrics import busy_time, compute_metrics
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
@@ -55,9 +54,7 @@ def overlap(timeline) -> dict:
 
 
 def run_once(model, tok, store, cache: str, budget: int, tokens: int, throttle=None, batch: int = 1):
-    fmt, arch = store.format, model_arch(model)
-    ctx = PolicyContext(fmt, arch.layers, arch.experts, budget)
-    pol = Policies(make_allocator("fixed", ctx), make_scheduler("fifo", ctx), make_cache(cache, ctx))
+    pol = build_online_policies(model_arch(model), store.format, budget, cache)
     import torch
     prompt = torch.tensor([tok.encode(PROMPT)] * batch)
     return execute(model, store, pol, prompt, tokens, batch=batch, io_concurrency=2, throttle=throttle, quiet=True)
@@ -77,8 +74,7 @@ def large_expert_overlap() -> dict:
         strip_experts(model)
         fmt, arch = store.format, model_arch(model)
         for batch in (1, 4):
-            ctx = PolicyContext(fmt, arch.layers, arch.experts, arch.layers * arch.experts * fmt.expert_bytes)
-            pol = Policies(make_allocator("fixed", ctx), make_scheduler("fifo", ctx), make_cache("on-demand", ctx))
+            pol = build_online_policies(arch, fmt, arch.layers * arch.experts * fmt.expert_bytes, "on-demand")
             prompts = torch.randint(0, cfg.vocab, (batch, 16), generator=torch.Generator().manual_seed(1))
             r = execute(model, store, pol, prompts, 12, batch=batch, io_concurrency=1, quiet=True)
             out[f"6.3MB experts, host disk, batch {batch}"] = overlap(r.timeline)

@@ -208,8 +208,7 @@ def cmd_execute(args) -> None:
     from devices.profile import load_device
     from executor.execute import ensure_store, execute, model_arch, strip_experts
     from executor.io import StorageThrottle
-    from policies import PolicyContext, make_allocator, make_cache, make_scheduler
-    from sim.engine import Policies, Workload, build_policies
+    from sim.engine import Workload, build_online_policies, build_policies
     from sim.metrics import compute_metrics
 
     model, tok, name = load_model(args)
@@ -225,14 +224,7 @@ def cmd_execute(args) -> None:
         w = Workload(arch, trace, fmt, batch=args.batch)
         policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler)
     else:
-        ctx = PolicyContext(fmt, arch.layers, arch.experts, budget)
-        minimum = min(arch.experts, arch.top_k) * fmt.level_bytes(0)
-        if budget < minimum:
-            from policies import BudgetError
-            raise BudgetError(f"budget {format_size(budget)} is below the minimum of one decode step: "
-                              f"{format_size(minimum)} ({arch.top_k} experts)")
-        policies = Policies(make_allocator("fixed", ctx), make_scheduler(args.scheduler, ctx),
-                            make_cache(args.policy, ctx))
+        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler)
     throttle = None
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import simpy
 from tqdm import tqdm
 
@@ -24,6 +23,7 @@ from sim.timeline import Event, Timeline
 from workloads.batching import Step, batch_steps
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
+from workloads.stats import popularity
 from workloads.trace import RoutingTrace
 
 _event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost
@@ -43,12 +43,6 @@ class Workload:
 
     def routing(self, step: Step, layer: int) -> Routing:
         return Routing(self.trace.experts[step.tokens, layer], self.trace.scores[step.tokens, layer])
-
-    def popularity(self) -> np.ndarray:
-        counts = np.zeros((self.model.layers, self.model.experts), np.int64)
-        for layer in range(self.model.layers):
-            counts[layer] = np.bincount(self.trace.experts[:, layer].ravel(), minlength=self.model.experts)
-        return counts
 
     def access_sequence(self, allocator: Allocator) -> list[list]:
         """Needed keys at every decision point, in engine order (what offline policies see)."""
@@ -77,8 +71,20 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
                           f"{format_size(minimum)} ({minimum} B = the largest single-layer demand, "
                           f"{minimum // max(lowest, 1)} experts at the lowest precision)")
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
-                        popularity=workload.popularity())
+                        popularity=popularity(workload.trace, model.experts))
     return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx))
+
+
+def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",
+                          scheduler: str = "fifo", allocator: str = "fixed") -> Policies:
+    """A policy bundle for routing not known in advance (a real router): no access sequence,
+    so offline policies (belady, static-hot) refuse. The budget must hold one decode step."""
+    minimum = min(model.experts, model.top_k) * fmt.level_bytes(0)
+    if budget < minimum:
+        raise BudgetError(f"budget {format_size(budget)} is below the minimum of one decode step: "
+                          f"{format_size(minimum)} ({model.top_k} experts at the lowest precision)")
+    ctx = PolicyContext(fmt, model.layers, model.experts, budget)
+    return Policies(make_allocator(allocator, ctx), make_scheduler(scheduler, ctx), make_cache(cache, ctx))
 
 
 class Simulator:

@@ -79,3 +79,11 @@ def test_record_then_simulate_and_force_the_same_trace(tmp_path, capsys):
     # the same decisions, so the same hit ratio and bytes read
     assert sim["hit_ratio"] == ex["hit_ratio"] and sim["bytes_read"] == ex["bytes_read"]
     assert ex["peak_rss_bytes"] > 0 and ex["generated_tokens"] == 2 * 6
+
+
+def test_bad_batch_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "t.npz"
+    assert main(["trace", "synth", "--quiet", "--tokens", "4", "--out", str(path)]) == 0
+    assert main(["simulate", "--trace", str(path), "--batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch" in err and "Traceback" not in err

@@ -7,8 +7,7 @@ from conftest import make_device
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from executor.model import MoEConfig, MoETransformer, generate, init_weights
 from executor.store import IntegrityError
-from policies import PolicyContext, make_allocator, make_cache, make_scheduler
-from sim.engine import Policies, Simulator, Workload, build_policies
+from sim.engine import Simulator, Workload, build_online_policies, build_policies
 from workloads.formats import make_format
 from workloads.synthetic import synthetic_trace
 
@@ -27,9 +26,8 @@ def tiny_model(seed=0) -> MoETransformer:
 
 
 def online_policies(model, budget, cache="lru"):
-    fmt = make_format("bf16", model_arch(model).expert_shapes)
-    ctx = PolicyContext(fmt, CFG.n_layers, CFG.experts, budget)
-    return Policies(make_allocator("fixed", ctx), make_scheduler("fifo", ctx), make_cache(cache, ctx))
+    arch = model_arch(model)
+    return build_online_policies(arch, make_format("bf16", arch.expert_shapes), budget, cache)
 
 
 @pytest.fixture(scope="module")

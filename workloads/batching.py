@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from devices.units import ConfigError
 from workloads.trace import RoutingTrace
 
 
@@ -25,7 +26,7 @@ class Step:
 
 def batch_steps(trace: RoutingTrace, batch: int) -> list[Step]:
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise ConfigError(f"--batch: must be >= 1, got {batch}")
     requests = trace.requests()
     steps: list[Step] = []
     for group, first in enumerate(range(0, len(requests), batch)):
