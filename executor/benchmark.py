@@ -2,7 +2,9 @@
 
 (a) I/O path vs a plain sequential reader of the same disk, same run (executor.benchmark_io);
 (b) overlap: decode time against its lower bound max(total I/O time, total compute time)
-    with the FIFO scheduler, unthrottled and with the disk throttled like a device's storage;
+    with the FIFO scheduler, unthrottled and with the disk throttled like a device's storage,
+    without a prefetcher (a layer's loads wait for its router), with last-use and with the
+    oracle prefetcher (the next layer's loads overlap this layer's compute);
 (c) tokens/s and peak RSS of the default `moelab execute` run (trained tiny-moe, LRU,
     a quarter of the experts' bytes as budget, 64 tokens).
 """
@@ -14,12 +16,15 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+
 from devices.profile import load_device
 from executor import benchmark_io
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from executor.io import StorageThrottle
+from executor.record import record_routing
 from executor.train import load_trained
-from sim.engine import build_online_policies
+from sim.engine import Workload, build_online_policies, build_policies
 from sim.metrics import busy_time, compute_metrics
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
@@ -32,38 +37,62 @@ def overlap(timeline) -> dict:
     start, end = min(e.start for e in ev), max(e.end for e in ev)
     io = busy_time([(e.start, e.end) for e in ev if e.resource == "io"])
     comp = busy_time([(e.start, e.end) for e in ev if e.resource in ("compute", "dense")])
-    bound = max(io, comp)
-    # the expert phase of each layer (routing known -> last expert computed): what FIFO
-    # loading can overlap; the dense part before it cannot overlap this layer's loads
-    # without a cross-layer prefetcher
-    phase = bound_phase = 0.0
-    by_layer: dict = {}
-    for e in ev:
-        by_layer.setdefault((e.step, e.layer), []).append(e)
-    for group in by_layer.values():
-        dense_end = max(e.end for e in group if e.resource == "dense")
-        work = [e for e in group if e.resource in ("io", "compute")]
-        if not work:
-            continue
-        phase += max(e.end for e in work) - dense_end
-        bound_phase += max(busy_time([(e.start, e.end) for e in work if e.resource == "io"]),
-                           busy_time([(e.start, e.end) for e in work if e.resource == "compute"]))
-    return {"decode_s": round(end - start, 4), "io_s": round(io, 4), "compute_s": round(comp, 4),
-            "ratio_to_bound": round((end - start) / bound, 3),
-            "expert_phase_ratio_to_bound": round(phase / bound_phase, 3)}
+    out = {"decode_s": round(end - start, 4), "io_s": round(io, 4), "compute_s": round(comp, 4),
+           "ratio_to_bound": round((end - start) / max(io, comp), 3)}
+    if not timeline.of("cache", "prefetch"):
+        # the expert phase of each layer (routing known -> last expert computed): all that
+        # FIFO loading alone can overlap; the dense part before it cannot overlap this
+        # layer's loads without a prefetcher
+        phase = bound_phase = 0.0
+        by_layer: dict = {}
+        for e in ev:
+            by_layer.setdefault((e.step, e.layer), []).append(e)
+        for group in by_layer.values():
+            dense_end = max(e.end for e in group if e.resource == "dense")
+            work = [e for e in group if e.resource in ("io", "compute")]
+            if work:
+                phase += max(e.end for e in work) - dense_end
+                bound_phase += max(busy_time([(e.start, e.end) for e in work if e.resource == "io"]),
+                                   busy_time([(e.start, e.end) for e in work if e.resource == "compute"]))
+        out["expert_phase_ratio_to_bound"] = round(phase / bound_phase, 3)
+    return out
 
 
-def run_once(model, tok, store, cache: str, budget: int, tokens: int, throttle=None, batch: int = 1):
+def prefetch_comparison(model, store, prompts, tokens: int, throttle=None) -> dict:
+    """Every expert loaded on demand (on-demand cache, FIFO loads), with no prefetcher, with
+    last-use (online) and with the oracle (the model's own routing, recorded first and
+    forced: the same tokens). `model` still holds its experts (to record); runs use a copy
+    without them."""
+    import copy
+    batch = prompts.shape[0]
+    trace = record_routing(model, prompts, tokens)
+    runner = strip_experts(copy.deepcopy(model))
+    fmt, arch = store.format, model_arch(runner)
+    budget = arch.layers * arch.experts * fmt.expert_bytes
+    out = {}
+    for prefetch in ("none", "last-use", "oracle"):
+        if throttle is not None:
+            throttle.reset()
+        if prefetch == "oracle":
+            pol = build_policies(Workload(arch, trace, fmt, batch=batch), budget, "on-demand", prefetch=prefetch)
+            r = execute(runner, store, pol, prompts, tokens, trace=trace, batch=batch, io_concurrency=1,
+                        throttle=throttle, quiet=True)
+        else:
+            pol = build_online_policies(arch, fmt, budget, "on-demand", prefetch=prefetch)
+            r = execute(runner, store, pol, prompts, tokens, batch=batch, io_concurrency=1, throttle=throttle,
+                        quiet=True)
+        out[f"prefetch {prefetch}"] = overlap(r.timeline)
+    return out
+
+
+def run_once(model, tok, store, cache: str, budget: int, tokens: int):
     pol = build_online_policies(model_arch(model), store.format, budget, cache)
-    import torch
-    prompt = torch.tensor([tok.encode(PROMPT)] * batch)
-    return execute(model, store, pol, prompt, tokens, batch=batch, io_concurrency=2, throttle=throttle, quiet=True)
+    return execute(model, store, pol, torch.tensor([tok.encode(PROMPT)]), tokens, io_concurrency=2, quiet=True)
 
 
 def large_expert_overlap() -> dict:
     """Overlap with experts of a realistic size (6.3 MB bf16: d_model 512, d_ff 2048), random
     weights: overlap is a property of the runtime, not of the model's quality."""
-    import torch
     from executor.model import MoEConfig, MoETransformer, init_weights
     cfg = MoEConfig(vocab=257, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, experts=8, top_k=2, d_ff=2048,
                     max_seq=128)
@@ -71,13 +100,9 @@ def large_expert_overlap() -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         store = ensure_store(model, Path(d) / "store", quiet=True)
-        strip_experts(model)
-        fmt, arch = store.format, model_arch(model)
         for batch in (1, 4):
-            pol = build_online_policies(arch, fmt, arch.layers * arch.experts * fmt.expert_bytes, "on-demand")
             prompts = torch.randint(0, cfg.vocab, (batch, 16), generator=torch.Generator().manual_seed(1))
-            r = execute(model, store, pol, prompts, 12, batch=batch, io_concurrency=1, quiet=True)
-            out[f"6.3MB experts, host disk, batch {batch}"] = overlap(r.timeline)
+            out[f"6.3MB experts, host disk, batch {batch}"] = prefetch_comparison(model, store, prompts, 12)
     return out
 
 
@@ -100,13 +125,12 @@ def main() -> None:
                               "peak_expert_bytes": m["peak_expert_bytes"], "peak_rss_bytes": r.peak_rss_bytes,
                               "read_mode": r.reader_mode}
         runs = {}
-        pi4 = load_device("raspberry-pi-4-8gb")
-        for name, throttle, batch in [
-                ("tiny-moe, host disk, batch 1", None, 1),
-                ("tiny-moe, pi4 microsd throttle, batch 4", pi4.storage_option("microsd"), 4)]:
-            th = StorageThrottle.from_profile(throttle) if throttle else None
-            r = run_once(model, tok, store, "on-demand", total, 16, th, batch)
-            runs[name] = overlap(r.timeline)
+        model, tok, _ = load_trained()              # with its experts again, to record its routing
+        pi4 = StorageThrottle.from_profile(load_device("raspberry-pi-4-8gb").storage_option("microsd"))
+        for name, throttle, batch in [("tiny-moe, host disk, batch 1", None, 1),
+                                      ("tiny-moe, pi4 microsd throttle, batch 4", pi4, 4)]:
+            prompts = torch.tensor([tok.encode(PROMPT)] * batch)
+            runs[name] = prefetch_comparison(model, store, prompts, 16, throttle)
     runs.update(large_expert_overlap())
     out["overlap_fifo"] = runs
     with contextlib.redirect_stdout(_io.StringIO()):

@@ -8,15 +8,20 @@ under the same policy objects the simulator drives (DESIGN.md).
      drops what the cache evicted;
   3. submits the plan to the I/O workers in order; parts that carry a decompression task
      go on to the decompression pool when their read completes;
-  4. computes each (expert, level) as soon as the parts it needs are resident, hits first;
-  5. tells the cache the layer is over (tiering may drop parts) and frees them.
+  4. asks the prefetcher (if any) for the next decision point's keys and submits the ones
+     the cache admits behind the plan;
+  5. computes each (expert, level) as soon as the parts it needs are resident (read here or
+     prefetched earlier), hits first;
+  6. tells the cache the layer is over (tiering may drop parts) and frees them.
 Everything lands on a Timeline with the simulator's vocabulary; times are seconds since
 the run started (time.perf_counter).
 """
 from __future__ import annotations
 
 import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +29,7 @@ import torch
 from executor.io import DecompressPool, IOWorkers
 from executor.model import accumulate_expert
 from executor.store import Store, get_encoder
-from policies import Key, Routing, needed_keys
+from policies import Key, Routing, load_item, needed_keys
 from sim.engine import Policies
 from sim.timeline import Event, Timeline
 
@@ -39,20 +44,26 @@ class ExpertMemory:
         self.buffers: dict[Key, object] = {}
         self.used = 0
         self.peak = 0
+        self._lock = threading.Lock()
 
     def reserve(self, key: Key, nbytes: int) -> None:
         if self.used + nbytes > self.budget:
             raise AssertionError(f"expert memory over budget: {self.used} + {nbytes} > {self.budget} B ({key})")
-        self.reserved[key] = nbytes
+        with self._lock:
+            self.reserved[key] = nbytes
         self.used += nbytes
         self.peak = max(self.peak, self.used)
 
     def fill(self, key: Key, data) -> None:
-        self.buffers[key] = data
+        """A read (or decompression) landed; called on worker threads."""
+        with self._lock:
+            if key in self.reserved:        # not evicted while in flight
+                self.buffers[key] = data
 
     def release(self, key: Key) -> None:
-        self.used -= self.reserved.pop(key)
-        self.buffers.pop(key, None)
+        with self._lock:
+            self.used -= self.reserved.pop(key)
+            self.buffers.pop(key, None)
 
 
 @dataclass
@@ -79,6 +90,7 @@ class ExpertRuntime:
         self.t0 = time.perf_counter()
         self.step: StepInfo | None = None
         self.last = 0.0                     # when the previous layer's experts finished
+        self.loading: dict[Key, Future] = {}  # admitted key -> resolves once it is resident
 
     # -- clock and steps ---------------------------------------------------------
     def now(self) -> float:
@@ -104,15 +116,16 @@ class ExpertRuntime:
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
         p.cache.begin_layer(layer, keys)        # hits are derived by the metrics, as for the simulator
-        done: queue.SimpleQueue = queue.SimpleQueue()
         for item in plan:
             for k in p.cache.admit(item):
-                self.memory.release(k)
-                self._add("cache", "evict", now, now, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
-            self.memory.reserve(item.key, item.resident_bytes)
-            self._add("cache", "admit", now, now, layer, item.key.expert, item.key.part, item.resident_bytes, s)
-            # to storage at once, in plan order: the read overlaps the remaining admissions
-            self.io.submit(item.key).add_done_callback(done.put)
+                self._evict(k, now, s)
+            self._admit("admit", item, now, s)
+        if p.prefetcher is not None:            # behind the plan on the storage queue, as in the simulator
+            wish = [load_item(k, fmt) for k in p.prefetcher.after_layer(layer, demand)]
+            for item, evicted in p.cache.prefetch(wish):
+                for k in evicted:
+                    self._evict(k, now, s)
+                self._admit("prefetch", item, now, s)
 
         # (expert, level) -> token rows; computed once every part it needs is resident
         rows: dict[tuple[int, int], list[int]] = {}
@@ -126,24 +139,11 @@ class ExpertRuntime:
         for pair in [pr for pr, need in waiting.items() if not need]:      # hits first, router order
             self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
             del waiting[pair]
-        outstanding = len(plan)
-        while outstanding:
-            result = done.get().result()                      # re-raises a failed read or decode
-            if hasattr(result, "key"):                        # a read finished
-                key = result.key
-                self._add("io", "load", result.t_start - self.t0, result.t_end - self.t0, layer, key.expert,
-                          key.part, len(result.data), s)
-                if fmt.decompress_bytes[key.part]:
-                    self.decompress.submit(self.encoder.decompress_part, key.part, result.data, fmt,
-                                           tag=key).add_done_callback(done.put)
-                    continue
-                self.memory.fill(key, result.data)
-            else:                                             # a decompression finished
-                key = result.tag
-                self._add(f"decompress[{result.worker}]", "decompress", result.t_start - self.t0,
-                          result.t_end - self.t0, layer, key.expert, key.part, fmt.decompress_bytes[key.part], s)
-                self.memory.fill(key, result.value)
-            outstanding -= 1
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for key in set().union(*waiting.values()):     # loads of this plan, or prefetched earlier
+            self.loading[key].add_done_callback(done.put)
+        while waiting:
+            key = done.get().result()                  # re-raises a failed read or decode
             for pair, need in list(waiting.items()):
                 need.discard(key)
                 if not need:
@@ -151,10 +151,58 @@ class ExpertRuntime:
                     del waiting[pair]
         end = self.now()
         for k in p.cache.end_layer(layer):
-            self.memory.release(k)
-            self._add("cache", "evict", end, end, k.layer, k.expert, k.part, fmt.resident_bytes[k.part], s)
+            self._evict(k, end, s)
         self.last = self.now()
         return out
+
+    def _admit(self, kind: str, item, now: float, s: int) -> None:
+        """Reserve the item's bytes and send it to storage at once, in decision order: the
+        read overlaps the remaining decisions and computes."""
+        key = item.key
+        self.memory.reserve(key, item.resident_bytes)
+        self._add("cache", kind, now, now, key.layer, key.expert, key.part, item.resident_bytes, s)
+        self.loading[key] = self._load(key, s)
+
+    def _evict(self, key: Key, now: float, s: int) -> None:
+        self.memory.release(key)                # a read still in flight is dropped when it lands
+        self.loading.pop(key, None)
+        self._add("cache", "evict", now, now, key.layer, key.expert, key.part, self.fmt.resident_bytes[key.part], s)
+
+    def _load(self, key: Key, s: int) -> Future:
+        """Read one part, decompress it if its format says so, and put it in the memory pool.
+        The returned future resolves to the key once the part is resident. Runs on the
+        worker threads' callbacks, so the main thread only waits for what it computes."""
+        ready: Future = Future()
+        fmt, t0 = self.fmt, self.t0
+
+        def resident(data) -> None:
+            self.memory.fill(key, data)
+            ready.set_result(key)
+
+        def decompressed(f: Future) -> None:
+            try:
+                r = f.result()
+                self._add(f"decompress[{r.worker}]", "decompress", r.t_start - t0, r.t_end - t0, key.layer,
+                          key.expert, key.part, fmt.decompress_bytes[key.part], s)
+                resident(r.value)
+            except BaseException as e:          # the computing thread sees it on `ready`
+                ready.set_exception(e)
+
+        def read(f: Future) -> None:
+            try:
+                r = f.result()
+                self._add("io", "load", r.t_start - t0, r.t_end - t0, key.layer, key.expert, key.part,
+                          len(r.data), s)
+                if fmt.decompress_bytes[key.part]:
+                    self.decompress.submit(self.encoder.decompress_part, key.part, r.data, fmt,
+                                           tag=key).add_done_callback(decompressed)
+                else:
+                    resident(r.data)
+            except BaseException as e:
+                ready.set_exception(e)
+
+        self.io.submit(key).add_done_callback(read)
+        return ready
 
     def _compute(self, out, hidden, ids, gates, layer, pair, token_rows) -> None:
         expert, level = pair

@@ -80,7 +80,7 @@ def cmd_simulate(args) -> None:
     fmt = make_format_for(model, args.format, args.codec)
     workload = Workload(model, trace, fmt, batch=args.batch)
     budget = parse_size(args.budget, "--budget") if args.budget else device.expert_budget_bytes
-    policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler)
+    policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch)
     timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
     metrics = compute_metrics(timeline)
     metrics.update(device=device.name, storage=storage.name, model=model.name, format=fmt.name,
@@ -127,8 +127,9 @@ def cmd_models(args) -> None:
 
 
 def cmd_policies(args) -> None:
-    from policies import ALLOCATORS, CACHES, SCHEDULERS
-    for title, table in (("cache", CACHES), ("scheduler", SCHEDULERS), ("allocator", ALLOCATORS)):
+    from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
+    for title, table in (("cache", CACHES), ("scheduler", SCHEDULERS), ("allocator", ALLOCATORS),
+                         ("prefetch", PREFETCHERS)):
         print(f"  {title + ':':<11} {', '.join(table)}")
 
 
@@ -222,9 +223,10 @@ def cmd_execute(args) -> None:
         from workloads.importers import import_trace
         trace = import_trace(args.trace)
         w = Workload(arch, trace, fmt, batch=args.batch)
-        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler)
+        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch)
     else:
-        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler)
+        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler,
+                                         prefetch=args.prefetch)
     throttle = None
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(p)
     p.add_argument("--policy", default=DEFAULTS["policy"], help="cache policy (see `moelab policies`)")
     p.add_argument("--scheduler", default="fifo", help="load scheduler")
+    p.add_argument("--prefetch", default="none", help="prefetcher: none, last-use, oracle (needs the trace)")
     p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"], help="expert storage format")
     p.add_argument("--codec", help="zip format codec (lz4, lz4hc, zstd)")
     p.add_argument("--budget", help="memory budget for experts, e.g. 40GB (default: the device's)")
@@ -358,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store folder (default runs/stores/MODEL-FORMAT, built if missing)")
     p.add_argument("--policy", default="lru")
     p.add_argument("--scheduler", default="fifo")
+    p.add_argument("--prefetch", default="none", help="prefetcher: none, last-use, oracle (with --trace)")
     p.add_argument("--budget", help="expert memory budget (default: a quarter of all experts)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")

@@ -9,15 +9,17 @@ from policies.allocators import FixedLevel
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, PolicyContext, Routing,
                            Scheduler, load_item, needed_keys)
 from policies.cache import FIFO, LFU, LRU, Belady, CachePolicy, OnDemand, StaticHot
+from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import FifoScheduler
 
 __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "PolicyContext", "Routing",
-           "Scheduler", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS", "make_cache",
-           "make_scheduler", "make_allocator", "register"]
+           "Scheduler", "Prefetcher", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS",
+           "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register"]
 
 CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler,)}
 ALLOCATORS = {a.name: a for a in (FixedLevel,)}
+PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle)}
 
 
 def _pick(table: dict, kind: str, name: str):
@@ -37,6 +39,12 @@ def make_scheduler(name: str, ctx: PolicyContext) -> Scheduler:
 
 def make_allocator(name: str, ctx: PolicyContext, **options) -> Allocator:
     return _pick(ALLOCATORS, "allocator", name)(ctx, **options)
+
+
+def make_prefetcher(name: str, ctx: PolicyContext) -> Prefetcher | None:
+    """None for "none": engines skip the hook entirely."""
+    cls = _pick(PREFETCHERS, "prefetcher", name)
+    return cls(ctx) if cls is not None else None
 
 
 def register(table: dict, cls) -> type:

@@ -64,6 +64,24 @@ class CachePolicy:
         self._insert(item.key)
         return evicted
 
+    def prefetch(self, items: Sequence[LoadItem]) -> list[tuple[LoadItem, list[Key]]]:
+        """Admit what a prefetcher proposed, in order, as long as it fits without evicting a
+        pinned key; the wished keys already resident are pinned first, so that one prefetch
+        never evicts another wished key. Returns the admitted items with their evictions."""
+        sizes = self.sizes
+        self.pinned = self.pinned | {item.key for item in items if item.key in sizes}
+        pinned_bytes = sum(sizes[k] for k in self.pinned if k in sizes)
+        out = []
+        for item in items:
+            if item.key in sizes:
+                continue
+            if pinned_bytes + item.resident_bytes > self.capacity:
+                break
+            out.append((item, self.admit(item)))
+            self.pinned.add(item.key)
+            pinned_bytes += item.resident_bytes
+        return out
+
     def end_layer(self, layer: int) -> list[Key]:
         """Unpin the layer; a tiering policy may drop keys now. Returns what it dropped."""
         self.pinned = set()

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from devices.units import ConfigError, format_size
-from policies import (Allocator, BudgetError, CachePolicy, PolicyContext, Routing, Scheduler,
-                      make_allocator, make_cache, make_scheduler, needed_keys)
+from policies import (Allocator, BudgetError, CachePolicy, PolicyContext, Prefetcher, Routing, Scheduler,
+                      load_item, make_allocator, make_cache, make_prefetcher, make_scheduler, needed_keys)
 from sim.servers import FifoServer, StorageChannel
 from sim.timeline import Event, Timeline
 from workloads.batching import Step, batch_steps
@@ -55,10 +55,11 @@ class Policies:
     allocator: Allocator
     scheduler: Scheduler
     cache: CachePolicy
+    prefetcher: Prefetcher | None = None
 
 
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
-                   allocator: str = "fixed", **allocator_options) -> Policies:
+                   allocator: str = "fixed", prefetch: str = "none", **allocator_options) -> Policies:
     """Build a policy bundle by name, checking the budget can run the workload at all."""
     fmt, model = workload.fmt, workload.model
     base = PolicyContext(fmt, model.layers, model.experts, budget)
@@ -72,11 +73,11 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
                           f"{minimum // max(lowest, 1)} experts at the lowest precision)")
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
                         popularity=popularity(workload.trace, model.experts))
-    return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx))
+    return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx), make_prefetcher(prefetch, ctx))
 
 
 def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",
-                          scheduler: str = "fifo", allocator: str = "fixed") -> Policies:
+                          scheduler: str = "fifo", allocator: str = "fixed", prefetch: str = "none") -> Policies:
     """A policy bundle for routing not known in advance (a real router): no access sequence,
     so offline policies (belady, static-hot) refuse. The budget must hold one decode step."""
     minimum = min(model.experts, model.top_k) * fmt.level_bytes(0)
@@ -84,7 +85,8 @@ def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cach
         raise BudgetError(f"budget {format_size(budget)} is below the minimum of one decode step: "
                           f"{format_size(minimum)} ({model.top_k} experts at the lowest precision)")
     ctx = PolicyContext(fmt, model.layers, model.experts, budget)
-    return Policies(make_allocator(allocator, ctx), make_scheduler(scheduler, ctx), make_cache(cache, ctx))
+    return Policies(make_allocator(allocator, ctx), make_scheduler(scheduler, ctx), make_cache(cache, ctx),
+                    make_prefetcher(prefetch, ctx))
 
 
 class Simulator:
@@ -104,6 +106,7 @@ class Simulator:
             self.decompress_rate = device.decompress_throughput[codec]
         self._dense_cache: dict[int, float] = {}
         self._compute_cache: dict[tuple[int, int], float] = {}
+        self.pending: dict = {}          # prefetched key -> when its load is ready
 
     def dense_seconds(self, tokens: int) -> float:
         """Attention, router and shared experts of one layer for `tokens` tokens (roofline)."""
@@ -140,6 +143,7 @@ class Simulator:
                 "batch": w.batch,
                 "budget_bytes": self.p.cache.capacity, "cache": self.p.cache.name,
                 "scheduler": self.p.scheduler.name, "allocator": self.p.allocator.name,
+                "prefetcher": self.p.prefetcher.name if self.p.prefetcher else "none",
                 "steps": [{"step": s.index, "group": s.group, "prefill": s.prefill,
                            "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
 
@@ -171,19 +175,28 @@ class Simulator:
         plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
         keys = needed_keys(demand, fmt)
         p.cache.begin_layer(layer, keys)        # hits are not recorded: metrics derive them (sim/metrics.py)
-        ready = {}
+        ready, pending = {}, self.pending
         for item in plan:
             for k in p.cache.admit(item):
+                if pending:
+                    pending.pop(k, None)
                 add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
             key = item.key
             add(_event(("cache", "admit", now, now, layer, key.expert, key.part, item.resident_bytes, s, 0)))
-            issue, done = self.io.reserve(now, item.nbytes)
-            add(_event(("io", "load", issue, done, layer, key.expert, key.part, item.nbytes, s, 0)))
-            if item.decompress_bytes:
-                start, done, worker = self.decomp.reserve(done, item.decompress_bytes / self.decompress_rate)
-                add(_event((f"decompress[{worker}]", "decompress", start, done, layer, key.expert, key.part,
-                            item.decompress_bytes, s, 0)))
-            ready[key.expert, key.part] = done
+            ready[key.expert, key.part] = self._load(now, item, s)
+        if pending:                             # prefetched earlier: ready when its load is
+            for key in keys:
+                t = pending.pop(key, None)
+                if t is not None and t > now:
+                    ready[key.expert, key.part] = t
+        if p.prefetcher is not None:
+            for item, evicted in p.cache.prefetch([load_item(k, fmt) for k in p.prefetcher.after_layer(layer, demand)]):
+                for k in evicted:
+                    pending.pop(k, None)
+                    add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+                key = item.key
+                add(_event(("cache", "prefetch", now, now, key.layer, key.expert, key.part, item.resident_bytes, s, 0)))
+                pending[key] = self._load(now, item, s)
         assert p.cache.used <= p.cache.capacity, "budget exceeded"
         # each (expert, level) computes once the parts it needs are ready, in order of readiness
         parts, level_sizes, seconds = fmt.level_parts, fmt.level_sizes, self._compute_cache
@@ -207,6 +220,18 @@ class Simulator:
             free = start + (duration if duration is not None else self.expert_seconds(level, n))
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
         for k in p.cache.end_layer(layer):
+            pending.pop(k, None)
             add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
         return free
+
+    def _load(self, now: float, item, s: int) -> float:
+        """Read (and decompress) one item issued at `now`; returns when it is ready."""
+        key, add = item.key, self.timeline.events.append
+        issue, done = self.io.reserve(now, item.nbytes)
+        add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
+        if item.decompress_bytes:
+            start, done, worker = self.decomp.reserve(done, item.decompress_bytes / self.decompress_rate)
+            add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
+                        item.decompress_bytes, s, 0)))
+        return done
 

@@ -62,11 +62,12 @@ def compute_metrics(tl: Timeline) -> dict:
             tpot.append(end - prev_end)
         prev_end = end
     generated = sum(s["new_tokens"] for s in steps)
-    mem, peak, admits = 0, 0, 0
+    mem, peak, admits, prefetches = 0, 0, 0, 0
     for e in tl.events:
         if e.resource == "cache":
-            if e.kind == "admit":
-                admits += 1
+            if e.kind in ("admit", "prefetch"):     # a used prefetch is a hit at its decision point
+                admits += e.kind == "admit"
+                prefetches += e.kind == "prefetch"
                 mem += e.bytes
                 peak = max(peak, mem)
             elif e.kind == "evict":
@@ -87,6 +88,7 @@ def compute_metrics(tl: Timeline) -> dict:
         "peak_expert_bytes": int(peak),
         "bytes_read": int(sum(e.bytes for e in work if e.resource == "io")),
         "loads": len(io),
+        "prefetches": prefetches,
         "hit_ratio": (accesses - admits) / accesses if accesses else float("nan"),
         "compute_bubble_fraction": 1.0 - busy_time(compute) / makespan if makespan > 0 else float("nan"),
         "io_busy_fraction": busy_time(io) / makespan if makespan > 0 else float("nan"),

@@ -2,9 +2,10 @@
 and cache decision. Metrics, Chrome traces and Gantt charts read only this.
 
 Resources: "io", "decompress[i]", "compute", "dense", and "cache" (zero-length
-decision records: kind "admit", "evict", at the decision time). Hits are not recorded:
-every part a compute needed was either admitted at that decision point or a hit, so
-metrics derive them (meta["level_parts"] says how many parts each level needs).
+decision records: kind "admit", "evict", "prefetch", at the decision time; a prefetch
+record is an admission for a later decision point, with that point's layer). Hits are not
+recorded: every part a compute needed was either admitted at that decision point or a hit
+(possibly prefetched), so metrics derive them (meta["level_parts"] says how many parts each level needs).
 `step` is the index of the batch step (prefill or decode) the event belongs to;
 `tokens` is how many tokens a compute covered.
 """
@@ -44,7 +45,7 @@ class Timeline:
         """The (kind, step, layer, expert, part) sequence of admissions and evictions: what two
         engines given the same trace and policy must agree on."""
         return [(e.kind, e.step, e.layer, e.expert, e.level) for e in self.events
-                if e.resource == "cache" and e.kind in ("admit", "evict")]
+                if e.resource == "cache" and e.kind in ("admit", "evict", "prefetch")]
 
     # -- files -----------------------------------------------------------------
     def to_json(self) -> dict:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_device, make_trace
-from policies import BudgetError, CACHES
+from policies import BudgetError, CACHES, PREFETCHERS
 from sim.engine import Simulator, Workload, build_policies
 from sim.metrics import compute_metrics
 from workloads.catalog import ModelArch
@@ -16,10 +16,10 @@ COMPUTE = 0.01        # 192 B at 19200 B/s
 DENSE = 0.0075        # attention 64 + router 8 params = 144 B at 19200 B/s
 
 
-def run(trace, budget, policy="lru", model=TINY, fmt=None, batch=1, device=None):
+def run(trace, budget, policy="lru", model=TINY, fmt=None, batch=1, device=None, prefetch="none"):
     fmt = fmt or make_format("bf16", model.expert_shapes)
     w = Workload(model, trace, fmt, batch=batch)
-    p = build_policies(w, budget, cache=policy)
+    p = build_policies(w, budget, cache=policy, prefetch=prefetch)
     return Simulator(device or make_device(), w, p).run()
 
 
@@ -52,6 +52,39 @@ def test_hand_computed_timeline():
     assert m["bytes_read"] == 3 * EXPERT
     assert m["peak_expert_bytes"] == 2 * EXPERT
     assert m["throughput_tok_s"] == pytest.approx(2 / t)
+
+
+def test_hand_computed_timeline_with_oracle_prefetch():
+    # the same trace and budget, but each decision point also loads what the next one needs,
+    # behind its own plan: layer 1's load overlaps layer 0's compute and layer 1's dense part
+    D, L, C = DENSE, LOAD, COMPUTE
+    tl = run(make_trace([[[0], [1]], [[0], [0]]]), 2 * EXPERT, prefetch="oracle")
+    expected = [("dense", "dense", 0, D, 0, -1), ("io", "load", D, D + L, 0, 0),
+                ("io", "load", D + L, D + 2 * L, 1, 1),                   # prefetch for (step 0, layer 1)
+                ("compute", "expert", D + L, D + L + C, 0, 0),
+                ("dense", "dense", D + L + C, 2 * D + L + C, 1, -1),
+                ("compute", "expert", D + 2 * L, D + 2 * L + C, 1, 1),       # waits for its prefetch
+                ("dense", "dense", D + 2 * L + C, 2 * D + 2 * L + C, 0, -1),
+                ("io", "load", 2 * D + 2 * L + C, 2 * D + 3 * L + C, 1, 0),  # prefetch for (step 1, layer 1)
+                ("compute", "expert", 2 * D + 2 * L + C, 2 * D + 2 * L + 2 * C, 0, 0),
+                ("dense", "dense", 2 * D + 2 * L + 2 * C, 3 * D + 2 * L + 2 * C, 1, -1),
+                ("compute", "expert", 2 * D + 3 * L + C, 2 * D + 3 * L + 2 * C, 1, 0)]
+    assert timed(tl) == [(r, k, round(a, 9), round(b, 9), la, ex) for r, k, a, b, la, ex in expected]
+    # the second prefetch evicts (L1, E1), never the pinned (L0, E0) of its own decision point
+    assert [d for d in tl.decisions() if d[0] != "admit"] == [
+        ("prefetch", 0, 1, 1, 0), ("evict", 1, 1, 1, 0), ("prefetch", 1, 1, 0, 0)]
+    m = compute_metrics(tl)
+    assert m["hit_ratio"] == pytest.approx(0.75)          # one demand load in four accesses
+    assert m["prefetches"] == 2 and m["bytes_read"] == 3 * EXPERT
+    assert m["peak_expert_bytes"] == 2 * EXPERT
+    assert m["makespan_s"] == pytest.approx(2 * D + 3 * L + 2 * C)   # 4D + 3L + 4C without prefetch
+
+
+def test_prefetch_never_evicts_what_its_decision_point_pins():
+    # budget = one expert: the oracle cannot prefetch layer 1's expert while layer 0's is pinned
+    tl = run(make_trace([[[0], [1]], [[0], [0]]]), EXPERT, prefetch="oracle")
+    assert not tl.of("cache", "prefetch")
+    assert [(e.layer, e.expert) for e in tl.of("io")] == [(0, 0), (1, 1), (0, 0), (1, 0)]
 
 
 def test_io_overlaps_compute_within_a_layer():
@@ -120,13 +153,14 @@ def cases(draw):
     fmt = draw(st.sampled_from(["bf16", "mwq", "zip"]))
     extra = draw(st.integers(0, experts * layers))
     policy = draw(st.sampled_from(sorted(CACHES)))
-    return layers, experts, k, ex, req, prompt, batch, fmt, extra, policy
+    prefetch = draw(st.sampled_from(sorted(PREFETCHERS)))
+    return layers, experts, k, ex, req, prompt, batch, fmt, extra, policy, prefetch
 
 
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_invariants(case):
-    layers, experts, k, ex, req, prompt, batch, fmt_name, extra, policy = case
+    layers, experts, k, ex, req, prompt, batch, fmt_name, extra, policy, prefetch = case
     model = ModelArch("prop", layers=layers, experts=experts, top_k=k, d_model=128, d_ff=128,
                       n_heads=1, n_kv_heads=1)
     opts = {"mwq": {"b1": 2, "bK": 4}, "zip": {"chunks": 2}}.get(fmt_name, {})
@@ -134,12 +168,12 @@ def test_invariants(case):
     trace = make_trace(ex, prompt=prompt, request_ids=req, num_experts=experts)
     w = Workload(model, trace, fmt, batch=batch)
     budget = (experts + extra) * fmt.level_bytes(fmt.levels - 1)   # at least any layer's demand
-    tl1 = Simulator(make_device(), w, build_policies(w, budget, cache=policy)).run()
+    tl1 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch)).run()
     # budget never exceeded, at any decision
     mem = 0
     for e in tl1.events:
-        if e.resource == "cache" and e.kind in ("admit", "evict"):
-            mem += e.bytes if e.kind == "admit" else -e.bytes
+        if e.resource == "cache":
+            mem += -e.bytes if e.kind == "evict" else e.bytes
             assert 0 <= mem <= budget
     # every requested (step, layer, expert) computed, for exactly its tokens
     wanted = {}
@@ -151,12 +185,15 @@ def test_invariants(case):
     for e in tl1.of("compute"):
         got[e.step, e.layer, e.expert] = got.get((e.step, e.layer, e.expert), 0) + e.tokens
     assert got == wanted
-    # a compute never starts before the loads of its expert in that step finished
+    # a compute never starts before the latest load of each part it needs has finished (a load
+    # issued for it at its own decision point, or prefetched at an earlier one)
     loads = {}
     for e in tl1.of("io"):
-        loads[e.step, e.layer, e.expert] = max(loads.get((e.step, e.layer, e.expert), 0), e.end)
+        loads.setdefault((e.layer, e.expert, e.level), []).append((e.start, e.end))
     for e in tl1.of("compute"):
-        assert e.start >= loads.get((e.step, e.layer, e.expert), 0) - 1e-12
+        for part in range(fmt.level_parts[e.level]):
+            issued = [end for start, end in loads[e.layer, e.expert, part] if start <= e.start + 1e-12]
+            assert issued and e.start >= issued[-1] - 1e-12
     # deterministic: the same inputs give the same timeline
-    tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy)).run()
+    tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch)).run()
     assert tl1.events == tl2.events

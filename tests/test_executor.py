@@ -54,32 +54,36 @@ def test_all_resident_logits_equal_plain_model(store):
     assert run.tokens.shape == (1, 6)
 
 
-@pytest.mark.parametrize("cache", ["lru", "on-demand", "lfu"])
-def test_budgeted_generation_equals_unbudgeted(store, cache):
+@pytest.mark.parametrize("cache,prefetch", [("lru", "none"), ("on-demand", "none"), ("lfu", "none"),
+                                           ("on-demand", "last-use"), ("lru", "last-use")])
+def test_budgeted_generation_equals_unbudgeted(store, cache, prefetch):
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
     want = generate(tiny_model(), prompt, 8)
     runner = strip_experts(tiny_model())
-    budget = 2 * CFG.top_k * 6 * store.format.expert_bytes // 2      # well under the 18 experts
-    run = execute(runner, store, online_policies(runner, max(budget, 12 * store.format.expert_bytes), cache),
-                  prompt, 8, batch=2, quiet=True)
+    arch = model_arch(runner)
+    pol = build_online_policies(arch, store.format, 12 * store.format.expert_bytes, cache, prefetch=prefetch)
+    run = execute(runner, store, pol, prompt, 8, batch=2, quiet=True)
     assert torch.equal(run.tokens, want)
     loads = run.timeline.of("io")
     assert loads, "a budget below the model's experts must load"
     assert run.timeline.meta["peak_expert_bytes"] <= 12 * store.format.expert_bytes
 
 
-@pytest.mark.parametrize("cache", ["lru", "fifo", "belady", "static-hot"])
-def test_same_decisions_as_the_simulator(store, cache):
+@pytest.mark.parametrize("cache,prefetch", [("lru", "none"), ("fifo", "none"), ("belady", "none"),
+                                           ("static-hot", "none"), ("lru", "oracle"), ("on-demand", "oracle"),
+                                           ("lru", "last-use"), ("lfu", "last-use")])
+def test_same_decisions_as_the_simulator(store, cache, prefetch):
     model = tiny_model()
     arch = model_arch(model)
     trace = synthetic_trace(arch, requests=2, prompt_len=4, output_len=6, skew=1.0, locality=0.5, seed=3)
     fmt = store.format
     w = Workload(arch, trace, fmt, batch=2)
     budget = 9 * fmt.expert_bytes
-    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache=cache)).run()
+    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache=cache, prefetch=prefetch)).run()
     runner = strip_experts(model)
-    run = execute(runner, store, build_policies(w, budget, cache=cache), torch.tensor([[1, 2, 3, 4]]), 0,
-                  trace=trace, batch=2, quiet=True)
+    run = execute(runner, store, build_policies(w, budget, cache=cache, prefetch=prefetch),
+                  torch.tensor([[1, 2, 3, 4]]), 0, trace=trace, batch=2, quiet=True)
+    assert (prefetch == "none") == (not run.timeline.of("cache", "prefetch"))
     assert run.timeline.decisions() == sim_tl.decisions()
     assert len(run.timeline.decisions()) > 0
     sim_computes = sorted((e.step, e.layer, e.expert, e.tokens) for e in sim_tl.of("compute"))
@@ -119,16 +123,17 @@ def test_recorded_trace_replays_to_the_same_tokens(store):
     assert torch.equal(run.tokens, want)      # forced routing = the model's own routing here
 
 
-@pytest.mark.parametrize("fmt_name", ["zip", "mwq"])
-def test_paper_formats_run_end_to_end(tmp_path, fmt_name):
+@pytest.mark.parametrize("fmt_name,prefetch", [("zip", "none"), ("mwq", "none"), ("zip", "oracle"),
+                                              ("mwq", "last-use")])
+def test_paper_formats_run_end_to_end(tmp_path, fmt_name, prefetch):
     model = tiny_model()
     store = ensure_store(model, tmp_path / fmt_name, fmt_name, quiet=True)
     fmt, arch = store.format, model_arch(model)
     trace = synthetic_trace(arch, requests=2, prompt_len=3, output_len=4, seed=5)
     w = Workload(arch, trace, fmt, batch=2)
     budget = 8 * fmt.level_bytes(fmt.levels - 1)
-    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache="lru")).run()
-    run = execute(strip_experts(tiny_model()), store, build_policies(w, budget, cache="lru"),
+    sim_tl = Simulator(make_device(), w, build_policies(w, budget, cache="lru", prefetch=prefetch)).run()
+    run = execute(strip_experts(tiny_model()), store, build_policies(w, budget, cache="lru", prefetch=prefetch),
                   torch.tensor([[1, 2, 3]]), 0, trace=trace, batch=2, quiet=True)
     assert run.timeline.decisions() == sim_tl.decisions()
     if fmt_name == "zip":
