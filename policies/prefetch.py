@@ -38,7 +38,8 @@ class NextLayerOracle(Prefetcher):
     def __init__(self, ctx):
         super().__init__(ctx)
         if ctx.future is None:
-            raise BudgetError("the oracle prefetcher needs the access sequence of the whole run (a trace)")
+            raise BudgetError("the oracle prefetcher needs the access sequence of the whole run: give a "
+                              "trace (`moelab execute --trace`), or use --prefetch last-use")
         self.point = 0
 
     def after_layer(self, layer, demand):
