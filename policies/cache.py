@@ -70,16 +70,16 @@ class CachePolicy:
         never evicts another wished key. Returns the admitted items with their evictions."""
         sizes = self.sizes
         self.pinned = self.pinned | {item.key for item in items if item.key in sizes}
-        pinned_bytes = sum(sizes[k] for k in self.pinned if k in sizes)
+        locked = sum(size for k, size in sizes.items() if self._locked(k))
         out = []
         for item in items:
             if item.key in sizes:
                 continue
-            if pinned_bytes + item.resident_bytes > self.capacity:
+            if locked + item.resident_bytes > self.capacity:
                 break
             out.append((item, self.admit(item)))
             self.pinned.add(item.key)
-            pinned_bytes += item.resident_bytes
+            locked += item.resident_bytes
         return out
 
     def end_layer(self, layer: int) -> list[Key]:
@@ -100,6 +100,10 @@ class CachePolicy:
     def _victim(self) -> Key | None:
         """The unpinned resident key to evict next, or None if every key is pinned."""
         raise NotImplementedError
+
+    def _locked(self, key: Key) -> bool:
+        """`key` cannot be evicted now (what _victim never returns)."""
+        return key in self.pinned
 
     # -- helpers -------------------------------------------------------------
     def _evict(self, key: Key) -> list[Key]:
@@ -302,9 +306,12 @@ class StaticHot(CachePolicy):
 
     def _victim(self):
         for key in self.sizes:
-            if key not in self.pinned and key not in self.hot:
+            if not self._locked(key):
                 return key
         return None
+
+    def _locked(self, key):
+        return key in self.pinned or key in self.hot
 
 
 def _max_layer_bytes(ctx: PolicyContext) -> int:
