@@ -21,14 +21,13 @@ so calibration mostly helps the levels above the base).
 
 Storage. Scales and zero points are float16. A plane holds one bit per weight in ceil(N/8)
 bytes, N = out*in, in a "lane" layout: bit j of byte q is weight j*ceil(N/8) + q, so
-unpacking is 8 whole-array shifts and one mask, with no per-weight shuffling. The base plane
-is its b1 bit-planes. Dequantization (Dequantizer) is then one float32 pass for the base and
-one per residual plane; on a 2-core CPU in eager torch that is ~1x the time of multiplying the
-dequantized expert by 16 tokens at INT2 and ~2.5x at INT8 (executor/benchmark_formats.py):
-each plane reads and writes the float32 output once. A fused kernel (one pass, as D2MoE's
-GPU kernel) would remove that. An expert serialises into exactly MwqFormat.part_bytes: part 0 = for
-each matrix the base bits (ceil(N*b1/8) bytes), scales and zero points; part j = for each
-matrix residual plane j and its scales.
+unpacking is shifts and masks of whole 64-bit words, with no per-weight shuffling. The base
+plane is its b1 bit-planes. Dequantization (Dequantizer) is a fused numba kernel that writes
+each float32 output once (as D2MoE's GPU kernel): in eager torch, one float32 pass per plane
+cost 1-2.5x the time of multiplying the dequantized expert by 16 tokens on a 2-core CPU; fused,
+it is under that time at every level (executor/benchmark_formats.py). An expert serialises
+into exactly MwqFormat.part_bytes: part 0 = for each matrix the base bits (ceil(N*b1/8)
+bytes), scales and zero points; part j = for each matrix residual plane j and its scales.
 """
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from numba import get_num_threads, njit, prange
 
 from devices.units import ConfigError
 from workloads.formats import SCALE_BYTES, ExpertFormat, MwqFormat
@@ -101,39 +101,77 @@ def _level(level: int | None, levels: int) -> int:
 
 
 def _group_terms(scale, zero, res_scale, level: int):
-    """float32 per-group terms of W(level) = s*Q + sum_k 2 s_k b_k + c (b_k in {0, 1}),
-    with c = -z*s - sum_k s_k: the dequantizer's arithmetic in one place."""
-    s = scale.float().reshape(-1, 1)
-    c = -(zero.float().reshape(-1, 1) * s)
-    sk = res_scale[:level].float().reshape(level, s.shape[0], 1)
+    """float32 per-group terms of W(level) = s*Q + c + sum_k d_k b_k (b_k in {0, 1}, d_k = 2 s_k),
+    c = -z*s - sum_k s_k, as contiguous arrays for _dequant_kernel: s [G], c [G], d [level, G]."""
+    s = scale.float().reshape(-1)
+    c = -(zero.float().reshape(-1) * s)
+    sk = res_scale[:level].float().reshape(level, s.shape[0])
     for k in range(level):
         c = c - sk[k]
-    return s, 2 * sk, c
+    return s.numpy(), c.numpy(), (2 * sk).numpy()
 
 
-def _combine(codes: torch.Tensor, signs: Sequence[torch.Tensor], terms, group: int, out: torch.Tensor,
-             tmp: torch.Tensor) -> torch.Tensor:
-    """out (float32, flat) = s*Q + sum_k d_k*b_k + c, group-wise, in place. Every operand is
-    converted to float32 first (`tmp`, as long as out): mixed-dtype ops allocate behind the scenes."""
-    s, d, c = terms
-    o = out.view(-1, group)
-    o.copy_(codes.view(-1, group))
-    o.mul_(s)
-    for k, b in enumerate(signs):
-        t = tmp.view(-1, group)
-        t.copy_(b.view(-1, group))
-        o.addcmul_(t, d[k])
-    o.add_(c)
-    return out
+_BYTE_BITS = np.uint64(0x0101010101010101)   # bit 0 of each byte of a 64-bit word
+_TASK_WORDS = 256                             # a task: 8 * 256 weights, in L1 with their codes
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _dequant_kernel(planes, L, b1, group, s, c, d, out, threads):  # pragma: no cover (compiled)
+    """out[n] (float32) = s_g*Q + c_g + sum_k d_kg b_k for the weights n of P = b1 + m bit-planes
+    (uint8 [P, 8*ceil(L/8)], lane layout with L bytes per plane, rows padded to whole words).
+
+    Eager torch needs a float32 pass over the whole output per plane, which made dequantization
+    cost 1-2.5x the expert's matmul; here each output is written once. A task is a run of 2048
+    weights of one lane j, so that its codes and output stay in L1: the base codes are gathered
+    8 weights per 64-bit word (bit j of each byte of plane p -> bit p of the byte), the residual
+    bits likewise as 0/1 bytes (tests on uint8 would be done on int64 lanes: slower), then per
+    group one float pass for the base and one per residual plane. Rounding: fl(fl(Q*s) + c),
+    then + d_k per plane in order."""
+    words = planes.view(np.uint64)
+    W = planes.shape[1] // 8
+    m = planes.shape[0] - b1
+    N = out.size
+    per_lane = (W + _TASK_WORDS - 1) // _TASK_WORDS
+    tasks = 8 * per_lane
+    for th in prange(threads):              # one scratch per thread (numba's), not per task
+        codes = np.empty(_TASK_WORDS, np.uint64)
+        bits = np.empty((m, _TASK_WORDS), np.uint64)
+        codes8, bits8 = codes.view(np.uint8), bits.view(np.uint8)
+        for task in range(th * tasks // threads, (th + 1) * tasks // threads):
+            j = task // per_lane
+            w0 = (task - j * per_lane) * _TASK_WORDS
+            w1 = min(W, w0 + _TASK_WORDS)
+            n0 = j * L + 8 * w0
+            n1 = min(N, j * L + min(L, 8 * w1))
+            if n0 >= n1:
+                continue
+            jj = np.uint64(j)                # (uint64 with int64 would be float64 in numba)
+            codes[:] = 0
+            for p in range(b1):
+                pp, wp = np.uint64(p), words[p, w0:w1]
+                for t in range(w1 - w0):
+                    codes[t] |= ((wp[t] >> jj) & _BYTE_BITS) << pp
+            for k in range(m):
+                wp, bk = words[b1 + k, w0:w1], bits[k]
+                for t in range(w1 - w0):
+                    bk[t] = (wp[t] >> jj) & _BYTE_BITS
+            for g in range(n0 // group, (n1 - 1) // group + 1):
+                a, e = max(n0, g * group), min(n1, g * group + group)
+                o, q = out[a:e], codes8[a - n0:e - n0]
+                sg, cg = s[g], c[g]
+                for t in range(e - a):
+                    o[t] = np.float32(q[t]) * sg + cg
+                for k in range(m):
+                    b, dk = bits8[k, a - n0:e - n0], d[k, g]
+                    for t in range(e - a):
+                        o[t] += np.float32(b[t]) * dk
 
 
 def dequantize(q: MwqQuant, level: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Level `level` (0 = INT b1, default the top) of an unpacked quantized matrix."""
+    """Level `level` (0 = INT b1, default the top) of an unpacked quantized matrix (packs it: one
+    dequantization code path)."""
     level = _level(level, q.levels)
-    out = torch.empty(q.shape, dtype=torch.float32)
-    terms = _group_terms(q.scale, q.zero, q.res_scale, level)
-    _combine(q.codes.reshape(-1), [q.signs[k].reshape(-1) for k in range(level)], terms, q.group, out.view(-1),
-             torch.empty(out.numel()))
+    out = dequantize_packed(pack(q), level)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -402,69 +440,40 @@ def unpack(p: MwqPacked) -> MwqQuant:
 
 
 class Dequantizer:
-    """Fast dequantization of packed matrices of one shape, without allocating: buffers live
-    between calls. Lane j of a plane (weights j*L .. j*L+L-1) is one whole-array shift and mask
-    of the plane's bytes, done on 64-bit words (8 weights per element) when L allows. When the
-    lanes hold whole groups, a matrix is done `lanes` lanes at a time, so that the expanded bits
-    and the output being written stay in cache (fewer lanes: more cache hits, more op calls);
-    otherwise all 8 lanes at once."""
+    """Fast dequantization of packed matrices of one shape into a float32 buffer that lives
+    between calls (_dequant_kernel, parallel over the CPUs numba uses). The first call in a
+    process compiles the kernel (a few seconds) unless numba's on-disk cache has it."""
 
-    def __init__(self, shape: tuple[int, int], group: int, bK: int, lanes: int = 2):
+    def __init__(self, shape: tuple[int, int], group: int, bK: int):
         """For [out, in] matrices of group size `group` with up to bK planes (b1 + residuals)."""
-        if lanes not in (1, 2, 4, 8):
-            raise ConfigError(f"mwq: lanes must be 1, 2, 4 or 8, got {lanes}")
         o, i = shape
-        self.shape, self.group, self.n = (o, i), group, o * i
-        self.L = L = _plane_bytes(self.n)
-        self.word = torch.int64 if L % 8 == 0 else torch.uint8
-        self.mask = 0x0101010101010101 if self.word == torch.int64 else 1
-        self.step = lanes if L % group == 0 else 8
-        words = L // self.word.itemsize
-        self.bits = torch.empty(bK, self.step, words, dtype=self.word)
-        self.codes = torch.empty(self.step * words, dtype=self.word)
-        self.shifts = torch.arange(8, dtype=self.word).view(8, 1)
-        self.tmp = torch.empty(self.step * L)
+        self.shape, self.group, self.bK, self.n = (o, i), group, bK, o * i
+        self.L = _plane_bytes(self.n)
+        # the kernel reads 64-bit words: planes whose rows are not whole words are copied here
+        self.padded = None if self.L % 8 == 0 else np.zeros((bK, -(-self.L // 8) * 8), np.uint8)
         self.out = torch.empty(self.n)
 
     def __call__(self, p: MwqPacked, level: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Level `level` (default: the top one present) as float32 [out, in]; `out` (flat or
-        shaped, float32) defaults to the Dequantizer's own buffer, overwritten next call."""
-        if tuple(p.shape) != self.shape or p.group != self.group or p.planes.shape[0] > self.bits.shape[0]:
+        """Level `level` (default: the top one present) as float32 [out, in]; `out` (contiguous
+        float32, flat or shaped) defaults to the Dequantizer's own buffer, overwritten next call."""
+        if tuple(p.shape) != self.shape or p.group != self.group or p.planes.shape[0] > self.bK:
             raise ConfigError(f"mwq: Dequantizer for {self.shape} (group {self.group}) got a {p.shape} matrix "
                               f"(group {p.group}, {p.planes.shape[0]} planes)")
         level = _level(level, p.levels)
-        P, L, g = p.b1 + level, self.L, self.group
+        P = p.b1 + level
         out = self.out if out is None else out.view(-1)
-        s, d, c = p.terms(level)
-        src = p.planes[:P].contiguous().view(self.word)
-        lanes = self.bits[:P]
-        for j0 in range(0, 8, self.step):
-            n = min(self.step * L, self.n - j0 * L)      # weights in these lanes (the last may be short)
-            if n <= 0:
-                break
-            for k in range(self.step):
-                torch.bitwise_right_shift(src, j0 + k, out=lanes[:, k])
-            grp = slice(j0 * L // g, (j0 * L + n) // g)
-            self._finish(lanes.view(P, -1), p.b1, level, n, (s[grp], d[:, grp], c[grp]), out[j0 * L:j0 * L + n])
+        planes = p.planes[:P].contiguous().numpy()
+        if self.padded is not None:
+            self.padded[:P, :self.L] = planes
+            planes = self.padded[:P]
+        s, c, d = p.terms(level)
+        _dequant_kernel(planes, self.L, p.b1, self.group, s, c, d, out.numpy(), get_num_threads())
         return out.view(self.shape)
-
-    def _finish(self, bits: torch.Tensor, b1: int, level: int, n: int, terms, out: torch.Tensor) -> None:
-        """Shifted planes [P, words] -> mask to bits, base codes, and the float pass over n weights."""
-        torch.bitwise_and(bits, self.mask, out=bits)  # (out= forms: the in-place ones are slower)
-        if b1 == 1:
-            codes = bits[0]
-        else:                                       # code = sum_p bit_p << p, byte-wise
-            base = bits[:b1]
-            torch.bitwise_left_shift(base, self.shifts[:b1], out=base)
-            codes = torch.sum(base, 0, out=self.codes)
-        as_bytes = bits.view(torch.uint8).view(bits.shape[0], -1)
-        _combine(codes.view(torch.uint8)[:n], [as_bytes[b1 + k, :n] for k in range(level)], terms, self.group,
-                 out, self.tmp[:n])
 
 
 def dequantize_packed(p: MwqPacked, level: int | None = None) -> torch.Tensor:
     """Level `level` of a packed matrix, float32 [out, in] (a new tensor)."""
-    return Dequantizer(p.shape, p.group, p.planes.shape[0])(p, level).clone()
+    return Dequantizer(p.shape, p.group, p.planes.shape[0])(p, level)   # its buffer: new, not shared
 
 
 # -- one expert on storage ------------------------------------------------------------------------

@@ -105,23 +105,51 @@ def test_encoder_output_has_the_format_part_sizes(ladder):
         assert torch.equal(got["w2"], want)
 
 
-def test_fast_dequantizer_reuses_its_buffers_and_matches_at_every_lane_step():
+def reference_dequantize(q, level):
+    """The dequantizer's arithmetic written out in torch: fl(fl(Q*s) + c), then + 2 s_k b_k per
+    plane in order, with c = -z*s - s_1 - ... (float32)."""
+    def per_weight(t):
+        return t.float().repeat_interleave(q.group, -1)
+    s, sk = per_weight(q.scale), per_weight(q.res_scale[:level])
+    c = -(per_weight(q.zero) * s)
+    for k in range(level):
+        c = c - sk[k]
+    w = q.codes.float() * s + c
+    for k in range(level):
+        w = w + q.signs[k].float() * (2 * sk[k])
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs(), st.data())
+def test_dequantizer_matches_the_arithmetic_written_out(cfg, data):
+    # shapes whose planes are not whole 64-bit words, groups across lanes, short last lanes
+    out, inp, group, b1, bK, seed = cfg
+    q = mwq.quantize(weights("t3", (out, inp), seed), b1, bK, group)
+    p = mwq.pack(q)
+    d = mwq.Dequantizer((out, inp), group, bK)
+    level = data.draw(st.integers(0, q.levels - 1))
+    assert torch.equal(d(p, level), reference_dequantize(q, level))
+
+
+def test_fast_dequantizer_reuses_its_buffers_and_matches_reference():
     w = weights("gauss", (64, 512))
     q = mwq.quantize(w, 5, 8)
     p = mwq.pack(q)
     d = mwq.Dequantizer((64, 512), 128, 8)
-    assert d.word == torch.int64 and d.step == 2        # 2 lanes at a time, on 64-bit words
     a = d(p, 3).clone()
     d(p, 0)
-    assert torch.equal(d(p, 3), a) and torch.equal(a, mwq.dequantize(q, 3))
-    for lanes in (1, 4, 8):
-        d = mwq.Dequantizer((64, 512), 128, 8, lanes)
-        assert all(torch.equal(d(p, k), mwq.dequantize(q, k)) for k in range(4))
-    for shape, group in [((3, 24), 8), ((1, 7), 1), ((5, 64), 64)]:    # bytes, short last lane, all lanes
-        w = weights("t3", shape)
-        q = mwq.quantize(w, 2, 4, group)
-        d = mwq.Dequantizer(shape, group, 4, lanes=1)
-        assert all(torch.equal(d(mwq.pack(q), k), mwq.dequantize(q, k)) for k in range(3))
+    assert torch.equal(d(p, 3), a) and d(p, 3).data_ptr() == d.out.data_ptr()
+    assert all(torch.equal(d(p, k), reference_dequantize(q, k)) for k in range(4))
+    buf = torch.empty(64, 512)
+    assert d(p, 2, out=buf).data_ptr() == buf.data_ptr() and torch.equal(buf, reference_dequantize(q, 2))
+    # padded rows; a short last lane; several tasks per lane, groups across lanes; whole groups
+    for shape, group in [((3, 24), 8), ((1, 7), 1), ((257, 64), 64), ((300, 256), 128)]:
+        q = mwq.quantize(weights("t3", shape), 2, 4, group)
+        d = mwq.Dequantizer(shape, group, 4)
+        assert all(torch.equal(d(mwq.pack(q), k), reference_dequantize(q, k)) for k in range(3))
+    with pytest.raises(ConfigError, match="Dequantizer for"):
+        d(mwq.pack(mwq.quantize(weights("t3", (4, 128)), 2, 4)))
 
 
 def test_calibration_lowers_the_calibration_loss_on_correlated_inputs():
