@@ -9,7 +9,8 @@
   weights by 16 tokens (float32, the dequantizer's output).
 - ZipMoE codec: expert ratio (stored bytes / BF16 bytes) and exponent ratio per codec on
   Gaussian and Student-t (df 4) BF16 experts; encode and decode throughput in GB/s of BF16
-  with 1 and 2 threads.
+  with 1 and 2 threads; next to the decode speedup of 2 threads, that of the decompression
+  alone and of plain numpy copies (memcpy_2_thread_speedup), the ceiling on this machine.
 
 Timings are the best of `--repeats` runs during which other processes left the CPUs alone
 (the machine is shared; see best_times); what is compared is timed in turn.
@@ -21,13 +22,15 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from executor import mwq
 from executor import zipcodec as zc
-from workloads.formats import MWQ_LADDERS
+from workloads.formats import MWQ_LADDERS, split_sizes
 
 SHAPES = [(1408, 2048), (1408, 2048), (2048, 1408)]   # w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]
 TOKENS = 16
@@ -113,7 +116,10 @@ def mwq_dequant(bar, repeats: int) -> dict:
             def dequant():
                 for d, p, b in zip(deq, packed, bufs):
                     d(p, level, out=b)
+            t0 = time.perf_counter()
             dequant()
+            # the process's first call compiles the numba kernel or loads it from numba's cache
+            out.setdefault("first_call_s", round(time.perf_counter() - t0, 2))
             w1, w3, w2 = bufs
 
             def matmul():                      # the expert's three projections for 16 tokens
@@ -127,6 +133,30 @@ def mwq_dequant(bar, repeats: int) -> dict:
                                                  "ratio_to_matmul": round(t_dq / t_mm, 3)}
         bar.update()
     return out
+
+
+def _two_thread_speedup(tasks, repeats: int) -> float:
+    """Time of running `tasks` (callables) one after another / on a pool of 2 threads."""
+    with ThreadPoolExecutor(2) as pool:
+        t1, t2 = best_times([lambda: [t() for t in tasks], lambda: list(pool.map(lambda t: t(), tasks))], repeats)
+    return round(t1 / t2, 2)
+
+
+def copy_scaling(nbytes: int, repeats: int) -> dict:
+    """The ceiling the decode speedup is measured against: numpy copies split over 2 threads vs
+    1. "dram": one copy of an expert-sized buffer per thread (memory bandwidth bound, one GIL
+    release each); "cache": 256 copies of 128 KB per thread, inside a core's L2 (so many
+    short GIL-releasing calls that handing the GIL over between the threads shows)."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    half = nbytes // 2
+    dram = [lambda a=a: np.copyto(dst[a:a + half], src[a:a + half]) for a in (0, half)]
+    small = [(np.ones(1 << 17, np.uint8), np.empty(1 << 17, np.uint8)) for _ in range(2)]
+
+    def cache_copies(s, d):
+        for _ in range(256):
+            np.copyto(d, s)
+    cache = [lambda s=s, d=d: cache_copies(s, d) for s, d in small]
+    return {"dram": _two_thread_speedup(dram, repeats), "cache": _two_thread_speedup(cache, repeats)}
 
 
 def zip_figures(bar, repeats: int) -> dict:
@@ -153,6 +183,11 @@ def zip_figures(bar, repeats: int) -> dict:
                            1 if slow else repeats, rounds=2 if slow else None, warm=not slow)
         parts = codecs[1].encode(mats, chunks, codec)
         t_dec = best_times([lambda c=c: c.decode(parts, SHAPES, codec, out=buf) for c in codecs.values()], repeats)
+        # the decompression alone (GIL-free ctypes calls), without the numpy re-assembly
+        raw = np.empty(nbytes // 2, np.uint8)
+        at = np.cumsum([0] + split_sizes(nbytes // 2, chunks))
+        unzip = [lambda k=k: zc.decompress_chunk(parts[k + 1], codec, out=raw[at[k]:at[k + 1]]) for k in range(chunks)]
+        row["decompress_only_speedup_2_threads"] = _two_thread_speedup(unzip, repeats)
         for c in codecs.values():
             c.close()
         for threads, te, td in zip(codecs, t_enc, t_dec):
@@ -161,6 +196,7 @@ def zip_figures(bar, repeats: int) -> dict:
         row["decode_speedup_2_threads"] = round(t_dec[0] / t_dec[1], 2)
         thr[codec] = row
         bar.update(2)
+    thr["memcpy_2_thread_speedup"] = copy_scaling(nbytes, repeats)
     return {"expert_shapes": SHAPES, "ratio_chunks": 3, "ratio": ratios, "throughput": thr}
 
 
