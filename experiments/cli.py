@@ -49,7 +49,7 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         ("throughput", f"{m['throughput_tok_s']:.2f} tok/s"),
         ("peak expert memory", format_size(m["peak_expert_bytes"])),
         ("bytes read", format_size(m["bytes_read"])),
-        ("hit ratio", f"{m['hit_ratio']:.3f}"),
+        ("hit ratio", f"{m['hit_ratio']:.3f}" + (f" ({m['prefetches']} prefetched loads)" if m["prefetches"] else "")),
         ("compute bubble", f"{m['compute_bubble_fraction']:.3f}"),
         ("I/O busy", f"{m['io_busy_fraction']:.3f}"),
     ]
@@ -84,9 +84,10 @@ def cmd_simulate(args) -> None:
     timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
     metrics = compute_metrics(timeline)
     metrics.update(device=device.name, storage=storage.name, model=model.name, format=fmt.name,
-                   policy=args.policy, scheduler=args.scheduler, budget_bytes=budget, batch=args.batch)
+                   policy=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, budget_bytes=budget,
+                   batch=args.batch)
     print(f"moelab simulate: {model.name} on {device.name} ({storage.name}), {fmt.name} experts, "
-          f"{args.policy} cache, {args.scheduler} loads, budget {format_size(budget)}, batch {args.batch}, "
+          f"{args.policy} cache, {args.scheduler} loads, {args.prefetch} prefetch, budget {format_size(budget)}, batch {args.batch}, "
           f"{metrics['generated_tokens']} tokens")
     print_table(summary_rows(metrics))
     write_outputs(Path(args.out), timeline, metrics, args.quiet)
@@ -236,16 +237,19 @@ def cmd_execute(args) -> None:
                   io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
                   torch_device=args.torch_device, quiet=args.quiet,
                   meta={"model": name, "device": f"host ({args.torch_device})", "format": fmt.name,
-                        "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler})
+                        "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler,
+                        "prefetcher": args.prefetch})
     metrics = compute_metrics(run.timeline)
-    metrics.update(model=name, format=fmt.name, policy=args.policy, scheduler=args.scheduler, budget_bytes=budget,
+    metrics.update(model=name, format=fmt.name, policy=args.policy, scheduler=args.scheduler,
+                   prefetch=args.prefetch, budget_bytes=budget,
                    expert_bytes_total=total, batch=args.batch, peak_rss_bytes=run.peak_rss_bytes,
                    read_mode=run.reader_mode, torch_device=args.torch_device,
                    throttle=args.throttle or None)
     if tok is not None:
         metrics["text"] = [tok.decode(row.tolist()) for row in run.tokens]
     print(f"moelab execute: {name}, {fmt.name} experts from {store.path}, {args.policy} cache, budget "
-          f"{format_size(budget)} of {format_size(total)}, batch {args.batch}, reads: {run.reader_mode}"
+          f"{format_size(budget)} of {format_size(total)}, {args.prefetch} prefetch, batch {args.batch}, "
+          f"reads: {run.reader_mode}"
           f"{', throttled like ' + args.throttle if args.throttle else ''}")
     print_table(summary_rows(metrics) + [("peak RSS", format_size(run.peak_rss_bytes))])
     if tok is not None and not args.quiet:
