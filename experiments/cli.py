@@ -213,6 +213,9 @@ def cmd_execute(args) -> None:
     from sim.engine import Workload, build_online_policies, build_policies
     from sim.metrics import compute_metrics
 
+    if args.prefetch == "oracle" and not args.trace:       # before a store build, not after
+        raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
+                          "--prefetch last-use with the model's own router")
     model, tok, name = load_model(args)
     store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
     strip_experts(model)

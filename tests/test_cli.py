@@ -21,6 +21,17 @@ def test_simulate_writes_outputs(tmp_path, capsys):
     assert "TTFT" in capsys.readouterr().out
 
 
+def test_oracle_prefetch_hides_loads_behind_compute(tmp_path):
+    runs = {}
+    for prefetch in ("none", "oracle"):
+        out = tmp_path / prefetch
+        assert main(["simulate", *SMALL, "--budget", "2GB", "--prefetch", prefetch, "--out", str(out), "--quiet"]) == 0
+        runs[prefetch] = json.loads((out / "metrics.json").read_text())
+    assert runs["none"]["prefetches"] == 0 < runs["oracle"]["prefetches"]
+    assert runs["oracle"]["hit_ratio"] > runs["none"]["hit_ratio"]
+    assert runs["oracle"]["makespan_s"] < runs["none"]["makespan_s"]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["simulate", "--device", "jetson-nano-1gb"], "jetson-agx-orin-64gb"),
     (["simulate", "--model", "gpt-5"], "mixtral-8x7b"),
@@ -29,6 +40,8 @@ def test_simulate_writes_outputs(tmp_path, capsys):
     (["simulate", "--budget", "ten", *SMALL], "--budget"),
     (["simulate", "--storage", "floppy"], "nvme"),
     (["simulate", "--trace", "/nonexistent.npz"], "/nonexistent.npz"),
+    (["simulate", "--prefetch", "psychic", *SMALL], "last-use"),
+    (["execute", "--prefetch", "oracle", "--tokens", "2"], "--trace"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
