@@ -1,4 +1,9 @@
+import itertools
 import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +185,89 @@ def test_python_binding_fallback_decodes_the_same(monkeypatch):
     bad[ZIP_HEADER_BYTES + 3] ^= 0xFF
     with pytest.raises(ConfigError, match="altered"):
         zc.decompress_chunk(bytes(bad))
+
+
+# -- sub-blocks (format version 2) -----------------------------------------------------------
+def with_crc(blob) -> bytes:
+    """`blob` with its crc32 recomputed, as a writer with a bug would store it."""
+    blob = bytes(blob)
+    pay_len = struct.unpack_from("<I", blob, 8)[0]
+    crc = zlib.crc32(blob[16:16 + pay_len], zlib.crc32(blob[:12]))
+    return blob[:12] + struct.pack("<I", crc) + blob[16:]
+
+
+def sub_block_parts(mats, codec, sub_block, chunks=2):
+    """Parts of an expert whose exponent chunks have `sub_block`-byte sub-blocks."""
+    bits = np.concatenate([zc.bf16_bits(m) for m in mats])
+    sm, exp = zc.split_bf16(bits)
+    edges = np.cumsum([0] + split_sizes(bits.size, chunks))
+    return [sm.tobytes()] + [zc.compress_chunk(exp[a:b], codec, sub_block) for a, b in itertools.pairwise(edges)]
+
+
+@pytest.mark.parametrize("codec", zc.CODECS)
+def test_sizes_around_sub_block_multiples_round_trip(codec):
+    rng = np.random.default_rng(2)
+    S = 64
+    for n in (1, S - 1, S, S + 1, 2 * S - 1, 2 * S, 2 * S + 1, 5 * S + 3):
+        mats = [bf16_from_bits(rng.integers(0, 65536, (1, n)))]
+        parts = sub_block_parts(mats, codec, S, chunks=1)
+        assert len(parts[1]) - ZIP_HEADER_BYTES >= 4 * (1 + -(-n // S))     # S and one size per sub-block
+        assert np.array_equal(zc.decompress_chunk(parts[1], codec), zc.split_bf16(zc.bf16_bits(mats[0]))[1])
+        for threads in (1, 2):
+            assert same_bits(zc.decode_expert(parts, [(1, n)], codec, threads=threads)[0], mats[0])
+
+
+def test_default_sub_block_boundaries_round_trip():
+    S = zc._SUB_BLOCK
+    for n in (S - 1, S, S + 1):
+        mats = gaussian_expert(shapes=((1, n),))
+        parts = zc.encode_expert(mats, chunks=1, codec="lz4")
+        assert struct.unpack_from("<I", parts[1], ZIP_HEADER_BYTES)[0] == S
+        assert same_bits(zc.decode_expert(parts, [(1, n)])[0], mats[0])
+
+
+def test_version_1_chunk_is_refused():
+    _, parts = encoded("lz4")
+    blob = bytearray(parts[1])
+    blob[3] = 1                                                # the version byte
+    with pytest.raises(ConfigError, match="format version 1 by an older moelab.*rebuild the store"):
+        zc.decompress_chunk(with_crc(blob))
+    with pytest.raises(ConfigError, match="older moelab"):
+        zc.decode_expert([parts[0], with_crc(blob), parts[2]], [(32, 64)])
+
+
+@pytest.mark.parametrize("codec", zc.CODECS)
+def test_altered_sub_block_table_is_an_error(codec):
+    mats = gaussian_expert(shapes=((32, 64),))
+    parts = sub_block_parts(mats, codec, 256)                  # 1024 bytes a chunk: 4 sub-blocks
+    blob = bytes(parts[1])
+    at = ZIP_HEADER_BYTES                                      # the table: S, then 4 sizes
+
+    def table(values):
+        return with_crc(blob[:at] + struct.pack("<5I", *values) + blob[at + 20:])
+
+    S, *sizes = struct.unpack_from("<5I", blob, at)
+    bad = [[0] + sizes, [1 << 30] + sizes,                     # S = 0, S too large
+           [1] + sizes,                                        # S too small: a table longer than the payload
+           [S, sizes[0] + 1] + sizes[1:], [S, 0xFFFFFFFF] + sizes[1:]]   # sizes past the payload
+    for values in bad:
+        with pytest.raises(ConfigError, match="sub-block table"):
+            zc.decompress_chunk(table(values))
+        with pytest.raises(ConfigError, match="sub-block table"):
+            zc.decode_expert([parts[0], table(values), parts[2]], [(32, 64)], codec)
+    # sizes that add up but split the sub-blocks in the wrong places: never wrong weights
+    moved = table([S, sizes[0] - 1, sizes[1] + 1] + sizes[2:])
+    with pytest.raises(ConfigError, match="sub-block 0 of 4 does not decompress"):
+        zc.decompress_chunk(moved)
+    for threads in (1, 2):
+        with pytest.raises(ConfigError, match="sub-block 0 of 4 does not decompress"):
+            zc.decode_expert([parts[0], moved, parts[2]], [(32, 64)], codec, threads=threads)
+    assert same_bits(zc.decode_expert(parts, [(32, 64)], codec)[0], mats[0])
+
+
+def test_numba_is_imported_by_the_first_decode_only():
+    # numba costs ~55 MB of RSS: runs that never decode a zip expert must not import it
+    code = ("import sys, torch\nfrom executor import store, zipcodec as zc\n"
+            "parts = zc.encode_expert([torch.ones(4, 4, dtype=torch.bfloat16)], 2, 'zstd')\n"
+            "assert 'numba' not in sys.modules\nzc.decode_expert(parts, [(4, 4)])\nassert 'numba' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
