@@ -6,6 +6,7 @@ apples-to-apples comparison with `moelab simulate` on the same trace.
 """
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,16 @@ def measured_exponent_ratio(model: MoETransformer, chunks: int, codec: str, samp
     return min(1.1, worst * margin)
 
 
+def default_torch_threads(torch_device: str) -> int:
+    """On CPU, all cores but one: the I/O and decompression workers need a core, and torch's
+    intra-op pool waits for all its threads at every op. On 2 cores with 2 torch threads, a
+    [1, 128] zeros_like took 250-340 us instead of 32 (its second thread had no core), and
+    decode ran 1.1-1.4x slower (executor/benchmark.py)."""
+    if torch_device != "cpu":
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @dataclass
 class Run:
     timeline: object
@@ -98,23 +109,31 @@ class Run:
 def execute(model: MoETransformer, store: Store, policies: Policies, prompts: torch.Tensor, new_tokens: int, *,
             trace: RoutingTrace | None = None, batch: int | None = None, io_concurrency: int = 2,
             throttle: StorageThrottle | None = None, decompress_workers: int = 2, torch_device: str = "cpu",
-            read_mode: str = "auto", quiet: bool = False, meta: dict | None = None) -> Run:
+            torch_threads: int | None = None, read_mode: str = "auto", quiet: bool = False,
+            meta: dict | None = None) -> Run:
     """Greedy generation of `new_tokens` per prompt ([requests, P] token ids) in groups of
     `batch` requests decoded in lockstep. With `trace`, routing is forced from it and the
-    step structure is the trace's (its prompt lengths and output counts win)."""
+    step structure is the trace's (its prompt lengths and output counts win). torch_threads:
+    torch's intra-op threads during the run (default: on CPU, all cores but one)."""
     model.eval()
+    if torch_threads is not None and torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be >= 1, got {torch_threads}")
+    threads = torch_threads or default_torch_threads(torch_device)
+    saved_threads = torch.get_num_threads()
     with BlobReader(store, mode=read_mode) as reader, \
             IOWorkers(reader, io_concurrency, throttle) as io, DecompressPool(decompress_workers) as dec:
         rt = ExpertRuntime(store, policies, activation=model.cfg.activation, torch_device=torch_device,
                            dtype=model.output.weight.dtype, io=io, decompress=dec,
-                           meta=dict(meta or {}, read_mode=reader.mode))
+                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads))
         model.set_expert_fn(rt)
+        torch.set_num_threads(threads)
         try:
             if trace is not None:
                 tokens = _forced_run(model, rt, trace, batch or 1, prompts, quiet)
             else:
                 tokens = _real_run(model, rt, prompts, new_tokens, batch or prompts.shape[0], quiet)
         finally:
+            torch.set_num_threads(saved_threads)
             model.set_expert_fn(None)
             model.set_forced_routing(None)
         rt.timeline.meta["peak_expert_bytes"] = rt.memory.peak

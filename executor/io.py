@@ -36,6 +36,26 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(mmap.mmap(-1, align_up(max(nbytes, 1))))
 
 
+class BufferPool:
+    """Page-aligned read buffers, recycled by size. A fresh anonymous mapping per read costs
+    its page faults and an munmap on every load: on this 2-core VM ~190 us for a 124 KB blob
+    (4 us a page, 46 us the munmap), as much as reading it. Thread-safe (list and dict
+    operations are atomic under the GIL); free buffers are kept for the run."""
+
+    def __init__(self):
+        self._free: dict[int, list] = {}
+
+    def take(self, nbytes: int) -> memoryview:
+        free = self._free.get(align_up(max(nbytes, 1)))
+        try:
+            return free.pop() if free else aligned_buffer(nbytes)
+        except IndexError:                  # another thread took the last one
+            return aligned_buffer(nbytes)
+
+    def give(self, buf: memoryview) -> None:
+        self._free.setdefault(len(buf), []).append(buf)
+
+
 def buffer_address(buf) -> int:
     import ctypes
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from executor.io import DecompressPool, IOWorkers
+from executor.io import BufferPool, DecompressPool, IOWorkers
 from executor.model import accumulate_expert
 from executor.store import Store, get_encoder
 from policies import Key, Routing, load_item, needed_keys
@@ -42,6 +42,8 @@ class ExpertMemory:
         self.budget = budget
         self.reserved: dict[Key, int] = {}
         self.buffers: dict[Key, object] = {}
+        self.owned: dict[Key, memoryview] = {}   # key -> the pooled read buffer its data is in
+        self.pool = BufferPool()
         self.used = 0
         self.peak = 0
         self._lock = threading.Lock()
@@ -54,16 +56,25 @@ class ExpertMemory:
         self.used += nbytes
         self.peak = max(self.peak, self.used)
 
-    def fill(self, key: Key, data) -> None:
-        """A read (or decompression) landed; called on worker threads."""
+    def fill(self, key: Key, data, buf=None) -> None:
+        """A read (or decompression) landed; called on worker threads. `buf`: the pooled read
+        buffer `data` lives in, given back to the pool when the part leaves."""
         with self._lock:
             if key in self.reserved:        # not evicted while in flight
                 self.buffers[key] = data
+                if buf is not None:
+                    self.owned[key] = buf
+                return
+        if buf is not None:
+            self.pool.give(buf)
 
     def release(self, key: Key) -> None:
         with self._lock:
             self.used -= self.reserved.pop(key)
             self.buffers.pop(key, None)
+            buf = self.owned.pop(key, None)
+        if buf is not None:
+            self.pool.give(buf)
 
 
 @dataclass
@@ -173,18 +184,17 @@ class ExpertRuntime:
         The returned future resolves to the key once the part is resident. Runs on the
         worker threads' callbacks, so the main thread only waits for what it computes."""
         ready: Future = Future()
-        fmt, t0 = self.fmt, self.t0
-
-        def resident(data) -> None:
-            self.memory.fill(key, data)
-            ready.set_result(key)
+        fmt, t0, memory = self.fmt, self.t0, self.memory
+        buf = memory.pool.take(self.io.reader.buffer_size(key))
 
         def decompressed(f: Future) -> None:
             try:
                 r = f.result()
+                memory.pool.give(buf)               # the decompressed part is a new array
                 self._add(f"decompress[{r.worker}]", "decompress", r.t_start - t0, r.t_end - t0, key.layer,
                           key.expert, key.part, fmt.decompress_bytes[key.part], s)
-                resident(r.value)
+                memory.fill(key, r.value)
+                ready.set_result(key)
             except BaseException as e:          # the computing thread sees it on `ready`
                 ready.set_exception(e)
 
@@ -197,11 +207,12 @@ class ExpertRuntime:
                     self.decompress.submit(self.encoder.decompress_part, key.part, r.data, fmt,
                                            tag=key).add_done_callback(decompressed)
                 else:
-                    resident(r.data)
+                    memory.fill(key, r.data, buf)
+                    ready.set_result(key)
             except BaseException as e:
                 ready.set_exception(e)
 
-        self.io.submit(key).add_done_callback(read)
+        self.io.submit(key, buf).add_done_callback(read)
         return ready
 
     def _compute(self, out, hidden, ids, gates, layer, pair, token_rows) -> None:

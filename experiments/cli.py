@@ -238,7 +238,7 @@ def cmd_execute(args) -> None:
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.batch)
     run = execute(model, store, policies, prompts, args.tokens, trace=trace, batch=args.batch,
                   io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
-                  torch_device=args.torch_device, quiet=args.quiet,
+                  torch_device=args.torch_device, torch_threads=args.torch_threads, quiet=args.quiet,
                   meta={"model": name, "device": f"host ({args.torch_device})", "format": fmt.name,
                         "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler,
                         "prefetcher": args.prefetch})
@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-concurrency", type=int, default=2)
     p.add_argument("--decompress-workers", type=int, default=2)
     p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default on CPU: all cores but one, "
+                                                     "left to the I/O and decompression workers)")
     p.add_argument("--out", default="runs/execute")
     p.set_defaults(func=cmd_execute)
 

@@ -144,3 +144,33 @@ def test_paper_formats_run_end_to_end(tmp_path, fmt_name, prefetch):
         assert torch.equal(run.tokens, ref.tokens)
         dec = run.timeline.of("decompress")
         assert len(dec) == fmt.chunks * len(run.timeline.of("io", "load")) // (fmt.chunks + 1)
+
+
+def test_read_buffers_are_recycled_and_torch_threads_restored(store, monkeypatch):
+    import executor.io as eio
+    made = []
+    real = eio.aligned_buffer
+    monkeypatch.setattr(eio, "aligned_buffer", lambda n: made.append(n) or real(n))
+    runner = strip_experts(tiny_model())
+    before = torch.get_num_threads()
+    run = execute(runner, store, online_policies(runner, 6 * store.format.expert_bytes, "on-demand"),
+                  torch.tensor([[1, 2, 3]]), 8, quiet=True, torch_threads=1)
+    loads = len(run.timeline.of("io"))
+    assert loads >= 40 and len(made) <= 6      # at most what the budget holds at once
+    assert torch.get_num_threads() == before and run.timeline.meta["torch_threads"] == 1
+
+
+def test_a_part_evicted_in_flight_gives_its_buffer_back():
+    from executor.runtime import ExpertMemory
+    from policies import Key
+    mem = ExpertMemory(100)
+    k = Key(0, 1, 0)
+    mem.reserve(k, 60)
+    buf = mem.pool.take(10)
+    mem.release(k)                          # evicted before its read landed
+    mem.fill(k, b"late", buf)
+    assert k not in mem.buffers and mem.used == 0 and mem.pool.take(10) is buf
+    mem.reserve(k, 60)
+    mem.fill(k, b"data", buf)
+    mem.release(k)
+    assert mem.pool.take(10) is buf
