@@ -134,7 +134,7 @@ def main() -> None:
     runs.update(large_expert_overlap())
     out["overlap_fifo"] = runs
     with contextlib.redirect_stdout(_io.StringIO()):
-        io_res = benchmark_io.main(["--quiet", "--repeats", "3"])
+        io_res = benchmark_io.main(["--quiet", "--repeats", "5"])
     out["io"] = {k: io_res[k] for k in ("mode", "cold", "sequential_MBps", "path_MBps", "ratio", "best_ratio",
                                           "target_met") if k in io_res}
     print(json.dumps(out))
