@@ -29,7 +29,7 @@ import torch
 from executor.io import BufferPool, DecompressPool, IOWorkers
 from executor.model import accumulate_expert
 from executor.store import Store, get_encoder
-from policies import Key, Routing, load_item, needed_keys
+from policies import Key, Routing, needed_keys
 from sim.engine import Policies
 from sim.timeline import Event, Timeline
 
@@ -132,8 +132,7 @@ class ExpertRuntime:
                 self._evict(k, now, s)
             self._admit("admit", item, now, s)
         if p.prefetcher is not None:            # behind the plan on the storage queue, as in the simulator
-            wish = [load_item(k, fmt) for k in p.prefetcher.after_layer(layer, demand)]
-            for item, evicted in p.cache.prefetch(wish):
+            for item, evicted in p.cache.prefetch(p.prefetcher.after_layer(layer, demand)):
                 for k in evicted:
                     self._evict(k, now, s)
                 self._admit("prefetch", item, now, s)

@@ -87,7 +87,8 @@ def cmd_simulate(args) -> None:
                    policy=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, budget_bytes=budget,
                    batch=args.batch)
     print(f"moelab simulate: {model.name} on {device.name} ({storage.name}), {fmt.name} experts, "
-          f"{args.policy} cache, {args.scheduler} loads, {args.prefetch} prefetch, budget {format_size(budget)}, batch {args.batch}, "
+          f"{args.policy} cache, {args.scheduler} loads, {args.prefetch} prefetch, budget {format_size(budget)}, "
+          f"batch {args.batch}, "
           f"{metrics['generated_tokens']} tokens")
     print_table(summary_rows(metrics))
     write_outputs(Path(args.out), timeline, metrics, args.quiet)

@@ -15,7 +15,7 @@ import heapq
 from collections import OrderedDict
 from typing import Sequence
 
-from policies.base import BudgetError, Key, LoadItem, PolicyContext
+from policies.base import BudgetError, Key, LoadItem, PolicyContext, load_item
 
 
 class CachePolicy:
@@ -64,17 +64,16 @@ class CachePolicy:
         self._insert(item.key)
         return evicted
 
-    def prefetch(self, items: Sequence[LoadItem]) -> list[tuple[LoadItem, list[Key]]]:
+    def prefetch(self, keys: Sequence[Key]) -> list[tuple[LoadItem, list[Key]]]:
         """Admit what a prefetcher proposed, in order, as long as it fits without evicting a
         pinned key; the wished keys already resident are pinned first, so that one prefetch
-        never evicts another wished key. Returns the admitted items with their evictions."""
+        never evicts another wished key. Returns the admitted load items with their evictions."""
         sizes = self.sizes
-        self.pinned = self.pinned | {item.key for item in items if item.key in sizes}
+        self.pinned = self.pinned | {k for k in keys if k in sizes}
+        items = [load_item(k, self.ctx.fmt) for k in keys if k not in sizes]
         locked = sum(size for k, size in sizes.items() if self._locked(k))
         out = []
         for item in items:
-            if item.key in sizes:
-                continue
             if locked + item.resident_bytes > self.capacity:
                 break
             out.append((item, self.admit(item)))

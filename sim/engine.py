@@ -17,7 +17,7 @@ from tqdm import tqdm
 from devices.profile import DeviceProfile, StorageProfile
 from devices.units import ConfigError, format_size
 from policies import (Allocator, BudgetError, CachePolicy, PolicyContext, Prefetcher, Routing, Scheduler,
-                      load_item, make_allocator, make_cache, make_prefetcher, make_scheduler, needed_keys)
+                      make_allocator, make_cache, make_prefetcher, make_scheduler, needed_keys)
 from sim.servers import FifoServer, StorageChannel
 from sim.timeline import Event, Timeline
 from workloads.batching import Step, batch_steps
@@ -190,7 +190,7 @@ class Simulator:
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
         if p.prefetcher is not None:
-            for item, evicted in p.cache.prefetch([load_item(k, fmt) for k in p.prefetcher.after_layer(layer, demand)]):
+            for item, evicted in p.cache.prefetch(p.prefetcher.after_layer(layer, demand)):
                 for k in evicted:
                     pending.pop(k, None)
                     add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))

@@ -46,7 +46,7 @@ def test_prefetch_admission_keeps_pins_and_the_budget(cache):
     c.begin_layer(0, [Key(0, 0, 0)])
     c.admit(load_item(Key(0, 0, 0), FMT))
     c.admit(load_item(Key(0, 1, 0), FMT))            # unpinned, evictable
-    got = c.prefetch([load_item(k, FMT) for k in (Key(1, 0, 0), Key(1, 1, 0), Key(1, 2, 0))])
+    got = c.prefetch([Key(1, 0, 0), Key(1, 1, 0), Key(1, 2, 0)])
     # (0,0,0) is pinned: room for two prefetches, the second evicting (0,1,0); the third must not
     # evict the first prefetch
     assert [item.key for item, _ in got] == [Key(1, 0, 0), Key(1, 1, 0)]
@@ -60,5 +60,5 @@ def test_prefetch_pins_wished_keys_already_resident():
     c.begin_layer(1, [])
     c.admit(load_item(Key(1, 0, 0), FMT))            # least recently used, but wished for next
     c.admit(load_item(Key(0, 3, 0), FMT))
-    got = c.prefetch([load_item(Key(1, 0, 0), FMT), load_item(Key(1, 1, 0), FMT)])
+    got = c.prefetch([Key(1, 0, 0), Key(1, 1, 0)])
     assert [(item.key, ev) for item, ev in got] == [(Key(1, 1, 0), [Key(0, 3, 0)])]
