@@ -24,7 +24,8 @@ from executor.execute import ensure_store, execute, model_arch, strip_experts
 from executor.io import StorageThrottle
 from executor.record import record_routing
 from executor.train import load_trained
-from sim.engine import Workload, build_online_policies, build_policies
+from policies import build_online_policies, build_policies
+from workloads.workload import Workload
 from sim.metrics import busy_time, compute_metrics
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "

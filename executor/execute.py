@@ -20,7 +20,7 @@ from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.model import MoETransformer
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store import Store, build_store
-from sim.engine import Policies
+from policies import Policies
 from workloads.batching import batch_steps
 from workloads.catalog import ModelArch
 from workloads.formats import make_format
@@ -170,7 +170,7 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
 def _force(model, rt, routing, B) -> None:
     if routing is None:
         return
-    experts, scores = routing                     # [tokens, layers, k], tokens request-major
+    experts, scores, rt.levels = routing          # [tokens, layers, k], tokens request-major
     def forced(layer, input_pos):
         S = input_pos.shape[0]
         ids = torch.from_numpy(experts[:, layer].astype(np.int64)).view(B, S, -1)
@@ -204,7 +204,9 @@ def _forced_run(model, rt, trace: RoutingTrace, batch: int, prompts, quiet) -> t
             if P * B != len(gsteps[0].tokens) or any(len(s.tokens) != B for s in gsteps[1:]):
                 raise ConfigError("forced trace: requests decoded together must have equal prompt and output "
                                   f"lengths (group {g})")
-            routing = [(trace.experts[s.tokens], trace.scores[s.tokens]) for s in gsteps]
+            levels = getattr(trace, "levels", None)
+            routing = [(trace.experts[s.tokens], trace.scores[s.tokens], None if levels is None else levels[s.tokens])
+                       for s in gsteps]
             # the input tokens only feed attention: routing comes from the trace. Use the given
             # prompts where they fit, else a fixed filler.
             if prompts.shape[1] >= P and prompts.shape[0] >= first + B:

@@ -2,17 +2,15 @@
 under the same policy objects the simulator drives (DESIGN.md).
 
 `ExpertRuntime` is the model's expert_fn. At each MoE layer it
-  1. turns the router's output into a Routing and asks allocator -> scheduler -> cache,
-     exactly as sim/engine.py does (same calls, same order, so same decisions);
-  2. reserves the admitted bytes in the expert memory pool (never above the budget),
-     drops what the cache evicted;
-  3. submits the plan to the I/O workers in order; parts that carry a decompression task
-     go on to the decompression pool when their read completes;
-  4. asks the prefetcher (if any) for the next decision point's keys and submits the ones
-     the cache admits behind the plan;
-  5. computes each (expert, level) as soon as the parts it needs are resident (read here or
-     prefetched earlier), hits first;
-  6. tells the cache the layer is over (tiering may drop parts) and frees them.
+  1. turns the router's output into a Routing and asks the decision point
+     (`Policies.decide`, policies/bundle.py: the very call the simulator makes);
+  2. carries the Decision out: for each load, in order, drops what its admission evicted,
+     reserves its bytes in the expert memory pool (never above the budget) and sends it to
+     the I/O workers; parts that carry a decompression task go on to the decompression pool
+     when their read completes (in the scheduler's order, if it sets one);
+  3. computes each (expert, level) as soon as the parts it needs are resident (read here or
+     prefetched earlier), hits first, or in the scheduler's compute order if it sets one;
+  4. ends the layer (`Policies.finish`: tiering may drop parts) and frees what it dropped.
 Everything lands on a Timeline with the simulator's vocabulary; times are seconds since
 the run started (time.perf_counter).
 """
@@ -29,8 +27,7 @@ import torch
 from executor.io import BufferPool, DecompressPool, IOWorkers
 from executor.model import accumulate_expert
 from executor.store import Store, get_encoder
-from policies import Key, Routing, needed_keys
-from sim.engine import Policies
+from policies import Key, Policies, Routing
 from sim.timeline import Event, Timeline
 
 
@@ -97,11 +94,13 @@ class ExpertRuntime:
         self.io, self.decompress = io, decompress
         self.memory = ExpertMemory(policies.cache.capacity)
         self.timeline = Timeline(meta=dict(meta or {}, engine="executor", steps=[],
-                                           level_parts=list(self.fmt.level_parts)))
+                                           level_parts=[list(p) for p in self.fmt.level_parts]))
         self.t0 = time.perf_counter()
         self.step: StepInfo | None = None
         self.last = 0.0                     # when the previous layer's experts finished
         self.loading: dict[Key, Future] = {}  # admitted key -> resolves once it is resident
+        self.levels = None                  # forced levels of this step [tokens, layers, k], from a trace
+        self.sequencer = _Sequencer(None)
 
     # -- clock and steps ---------------------------------------------------------
     def now(self) -> float:
@@ -120,32 +119,29 @@ class ExpertRuntime:
 
     # -- the expert_fn -------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        p, fmt, s = self.p, self.fmt, self.step.index
+        fmt, s = self.fmt, self.step.index
         now = self.now()
         self._add("dense", "dense", self.last, now, layer, -1, -1, 0, s, hidden.shape[0])
-        demand = p.allocator.allocate(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy()))
-        plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
-        keys = needed_keys(demand, fmt)
-        p.cache.begin_layer(layer, keys)        # hits are derived by the metrics, as for the simulator
-        for item in plan:
-            for k in p.cache.admit(item):
+        levels = None if self.levels is None else self.levels[:, layer]
+        d = self.p.decide(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy(), levels))
+        self.sequencer = _Sequencer(d.decompress_order)
+        for item, kind, evicted in d.loads:      # in storage order: plan, then prefetches
+            for k in evicted:
                 self._evict(k, now, s)
-            self._admit("admit", item, now, s)
-        if p.prefetcher is not None:            # behind the plan on the storage queue, as in the simulator
-            for item, evicted in p.cache.prefetch(p.prefetcher.after_layer(layer, demand)):
-                for k in evicted:
-                    self._evict(k, now, s)
-                self._admit("prefetch", item, now, s)
+            self._admit(kind, item, now, s)
 
         # (expert, level) -> token rows; computed once every part it needs is resident
-        rows: dict[tuple[int, int], list[int]] = {}
-        for t, token in enumerate(demand.per_token):
-            for pair in token:
-                rows.setdefault(pair, []).append(t)
+        rows = d.rows()
         resident = self.memory.buffers
-        waiting = {pair: {k for k in (Key(layer, pair[0], q) for q in range(fmt.parts_for_level(pair[1])))
+        waiting = {pair: {k for k in (Key(layer, pair[0], q) for q in fmt.level_parts[pair[1]])
                           if k not in resident} for pair in rows}
         out = torch.zeros_like(hidden)
+        if d.compute_order is not None:               # the scheduler's order, each once it is ready
+            for pair in d.compute_order:
+                for key in waiting.pop(pair):
+                    self.loading[key].result()       # re-raises a failed read or decode
+                self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
+            waiting = {}
         for pair in [pr for pr, need in waiting.items() if not need]:      # hits first, router order
             self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
             del waiting[pair]
@@ -160,7 +156,7 @@ class ExpertRuntime:
                     self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
                     del waiting[pair]
         end = self.now()
-        for k in p.cache.end_layer(layer):
+        for k in self.p.finish(layer):
             self._evict(k, end, s)
         self.last = self.now()
         return out
@@ -183,7 +179,7 @@ class ExpertRuntime:
         The returned future resolves to the key once the part is resident. Runs on the
         worker threads' callbacks, so the main thread only waits for what it computes."""
         ready: Future = Future()
-        fmt, t0, memory = self.fmt, self.t0, self.memory
+        fmt, t0, memory, sequencer = self.fmt, self.t0, self.memory, self.sequencer
         buf = memory.pool.take(self.io.reader.buffer_size(key))
 
         def decompressed(f: Future) -> None:
@@ -203,8 +199,8 @@ class ExpertRuntime:
                 self._add("io", "load", r.t_start - t0, r.t_end - t0, key.layer, key.expert, key.part,
                           len(r.data), s)
                 if fmt.decompress_bytes[key.part]:
-                    self.decompress.submit(self.encoder.decompress_part, key.part, r.data, fmt,
-                                           tag=key).add_done_callback(decompressed)
+                    sequencer.read_done(key, lambda: self.decompress.submit(
+                        self.encoder.decompress_part, key.part, r.data, fmt, tag=key).add_done_callback(decompressed))
                 else:
                     memory.fill(key, r.data, buf)
                     ready.set_result(key)
@@ -217,10 +213,36 @@ class ExpertRuntime:
     def _compute(self, out, hidden, ids, gates, layer, pair, token_rows) -> None:
         expert, level = pair
         start = self.now()
-        parts = [self.memory.buffers[Key(layer, expert, q)] for q in range(self.fmt.parts_for_level(level))]
+        parts = [self.memory.buffers[Key(layer, expert, q)] for q in self.fmt.level_parts[level]]
         weights = {k: v.to(self.device, self.dtype, non_blocking=True)
                    for k, v in self.encoder.decode(parts, self.fmt, level).items()}
         accumulate_expert(out, hidden, ids, gates, expert, weights, self.activation,
                           rows=torch.tensor(token_rows, device=hidden.device))
         self._add("compute", "expert", start, self.now(), layer, expert, level, self.fmt.level_bytes(level),
                   self.step.index, len(token_rows))
+
+
+class _Sequencer:
+    """Sends decompression tasks to the pool in a scheduler's order: a task goes once its
+    read is done and every task before it in the order has gone (one FIFO queue, as the
+    simulator models it). Tasks outside the order (or with no order) go as their reads land."""
+
+    def __init__(self, order: list[Key] | None):
+        self.rank = {key: i for i, key in enumerate(order)} if order else {}
+        self.held: dict[int, object] = {}        # rank -> its submit call, read done, waiting its turn
+        self.next = 0
+        self._lock = threading.Lock()
+
+    def read_done(self, key: Key, submit) -> None:
+        rank = self.rank.get(key)
+        if rank is None:
+            submit()
+            return
+        with self._lock:                         # called on I/O worker threads
+            self.held[rank] = submit
+            go = []
+            while self.next in self.held:
+                go.append(self.held.pop(self.next))
+                self.next += 1
+            for fn in go:                        # submitted in order, under the lock
+                fn()

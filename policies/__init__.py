@@ -5,24 +5,26 @@ A new policy is one small class registered here; no engine changes.
 from __future__ import annotations
 
 from devices.units import ConfigError
-from policies.allocators import FixedLevel
-from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, PolicyContext, Routing,
+from policies.allocators import FixedLevel, TraceLevels
+from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
                            Scheduler, load_item, needed_keys)
 from policies.cache import FIFO, LFU, LRU, Belady, CachePolicy, OnDemand, StaticHot
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import FifoScheduler
 
-__all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "PolicyContext", "Routing",
-           "Scheduler", "Prefetcher", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS",
-           "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register"]
+__all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "NeedsFuture", "PolicyContext",
+           "Routing", "Scheduler", "Prefetcher", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS",
+           "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
+           "Policies", "Decision", "Load", "build_policies", "build_online_policies"]
 
 CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler,)}
-ALLOCATORS = {a.name: a for a in (FixedLevel,)}
+ALLOCATORS = {a.name: a for a in (FixedLevel, TraceLevels)}
 PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle)}
 
 
-def _pick(table: dict, kind: str, name: str):
+def lookup(table: dict, kind: str, name: str):
+    """The class registered as `name`, or a clear error listing the known names."""
     try:
         return table[name]
     except KeyError:
@@ -30,20 +32,20 @@ def _pick(table: dict, kind: str, name: str):
 
 
 def make_cache(name: str, ctx: PolicyContext) -> CachePolicy:
-    return _pick(CACHES, "cache policy", name)(ctx)
+    return lookup(CACHES, "cache policy", name)(ctx)
 
 
 def make_scheduler(name: str, ctx: PolicyContext) -> Scheduler:
-    return _pick(SCHEDULERS, "scheduler", name)(ctx)
+    return lookup(SCHEDULERS, "scheduler", name)(ctx)
 
 
 def make_allocator(name: str, ctx: PolicyContext, **options) -> Allocator:
-    return _pick(ALLOCATORS, "allocator", name)(ctx, **options)
+    return lookup(ALLOCATORS, "allocator", name)(ctx, **options)
 
 
 def make_prefetcher(name: str, ctx: PolicyContext) -> Prefetcher | None:
     """None for "none": engines skip the hook entirely."""
-    cls = _pick(PREFETCHERS, "prefetcher", name)
+    cls = lookup(PREFETCHERS, "prefetcher", name)
     return cls(ctx) if cls is not None else None
 
 
@@ -51,3 +53,7 @@ def register(table: dict, cls) -> type:
     """Register a policy class under cls.name (use as a decorator on CACHES/SCHEDULERS/ALLOCATORS)."""
     table[cls.name] = cls
     return cls
+
+
+# the decision point and the bundle builders use the registries above
+from policies.bundle import Decision, Load, Policies, build_online_policies, build_policies  # noqa: E402

@@ -1,28 +1,37 @@
 """Cache (residency) policies: which parts stay in memory, under a byte budget.
 
 One class per eviction rule, cachetools-style: the base class owns the bookkeeping
-(bytes, pins, the budget check); a subclass only says which unpinned key goes first
-(`_victim`) and how it tracks use (`_touch`, `_insert`, `_forget`).
+(bytes, pins, pools, the budget check, the victim loop); a subclass only gives its
+eviction order (`_order`) and how it tracks use (`_touch`, `_insert`, `_forget`).
 
 Semantics at a decision point (one step, one layer): every needed key is looked up
 first (hits are recorded and pinned), then missing parts are admitted in plan order,
-evicting unpinned keys. Evicting a part also evicts the higher parts of that expert,
-which are useless without it (nested bit-planes; ZipMoE exponent chunks).
+evicting unlocked keys. Evicting a part also evicts the parts of that expert that are
+useless without it (`fmt.dependents`: higher bit-planes; ZipMoE exponent chunks).
 """
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from policies.base import BudgetError, Key, LoadItem, PolicyContext, load_item
+from policies.base import (BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, largest_layer_demand,
+                           load_item)
 
 
 class CachePolicy:
+    """Residency under a byte budget. A subclass supplies the eviction order (`_order`: keys,
+    best victim first) and how it tracks use (`_touch`, `_insert`, `_forget`); the base
+    class owns the bytes, the pins, the pools and the one victim loop.
+
+    Pools: a cache may split its budget into named pools (ZipMoE's full and SM-only
+    experts) by setting `self.pools = {name: capacity}` and `pool(key)`. Each pool stays
+    within its capacity and all of them together within the budget."""
     name = "cache"
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
+        self.fmt = ctx.fmt
         self.capacity = ctx.capacity_bytes
         self.used = 0
         self.peak = 0
@@ -30,55 +39,76 @@ class CachePolicy:
         self.by_layer: list[set[Key]] = [set() for _ in range(ctx.layers)]
         self.pinned: set[Key] = set()
         self.clock = 0                                        # decision points seen
+        self.pools: dict[str, int] | None = None             # name -> capacity; None: one pool
+        self.pool_of: dict[Key, str] = {}
+        self.pool_used: dict[str, int] = {}
 
-    # -- what engines call -------------------------------------------------
+    # -- what the decision point calls (policies/bundle.py) ---------------------
     def resident(self, layer: int) -> set[Key]:
         """The layer's resident keys: a live view, read it now, do not keep or change it."""
         return self.by_layer[layer]
 
-    def begin_layer(self, layer: int, keys: Sequence[Key]) -> list[bool]:
-        """Record an access to each key; pin them for this layer. Returns hit flags."""
+    def begin_layer(self, layer: int, keys: Sequence[Key], demand: Demand | None = None) -> int:
+        """Record an access to each key and pin them for this layer; `demand` says how many
+        tokens need each (expert, level), for token-weighted policies. Returns the hits."""
         self.clock += 1
         sizes, touch = self.sizes, self._touch
-        hits = [key in sizes for key in keys]
-        for key, hit in zip(keys, hits):
-            if hit:
+        hits = 0
+        for key in keys:
+            if key in sizes:
+                hits += 1
                 touch(key)
         self.pinned = set(keys)
         return hits
 
     def admit(self, item: LoadItem) -> list[Key]:
-        """Make room for `item` (evicting unpinned keys) and count it resident. Returns evictions."""
+        """Make room for `item` (evicting unlocked keys) and count it resident. Returns evictions."""
         evicted: list[Key] = []
-        while self.used + item.resident_bytes > self.capacity:
-            victim = self._victim()
-            if victim is None:
-                raise BudgetError(
-                    f"budget {self.capacity} B cannot hold layer {item.key.layer}'s demand: "
-                    f"{self.used} B pinned, {item.resident_bytes} B more needed")
-            evicted.extend(self._evict(victim))
-        self.sizes[item.key] = item.resident_bytes
-        self.by_layer[item.key.layer].add(item.key)
-        self.used += item.resident_bytes
-        self.peak = max(self.peak, self.used)
-        self._insert(item.key)
+        size = item.resident_bytes
+        if self.pools is not None:
+            pool = self.pool(item.key)
+            while self.pool_used[pool] + size > self.pools[pool]:
+                evicted.extend(self._evict(self._victim_or_fail(item, pool)))
+        while self.used + size > self.capacity:
+            evicted.extend(self._evict(self._victim_or_fail(item)))
+        key = item.key
+        self.sizes[key] = size
+        self.by_layer[key.layer].add(key)
+        self.used += size
+        if self.used > self.peak:
+            self.peak = self.used
+        if self.pools is not None:
+            self.pool_of[key] = pool
+            self.pool_used[pool] += size
+        self._insert(key)
         return evicted
 
     def prefetch(self, keys: Sequence[Key]) -> list[tuple[LoadItem, list[Key]]]:
         """Admit what a prefetcher proposed, in order, as long as it fits without evicting a
-        pinned key; the wished keys already resident are pinned first, so that one prefetch
+        locked key; the wished keys already resident are pinned first, so that one prefetch
         never evicts another wished key. Returns the admitted load items with their evictions."""
         sizes = self.sizes
         self.pinned = self.pinned | {k for k in keys if k in sizes}
-        items = [load_item(k, self.ctx.fmt) for k in keys if k not in sizes]
-        locked = sum(size for k, size in sizes.items() if self._locked(k))
+        items = [load_item(k, self.fmt) for k in keys if k not in sizes]
+        locked: dict[str | None, int] = {None: 0}
+        for k, size in sizes.items():
+            if self._locked(k):
+                locked[None] += size
+                if self.pools is not None:
+                    locked[self.pool_of[k]] = locked.get(self.pool_of[k], 0) + size
         out = []
         for item in items:
-            if locked + item.resident_bytes > self.capacity:
+            size = item.resident_bytes
+            if locked[None] + size > self.capacity:
                 break
+            if self.pools is not None:
+                pool = self.pool(item.key)
+                if locked.get(pool, 0) + size > self.pools[pool]:
+                    break
+                locked[pool] = locked.get(pool, 0) + size
             out.append((item, self.admit(item)))
             self.pinned.add(item.key)
-            locked += item.resident_bytes
+            locked[None] += size
         return out
 
     def end_layer(self, layer: int) -> list[Key]:
@@ -96,36 +126,96 @@ class CachePolicy:
     def _forget(self, key: Key) -> None:
         """A key left the cache."""
 
-    def _victim(self) -> Key | None:
-        """The unpinned resident key to evict next, or None if every key is pinned."""
+    def _order(self) -> Iterator[Key]:
+        """Resident keys, the best victim first (locked ones are skipped by the caller)."""
         raise NotImplementedError
 
     def _locked(self, key: Key) -> bool:
-        """`key` cannot be evicted now (what _victim never returns)."""
+        """`key` cannot be evicted now."""
         return key in self.pinned
 
-    # -- helpers -------------------------------------------------------------
+    def pool(self, key: Key) -> str:
+        """The pool an admitted key goes to (only asked when `self.pools` is set)."""
+        raise NotImplementedError
+
+    # -- the one victim loop and the bookkeeping ---------------------------------
+    def _victim(self, pool: str | None = None) -> Key | None:
+        """The first unlocked key of the subclass's order (in `pool`, if given), or None."""
+        order = self._order()
+        try:
+            for key in order:
+                if not self._locked(key) and (pool is None or self.pool_of[key] == pool):
+                    return key
+            return None
+        finally:
+            close = getattr(order, "close", None)
+            if close is not None:
+                close()
+
+    def _victim_or_fail(self, item: LoadItem, pool: str | None = None) -> Key:
+        victim = self._victim(pool)
+        if victim is None:
+            where = f"pool {pool!r} ({self.pools[pool]} B)" if pool is not None else f"budget {self.capacity} B"
+            held = self.pool_used[pool] if pool is not None else self.used
+            raise BudgetError(f"{where} cannot hold layer {item.key.layer}'s demand: {held} B locked, "
+                              f"{item.resident_bytes} B more needed")
+        return victim
+
     def _evict(self, key: Key) -> list[Key]:
-        """Evict `key` and the higher parts of the same expert."""
+        """Evict `key` and the resident parts of the same expert that are useless without it."""
         out = []
-        part = key.part
-        while True:
+        for part in (key.part, *self.fmt.dependents(key.part)):
             k = Key(key.layer, key.expert, part)
-            if k not in self.sizes:
-                break
-            self.used -= self.sizes.pop(k)
+            size = self.sizes.pop(k, None)
+            if size is None:
+                continue
+            self.used -= size
             self.by_layer[k.layer].discard(k)
+            if self.pools is not None:
+                self.pool_used[self.pool_of.pop(k)] -= size
             self._forget(k)
             out.append(k)
-            part += 1
         return out
 
-    def drop_layer(self, layer: int) -> list[Key]:
+    def drop_layer(self, layer: int, keep: set[Key] | frozenset = frozenset()) -> list[Key]:
+        """Evict the layer's resident keys except `keep`, in key order."""
         dropped = []
-        for key in sorted(self.by_layer[layer]):
+        for key in sorted(self.by_layer[layer] - keep):
             if key in self.sizes:
                 dropped.extend(self._evict(key))
         return dropped
+
+
+class _LazyHeap:
+    """A priority queue of keys with lazy deletion: pushing a key again or discarding it
+    leaves its old entries in the heap, recognised as stale by a version number."""
+
+    def __init__(self):
+        self.heap: list[tuple] = []
+        self.version: dict[Key, int] = {}
+        self.tick = 0
+
+    def push(self, key: Key, *priority) -> None:
+        self.tick += 1
+        self.version[key] = self.tick
+        heapq.heappush(self.heap, (*priority, self.tick, key))
+
+    def discard(self, key: Key) -> None:
+        self.version.pop(key, None)
+
+    def __iter__(self) -> Iterator[Key]:
+        """Live keys, lowest priority first; entries passed over go back when iteration stops."""
+        heap, version, passed = self.heap, self.version, []
+        try:
+            while heap:
+                entry = heapq.heappop(heap)
+                if version.get(entry[-1]) != entry[-2]:       # stale: drop it for good
+                    continue
+                passed.append(entry)
+                yield entry[-1]
+        finally:
+            for entry in passed:
+                heapq.heappush(heap, entry)
 
 
 class _OrderedCache(CachePolicy):
@@ -136,16 +226,19 @@ class _OrderedCache(CachePolicy):
         super().__init__(ctx)
         self.order: OrderedDict[Key, None] = OrderedDict()
 
-    def begin_layer(self, layer, keys):
+    def begin_layer(self, layer, keys, demand=None):
         # the base class's loop with the hook inlined: the simulator's hottest call
         self.clock += 1
         sizes = self.sizes
-        hits = [key in sizes for key in keys]
         if self.move_on_hit:
             move = self.order.move_to_end
-            for key, hit in zip(keys, hits):
-                if hit:
+            hits = 0
+            for key in keys:
+                if key in sizes:
+                    hits += 1
                     move(key)
+        else:
+            hits = sum(key in sizes for key in keys)
         self.pinned = set(keys)
         return hits
 
@@ -159,11 +252,8 @@ class _OrderedCache(CachePolicy):
     def _forget(self, key):
         del self.order[key]
 
-    def _victim(self):
-        for key in self.order:
-            if key not in self.pinned:
-                return key
-        return None
+    def _order(self):
+        return iter(self.order)
 
 
 class LRU(_OrderedCache):
@@ -192,59 +282,40 @@ class LFU(CachePolicy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.freq: dict[Key, int] = {}
-        self.last: dict[Key, int] = {}
-        self.heap: list[tuple[int, int, Key]] = []
-        self.tick = 0
-
-    def _push(self, key):
-        self.tick += 1
-        self.last[key] = self.tick
-        heapq.heappush(self.heap, (self.freq[key], self.tick, key))
+        self.heap = _LazyHeap()
 
     def _touch(self, key):
         self.freq[key] += 1
-        self._push(key)
+        self.heap.push(key, self.freq[key])
 
     def _insert(self, key):
         self.freq[key] = 1
-        self._push(key)
+        self.heap.push(key, 1)
 
     def _forget(self, key):
-        del self.freq[key], self.last[key]
+        del self.freq[key]
+        self.heap.discard(key)
 
-    def _victim(self):
-        skipped, victim = [], None
-        while self.heap:
-            f, t, key = self.heap[0]
-            if self.last.get(key) != t:          # stale entry
-                heapq.heappop(self.heap)
-                continue
-            if key in self.pinned:
-                skipped.append(heapq.heappop(self.heap))
-                continue
-            victim = key
-            break
-        for entry in skipped:
-            heapq.heappush(self.heap, entry)
-        return victim
+    def _order(self):
+        return iter(self.heap)
 
 
 class Belady(CachePolicy):
-    """Offline optimum (MIN): evict the key whose next use is furthest away. Needs the
-    whole access sequence (ctx.future, by decision point); a bound, not a deployable policy."""
+    """Offline optimum (MIN): evict the key whose next use is furthest away (ties: the
+    smallest key). Needs the whole access sequence (ctx.future, by decision point); a
+    bound, not a deployable policy."""
     name = "belady"
 
     def __init__(self, ctx):
         super().__init__(ctx)
         if ctx.future is None:
-            raise BudgetError("belady needs the access sequence of the whole run")
-        # next_use[i][key]: the decision point after i where key is next accessed
-        self.uses: dict[Key, list[int]] = {}
+            raise NeedsFuture("belady needs the access sequence of the whole run")
+        self.uses: dict[Key, list[int]] = {}              # key -> decision points (1-based) using it
         for point, keys in enumerate(ctx.future):
             for key in keys:
                 self.uses.setdefault(key, []).append(point + 1)
         self.cursor: dict[Key, int] = {}
-        self.heap: list[tuple[int, Key]] = []
+        self.heap = _LazyHeap()
 
     def _next_use(self, key) -> int:
         uses = self.uses.get(key, ())
@@ -255,25 +326,15 @@ class Belady(CachePolicy):
         return uses[i] if i < len(uses) else 1 << 62
 
     def _touch(self, key):
-        heapq.heappush(self.heap, (-self._next_use(key), key))
+        self.heap.push(key, -self._next_use(key), key)
 
     _insert = _touch
 
-    def _victim(self):
-        skipped, victim = [], None
-        while self.heap:
-            neg, key = self.heap[0]
-            if key not in self.sizes or -neg != self._next_use(key):   # stale
-                heapq.heappop(self.heap)
-                continue
-            if key in self.pinned:
-                skipped.append(heapq.heappop(self.heap))
-                continue
-            victim = key
-            break
-        for entry in skipped:
-            heapq.heappush(self.heap, entry)
-        return victim
+    def _forget(self, key):
+        self.heap.discard(key)
+
+    def _order(self):
+        return iter(self.heap)
 
 
 class StaticHot(CachePolicy):
@@ -285,10 +346,10 @@ class StaticHot(CachePolicy):
     def __init__(self, ctx):
         super().__init__(ctx)
         if ctx.popularity is None:
-            raise BudgetError("static-hot needs expert popularity counts (from the trace)")
+            raise NeedsFuture("static-hot needs expert popularity counts (from the trace)")
         fmt = ctx.fmt
         expert_bytes = sum(fmt.resident_bytes)
-        room = ctx.capacity_bytes - _max_layer_bytes(ctx)
+        room = ctx.capacity_bytes - largest_layer_demand(ctx.future or (), fmt)
         n_hot = max(0, room // expert_bytes)
         flat = ctx.popularity.ravel()
         order = sorted(range(flat.size), key=lambda i: (-flat[i], i))[:n_hot]
@@ -297,25 +358,10 @@ class StaticHot(CachePolicy):
 
     def end_layer(self, layer):
         super().end_layer(layer)
-        dropped = []
-        for key in sorted(self.by_layer[layer] - self.hot):
-            if key in self.sizes:
-                dropped.extend(self._evict(key))
-        return dropped
+        return self.drop_layer(layer, keep=self.hot)
 
-    def _victim(self):
-        for key in self.sizes:
-            if not self._locked(key):
-                return key
-        return None
+    def _order(self):
+        return iter(self.sizes)
 
     def _locked(self, key):
         return key in self.pinned or key in self.hot
-
-
-def _max_layer_bytes(ctx: PolicyContext) -> int:
-    """Bytes of the largest single-layer demand in the access sequence (or top_k experts)."""
-    if ctx.future:
-        sizes = ctx.fmt.resident_bytes
-        return max(sum(sizes[k.part] for k in keys) for keys in ctx.future)
-    return 0

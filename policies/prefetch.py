@@ -13,7 +13,7 @@ wasted bandwidth (the timeline's "prefetch" records show both).
 """
 from __future__ import annotations
 
-from policies.base import BudgetError, Demand, Key, PolicyContext, needed_keys
+from policies.base import Demand, Key, NeedsFuture, PolicyContext, needed_keys
 
 
 class Prefetcher:
@@ -38,7 +38,7 @@ class NextLayerOracle(Prefetcher):
     def __init__(self, ctx):
         super().__init__(ctx)
         if ctx.future is None:
-            raise BudgetError("the oracle prefetcher needs the access sequence of the whole run: give a "
+            raise NeedsFuture("the oracle prefetcher needs the access sequence of the whole run: give a "
                               "trace (`moelab execute --trace`), or use --prefetch last-use")
         self.point = 0
 

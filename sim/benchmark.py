@@ -15,7 +15,9 @@ import time
 import numpy as np
 
 from devices.profile import load_device
-from sim.engine import Simulator, Workload, build_policies
+from policies import build_policies
+from sim.engine import Simulator
+from workloads.workload import Workload
 from sim.replay import replay_units, unit_groups
 from workloads.catalog import get_model
 from workloads.formats import make_format

@@ -1,38 +1,57 @@
 """Cache-only replay: hit ratios without timing, for miss-ratio curves over many capacities.
 
-Two paths that give the same answer:
-- `replay_policies` drives the very policy objects the engine drives, decision point by
-  decision point (any format, any policy, sizes in bytes);
-- `replay_units` is the fast path for one-part experts (capacities counted in experts):
-  tight loops over integer keys, one per eviction rule, with the engine's semantics
-  (a decision point first looks up all its keys, pinning them, then admits the misses in
-  router order). tests/test_replay.py checks both against the engine and libCacheSim.
+- `replay_policies` carries out the very decisions the engines carry out (policies/bundle.py's
+  decision point, with the same policy objects), without time: any format, any policy.
+- `replay_units` is a fast path for one-part experts (capacities counted in experts):
+  tight loops over integer keys for the classic rules (LRU, FIFO, LFU, Belady). They are
+  not a second definition of those policies: tests/test_replay.py proves them equal to
+  the policy objects (a property test over random traces) and to libCacheSim, and
+  `replay_capacities` uses them only where that proof holds.
 """
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
 
-
-from policies import BudgetError, needed_keys
+from policies import CACHES, BudgetError, PolicyContext, build_policies, lookup
+from policies.allocators import FixedLevel
+from policies.base import largest_layer_demand
+from policies.bundle import access_sequence, workload_routings
 
 
 def replay_policies(workload, policies) -> dict:
-    """Run allocator -> scheduler -> cache for every decision point, no timing."""
-    p, fmt = policies, workload.fmt
+    """Every decision point of the workload through `policies.decide`/`finish`, no timing."""
+    p = policies
     hits = accesses = 0
-    for step in workload.steps:
-        for layer in range(workload.model.layers):
-            demand = p.allocator.allocate(layer, workload.routing(step, layer))
-            plan = p.scheduler.order(layer, demand, p.cache.resident(layer))
-            flags = p.cache.begin_layer(layer, needed_keys(demand, fmt))
-            hits += sum(flags)
-            accesses += len(flags)
-            for item in plan:
-                p.cache.admit(item)
-            p.cache.end_layer(layer)
+    for _, layer, routing in workload_routings(workload):
+        d = p.decide(layer, routing)
+        hits += d.hits
+        accesses += len(d.keys)
+        p.finish(layer)
     return {"hits": hits, "accesses": accesses, "hit_ratio": hits / accesses if accesses else float("nan"),
             "peak_bytes": p.cache.peak}
+
+
+def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None = None) -> dict[int, float | None]:
+    """Hit ratio of cache `policy` per capacity (in units of `unit_bytes`, default one whole
+    expert), None where a capacity is below the largest single-layer demand. Fast loops
+    where proven equal (one-part experts), the policy objects otherwise."""
+    fmt = workload.fmt
+    unit = unit_bytes or fmt.expert_bytes
+    lookup(CACHES, "cache policy", policy)
+    minimum = largest_layer_demand(access_sequence(workload, FixedLevel(PolicyContext(fmt, 0, 0, 0))), fmt)
+    fast = FAST.get(policy) if fmt.n_parts == 1 and unit == fmt.expert_bytes else None
+    groups = unit_groups(workload.trace, workload.steps) if fast else None
+    out = {}
+    for cap in capacities:
+        if cap * unit < minimum:
+            out[cap] = None
+        elif fast:
+            accesses = sum(map(len, groups))
+            out[cap] = fast(groups, cap) / accesses if accesses else float("nan")
+        else:
+            out[cap] = replay_policies(workload, build_policies(workload, cap * unit, cache=policy))["hit_ratio"]
+    return out
 
 
 def unit_groups(trace, steps) -> list[list[int]]:

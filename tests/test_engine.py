@@ -5,7 +5,9 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_device, make_trace
 from policies import BudgetError, CACHES, PREFETCHERS
-from sim.engine import Simulator, Workload, build_policies
+from policies import build_policies
+from sim.engine import Simulator
+from workloads.workload import Workload
 from sim.metrics import compute_metrics
 from workloads.catalog import ModelArch
 from workloads.formats import make_format
@@ -191,7 +193,7 @@ def test_invariants(case):
     for e in tl1.of("io"):
         loads.setdefault((e.layer, e.expert, e.level), []).append((e.start, e.end))
     for e in tl1.of("compute"):
-        for part in range(fmt.level_parts[e.level]):
+        for part in fmt.level_parts[e.level]:
             issued = [end for start, end in loads[e.layer, e.expert, part] if start <= e.start + 1e-12]
             assert issued and e.start >= issued[-1] - 1e-12
     # deterministic: the same inputs give the same timeline

@@ -7,7 +7,9 @@ from conftest import make_device
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from executor.model import MoEConfig, MoETransformer, generate, init_weights
 from executor.store import IntegrityError
-from sim.engine import Simulator, Workload, build_online_policies, build_policies
+from policies import build_online_policies, build_policies
+from sim.engine import Simulator
+from workloads.workload import Workload
 from workloads.formats import make_format
 from workloads.synthetic import synthetic_trace
 

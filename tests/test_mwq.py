@@ -84,7 +84,7 @@ def test_packing_parsing_and_dequantizing_are_exact(cfg):
     assert [len(x) for x in parts] == list(fmt.part_bytes)
     for level in range(fmt.levels):
         # a prefix of the parts gives that level, equal to dequantizing in memory
-        got = mwq.parse_expert(parts[:fmt.parts_for_level(level)], fmt)
+        got = mwq.parse_expert(parts[:len(fmt.parts_of(level))], fmt)
         for q, p in zip(qs, got):
             assert p.levels == level + 1
             assert torch.equal(mwq.dequantize_packed(p, level), mwq.dequantize(q, level))

@@ -5,7 +5,8 @@ from conftest import TINY, make_trace
 from policies import BudgetError, Key, PolicyContext, load_item, make_cache, make_prefetcher
 from policies.allocators import FixedLevel
 from policies.base import Routing
-from sim.engine import Workload, build_online_policies, build_policies
+from policies import build_online_policies, build_policies
+from workloads.workload import Workload
 from workloads.formats import make_format
 
 FMT = make_format("bf16", TINY.expert_shapes)

@@ -7,7 +7,9 @@ import pytest
 
 from conftest import make_device, make_trace
 from policies import CACHES
-from sim.engine import Simulator, Workload, build_policies
+from policies import build_policies
+from sim.engine import Simulator
+from workloads.workload import Workload
 from sim.metrics import compute_metrics
 from sim.replay import replay_policies, replay_units, unit_groups
 from workloads.batching import batch_steps

@@ -1,7 +1,9 @@
 """Expert storage formats as the engines see them: load items (parts) and their sizes.
 
 An expert on storage is a list of *parts*, each one load item (DESIGN.md). A precision
-*level* needs a prefix of the parts: level i needs parts 0..parts_for_level(i)-1.
+*level* needs a *set* of parts (`parts_of(level)`): a prefix for nested formats (MWQ
+bit-planes, zip), one part of its own for per-width copies. A part may be useless without
+another (a residual plane without its base): `dependents(part)` are evicted with it.
 
 - bf16: one part, the whole expert.
 - mwq:  part 0 is the b1-bit base plane (packed codes + fp16 scale and zero point per
@@ -10,6 +12,9 @@ An expert on storage is a list of *parts*, each one load item (DESIGN.md). A pre
 - zip:  part 0 is the sign+mantissa bytes (one byte per weight, raw), parts 1..K the K
         exponent chunks (compressed; each a ZIP_HEADER_BYTES header + codec payload). The
         only level needs every part. Keeping only part 0 resident is ZipMoE's SM-only tier.
+- copies: D²MoE's Matryoshka-Free baseline: part i is a standalone INT(b1+i) copy of the
+        expert (packed codes + fp16 scale and zero point per group, like an MWQ base
+        plane), and level i needs part i alone. Moving up a level reads a whole new copy.
 
 Torch-free, so the simulator can import it; the executor's encoders produce exactly
 these sizes (tests check it; the zip ratio is an input taken from a measurement).
@@ -53,21 +58,39 @@ class ExpertFormat:
     def levels(self) -> int:
         return 1
 
-    def parts_for_level(self, level: int) -> int:
-        """How many leading parts a token computed at `level` needs."""
-        return self.n_parts
+    def parts_of(self, level: int) -> tuple[int, ...]:
+        """The parts (ascending) a token computed at `level` needs. Default: all of them."""
+        self.check_level(level)
+        return tuple(range(self.n_parts))
+
+    def check_level(self, level: int) -> None:
+        if not 0 <= level < self.levels:
+            labels = ", ".join(f"{i} ({self.level_label(i)})" for i in range(self.levels))
+            raise ConfigError(f"{self.name}: level {level} out of range; levels: {labels}")
+
+    def dependents(self, part: int) -> tuple[int, ...]:
+        """Parts useless without `part`, evicted with it. Default: the higher parts (nested planes;
+        zip exponent chunks beyond a dropped one, so a partial expert falls back to SM-only)."""
+        return tuple(range(part + 1, self.n_parts))
 
     def level_label(self, level: int) -> str:
         return self.name
 
     @cached_property
-    def level_parts(self) -> tuple[int, ...]:
-        """parts_for_level of every level, precomputed for the engines' hot loops."""
-        return tuple(self.parts_for_level(lvl) for lvl in range(self.levels))
+    def level_parts(self) -> tuple[tuple[int, ...], ...]:
+        """parts_of every level, precomputed for the engines' hot loops."""
+        return tuple(self.parts_of(lvl) for lvl in range(self.levels))
+
+    @cached_property
+    def nested(self) -> bool:
+        """Every level needs a prefix of the parts, each level's a superset of the one below: an
+        expert's needed parts are then those of the highest level any token asks for."""
+        return all(parts == tuple(range(len(parts))) for parts in self.level_parts) and \
+            all(len(a) <= len(b) for a, b in zip(self.level_parts, self.level_parts[1:]))
 
     def level_bytes(self, level: int) -> int:
         """Resident bytes the compute of `level` reads."""
-        return sum(self.resident_bytes[: self.parts_for_level(level)])
+        return sum(self.resident_bytes[p] for p in self.parts_of(level))
 
     @cached_property
     def level_sizes(self) -> tuple[int, ...]:
@@ -106,7 +129,7 @@ class MwqFormat(ExpertFormat):
         for out, inp in self.shapes:
             if inp % self.group:
                 raise ConfigError(f"mwq: group size {self.group} does not divide the input dimension {inp}")
-        base = sum(math.ceil(o * i * self.b1 / 8) + 2 * SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
+        base = _int_bytes(self.shapes, self.b1, self.group)
         plane = sum(math.ceil(o * i / 8) + SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
         sizes = [base] + [plane] * (self.bK - self.b1)
         self._set(sizes, sizes, [0] * len(sizes))
@@ -115,10 +138,42 @@ class MwqFormat(ExpertFormat):
     def levels(self) -> int:
         return self.bK - self.b1 + 1
 
-    def parts_for_level(self, level: int) -> int:
-        if not 0 <= level < self.levels:
-            raise ConfigError(f"mwq: level {level} out of range 0..{self.levels - 1} (INT{self.b1}..INT{self.bK})")
-        return level + 1
+    def parts_of(self, level: int) -> tuple[int, ...]:
+        self.check_level(level)
+        return tuple(range(level + 1))
+
+    def level_label(self, level: int) -> str:
+        return f"int{self.b1 + level}"
+
+
+def _int_bytes(shapes, bits: int, group: int) -> int:
+    """Packed `bits`-bit codes plus an fp16 scale and zero point per group (an MWQ base plane)."""
+    return sum(math.ceil(o * i * bits / 8) + 2 * SCALE_BYTES * o * (i // group) for o, i in shapes)
+
+
+@dataclass(frozen=True)
+class CopiesFormat(ExpertFormat):
+    """One standalone copy per width (D²MoE's Matryoshka-Free baseline): level i is part i."""
+    name: str = "copies"
+    b1: int = 2
+    bK: int = 4
+    group: int = 128
+
+    def __post_init__(self):
+        MwqFormat(self.shapes, b1=self.b1, bK=self.bK, group=self.group)     # the same checks
+        sizes = [_int_bytes(self.shapes, b, self.group) for b in range(self.b1, self.bK + 1)]
+        self._set(sizes, sizes, [0] * len(sizes))
+
+    @property
+    def levels(self) -> int:
+        return self.bK - self.b1 + 1
+
+    def parts_of(self, level: int) -> tuple[int, ...]:
+        self.check_level(level)
+        return (level,)
+
+    def dependents(self, part: int) -> tuple[int, ...]:
+        return ()
 
     def level_label(self, level: int) -> str:
         return f"int{self.b1 + level}"
@@ -146,7 +201,7 @@ class ZipFormat(ExpertFormat):
         self._set([n] + comp, [n] + raw, [0] + raw)
 
 
-FORMATS = {"bf16": Bf16Format, "mwq": MwqFormat, "zip": ZipFormat}
+FORMATS = {"bf16": Bf16Format, "mwq": MwqFormat, "zip": ZipFormat, "copies": CopiesFormat}
 MWQ_LADDERS = {"v1": (2, 4), "v2": (5, 8)}
 
 

@@ -1,0 +1,166 @@
+"""The one decision point both engines share (DESIGN.md, "the shared policy interface").
+
+`Policies.decide(layer, routing)` asks the policies, in the contract's order, what to do
+at one MoE layer of one batch step, and returns a `Decision`:
+
+    demand = allocator.allocate(layer, routing)            # (expert, level) per token
+    plan   = scheduler.order(layer, demand, resident)      # ordered load items
+    cache.begin_layer(layer, keys, demand)                 # accesses; pin the layer's keys
+    for item in plan: cache.admit(item) -> evictions       # never exceeds the budget
+    wish   = prefetcher.after_layer(layer, demand)         # the next decision point's keys
+    cache.prefetch(wish) -> admitted without evicting a locked key
+    + the scheduler's decompression and compute orders, if it sets them
+
+`Policies.finish(layer)` ends the layer (unpin; tiering may drop parts) and returns its
+evictions. The simulator, the executor and the cache-only replay call these two and
+only carry the decisions out, in simulated time, in real time, or not at all; no engine
+spells the sequence out itself. This module imports neither SimPy nor torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, NamedTuple
+
+from devices.units import format_size
+from policies import make_allocator, make_cache, make_prefetcher, make_scheduler
+from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
+                           Scheduler, largest_layer_demand, needed_keys)
+from policies.cache import CachePolicy
+from policies.cost import CostModel
+from policies.prefetch import Prefetcher
+from workloads.catalog import ModelArch
+from workloads.formats import ExpertFormat
+from workloads.stats import popularity
+from workloads.workload import Workload
+
+PLAN, PREFETCH = "admit", "prefetch"      # a load's kind, as its timeline record names it
+
+
+class Load(NamedTuple):
+    """One load item to carry out, in storage order: `kind` PLAN (this decision point's demand)
+    or PREFETCH (the next one's), with the keys its admission evicted (to drop first)."""
+    item: LoadItem
+    kind: str
+    evicted: list[Key]
+
+
+_new_load = partial(tuple.__new__, Load)
+
+
+@dataclass(slots=True)
+class Decision:
+    """Everything an engine needs to carry out one decision point."""
+    layer: int
+    demand: Demand
+    keys: list[Key]                                   # every needed part (hits and loads)
+    hits: int                                         # how many of them were resident already
+    loads: list[Load]                                 # plan, then prefetches, in storage order
+    decompress_order: list[Key] | None = None         # None: tasks in load order
+    compute_order: list[tuple[int, int]] | None = None  # None: in order of readiness
+
+    def rows(self) -> dict[tuple[int, int], list[int]]:
+        """Token rows of each (expert, level) to compute."""
+        return self.demand.rows()
+
+
+@dataclass
+class Policies:
+    """A policy bundle: the run's allocator, scheduler, cache and (optional) prefetcher."""
+    allocator: Allocator
+    scheduler: Scheduler
+    cache: CachePolicy
+    prefetcher: Prefetcher | None = None
+
+    def __post_init__(self):
+        self.allocator.cache = self.cache         # an allocator may read residency and the budget
+        self.fmt = self.cache.ctx.fmt
+
+    def decide(self, layer: int, routing: Routing) -> Decision:
+        demand = self.allocator.allocate(layer, routing)
+        cache, sched = self.cache, self.scheduler
+        plan = sched.order(layer, demand, cache.resident(layer))
+        keys = needed_keys(demand, self.fmt)
+        hits = cache.begin_layer(layer, keys, demand)
+        admit = cache.admit
+        loads = [_new_load((item, PLAN, admit(item))) for item in plan]
+        if self.prefetcher is not None:
+            for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, demand)):
+                loads.append(_new_load((item, PREFETCH, evicted)))
+        return Decision(layer, demand, keys, hits, loads, sched.decompress_order(layer, plan),
+                        sched.compute_order(layer, demand, plan))
+
+    def finish(self, layer: int) -> list[Key]:
+        return self.cache.end_layer(layer)
+
+    def names(self) -> dict:
+        return {"cache": self.cache.name, "scheduler": self.scheduler.name, "allocator": self.allocator.name,
+                "prefetcher": self.prefetcher.name if self.prefetcher else "none"}
+
+
+# -- walking a workload -----------------------------------------------------------------------
+def workload_routings(workload: Workload) -> Iterator[tuple[object, int, Routing]]:
+    """(step, layer, routing) of every decision point, in engine order."""
+    for step in workload.steps:
+        experts, scores, levels = workload.routing_arrays(step)
+        for layer in range(workload.model.layers):
+            yield step, layer, Routing(experts[layer], scores[layer], None if levels is None else levels[layer])
+
+
+def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]:
+    """Needed keys at every decision point, in engine order (what offline policies see)."""
+    return [needed_keys(allocator.allocate(layer, routing), workload.fmt)
+            for _, layer, routing in workload_routings(workload)]
+
+
+# -- builders --------------------------------------------------------------------------------
+def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
+                   allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
+                   **allocator_options) -> Policies:
+    """A bundle for a run whose routing is known in advance (a trace): offline policies
+    (belady, static-hot, the oracle prefetcher) may read the whole access sequence. The
+    budget must hold the largest single decision point's demand at the levels the allocator
+    asks for; below it, the error states the minimum."""
+    fmt, model = workload.fmt, workload.model
+    base = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
+    probe = make_allocator(allocator, base, **allocator_options)
+    future = None
+    if not probe.reads_cache:          # its demand does not depend on the cache: precompute it
+        future = access_sequence(workload, probe)
+        minimum = largest_layer_demand(future, fmt)
+        if budget < minimum:
+            raise BudgetError(f"budget {format_size(budget)} is below the minimum this workload can run with: "
+                              f"{format_size(minimum)} ({minimum} B = the largest single-layer demand at the "
+                              f"levels the {allocator!r} allocator asks for)")
+    else:
+        _check_online_minimum(probe, model, fmt, budget)
+    ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
+                        popularity=popularity(workload.trace, model.experts), cost=cost)
+    try:
+        return Policies(make_allocator(allocator, ctx, **allocator_options), make_scheduler(scheduler, ctx),
+                        make_cache(cache, ctx), make_prefetcher(prefetch, ctx))
+    except NeedsFuture as e:
+        raise BudgetError(f"{e.args[0]} cannot run with the {allocator!r} allocator: it reads the cache, so the "
+                          f"access sequence is not known in advance") from None
+
+
+def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",
+                          scheduler: str = "fifo", allocator: str = "fixed", prefetch: str = "none",
+                          cost: CostModel | None = None, **allocator_options) -> Policies:
+    """A bundle for routing not known in advance (a real router): no access sequence, so
+    offline policies refuse. The budget must hold one decode step."""
+    ctx = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
+    alloc = make_allocator(allocator, ctx, **allocator_options)
+    _check_online_minimum(alloc, model, fmt, budget)
+    return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx), make_prefetcher(prefetch, ctx))
+
+
+def _check_online_minimum(alloc: Allocator, model: ModelArch, fmt: ExpertFormat, budget: int) -> None:
+    """One decode token's experts, each with the parts of every level the allocator may ask."""
+    parts = {p for lvl in alloc.levels_used() for p in fmt.parts_of(lvl)}
+    per_expert = sum(fmt.resident_bytes[p] for p in parts)
+    minimum = min(model.experts, model.top_k) * per_expert
+    if budget < minimum:
+        raise BudgetError(f"budget {format_size(budget)} is below the minimum of one decode step: "
+                          f"{format_size(minimum)} ({model.top_k} experts at the levels the {alloc.name!r} "
+                          f"allocator asks for)")

@@ -1,0 +1,31 @@
+"""A workload: a model architecture, its routing trace batched into steps, and the
+storage format of its experts. What every engine (simulator, executor, replay) is fed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workloads.batching import Step, batch_steps
+from workloads.catalog import ModelArch
+from workloads.formats import ExpertFormat
+from workloads.trace import RoutingTrace
+
+
+@dataclass
+class Workload:
+    model: ModelArch
+    trace: RoutingTrace
+    fmt: ExpertFormat
+    batch: int = 1
+    steps: list[Step] = field(init=False)
+
+    def __post_init__(self):
+        self.trace.validate(self.model.layers, self.model.experts, self.trace.metadata.get("path", "trace"))
+        self.steps = batch_steps(self.trace, self.batch)
+
+    def routing_arrays(self, step: Step):
+        """(experts, scores, levels or None) of a step, each [layers, tokens, k], so that a
+        layer's routing is a cheap view."""
+        t = self.trace
+        levels = getattr(t, "levels", None)
+        return (t.experts[step.tokens].transpose(1, 0, 2), t.scores[step.tokens].transpose(1, 0, 2),
+                None if levels is None else levels[step.tokens].transpose(1, 0, 2))
