@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from devices.units import ConfigError
+from executor.weights import check_weights, matrix_names
 from workloads.formats import SCALE_BYTES, ExpertFormat, MwqFormat
 
 
@@ -512,11 +513,9 @@ class MwqEncoder:
         self.dtype = dtype
 
     def encode(self, weights, fmt: ExpertFormat) -> list[bytes]:
-        from executor.store import check_weights
         mats = [pack(quantize(w, fmt.b1, fmt.bK, fmt.group)) for w in check_weights(weights, fmt)]
         return serialize_expert(mats)
 
     def decode(self, parts: Sequence[Any], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]:
-        from executor.store import matrix_names
         mats = parse_expert(parts[:fmt.parts_for_level(level)], fmt)
         return {name: dequantize_packed(p, level).to(self.dtype) for name, p in zip(matrix_names(fmt), mats)}

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
@@ -40,8 +39,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from devices.atomic import atomic_write, fsync_dir
 from devices.units import ConfigError, MoelabError
 from policies.base import Key, LoadItem
+from executor.weights import Weights, check_weights, matrix_names  # noqa: F401 (re-exported)
 from workloads.formats import ExpertFormat, make_format
 
 ALIGN = 4096
@@ -65,9 +66,6 @@ def checksum(data) -> int:
 
 
 # -- encoders ------------------------------------------------------------------
-
-Weights = Mapping[str, torch.Tensor]
-
 
 class Encoder(Protocol):
     """A format's codec. encode: weights -> one bytes object per part (sizes = fmt.part_bytes).
@@ -97,29 +95,6 @@ def get_encoder(name: str) -> Encoder:
     if name not in _ENCODERS:
         raise ConfigError(f"no encoder for format {name!r}; registered: {', '.join(sorted(_ENCODERS))}")
     return _ENCODERS[name]
-
-
-def matrix_names(fmt: ExpertFormat) -> tuple[str, ...]:
-    """Names of an expert's weight matrices, in the order of fmt.shapes."""
-    if len(fmt.shapes) == 3:
-        return ("w1", "w3", "w2")
-    if len(fmt.shapes) == 2:
-        return ("w1", "w2")
-    raise ConfigError(f"format {fmt.name}: experts have 2 or 3 matrices, got {len(fmt.shapes)} shapes")
-
-
-def check_weights(weights: Weights, fmt: ExpertFormat) -> list[torch.Tensor]:
-    """The expert's matrices in fmt.shapes order, after checking names and shapes."""
-    names = matrix_names(fmt)
-    if set(weights) != set(names):
-        raise ConfigError(f"expert weights must be {', '.join(names)}; got {', '.join(sorted(weights))}")
-    out = []
-    for name, shape in zip(names, fmt.shapes):
-        t = weights[name]
-        if tuple(t.shape) != tuple(shape):
-            raise ConfigError(f"expert weight {name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-        out.append(t)
-    return out
 
 
 class Bf16Encoder:
@@ -264,33 +239,11 @@ def _parse_index(path: Path) -> tuple[dict, ExpertFormat, list[BlobInfo]]:
     return header, fmt, blobs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file beside `path`, fsync, rename: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _index_text(header: dict, blobs: list[BlobInfo]) -> str:
     """index.json: the header pretty-printed, then one line per blob (diffable, compact)."""
     head = json.dumps(header, indent=1, sort_keys=True)[:-2]  # without the closing "\n}"
     rows = ",\n  ".join(json.dumps(b.to_json(), sort_keys=True) for b in blobs)
     return f'{head},\n "blobs": [\n  {rows}\n ]\n}}\n' if blobs else f'{head},\n "blobs": []\n}}\n'
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the store -----------------------------------------------------------------
@@ -520,7 +473,7 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
         for b in entry:
             ends[b.file] = align_up(b.offset + b.length)
     # restart the journal from the verified entries (drops a torn or unverified tail)
-    _write_atomic(out / JOURNAL, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
+    atomic_write(out / JOURNAL, "".join(json.dumps(x, sort_keys=True) + "\n" for x in
                                          [header] + [{"blobs": [b.to_json() for b in e]} for e in kept]))
     entries = list(kept)
     fds: dict[str, int] = {}
@@ -560,9 +513,9 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
     finally:
         for fd in fds.values():
             os.close(fd)
-    _write_atomic(out / INDEX, _index_text(header, [b for e in entries for b in e]))
+    atomic_write(out / INDEX, _index_text(header, [b for e in entries for b in e]))
     os.unlink(out / JOURNAL)
-    _fsync_dir(out)
+    fsync_dir(out)
     return Store.open(out)
 
 

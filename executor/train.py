@@ -29,7 +29,6 @@ import os
 import platform
 import sys
 import sysconfig
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -39,9 +38,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
+from devices.atomic import atomic_write
 from devices.units import ConfigError
 from executor.hf_checkpoint import load_hf_moe
 from executor.model import MoEConfig, MoETransformer, init_weights
@@ -58,41 +58,16 @@ DEFAULT_CONFIG = MoEConfig(vocab=257, d_model=128, n_layers=4, n_heads=4, n_kv_h
 
 # -- atomic writes -----------------------------------------------------------------
 
-def _publish(tmp: str, path: Path) -> None:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared and committed
-    os.replace(tmp, path)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write(path, text)
 
 
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, save(tensors, metadata=metadata))  # in memory first: the model is small
 
 
 # -- corpus ------------------------------------------------------------------------

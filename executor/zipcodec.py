@@ -40,6 +40,7 @@ import torch
 import zstandard
 
 from devices.units import ConfigError
+from executor.weights import check_weights, matrix_names
 from workloads.formats import ZIP_HEADER_BYTES, ExpertFormat, split_sizes
 
 CODECS = ("zstd", "lz4", "lz4hc")
@@ -366,7 +367,6 @@ class ZipEncoder:
         self.codec = ZipCodec(threads)
 
     def encode(self, weights, fmt: ExpertFormat) -> list[bytes]:
-        from executor.store import check_weights
         # the store holds BF16 experts (as the bf16 format does): convert, then compress losslessly
         mats = [t.detach().to("cpu", torch.bfloat16).contiguous() for t in check_weights(weights, fmt)]
         parts = self.codec.encode(mats, fmt.chunks, fmt.codec)
@@ -386,7 +386,6 @@ class ZipEncoder:
 
     def decode(self, parts: Sequence[Any], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]:
         """Resident parts (SM bytes, then the K raw exponent chunks from decompress_part) -> BF16 matrices."""
-        from executor.store import matrix_names
         n = fmt.params
         sm = np.frombuffer(parts[0], np.uint8, count=n)
         exp = np.concatenate([np.frombuffer(p, np.uint8) for p in parts[1:]])

@@ -77,14 +77,7 @@ class Timeline:
 
 def write_json_atomic(path, data) -> Path:
     """Write JSON to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from devices.atomic import atomic_open
+    with atomic_open(path, "w") as f:
+        json.dump(data, f)
+    return Path(path)

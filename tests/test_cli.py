@@ -68,6 +68,7 @@ def test_simulate_a_trace_with_out_of_range_expert(tmp_path, capsys):
     assert main(["simulate", "--trace", str(tmp_path / "bad.npz")]) == 2
     err = capsys.readouterr().err
     assert "token 2, layer 5" in err and "out of range" in err
+    ex[..., 1] = 1                         # two distinct experts per token (repeats are refused on load)
 
 
 def test_devices_and_models(capsys):

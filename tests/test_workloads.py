@@ -392,3 +392,114 @@ def test_format_stats_table():
     assert "reuse 0.833" in lines[-1]
     single = RoutingTrace(np.zeros((1, 1, 1), int), np.ones((1, 1, 1)), None, None, {"experts": 2})
     assert "-" in format_stats(trace_stats(single)).splitlines()[2]     # no token pairs: no reuse figure
+
+
+# -- issue 9: bookkeeping CSV columns, ragged JSONL, trace checks, precision levels -------------
+def test_csv_bookkeeping_columns_are_not_experts(tmp_path):
+    # integer bookkeeping columns beside token_id: before, they became experts 0..2 and
+    # 'position' (non-zero) landed in every token's top-k
+    header = ["token_id", "layer_id", "batch_id", "position", "e0", "e1", "e2", "e3"]
+    rows = [[0, 0, 0, 5, 0.1, 0.6, 0.2, 0.1], [1, 0, 0, 6, 0.7, 0.1, 0.1, 0.1]]
+    trace = import_csv([write_csv(tmp_path / "layer_0.csv", header, rows)], top_k=2)
+    assert trace.num_experts == 4 and trace.metadata["expert_names"] == ["e0", "e1", "e2", "e3"]
+    assert trace.experts[:, 0].tolist() == [[1, 2], [0, 1]]
+    assert trace.metadata["ignored_columns"] == ["layer_id", "batch_id", "position"]
+    numeric = ["token_id", "layer_id", "0", "1", "2"]              # numbered expert columns
+    trace = import_csv([write_csv(tmp_path / "n.csv", numeric, [[0, 3, 0.2, 0.1, 0.7]])], top_k=1)
+    assert trace.experts.tolist() == [[[2]]] and trace.num_experts == 3
+
+
+def test_csv_ambiguous_columns_are_refused_and_resolved(tmp_path):
+    header = ["token_id", "layer_id", "alpha", "beta", "gamma"]
+    path = write_csv(tmp_path / "layer_0.csv", header, [[0, 7, 0.2, 0.5, 0.3], [1, 7, 0.6, 0.1, 0.3]])
+    with pytest.raises(ConfigError, match=r"layer_0\.csv: cannot tell which columns hold expert scores: "
+                                          r"\['layer_id', 'alpha', 'beta', 'gamma'\].*expert_columns=.*num_experts=N"):
+        import_trace(path, top_k="1")
+    by_count = import_trace(path, top_k="1", num_experts="3")      # the last 3 columns
+    assert by_count.metadata["expert_names"] == ["alpha", "beta", "gamma"]
+    assert by_count.experts[:, 0, 0].tolist() == [1, 0]
+    by_name = import_trace(path, top_k="1", expert_columns="alpha|beta|gamma")
+    np.testing.assert_array_equal(by_name.experts, by_count.experts)
+    with pytest.raises(ConfigError, match=r"expert_columns='zeta' matches none of the columns \['layer_id'"):
+        import_trace(path, top_k="1", expert_columns="zeta")
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        import_trace(path, top_k="1", expert_columns="(")
+
+
+def ragged_records():
+    """Request 'a' has 3 tokens, 'b' 2; a's last token and b's last token lack layer 1."""
+    out = []
+    for req, n in (("a", 3), ("b", 2)):
+        for t in range(n):
+            for layer in range(2):
+                if t == n - 1 and layer == 1:
+                    continue
+                out.append({"req": req, "layer": layer, "token_idx": t, "experts": [t % 4, 4 + layer]})
+    return out
+
+
+def test_jsonl_ragged_strict_names_the_option_and_drop_counts_per_request(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "ragged.jsonl", ragged_records())
+    with pytest.raises(ConfigError, match=r"token 2 of request 'a'.*no record for layer 1.*incomplete=drop"):
+        import_jsonl(path, request_field="req")
+    trace = import_trace(path, request_field="req", incomplete="drop")
+    assert trace.tokens == 3 and trace.request_ids.tolist() == [0, 0, 1]
+    assert trace.experts[:, :, 0].tolist() == [[0, 0], [1, 1], [0, 0]]
+    assert trace.metadata["dropped_tokens"] == {"a": 1, "b": 1}
+    assert "left out 2 token(s)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"option incomplete must be one of strict, drop, got 'some'"):
+        import_jsonl(path, request_field="req", incomplete="some")
+
+
+def test_jsonl_duplicate_record_mentions_request_field(tmp_path):
+    recs = [{"layer": 0, "token_idx": 0, "experts": [1], "req": r} for r in ("a", "b")]
+    path = write_jsonl(tmp_path / "two.jsonl", recs)
+    with pytest.raises(ConfigError, match=r"line 2: duplicate record for token 0, layer 0 \(first on line 1\).*"
+                                          r"request_field="):
+        import_jsonl(path)
+    assert import_jsonl(path, request_field="req").tokens == 2
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda ex, sc: (ex.__setitem__((3, 1, 1), ex[3, 1, 0]), sc), r"token 3, layer 1: expert ids .* repeat"),
+    (lambda ex, sc: (ex, sc.__setitem__((2, 0, 1), np.nan)), r"token 2, layer 0: scores .*not all finite"),
+    (lambda ex, sc: (ex, sc.__setitem__((4, 2, 0), np.inf)), r"token 4, layer 2: scores .*not all finite"),
+])
+def test_npz_trace_with_bad_routing_is_refused(tmp_path, edit, words):
+    ex, sc = reference_arrays()
+    edit(ex, sc)
+    path = RoutingTrace(ex, sc, None, None).save(tmp_path / "bad.npz")
+    with pytest.raises(ConfigError, match=rf"bad\.npz: {words}"):
+        RoutingTrace.load(path)
+    with pytest.raises(ConfigError, match=words):
+        import_numpy(ex, sc)
+
+
+def test_npz_zero_empty_and_non_zip_traces_are_refused(tmp_path):
+    zero = RoutingTrace(np.zeros((0, 2, 2)), np.zeros((0, 2, 2)), None, None).save(tmp_path / "zero.npz")
+    with pytest.raises(ConfigError, match=r"zero\.npz: the trace is empty"):
+        RoutingTrace.load(zero)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npz").write_text("experts,scores\n1,0.5\n")
+    np.savez(tmp_path / "objects.npz", experts=np.array([[[1]]], object), scores=np.ones((1, 1, 1)))
+    for name, why in (("empty", "empty file"), ("text", "not a zip archive"), ("objects", "an array holds Python objects")):
+        with pytest.raises(ConfigError, match=rf"{name}\.npz: cannot read as a \.npz trace \({why}") as e:
+            import_trace(tmp_path / f"{name}.npz")
+        assert "allow_pickle" not in str(e.value)
+
+
+def test_levels_round_trip_and_validation(tmp_path):
+    ex, sc = reference_arrays()
+    levels = np.arange(ex.size).reshape(ex.shape) % 4
+    trace = RoutingTrace(ex, sc, None, None, {}, levels)
+    assert trace.levels.dtype == np.uint8
+    back = RoutingTrace.load(trace.save(tmp_path / "lv.npz"))
+    np.testing.assert_array_equal(back.levels, levels)
+    assert RoutingTrace.load(RoutingTrace(ex, sc, None, None).save(tmp_path / "no.npz")).levels is None
+    with pytest.raises(ConfigError, match=r"levels shape \(5, 3\) differs from experts shape \(5, 3, 2\)"):
+        RoutingTrace(ex, sc, None, None, {}, levels[..., 0])
+    with pytest.raises(ConfigError, match=r"levels must be integers 0\.\.255"):
+        RoutingTrace(ex, sc, None, None, {}, levels + 300)
+    np.savez(tmp_path / "badlv.npz", experts=ex, scores=sc, levels=np.zeros((5, 3, 1), np.uint8))
+    with pytest.raises(ConfigError, match=r"badlv\.npz: levels shape"):
+        RoutingTrace.load(tmp_path / "badlv.npz")

@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ from workloads.trace import RoutingTrace
 
 _TOKEN_COLUMNS = ("token", "token_idx", "token_id")
 _REQUEST_COLUMNS = ("request", "request_id")
+_INCOMPLETE = ("strict", "drop")
+# score columns are named by a number, optionally after an expert-ish word: 3, e3, expert_3, score-3
+_EXPERT_NAME = re.compile(r"(?:experts?|exp|e|scores?|gates?|gate_probs?|probs?|logits?)?[_\-\s]?\d+", re.I)
+# bookkeeping columns: ids, indices, positions (never scores)
+_BOOKKEEPING_NAME = re.compile(r".*(?:^|_|\b)(?:id|idx|index|layer|batch|pos|position|step|seq|sequence|time|"
+                               r"timestamp|row|offset|length|len)s?", re.I)
 
 
 # -- small checks shared by the importers ---------------------------------------------
@@ -98,15 +105,20 @@ def _list_field(rec: dict, key: str, option: str, where: str, check, what: str) 
 
 def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_field="experts",
                  scores_field="gating_probs", request_field=None, prompt_field=None,
-                 num_experts=None) -> RoutingTrace:
+                 num_experts=None, incomplete="strict") -> RoutingTrace:
     """One JSON object per line, one line per (token, layer), in any order, e.g.
     {"layer": 3, "token_idx": 7, "experts": [6, 5], "gating_probs": [0.7, 0.3]}.
 
     Tokens are sorted by (request, token index); requests given as strings keep their order
     of first appearance. Without a scores field every score is 1/k (noted in the metadata).
+    A token without a record in some layer is an error (incomplete="strict"), or is left out
+    (incomplete="drop": ragged dumps often miss a request's last tokens in some layers); the
+    metadata's "dropped_tokens" counts them per request.
     """
     path = Path(path)
     num_experts = _opt_int(num_experts, "num_experts", str(path))
+    if incomplete not in _INCOMPLETE:
+        raise ConfigError(f"{path}: option incomplete must be one of {', '.join(_INCOMPLETE)}, got {incomplete!r}")
     reqs, toks, lays, exps, scs, prms, lines = [], [], [], [], [], [], []
     k = k_line = has_scores = None
     with _open_text(path) as f:
@@ -189,15 +201,35 @@ def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_
     dup = np.flatnonzero(slot[order][1:] == slot[order][:-1])
     if len(dup):
         a, b = order[dup[0]], order[dup[0] + 1]
+        hint = ("; records of several requests? name their request field with request_field=..."
+                if request_field is None else f" (request_field={request_field!r})")
         raise ConfigError(f"{path}, line {line[b]}: duplicate record for {token_name(ti[b])}, layer "
-                          f"{layer_ids[li[b]]} (first on line {line[a]})")
+                          f"{layer_ids[li[b]]} (first on line {line[a]}){hint}")
     have = np.bincount(ti, minlength=T)
-    if (have < L).any():
+    dropped = {}
+    if (have < L).any() and incomplete == "strict":
         t = int(np.flatnonzero(have < L)[0])
         mine = ti == t
         missing = np.setdiff1d(layer_ids, layer_ids[li[mine]])
         raise ConfigError(f"{path}: {token_name(t)} (first record on line {line[mine].min()}) has no record for "
-                          f"layer {missing[0]}; every token needs one record per layer {layer_ids.tolist()}")
+                          f"layer {missing[0]}; every token needs one record per layer {layer_ids.tolist()} "
+                          f"(option incomplete=strict); to leave such tokens out, give incomplete=drop")
+    if (have < L).any():
+        keep = have == L
+        if not keep.any():
+            raise ConfigError(f"{path}: no token has a record in every layer {layer_ids.tolist()}; "
+                              f"incomplete=drop would leave nothing")
+        lost, counts = np.unique(token_keys[~keep, 0], return_counts=True)
+        dropped = {str(names[r] if names else r): int(n) for r, n in zip(lost, counts)}
+        rec = keep[ti]                      # records of the kept tokens
+        new_id = np.cumsum(keep) - 1
+        ti, li, line = new_id[ti[rec]], li[rec], line[rec]
+        exps = [x for x, r in zip(exps, rec) if r]
+        scs = [x for x, r in zip(scs, rec) if r] if has_scores else scs
+        prms = [x for x, r in zip(prms, rec) if r] if prompt_field is not None else prms
+        token_keys, T = token_keys[keep], int(keep.sum())
+        print(f"{path}: incomplete=drop left out {sum(dropped.values())} token(s) lacking a layer: "
+              + ", ".join(f"request {r}: {n}" for r, n in dropped.items()), file=sys.stderr)
 
     experts = np.empty((T, L, k), np.int32)
     experts[ti, li] = np.array(exps, np.int32)
@@ -222,6 +254,9 @@ def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_
         meta["layer_ids"] = layer_ids.tolist()          # trace layer i is input layer layer_ids[i]
     if names is not None:
         meta["request_names"] = names
+    if incomplete == "drop":
+        meta["incomplete"] = "drop"
+        meta["dropped_tokens"] = dropped    # per request: tokens left out for lacking a layer
     return RoutingTrace(experts, scores, token_keys[:, 0].astype(np.int32), prompt, meta)
 
 
@@ -237,7 +272,37 @@ def _layer_order(paths: list[Path]) -> list[Path]:
     return list(paths)
 
 
-def _read_layer_csv(path: Path) -> dict:
+def _expert_columns(names: list[str], others: list[int], pattern, num_experts, path: Path) -> list[int]:
+    """Which of the columns `others` hold expert scores. In order: those matching the option
+    expert_columns (a regular expression); those named like experts (e3, expert_3, 3); all of
+    them when none looks like bookkeeping (layer_id, batch, position...); the last num_experts.
+    Anything else is ambiguous: an error that lists the columns and the options."""
+    listed = [names[i] for i in others]
+    if pattern is not None:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{path}: option expert_columns={pattern!r} is not a regular expression ({e})") from None
+        cols = [i for i in others if rx.fullmatch(names[i])]
+        if not cols:
+            raise ConfigError(f"{path}: option expert_columns={pattern!r} matches none of the columns {listed}")
+        return cols
+    named = [i for i in others if _EXPERT_NAME.fullmatch(names[i])]
+    if named:
+        return named
+    if others and not any(_BOOKKEEPING_NAME.fullmatch(names[i]) for i in others):
+        return others
+    if num_experts is not None and num_experts <= len(others):
+        return others[len(others) - num_experts:]      # score columns follow the bookkeeping ones
+    if not others:
+        raise ConfigError(f"{path}: header {names} has no expert columns")
+    raise ConfigError(f"{path}: cannot tell which columns hold expert scores: {listed} (some look like "
+                      f"bookkeeping, none is named like an expert, e.g. e0 or expert_0); pick them with "
+                      f"option expert_columns=REGEX (e.g. --option expert_columns='s_.*'), or give "
+                      f"option num_experts=N to take the last N columns")
+
+
+def _read_layer_csv(path: Path, expert_columns=None, num_experts=None) -> dict:
     with _open_text(path) as f:
         try:
             reader = csv.reader(f)
@@ -249,9 +314,8 @@ def _read_layer_csv(path: Path) -> dict:
             low = [h.lower() for h in names]
             tok_col = next((i for i, h in enumerate(low) if h in _TOKEN_COLUMNS), None)
             req_col = next((i for i, h in enumerate(low) if h in _REQUEST_COLUMNS), None)
-            ecols = [i for i in range(len(names)) if i not in (tok_col, req_col)]
-            if not ecols:
-                raise ConfigError(f"{path}: header {names} has no expert columns")
+            others = [i for i in range(len(names)) if i not in (tok_col, req_col)]
+            ecols = _expert_columns(names, others, expert_columns, num_experts, path)
             rows, line_nums = [], []
             for row in reader:
                 if not any(c.strip() for c in row):
@@ -286,16 +350,22 @@ def _read_layer_csv(path: Path) -> dict:
                                       f"expected a finite number (an expert score), got {cell!r}")
     def column(c):
         return None if c is None else [row[c].strip() for row in rows]
-    return {"path": path, "experts": [names[c] for c in ecols], "scores": scores, "lines": line_nums,
+    ignored = [names[c] for c in range(len(names)) if c not in ecols and c not in (tok_col, req_col)]
+    return {"path": path, "experts": [names[c] for c in ecols], "ignored": ignored, "scores": scores,
+            "lines": line_nums,
             "token": column(tok_col), "token_name": None if tok_col is None else names[tok_col],
             "request": column(req_col), "request_name": None if req_col is None else names[req_col]}
 
 
-def import_csv(paths, *, num_experts=None, top_k) -> RoutingTrace:
+def import_csv(paths, *, num_experts=None, top_k, expert_columns=None) -> RoutingTrace:
     """One CSV file per layer, one row per token, one column per expert score.
 
     The top_k highest scores are the selected experts (ties: the lower id first); their raw
     scores are kept, not renormalised. An optional 'token' / 'request' column orders tokens.
+    Expert ids follow the order of the score columns; other columns (layer_id, batch_id,
+    position...) are ignored and listed in the metadata. Score columns are the ones matching
+    expert_columns (a regular expression), else those named like experts (e0, expert_0, 0),
+    else all when none looks like bookkeeping, else the last num_experts (see _expert_columns).
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
@@ -303,7 +373,7 @@ def import_csv(paths, *, num_experts=None, top_k) -> RoutingTrace:
     top_k = _opt_int(top_k, "top_k", str(paths[0]))
     num_experts = _opt_int(num_experts, "num_experts", str(paths[0]))
     paths = _layer_order(paths)
-    tables = [_read_layer_csv(p) for p in paths]
+    tables = [_read_layer_csv(p, expert_columns, num_experts) for p in paths]
     first = tables[0]
     E, T = len(first["experts"]), len(first["scores"])
     for t in tables[1:]:
@@ -341,7 +411,7 @@ def import_csv(paths, *, num_experts=None, top_k) -> RoutingTrace:
                               f"got {first['token'][bad]!r}")
         order = np.lexsort((np.array(first["token"], np.int64), req))
     meta = {"format": "csv", "path": str(paths[0].parent), "layer_files": [str(p) for p in paths],
-            "expert_names": first["experts"], "experts": E,
+            "expert_names": first["experts"], "experts": E, "ignored_columns": first["ignored"],
             "scores": "raw router scores of the top-k (not renormalised)"}
     if names is not None:
         meta["request_names"] = names
@@ -388,8 +458,8 @@ def import_numpy(experts, scores=None, request_ids=None, prompt=None, metadata=N
         sc, name = _array(scores, "gate scores")
         if sc.shape != ex.shape:
             raise ConfigError(f"{name}: shape {sc.shape} differs from the expert ids' {ex.shape}")
-        if not np.issubdtype(sc.dtype, np.number) or not np.isfinite(sc).all():
-            raise ConfigError(f"{name}: gate scores must be finite numbers")
+        if not np.issubdtype(sc.dtype, np.number):   # non-finite ones: trace.check names the first
+            raise ConfigError(f"{name}: gate scores must be finite numbers, got dtype {sc.dtype}")
     arrays = {}
     for key, value, what in (("request_ids", request_ids, "request ids"), ("prompt", prompt, "prompt flags")):
         if value is None:
@@ -403,7 +473,9 @@ def import_numpy(experts, scores=None, request_ids=None, prompt=None, metadata=N
         if key == "prompt" and not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
             raise ConfigError(f"{name}: prompt flags must be booleans (or 0/1)")
         arrays[key] = arr
-    return RoutingTrace(ex.astype(np.int32), sc.astype(np.float32), arrays["request_ids"], arrays["prompt"], meta)
+    trace = RoutingTrace(ex.astype(np.int32), sc.astype(np.float32), arrays["request_ids"], arrays["prompt"], meta)
+    trace.check(ex_name)
+    return trace
 
 
 # -- dispatch -----------------------------------------------------------------------------

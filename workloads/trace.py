@@ -5,19 +5,22 @@ On disk a trace is one `.npz` (no pickle) with arrays
   scores      float32 [tokens, layers, k]   their gate scores
   request_ids int32   [tokens]              request each token belongs to
   prompt      bool    [tokens]              True for prompt (prefill) tokens
+  levels      uint8   [tokens, layers, k]   optional: precision level of each selected expert
+                                            (index into the format's levels; absent = not chosen)
   metadata    JSON string                   model name, source, generator settings...
 Tokens of one request appear in generation order; requests may be interleaved.
+A loaded trace has at least one token, k distinct experts per (token, layer) and finite scores.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from devices.atomic import atomic_open
 from devices.units import ConfigError
 
 
@@ -28,6 +31,7 @@ class RoutingTrace:
     request_ids: np.ndarray
     prompt: np.ndarray
     metadata: dict = field(default_factory=dict)
+    levels: np.ndarray | None = None
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts, dtype=np.int32)
@@ -42,6 +46,8 @@ class RoutingTrace:
         for name in ("request_ids", "prompt"):
             if getattr(self, name).shape != (t,):
                 raise ConfigError(f"trace: {name} must have shape ({t},), got {getattr(self, name).shape}")
+        if self.levels is not None:
+            self.levels = _levels_array(self.levels, self.experts.shape)
 
     @property
     def tokens(self) -> int:
@@ -76,35 +82,80 @@ class RoutingTrace:
             raise ConfigError(f"{source}: token {tok}, layer {layer}, slot {slot}: expert id "
                               f"{self.experts[tok, layer, slot]} out of range 0..{experts - 1}")
 
+    def check(self, source: str = "trace") -> None:
+        """Refuse what no engine can run: no tokens, an expert picked twice by one token, or a
+        non-finite score. The error names the first bad (token, layer)."""
+        if self.tokens == 0 or self.layers == 0 or self.top_k == 0:
+            raise ConfigError(f"{source}: the trace is empty (experts shape {self.experts.shape}); "
+                              f"expected at least one token, layer and expert per token")
+        ids = np.sort(self.experts, axis=-1)
+        dup = np.argwhere((ids[..., 1:] == ids[..., :-1]).any(-1))
+        if len(dup):
+            tok, layer = dup[0]
+            raise ConfigError(f"{source}: token {tok}, layer {layer}: expert ids {self.experts[tok, layer].tolist()} "
+                              f"repeat; a token selects {self.top_k} distinct experts")
+        bad = np.argwhere(~np.isfinite(self.scores).all(-1))
+        if len(bad):
+            tok, layer = bad[0]
+            raise ConfigError(f"{source}: token {tok}, layer {layer}: scores {self.scores[tok, layer].tolist()} "
+                              f"are not all finite numbers")
+
     def save(self, path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, experts=self.experts, scores=self.scores, request_ids=self.request_ids,
-                                prompt=self.prompt, metadata=np.array(json.dumps(self.metadata)))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        arrays = dict(experts=self.experts, scores=self.scores, request_ids=self.request_ids, prompt=self.prompt,
+                      metadata=np.array(json.dumps(self.metadata)))
+        if self.levels is not None:
+            arrays["levels"] = self.levels
+        with atomic_open(path) as f:
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod
     def load(cls, path) -> "RoutingTrace":
+        """Read and check a .npz trace; every problem is a ConfigError naming the file."""
         path = Path(path)
         try:
+            if path.is_file() and not zipfile.is_zipfile(path):  # else numpy tries it as a pickle
+                why = "empty file" if path.stat().st_size == 0 else "not a zip archive"
+                raise ConfigError(f"{path}: cannot read as a .npz trace ({why}); {_EXPECTED}")
             with np.load(path, allow_pickle=False) as z:
                 missing = {"experts", "scores"} - set(z.files)
                 if missing:
                     raise ConfigError(f"{path}: not a moelab trace, missing arrays {sorted(missing)} "
                                       f"(expected experts, scores, request_ids, prompt, metadata)")
                 meta = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-                return cls(z["experts"], z["scores"], z["request_ids"] if "request_ids" in z.files else None,
-                           z["prompt"] if "prompt" in z.files else None, meta)
+                opt = {k: z[k] if k in z.files else None for k in ("request_ids", "prompt", "levels")}
+                trace = cls(z["experts"], z["scores"], opt["request_ids"], opt["prompt"], meta, opt["levels"])
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such trace file") from None
-        except (OSError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"{path}: cannot read as a .npz trace ({e})") from None
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg.removeprefix('trace: ')}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            # never relay numpy's advice to set allow_pickle: a trace holds plain arrays only
+            raise ConfigError(f"{path}: cannot read as a .npz trace ({_short_reason(e)}); {_EXPECTED}") from None
+        trace.check(str(path))
+        return trace
+
+
+_EXPECTED = "expected a zip of .npy arrays as written by `moelab trace synth`, `trace import` or `trace record`"
+
+
+def _short_reason(e: Exception) -> str:
+    if "pickle" in str(e).lower():  # numpy's message suggests allow_pickle=True: unsafe, never needed
+        return "an array holds Python objects; a trace holds plain numeric arrays"
+    if isinstance(e, zipfile.BadZipFile):
+        return "a damaged zip archive"
+    return f"{type(e).__name__}: {e}"
+
+
+def _levels_array(levels, shape: tuple) -> np.ndarray:
+    """levels as uint8 of the experts' shape, or a ConfigError saying what is wrong."""
+    arr = np.asarray(levels)
+    if arr.shape != shape:
+        raise ConfigError(f"trace: levels shape {arr.shape} differs from experts shape {shape} "
+                          f"(one precision level per token, layer and slot)")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
+        raise ConfigError(f"trace: levels must be integers 0..255 (uint8), got dtype {arr.dtype}"
+                          + (f" with values {arr.min()}..{arr.max()}" if np.issubdtype(arr.dtype, np.number) else ""))
+    return arr.astype(np.uint8)
