@@ -517,5 +517,28 @@ class MwqEncoder:
         return serialize_expert(mats)
 
     def decode(self, parts: Sequence[Any], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]:
-        mats = parse_expert(parts[:fmt.parts_for_level(level)], fmt)
+        mats = parse_expert(parts[:len(fmt.parts_of(level))], fmt)
         return {name: dequantize_packed(p, level).to(self.dtype) for name, p in zip(matrix_names(fmt), mats)}
+
+
+class CopiesEncoder:
+    """The Encoder of the copies format (D²MoE's Matryoshka-Free baseline): part i is a
+    standalone INT(b1+i) quantization, stored as an MWQ base plane of that width."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+
+    @staticmethod
+    def _width(fmt, level: int) -> MwqFormat:
+        b = fmt.b1 + level
+        return MwqFormat(fmt.shapes, b1=b, bK=b, group=fmt.group)
+
+    def encode(self, weights, fmt: ExpertFormat) -> list[bytes]:
+        mats = check_weights(weights, fmt)
+        return [serialize_expert([pack(quantize(w, b, b, fmt.group)) for w in mats])[0]
+                for b in range(fmt.b1, fmt.bK + 1)]
+
+    def decode(self, parts: Sequence[Any], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]:
+        """`parts`: the one part of `level` (its own copy)."""
+        mats = parse_expert(parts[:1], self._width(fmt, level))
+        return {name: dequantize_packed(p, 0).to(self.dtype) for name, p in zip(matrix_names(fmt), mats)}
