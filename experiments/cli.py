@@ -1,38 +1,279 @@
-"""`moelab`: the command line. Every subcommand is a thin layer over a library call."""
+"""`moelab`: the command line. Every subcommand is a thin layer over a library call.
+
+Errors the user can fix (bad options, files, names) are one line, `error: ...`, exit 2;
+Ctrl-C is one line, exit 130.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from devices.units import MoelabError, format_size, parse_size
+from devices.units import ConfigError, MoelabError, format_size, parse_size
 
+FORMAT_NAMES = ["bf16", "mwq", "zip", "copies"]       # workloads/formats.py FORMATS (not imported at start-up)
 DEFAULTS = {"device": "jetson-agx-orin-64gb", "model": "mixtral-8x7b", "policy": "lru", "batch": 1,
             "tokens": 64, "prompt": 16, "seed": 0}
+SIZE_UNITS = "GB = 10^9 bytes, GiB = 2^30 bytes; also KB, MB, KiB, MiB, or a bare number of bytes"
+TOKENS_HELP = ("new tokens per request: the prefill makes the first, each decode step one more "
+               "(--tokens 1 is the prefill alone)")
+RUN_FILES = ("metrics.json", "timeline.json", "gantt.png")
+
+
+# -- argument types and checks (errors name the option; argparse prefixes "argument --X:") --
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a MoelabError: one line, `error: ...`, exit 2."""
+
+    def error(self, message):
+        raise MoelabError(f"{message} (see `{self.prog} --help`)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] \
+                or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def size_arg(text: str) -> int:
+    """A size in bytes ("3GB", "2.5MiB"): > 0 and finite."""
+    try:
+        value = parse_size(text, "size")
+    except OverflowError:             # "1e400" reads as infinity
+        value = None
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    if value is None or not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size between 1 byte and 2^63 bytes ({SIZE_UNITS})")
+    return value
+
+
+def capacities_arg(text: str) -> str:
+    """Comma-separated positive integers, e.g. "8,16,32" (returned normalised)."""
+    caps = []
+    for c in (c.strip() for c in text.split(",")):
+        if not c:
+            continue
+        try:
+            caps.append(positive_int(c))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of experts >= 1, "
+                                             f"e.g. 8,16,32; got {c!r} in {text!r}") from None
+    if not caps:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of experts >= 1, got {text!r}")
+    return ",".join(map(str, caps))
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. experts_field=topk_ids; got {text!r}")
+    return key.strip(), value
+
+
+def _probe_writable(folder: Path, option: str, target: Path) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} {target}: cannot write in {folder} ({e.strerror})") from None
+
+
+def _existing_ancestor(path: Path, option: str) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            return parent
+    raise ConfigError(f"{option} {path}: no existing parent folder")
+
+
+def check_out_dir(path, option: str = "--out", run_files: tuple[str, ...] | None = RUN_FILES) -> Path:
+    """Before a run: `path` can become a folder we write. With run_files, an existing folder may
+    hold only a previous run's outputs (it is replaced as a whole, never mixed)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {path}: is a file; give a folder (new, or one a previous run wrote)")
+        if run_files is not None:
+            other = sorted(p.name for p in path.iterdir() if p.name not in run_files)
+            if other:
+                raise ConfigError(f"{option} {path}: holds other files ({', '.join(other[:3])}"
+                                  f"{', ...' if len(other) > 3 else ''}); a run replaces its whole --out folder, "
+                                  f"so give a new folder or one only a previous run wrote")
+        _probe_writable(path if run_files is None else path.parent, option, path)
+    else:
+        _probe_writable(_existing_ancestor(path, option), option, path)
+    return path
+
+
+def check_out_file(path, option: str = "--out") -> Path:
+    """Before a run: `path` can become a file we write."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    _probe_writable(path.parent if path.parent.is_dir() else _existing_ancestor(path, option), option, path)
+    return path
 
 
 # -- shared helpers --------------------------------------------------------------------
-def load_workload_trace(args, model):
-    """The trace a run uses: a file if given, else a seeded synthetic one."""
+def importer_options() -> dict[str, list[str]]:
+    """The options each trace importer takes (`--option KEY=VALUE`), read from its signature."""
+    import inspect
+
+    from workloads import importers
+    return {name: [p.name for p in inspect.signature(getattr(importers, f"import_{name}")).parameters.values()
+                   if p.kind == p.KEYWORD_ONLY or (p.default is not p.empty and p.kind != p.VAR_KEYWORD)]
+            for name in ("jsonl", "csv", "numpy")}
+
+
+def import_trace_file(args):
+    """The --trace file, read with the --option importer options (an error that names an
+    option says how to give it from this command)."""
+    from workloads.importers import import_trace
+    options = dict(getattr(args, "option", None) or [])
+    try:
+        trace = import_trace(args.trace, **options)
+    except ConfigError as e:
+        names = {o for opts in importer_options().values() for o in opts}
+        if "--option" in str(e) or not any(n in str(e) for n in names):
+            raise
+        raise ConfigError(f"{e} (give importer options here as --option KEY=VALUE; "
+                          f"`moelab trace import --help` lists them)") from None
+    trace.metadata.setdefault("path", str(args.trace))
+    return trace
+
+
+def model_for(args, trace):
+    """--model, else the model the trace names (its recorded architecture, or a catalog name),
+    else the default."""
+    from dataclasses import fields
+
+    from workloads.catalog import ModelArch, get_model
+    if args.model is not None:
+        return get_model(args.model)
+    meta = trace.metadata if trace is not None else {}
+    if isinstance(meta.get("arch"), dict):
+        names = {f.name for f in fields(ModelArch)}
+        return ModelArch(**{k: v for k, v in meta["arch"].items() if k in names})
+    if meta.get("model"):
+        try:
+            return get_model(meta["model"])
+        except ConfigError:
+            raise ConfigError(f"{args.trace}: the trace names model {meta['model']!r}, which is not in the "
+                              f"catalog and the trace carries no architecture; give --model") from None
+    return get_model(DEFAULTS["model"])
+
+
+# one Event in memory (~0.2 KB), its Chrome-trace dict (~0.9 KB) and its JSON text (~0.3 KB),
+# measured on `simulate` runs with tracemalloc; a run holds them all at once when it writes
+BYTES_PER_EVENT = 1400
+MEMORY_FRACTION = 0.5
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimated_events(model, fmt, tokens: int, steps: int) -> int:
+    """An upper bound on the timeline's events: every (token, layer, expert) a miss that is
+    admitted, loaded (and decompressed) and evicted, computed once; a dense part per step and layer."""
+    per_part = 3 + (1 if any(fmt.decompress_bytes) else 0)
+    return model.layers * (tokens * model.top_k * (1 + per_part * fmt.n_parts) + steps)
+
+
+def check_run_fits(model, fmt, tokens: int, steps: int, reduce: str) -> None:
+    """Refuse, before running, a run whose timeline would not fit in memory."""
+    need = estimated_events(model, fmt, tokens, steps) * BYTES_PER_EVENT
+    avail = available_memory()
+    if avail is not None and need > MEMORY_FRACTION * avail:
+        raise ConfigError(f"this run's timeline would need about {format_size(need)} of memory ({tokens} tokens "
+                          f"x {model.layers} layers; ~{BYTES_PER_EVENT} B per event), more than "
+                          f"{MEMORY_FRACTION:.0%} of the {format_size(avail)} available; reduce {reduce}")
+
+
+def load_workload_trace(args, model, fmt=None):
+    """The trace a run uses: a file if given, else a seeded synthetic one with --tokens new
+    tokens per request (the prefill makes the first: prompt tokens + tokens - 1 decode tokens)."""
     from workloads.synthetic import synthetic_trace
     if args.trace:
-        from workloads.importers import import_trace
-        trace = import_trace(args.trace)
-        trace.metadata.setdefault("path", str(args.trace))
-        return trace
-    return synthetic_trace(model, requests=args.batch, prompt_len=args.prompt, output_len=args.tokens,
+        return import_trace_file(args)
+    tokens, prompt = args.tokens or DEFAULTS["tokens"], DEFAULTS["prompt"] if args.prompt is None else args.prompt
+    decode = tokens - 1 if prompt > 0 else tokens
+    if fmt is not None:
+        check_run_fits(model, fmt, args.batch * (prompt + decode), decode + 1, "--tokens or --batch")
+    return synthetic_trace(model, requests=args.batch, prompt_len=prompt, output_len=decode,
                            skew=args.skew, locality=args.locality, seed=args.seed)
+
+
+def check_trace_args(args) -> None:
+    """--tokens / --prompt shape a synthetic trace; a trace file brings its own lengths."""
+    if args.trace:
+        given = [f"--{name}" for name in ("tokens", "prompt") if getattr(args, name, None) is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} cannot be used with --trace: the trace's own prompt and "
+                              f"output lengths are used; drop {' and '.join(given)}")
+
+
+def check_codec(args) -> None:
+    if args.codec and args.format != "zip":
+        raise ConfigError(f"--codec {args.codec}: only --format zip has a codec (this run is --format {args.format}); "
+                          f"drop --codec or use --format zip")
 
 
 def make_format_for(model, name: str, codec: str | None = None):
     from workloads.formats import make_format
     opts = {}
-    if name == "mwq":
+    if name in ("mwq", "copies"):
         opts["ladder"] = "v1"
     if name == "zip" and codec:
         opts["codec"] = codec
     return make_format(name, model.expert_shapes, **opts)
+
+
+def level_bits(fmt) -> list[int]:
+    """Nominal bits per weight of each precision level (MWQ: INT b1..bK; bf16/zip: 16)."""
+    if hasattr(fmt, "b1"):
+        return [fmt.b1 + i for i in range(fmt.levels)]
+    return [16] * fmt.levels
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
@@ -41,26 +282,86 @@ def print_table(rows: list[tuple[str, str]]) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def summary_rows(m: dict) -> list[tuple[str, str]]:
-    return [
-        ("TTFT", f"{m['ttft_s'] * 1e3:.2f} ms"),
-        ("TPOT mean / p50 / p99", f"{m['tpot_s_mean'] * 1e3:.2f} / {m['tpot_s_p50'] * 1e3:.2f} / "
-                                  f"{m['tpot_s_p99'] * 1e3:.2f} ms"),
-        ("throughput", f"{m['throughput_tok_s']:.2f} tok/s"),
+    ttft = f"{_ms(m['ttft_s'])} ms (mean over {len(m['ttft_s_per_request'])} requests; cold start: " \
+           f"{_ms(m['ttft_s_cold'])} ms)"
+    rows = [
+        ("TTFT", ttft),
+        ("TPOT mean / p50 / p99", f"{_ms(m['tpot_s_mean'])} / {_ms(m['tpot_s_p50'])} / {_ms(m['tpot_s_p99'])} ms"),
+        ("throughput", "-" if m["throughput_tok_s"] is None else
+         f"{m['throughput_tok_s']:.2f} tok/s ({m['generated_tokens']} new tokens)"),
         ("peak expert memory", format_size(m["peak_expert_bytes"])),
         ("bytes read", format_size(m["bytes_read"])),
-        ("hit ratio", f"{m['hit_ratio']:.3f}" + (f" ({m['prefetches']} prefetched loads)" if m["prefetches"] else "")),
-        ("compute bubble", f"{m['compute_bubble_fraction']:.3f}"),
-        ("I/O busy", f"{m['io_busy_fraction']:.3f}"),
+        ("hit ratio (demand)", _ratio(m["hit_ratio"])),
     ]
+    if m["prefetches"]:
+        rows.append(("prefetch coverage / waste", f"{_ratio(m['prefetch_coverage'])} of needed parts / "
+                                                  f"{format_size(m['prefetch_waste_bytes'])} never used "
+                                                  f"({m['prefetches']} prefetched loads)"))
+    if m.get("bits_per_weight") is not None:
+        rows.append(("precision", f"{m['bits_per_weight']:.2f} bits per weight (token-weighted)"))
+    rows += [("compute bubble", _ratio(m["compute_bubble_fraction"])),
+             ("I/O busy", _ratio(m["io_busy_fraction"]))]
+    return rows
+
+
+def hit_ratio_note(m: dict, budget: int, fmt) -> str | None:
+    """Why a run hit nothing, when the budget is the reason."""
+    if m["hit_ratio"] != 0 or not m["loads"]:
+        return None
+    return (f"  note: hit ratio 0: the budget ({format_size(budget)}, {budget // max(fmt.expert_bytes, 1)} experts) "
+            f"holds less than the experts one step uses across all layers, so every layer evicts what the next "
+            f"step will need; a larger --budget (or a smaller model) shows the policies apart")
+
+
+def json_safe(value):
+    """NaN / inf -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_outputs(out: Path, timeline, metrics: dict, quiet: bool = False) -> None:
+    """metrics.json, timeline.json and gantt.png as one unit: written into a temporary folder
+    beside `out`, renamed into place; a previous run's folder is replaced only then."""
     from sim.plot import gantt
-    from sim.timeline import write_json_atomic
-    write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "timeline.json", timeline.chrome_trace())
-    gantt(timeline, out / "gantt.png")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
+        with open(tmp / "timeline.json", "w") as f:
+            json.dump(timeline.chrome_trace(), f)
+        gantt(timeline, tmp / "gantt.png")
+        os.chmod(tmp, 0o755)
+        for _ in range(5):            # a concurrent run may put its folder there between our renames
+            try:
+                os.rename(tmp, out)
+                break
+            except OSError:
+                if not out.exists():
+                    raise
+                old = old or Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+                os.rename(out, old / f"{len(list(old.iterdir()))}")
+        else:
+            raise ConfigError(f"--out {out}: other runs keep writing this folder; give another --out")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     if not quiet:
         print(f"wrote {out / 'metrics.json'}, {out / 'timeline.json'} (Chrome trace: open in Perfetto), "
               f"{out / 'gantt.png'}")
@@ -69,41 +370,66 @@ def write_outputs(out: Path, timeline, metrics: dict, quiet: bool = False) -> No
 # -- subcommands -------------------------------------------------------------------------
 def cmd_simulate(args) -> None:
     from devices.profile import load_device
-    from sim.engine import Simulator, Workload, build_policies
+    from policies import build_policies
+    from policies.cost import CostModel
+    from sim.engine import Simulator
+    from workloads.workload import Workload
     from sim.metrics import compute_metrics
     from workloads.catalog import get_model
 
+    check_codec(args)
+    check_trace_args(args)
     device = load_device(args.device)
     storage = device.storage_option(args.storage)
-    model = get_model(args.model)
-    trace = load_workload_trace(args, model)
+    if args.budget and args.budget > device.memory_bytes:
+        raise ConfigError(f"--budget {format_size(args.budget)} is more than {device.name}'s memory "
+                          f"({format_size(device.memory_bytes)}); give a smaller --budget or another --device")
+    check_out_dir(args.out)
+    trace = import_trace_file(args) if args.trace else None
+    model = model_for(args, trace)
     fmt = make_format_for(model, args.format, args.codec)
+    trace = load_workload_trace(args, model, fmt) if trace is None else trace
+    if args.trace:
+        check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
     workload = Workload(model, trace, fmt, batch=args.batch)
     budget = parse_size(args.budget, "--budget") if args.budget else device.expert_budget_bytes
-    policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch)
+    cost = CostModel.build(device, model, fmt, storage)
+    policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch,
+                              allocator=args.allocator, cost=cost)
     timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
-    metrics = compute_metrics(timeline)
+    metrics = compute_metrics(timeline, level_bits=level_bits(fmt))
     metrics.update(device=device.name, storage=storage.name, model=model.name, format=fmt.name,
                    policy=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, budget_bytes=budget,
                    batch=args.batch)
     print(f"moelab simulate: {model.name} on {device.name} ({storage.name}), {fmt.name} experts, "
           f"{args.policy} cache, {args.scheduler} loads, {args.prefetch} prefetch, budget {format_size(budget)}, "
           f"batch {args.batch}, "
-          f"{metrics['generated_tokens']} tokens")
+          f"{metrics['generated_tokens']} new tokens")
     print_table(summary_rows(metrics))
+    note = hit_ratio_note(metrics, budget, fmt)
+    if note:
+        print(note)
     write_outputs(Path(args.out), timeline, metrics, args.quiet)
 
 
 def cmd_replay(args) -> None:
-    from sim.replay import replay_units, unit_groups
-    from workloads.batching import batch_steps
+    from sim.replay import replay_capacities
+    from workloads.catalog import ModelArch
+    from workloads.formats import make_format
     from workloads.importers import import_trace
+    from workloads.workload import Workload
     trace = import_trace(args.trace)
     caps = [int(c) for c in args.capacities.split(",") if c.strip()]
-    groups = unit_groups(trace, batch_steps(trace, args.batch))
-    ratios = replay_units(groups, args.policy, caps)
-    print(f"{'capacity':>10}  {'hit ratio':>9}   ({args.policy}, {sum(map(len, groups))} accesses)")
-    largest = max(map(len, groups), default=0)
+    # capacities count whole experts, so any one-part expert size will do
+    model = ModelArch("trace", layers=trace.layers, experts=trace.num_experts, top_k=trace.top_k, d_model=128,
+                      d_ff=128, n_heads=1, n_kv_heads=1)
+    workload = Workload(model, trace, make_format("bf16", model.expert_shapes), batch=args.batch)
+    ratios = replay_capacities(workload, args.policy, caps)
+    accesses = sum(len(set(trace.experts[s.tokens, layer].ravel().tolist()))
+                   for s in workload.steps for layer in range(trace.layers))
+    print(f"{'capacity':>10}  {'hit ratio':>9}   ({args.policy}, {accesses} accesses)")
+    largest = max((len(set(trace.experts[s.tokens, layer].ravel().tolist()))
+                   for s in workload.steps for layer in range(trace.layers)), default=0)
     for cap, r in ratios.items():
         print(f"{cap:>10}  {r:>9.4f}" if r is not None else
               f"{cap:>10}  {'-':>9}   (below the largest single-layer demand: {largest} experts)")
@@ -144,16 +470,18 @@ def cmd_trace_stats(args) -> None:
 def cmd_trace_synth(args) -> None:
     from workloads.catalog import get_model
     from workloads.synthetic import synthetic_trace
+    check_out_file(args.out)
     model = get_model(args.model)
-    trace = synthetic_trace(model, requests=args.requests, prompt_len=args.prompt, output_len=args.tokens,
+    decode = args.tokens - 1 if args.prompt > 0 else args.tokens     # the prefill makes the first new token
+    trace = synthetic_trace(model, requests=args.requests, prompt_len=args.prompt, output_len=decode,
                             skew=args.skew, locality=args.locality, seed=args.seed)
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k}")
 
 
 def cmd_trace_import(args) -> None:
     from workloads.importers import import_trace
-    options = dict(kv.split("=", 1) for kv in args.option)
-    trace = import_trace(args.file, args.format, **options)
+    check_out_file(args.out)
+    trace = import_trace(args.file, args.format, **dict(args.option))
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k}")
 
 
@@ -178,15 +506,23 @@ def default_store_dir(args, name: str) -> Path:
 
 
 def format_options(args) -> dict:
-    if args.format == "mwq":
+    if args.format in ("mwq", "copies"):
         return {"ladder": "v1"}
     if args.format == "zip":
         return {"codec": args.codec or "lz4hc"}
     return {}
 
 
+def check_torch_device(device: str) -> None:
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"--torch-device cuda: {why} (torch {torch.__version__}); use --torch-device cpu")
+
+
 def cmd_train(args) -> None:
     from executor.train import train
+    check_out_dir(args.out, run_files=None)       # before training, so a trained model is never lost
     log = train(args.out, minutes=args.minutes, seed=args.seed, quiet=args.quiet)
     print(json.dumps({k: v for k, v in log.items() if k not in ("history", "losses")}, indent=1, default=str))
 
@@ -200,42 +536,89 @@ def cmd_store_build(args) -> None:
           f"({fmt.n_parts} parts)")
 
 
-def prompt_tokens(args, tok, vocab: int, requests: int):
+# prompts of distinct requests: Python function heads like the model's training text (its stdlib)
+PROMPT_HEADS = [
+    ("parse_header(line)", "Split an HTTP header line into a name and a value."),
+    ("merge_sorted(a, b)", "Merge two sorted lists into one sorted list."),
+    ("read_config(path)", "Read an INI file and return its sections as a dict."),
+    ("flatten(items)", "Yield the leaves of a nested list, depth first."),
+    ("word_count(text)", "Count how often each word occurs in the text."),
+    ("is_prime(n)", "Return True if n is a prime number."),
+    ("to_snake_case(name)", "Convert a CamelCase name to snake_case."),
+    ("chunked(seq, size)", "Split a sequence into lists of at most size items."),
+    ("median(values)", "Return the median of a non-empty list of numbers."),
+    ("unique_lines(path)", "Return the distinct lines of a file, in order."),
+    ("retry(func, attempts)", "Call func until it succeeds, at most attempts times."),
+    ("quote_arg(arg)", "Quote a shell argument if it contains spaces."),
+]
+
+
+def prompt_texts(requests: int, seed: int = 0) -> list[str]:
+    """`requests` distinct prompts: the default one first, then function heads in a seeded order."""
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(len(PROMPT_HEADS))
+    texts = [DEFAULT_PROMPT]
+    for i in range(requests - 1):
+        head, doc = PROMPT_HEADS[order[i % len(order)]]
+        if i >= len(order):                       # more requests than heads: number the copies
+            name, _, rest = head.partition("(")
+            head = f"{name}_{i // len(order) + 1}({rest}"
+        texts.append(f'def {head}:\n    """{doc}"""\n')
+    return texts
+
+
+def prompt_tokens(args, tok, vocab: int, requests: int, seed: int = 0):
+    """[requests, P] token ids: --prompt for every request, else distinct prompts cut to the
+    shortest one's length (requests decode in lockstep)."""
     import torch
-    text = args.prompt or DEFAULT_PROMPT
-    ids = tok.encode(text) if tok is not None else [t % vocab for t in text.encode()]
-    return torch.tensor([ids] * requests, dtype=torch.long)
+    texts = [args.prompt] * requests if args.prompt else prompt_texts(requests, seed)
+    ids = [tok.encode(t) if tok is not None else [b % vocab for b in t.encode()] for t in texts]
+    width = min(map(len, ids))
+    return torch.tensor([row[:width] for row in ids], dtype=torch.long)
 
 
 def cmd_execute(args) -> None:
     from devices.profile import load_device
     from executor.execute import ensure_store, execute, model_arch, strip_experts
     from executor.io import StorageThrottle
-    from sim.engine import Workload, build_online_policies, build_policies
+    from policies import build_online_policies, build_policies
+    from policies.cost import CostModel
     from sim.metrics import compute_metrics
+    from workloads.workload import Workload
 
-    if args.prefetch == "oracle" and not args.trace:       # before a store build, not after
+    # every check before a store build, not after
+    if args.prefetch == "oracle" and not args.trace:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")
+    check_codec(args)
+    check_trace_args(args)
+    check_torch_device(args.torch_device)
+    check_out_dir(args.out)
+    args.tokens = DEFAULTS["tokens"] if args.tokens is None else args.tokens
+    forced = import_trace_file(args) if args.trace else None
     model, tok, name = load_model(args)
     store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
     strip_experts(model)
     fmt, arch = store.format, model_arch(model, name)
     total = arch.layers * arch.experts * fmt.level_bytes(fmt.levels - 1)
     budget = parse_size(args.budget, "--budget") if args.budget else total // 4
-    trace = None
-    if args.trace:
-        from workloads.importers import import_trace
-        trace = import_trace(args.trace)
-        w = Workload(arch, trace, fmt, batch=args.batch)
-        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch)
-    else:
-        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler,
-                                         prefetch=args.prefetch)
-    throttle = None
+    throttle = cost = None
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")
-        throttle = StorageThrottle.from_profile(load_device(dev_name).storage_option(storage or None))
+        throttled = load_device(dev_name).storage_option(storage or None)
+        throttle = StorageThrottle.from_profile(throttled)
+    if args.cost_profile or args.throttle:      # what planning policies read (policies/cost.py)
+        dev_name, _, storage = (args.cost_profile or args.throttle).partition(":")
+        cost = CostModel.build(load_device(dev_name), arch, fmt, storage or None)
+    trace = None
+    if args.trace:
+        trace = forced
+        w = Workload(arch, trace, fmt, batch=args.batch)
+        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch,
+                                  allocator=args.allocator, cost=cost)
+    else:
+        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler,
+                                         prefetch=args.prefetch, allocator=args.allocator, cost=cost)
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.batch)
     run = execute(model, store, policies, prompts, args.tokens, trace=trace, batch=args.batch,
                   io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
@@ -243,7 +626,7 @@ def cmd_execute(args) -> None:
                   meta={"model": name, "device": f"host ({args.torch_device})", "format": fmt.name,
                         "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler,
                         "prefetcher": args.prefetch})
-    metrics = compute_metrics(run.timeline)
+    metrics = compute_metrics(run.timeline, level_bits=level_bits(fmt))
     metrics.update(model=name, format=fmt.name, policy=args.policy, scheduler=args.scheduler,
                    prefetch=args.prefetch, budget_bytes=budget,
                    expert_bytes_total=total, batch=args.batch, peak_rss_bytes=run.peak_rss_bytes,
@@ -263,11 +646,13 @@ def cmd_execute(args) -> None:
 
 def cmd_trace_record(args) -> None:
     from executor.record import record_routing
+    check_out_file(args.out)
     model, tok, name = load_model(args)
-    prompts = prompt_tokens(args, tok, model.cfg.vocab, args.requests)
+    prompts = prompt_tokens(args, tok, model.cfg.vocab, args.requests, args.seed)
     trace = record_routing(model, prompts, args.tokens, model_name=name)
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k} "
-          f"({args.requests} requests; replay it with `moelab simulate --trace {args.out} ...`)")
+          f"({args.requests} requests, {len(set(map(tuple, prompts.tolist())))} distinct prompts; replay it with "
+          f"`moelab simulate --trace {args.out}`: the trace names its model)")
 
 
 def add_model_args(p) -> None:
@@ -276,46 +661,86 @@ def add_model_args(p) -> None:
 
 
 # -- parser -----------------------------------------------------------------------------------
+def add_policy_args(p) -> None:
+    """Names checked against the registries (policies/__init__.py) when the command line is read,
+    so a typo fails before any trace is read or store is built."""
+    from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
+    p.add_argument("--policy", default=DEFAULTS["policy"], choices=list(CACHES), metavar="NAME",
+                   help=f"cache policy: {', '.join(CACHES)}")
+    p.add_argument("--scheduler", default="fifo", choices=list(SCHEDULERS), metavar="NAME",
+                   help=f"load scheduler: {', '.join(SCHEDULERS)}")
+    p.add_argument("--prefetch", default="none", choices=list(PREFETCHERS), metavar="NAME",
+                   help=f"prefetcher: {', '.join(PREFETCHERS)} (oracle reads the trace ahead: needs --trace)")
+    p.add_argument("--allocator", default="fixed", choices=list(ALLOCATORS), metavar="NAME",
+                   help=f"bit allocator: {', '.join(ALLOCATORS)} (fixed: every token at the format's top level; "
+                        f"trace-levels: the levels a trace carries)")
+
+
+def add_trace_option_arg(p) -> None:
+    p.add_argument("--option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="importer option for a --trace that is not .npz (repeatable; "
+                        "`moelab trace import --help` lists them)")
+
+
 def add_workload_args(p) -> None:
-    p.add_argument("--model", default=DEFAULTS["model"], help="architecture from `moelab models`")
+    p.add_argument("--model", help="architecture from `moelab models`, or a trained model folder "
+                                   f"(default: the model the --trace names, else {DEFAULTS['model']})")
     p.add_argument("--trace", help="routing trace (.npz, .jsonl, .csv dir, .npy); default: synthetic")
-    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="requests decoded in lockstep")
-    p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="output tokens per request (synthetic)")
-    p.add_argument("--prompt", type=int, default=DEFAULTS["prompt"], help="prompt tokens per request (synthetic)")
+    add_trace_option_arg(p)
+    p.add_argument("--batch", type=positive_int, default=DEFAULTS["batch"],
+                   help="requests (synthetic) decoded in lockstep")
+    p.add_argument("--tokens", type=positive_int,
+                   help=f"{TOKENS_HELP} (synthetic; default: {DEFAULTS['tokens']})")
+    p.add_argument("--prompt", type=int, help=f"prompt tokens per request (synthetic; default: {DEFAULTS['prompt']})")
     # defaults calibrated on public Mixtral-8x7B decode traces (peers.md): top-2 share ~0.35, reuse ~0.6
     p.add_argument("--skew", type=float, default=0.4, help="expert popularity skew (synthetic; 0 = uniform)")
     p.add_argument("--locality", type=float, default=0.15, help="per-slot reuse probability at the next token "
                                                                  "(synthetic)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the synthetic trace")
+
+
+def trace_import_epilog() -> str:
+    lines = ["importer options (--option KEY=VALUE; also taken by `simulate` and `execute` with --trace):"]
+    for fmt, names in importer_options().items():
+        lines.append(f"  {fmt + ':':<7} {', '.join(names)}")
+    lines.append("  npz:    none (moelab's own format)")
+    return "\n".join(lines)
+
+
+class EpilogFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moelab", description="On-device MoE serving policies: simulate, execute, compare.")
+    ap = Parser(prog="moelab", description="On-device MoE serving policies: simulate, execute, compare. "
+                                           f"Sizes: {SIZE_UNITS}.", formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def add(group, name, **kw):          # every subcommand takes --quiet
+    def add(group, name, **kw):          # every subcommand takes --quiet and shows its defaults
+        kw.setdefault("formatter_class", HelpFormatter)
         return group.add_parser(name, parents=[common], **kw)
 
     p = add(sub, "simulate", help="simulate a (device, workload, policy) run")
     p.add_argument("--device", default=DEFAULTS["device"], help="profile from `moelab devices` or a YAML path")
     p.add_argument("--storage", help="storage option of the device (default: the profile's)")
     add_workload_args(p)
-    p.add_argument("--policy", default=DEFAULTS["policy"], help="cache policy (see `moelab policies`)")
-    p.add_argument("--scheduler", default="fifo", help="load scheduler")
-    p.add_argument("--prefetch", default="none", help="prefetcher: none, last-use, oracle (needs the trace)")
-    p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"], help="expert storage format")
-    p.add_argument("--codec", help="zip format codec (lz4, lz4hc, zstd)")
-    p.add_argument("--budget", help="memory budget for experts, e.g. 40GB (default: the device's)")
-    p.add_argument("--out", default="runs/simulate", help="output folder")
+    add_policy_args(p)
+    p.add_argument("--format", default="bf16", choices=FORMAT_NAMES,
+                   help="expert storage format (copies: one standalone INT copy per width, D²MoE's Matryoshka-Free)")
+    p.add_argument("--codec", choices=["lz4", "lz4hc", "zstd"], help="codec of --format zip (default: lz4hc)")
+    p.add_argument("--budget", type=size_arg, metavar="SIZE",
+                   help=f"memory budget for experts, e.g. 3GB ({SIZE_UNITS}; default: the device's expert budget)")
+    p.add_argument("--out", default="runs/simulate", help="output folder (replaced as a whole by each run)")
     p.set_defaults(func=cmd_simulate)
 
     p = add(sub, "replay", help="hit ratio per cache capacity (experts), no timing")
-    p.add_argument("--trace", required=True)
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--capacities", default="8,16,32,64,128")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--trace", required=True, help="routing trace (.npz, .jsonl, .csv dir, .npy)")
+    p.add_argument("--policy", default="lru", help="cache policy (see `moelab policies`)")
+    p.add_argument("--capacities", type=capacities_arg, default="8,16,32,64,128",
+                   help="cache capacities to try, in experts, comma-separated")
+    p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
     p.set_defaults(func=cmd_replay)
 
     p = add(sub, "devices", help="list device profiles, or `devices show NAME`")
@@ -332,78 +757,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_trace_stats)
     p = add(tp, "synth", help="write a seeded synthetic trace")
-    p.add_argument("--model", default=DEFAULTS["model"])
-    p.add_argument("--requests", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=DEFAULTS["prompt"])
-    p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
-    p.add_argument("--skew", type=float, default=0.4)
-    p.add_argument("--locality", type=float, default=0.15)
+    p.add_argument("--model", default=DEFAULTS["model"], help="architecture from `moelab models`")
+    p.add_argument("--requests", type=positive_int, default=1)
+    p.add_argument("--prompt", type=int, default=DEFAULTS["prompt"], help="prompt tokens per request")
+    p.add_argument("--tokens", type=positive_int, default=DEFAULTS["tokens"], help=TOKENS_HELP)
+    p.add_argument("--skew", type=float, default=0.4, help="expert popularity skew (0 = uniform)")
+    p.add_argument("--locality", type=float, default=0.15, help="per-slot reuse probability at the next token")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=cmd_trace_synth)
-    p = add(tp, "import", help="convert a JSONL / CSV / NumPy trace to .npz")
+    p = add(tp, "import", help="convert a JSONL / CSV / NumPy trace to .npz", epilog=trace_import_epilog(),
+            formatter_class=EpilogFormatter)
     p.add_argument("file")
-    p.add_argument("--format", choices=["jsonl", "csv", "numpy", "npz"])
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="importer option, e.g. experts_field=topk_ids")
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["jsonl", "csv", "numpy", "npz"], help="default: from the file's extension")
+    p.add_argument("--option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="importer option, e.g. experts_field=topk_ids (repeatable; listed below)")
+    p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=cmd_trace_import)
     p = add(sub, "train", help="train the small MoE LM on the Python standard library's sources")
-    p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=15.0)
+    p.add_argument("--out", required=True, help="model folder to write (checked writable before training)")
+    p.add_argument("--minutes", type=positive_float, default=15.0, help="training time in minutes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
     sp = add(sub, "store", help="expert stores").add_subparsers(dest="store_cmd", required=True)
     p = add(sp, "build", help="write a model's experts as an on-disk store (resumable)")
     add_model_args(p)
-    p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
-    p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
-    p.add_argument("--store", "--out", dest="store", help="store folder (default runs/stores/MODEL-FORMAT)")
+    p.add_argument("--format", default="bf16", choices=FORMAT_NAMES,
+                   help="expert storage format (copies: one standalone INT copy per width, D²MoE's Matryoshka-Free)")
+    p.add_argument("--codec", choices=["lz4", "lz4hc", "zstd"], help="codec of --format zip (default: lz4hc)")
+    p.add_argument("--store", "--out", dest="store", help="store folder (default: runs/stores/MODEL-FORMAT)")
     p.set_defaults(func=cmd_store_build)
 
     p = add(sub, "execute", help="run a real model with experts loaded on demand under a policy")
     add_model_args(p)
-    p.add_argument("--format", default="bf16", choices=["bf16", "mwq", "zip"])
-    p.add_argument("--codec", help="zip codec: lz4, lz4hc, zstd")
-    p.add_argument("--store", help="store folder (default runs/stores/MODEL-FORMAT, built if missing)")
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--scheduler", default="fifo")
-    p.add_argument("--prefetch", default="none", help="prefetcher: none, last-use, oracle (with --trace)")
-    p.add_argument("--budget", help="expert memory budget (default: a quarter of all experts)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--format", default="bf16", choices=FORMAT_NAMES,
+                   help="expert storage format (copies: one standalone INT copy per width, D²MoE's Matryoshka-Free)")
+    p.add_argument("--codec", choices=["lz4", "lz4hc", "zstd"], help="codec of --format zip (default: lz4hc)")
+    p.add_argument("--store", help="store folder (default: runs/stores/MODEL-FORMAT, built if missing)")
+    add_policy_args(p)
+    p.add_argument("--budget", type=size_arg, metavar="SIZE",
+                   help=f"expert memory budget ({SIZE_UNITS}; default: a quarter of all experts' bytes)")
+    p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
+    p.add_argument("--tokens", type=positive_int, help=f"{TOKENS_HELP} (default: {DEFAULTS['tokens']}; "
+                                                       f"with --trace, the trace's own)")
+    p.add_argument("--prompt", help="prompt text of every request (default: distinct built-in prompts)")
     p.add_argument("--trace", help="force routing from this trace (as `moelab simulate --trace` replays it)")
+    add_trace_option_arg(p)
     p.add_argument("--throttle", metavar="DEVICE[:STORAGE]", help="make the disk behave like a device's storage")
-    p.add_argument("--io-concurrency", type=int, default=2)
-    p.add_argument("--decompress-workers", type=int, default=2)
-    p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default on CPU: all cores but one, "
-                                                     "left to the I/O and decompression workers)")
-    p.add_argument("--out", default="runs/execute")
+    p.add_argument("--cost-profile", metavar="DEVICE[:STORAGE]",
+                   help="device profile whose costs planning policies read (default: the --throttle device)")
+    p.add_argument("--io-concurrency", type=positive_int, default=2, help="reads in flight")
+    p.add_argument("--decompress-workers", type=positive_int, default=2, help="decompression threads (zip)")
+    p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"], help="where experts compute")
+    p.add_argument("--torch-threads", type=positive_int,
+                   help="torch intra-op threads (default on CPU: all cores but one, left to the I/O and "
+                        "decompression workers)")
+    p.add_argument("--out", default="runs/execute", help="output folder (replaced as a whole by each run)")
     p.set_defaults(func=cmd_execute)
 
     p = add(tp, "record", help="record a real model's routing as a trace")
     add_model_args(p)
-    p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--requests", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--out", required=True)
+    p.add_argument("--prompt", help="prompt text of every request (default: distinct built-in prompts)")
+    p.add_argument("--requests", type=positive_int, default=1)
+    p.add_argument("--tokens", type=positive_int, default=64, help=TOKENS_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the order of the built-in prompts")
+    p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=cmd_trace_record)
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "devices" and args.action == "show" and not args.name:
-        print("error: `moelab devices show NAME` needs a device name", file=sys.stderr)
-        return 2
     try:
+        args = build_parser().parse_args(argv)
+        if args.command == "devices" and args.action == "show" and not args.name:
+            raise MoelabError("`moelab devices show NAME` needs a device name")
         args.func(args)
     except MoelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing more was written", file=sys.stderr)
+        return 130
     except BrokenPipeError:          # `moelab ... | head`
         return 0
     return 0

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import make_device, make_trace
 from executor.execute import ensure_store, execute, model_arch, strip_experts
@@ -321,3 +321,56 @@ def test_lazy_heap_passes_over_and_keeps_entries():
     it.close()                                      # c and a go back
     h.discard("c")
     assert list(h) == ["a", "b"]
+
+
+# -- invariants with mixed and non-prefix levels --------------------------------------------------
+@st.composite
+def leveled_cases(draw):
+    layers, experts, k = draw(st.integers(1, 3)), draw(st.integers(2, 6)), draw(st.integers(1, 2))
+    k = min(k, experts)
+    tokens, seed = draw(st.integers(1, 20)), draw(st.integers(0, 10**6))
+    fmt_name = draw(st.sampled_from(["mwq", "copies"]))
+    return layers, experts, k, tokens, seed, fmt_name, draw(st.integers(1, 3)), \
+        draw(st.sampled_from(sorted(CACHES) + ["test-two-pool", "test-token-weighted"])), \
+        draw(st.sampled_from(["none", "last-use", "oracle"])), draw(st.integers(0, 2 * layers * experts))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(leveled_cases())
+def test_invariants_with_levels_from_the_trace(registered, case):
+    layers, experts, k, tokens, seed, fmt_name, batch, cache, prefetch, extra = case
+    rng = np.random.default_rng(seed)
+    model = ModelArch("p", layers=layers, experts=experts, top_k=k, d_model=128, d_ff=128, n_heads=1, n_kv_heads=1)
+    fmt = make_format(fmt_name, model.expert_shapes, b1=2, bK=4)
+    ex = np.stack([np.stack([rng.choice(experts, k, replace=False) for _ in range(layers)]) for _ in range(tokens)])
+    trace = make_trace(ex, prompt=rng.random(tokens) < 0.3, request_ids=rng.integers(0, 3, tokens),
+                       num_experts=experts)
+    trace.levels = rng.integers(0, fmt.levels, ex.shape).astype(np.uint8)
+    w = Workload(model, trace, fmt, batch=batch)
+    budget = (experts * k + extra) * max(fmt.resident_bytes)      # a layer never needs more than this
+    budget = max(budget, 2 * experts * fmt.expert_bytes)
+    p = build_policies(w, budget, cache=cache, allocator="trace-levels", prefetch=prefetch)
+    tl = Simulator(make_device(), w, p).run()
+    mem = 0
+    for e in tl.of("cache"):
+        mem += -e.bytes if e.kind == "evict" else e.bytes
+        assert 0 <= mem <= budget
+    want = {}
+    for s in w.steps:
+        for t in s.tokens:
+            for layer in range(layers):
+                for e, lvl in zip(ex[t, layer], trace.levels[t, layer]):
+                    pair = (s.index, layer, int(e), int(lvl))
+                    want[pair] = want.get(pair, 0) + 1
+    assert {(e.step, e.layer, e.expert, e.level): e.tokens for e in tl.of("compute")} == want
+    loads = {}
+    for e in tl.of("io"):
+        loads.setdefault((e.layer, e.expert, e.level), []).append(e.end)
+    resident = set()
+    for e in sorted(tl.events, key=lambda e: (e.start, e.resource != "cache")):
+        if e.resource == "cache":
+            (resident.discard if e.kind == "evict" else resident.add)((e.layer, e.expert, e.level))
+        elif e.resource == "compute":       # every part of its level is resident, its load done
+            for part in fmt.parts_of(e.level):
+                assert (e.layer, e.expert, part) in resident
+                assert any(end <= e.start + 1e-12 for end in loads[e.layer, e.expert, part])
