@@ -86,7 +86,10 @@ class StepInfo:
 class ExpertRuntime:
     def __init__(self, store: Store, policies: Policies, *, activation: str = "silu",
                  torch_device: str = "cpu", dtype: torch.dtype = torch.float32, io: IOWorkers,
-                 decompress: DecompressPool | None = None, meta: dict | None = None):
+                 decompress: DecompressPool | None = None, meta: dict | None = None, level_fn=None):
+        """level_fn(layer, hidden [tokens, d], ids [tokens, k], gates [tokens, k]) -> uint8 numpy
+        levels [tokens, k]: a bit-width router run on the real hidden state (D²MoE's dual
+        routing); its levels reach the allocator as Routing.levels (the trace-levels allocator)."""
         self.store, self.p = store, policies
         self.fmt = store.format
         self.encoder = get_encoder(self.fmt.name)
@@ -100,6 +103,7 @@ class ExpertRuntime:
         self.last = 0.0                     # when the previous layer's experts finished
         self.loading: dict[Key, Future] = {}  # admitted key -> resolves once it is resident
         self.levels = None                  # forced levels of this step [tokens, layers, k], from a trace
+        self.level_fn = level_fn
         self.sequencer = _Sequencer(None)
 
     # -- clock and steps ---------------------------------------------------------
@@ -122,7 +126,12 @@ class ExpertRuntime:
         fmt, s = self.fmt, self.step.index
         now = self.now()
         self._add("dense", "dense", self.last, now, layer, -1, -1, 0, s, hidden.shape[0])
-        levels = None if self.levels is None else self.levels[:, layer]
+        if self.levels is not None:             # forced from a trace
+            levels = self.levels[:, layer]
+        elif self.level_fn is not None:         # a bit-width router's choice, from the hidden state
+            levels = self.level_fn(layer, hidden, ids, gates)
+        else:
+            levels = None
         d = self.p.decide(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy(), levels))
         self.sequencer = _Sequencer(d.decompress_order)
         for item, kind, evicted in d.loads:      # in storage order: plan, then prefetches
