@@ -120,8 +120,8 @@ def path_read(store: Store, mode: str, concurrency: int, order: list, verify: bo
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m executor.benchmark_io", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "moelab-benchmark-io-store"),
-                    help="store folder, reused across runs (default: %(default)s)")
+    ap.add_argument("--dir", help="store folder, kept and reused across runs (default: a temporary folder, "
+                                  "removed at the end, also on an error or Ctrl-C)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=32, help="experts per layer")
     ap.add_argument("--d-model", type=int, default=2048)
@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.dir:
+        return run(args)
+    with tempfile.TemporaryDirectory(prefix="moelab-benchmark-io-") as tmp:   # ~1.1 GB by default
+        args.dir = tmp
+        return run(args)
+
+
+def run(args) -> dict:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     read_size = parse_size(args.read_size, "--read-size")
 

@@ -37,7 +37,12 @@ def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int
             scores.append(np.stack([step[layer][1][rows] for layer in range(L)], axis=1))
             request_ids += [r] * S
             prompt += [i == 0] * S
+    # the architecture too, so `moelab simulate --trace` can rebuild the model without --model
+    from dataclasses import asdict
+
+    from executor.execute import model_arch
     meta = {"source": "moelab trace record", "model": model_name, "experts": model.cfg.experts,
-            "requests": B, "prompt_len": P, "new_tokens": new_tokens}
+            "requests": B, "prompt_len": P, "new_tokens": new_tokens,
+            "arch": asdict(model_arch(model, model_name or "model"))}
     return RoutingTrace(np.concatenate(experts), np.concatenate(scores), np.array(request_ids),
                         np.array(prompt), meta)

@@ -313,13 +313,21 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def hit_ratio_note(m: dict, budget: int, fmt) -> str | None:
+def hit_ratio_note(m: dict, timeline, budget: int, fmt) -> str | None:
     """Why a run hit nothing, when the budget is the reason."""
-    if m["hit_ratio"] != 0 or not m["loads"]:
+    if m["hit_ratio"] != 0 or not m["accesses"]:
         return None
-    return (f"  note: hit ratio 0: the budget ({format_size(budget)}, {budget // max(fmt.expert_bytes, 1)} experts) "
-            f"holds less than the experts one step uses across all layers, so every layer evicts what the next "
-            f"step will need; a larger --budget (or a smaller model) shows the policies apart")
+    per_step: dict[int, set] = {}
+    for e in timeline.events:
+        if e.resource == "compute":
+            per_step.setdefault(e.step, set()).add((e.layer, e.expert))
+    need = min(map(len, per_step.values()))
+    fit = budget // max(fmt.level_bytes(fmt.levels - 1), 1)
+    if fit >= need:
+        return "  note: hit ratio 0: no part was resident before its layer asked for it"
+    return (f"  note: hit ratio 0: the budget holds {fit} experts, fewer than the {need} that even the smallest "
+            f"step computes across its layers, so each expert is evicted before the next step asks for it "
+            f"again; a larger --budget shows the policies apart")
 
 
 def json_safe(value):
@@ -406,7 +414,7 @@ def cmd_simulate(args) -> None:
           f"batch {args.batch}, "
           f"{metrics['generated_tokens']} new tokens")
     print_table(summary_rows(metrics))
-    note = hit_ratio_note(metrics, budget, fmt)
+    note = hit_ratio_note(metrics, timeline, budget, fmt)
     if note:
         print(note)
     write_outputs(Path(args.out), timeline, metrics, args.quiet)

@@ -1,5 +1,38 @@
-"""Metrics from a timeline: the same code for both engines."""
+"""Metrics from a timeline: the same code for both engines.
+
+Definitions (every key of `compute_metrics`; None where a run has nothing to measure,
+never NaN, so metrics.json stays valid JSON):
+
+- generated_tokens: new tokens over all requests. A request's prefill makes its first new
+  token and each decode step one more, so `--tokens N` gives N per request in both engines.
+- ttft_s_per_request: for each request (in trace order), the time from the start of its
+  group's first step (the prefill) to that step's end. Requests decoded in lockstep share
+  their group's value; waiting for earlier groups is not counted. ttft_s is the mean over
+  all requests; ttft_s_cold that of the first group (which starts with an empty cache) and
+  ttft_s_warm the mean over the later groups' requests (None with one group).
+- tpot_s_mean / _p50 / _p99: time between the ends of consecutive steps of a group.
+- throughput_tok_s: generated_tokens / makespan_s.
+- peak_expert_bytes: the most resident expert bytes at any time (admitted + prefetched - evicted).
+- bytes_read, loads: bytes and load items read from storage (demand loads and prefetches).
+- accesses: the parts needed over all decision points (step, layer): for each expert computed
+  there, the parts of the levels it was computed at.
+- hit_ratio: the demand hit ratio, the share of accesses whose part was resident *before the
+  layer asked*, without having been prefetched for that decision point. A part prefetched for
+  the decision point that uses it is not a hit: it is counted in prefetch_coverage.
+- prefetch_coverage: the share of accesses whose part was prefetched for that decision point
+  (and was still resident when it came). hit_ratio + prefetch_coverage + misses / accesses = 1,
+  where the misses are the demand admissions (`admits`).
+- prefetch_waste_bytes: bytes prefetched and never used: evicted, or left at the end of the
+  run, before any decision point needed them.
+- bits_per_weight: the precision computed at, token-weighted over every expert computation
+  (given the bits of each level: MWQ INT2..INT8, 16 for bf16 and zip).
+- compute_bubble_fraction: the share of the makespan the compute resources (experts and
+  dense parts) were idle; io_busy_fraction / decompress_busy_fraction: the share storage /
+  any decompression worker was busy.
+"""
 from __future__ import annotations
+
+from bisect import bisect_left
 
 import numpy as np
 
@@ -33,64 +66,139 @@ def step_spans(tl: Timeline) -> dict[int, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in spans.items()}
 
 
-def count_accesses(tl: Timeline) -> int:
-    """Parts needed over all decision points: for each (step, layer, expert) computed, the
-    parts of the highest level it was computed at. Each was a hit or an admission."""
-    level_parts = tl.meta["level_parts"]
-    top: dict[tuple[int, int, int], int] = {}
+def needed_parts(tl: Timeline) -> dict[tuple[int, int], set[tuple[int, int]]]:
+    """(expert, part) needed at each decision point (step, layer): for each expert computed
+    there, the parts of the levels it was computed at (meta["level_parts"]: each level's parts,
+    or, in older timelines, how many leading parts it needs)."""
+    level_parts = [set(range(p)) if isinstance(p, int) else set(p) for p in tl.meta["level_parts"]]
+    needed: dict[tuple[int, int], set[tuple[int, int]]] = {}
     for e in tl.events:
         if e.resource == "compute":
-            key = (e.step, e.layer, e.expert)
-            if e.level > top.get(key, -1):
-                top[key] = e.level
-    return sum(level_parts[lvl] for lvl in top.values())
+            needed.setdefault((e.step, e.layer), set()).update((e.expert, p) for p in level_parts[e.level])
+    return needed
 
 
-def compute_metrics(tl: Timeline) -> dict:
+def count_accesses(tl: Timeline) -> int:
+    """Parts needed over all decision points: for each (step, layer, expert) computed, the
+    union of the parts of the levels it was computed at (meta["level_parts"]: the parts of
+    each level). Each was a hit or an admission."""
+    level_parts = [set(parts) for parts in tl.meta["level_parts"]]
+    needed: dict[tuple[int, int, int], set[int]] = {}
+    for e in tl.events:
+        if e.resource == "compute":
+            needed.setdefault((e.step, e.layer, e.expert), set()).update(level_parts[e.level])
+    return sum(len(parts) for parts in needed.values())
+
+
+def prefetch_outcomes(tl: Timeline, needed: dict[tuple[int, int], set]) -> tuple[int, int, int]:
+    """(admits, prefetch hits, wasted prefetch bytes), from the cache records in decision order.
+
+    A prefetch record (step s, layer l) is for the next decision point: (s, l), or (s + 1, 0)
+    when l is 0 (issued by the last layer of step s). It is used if a later decision point of
+    its layer needs it before it is evicted: after an eviction the part must be loaded again
+    (an admit or another prefetch) by the next decision point that needs it.
+    """
+    needs: dict[tuple[int, int, int], list[int]] = {}        # (layer, expert, part) -> steps needing it
+    for (step, layer), parts in sorted(needed.items()):
+        for expert, part in parts:
+            needs.setdefault((layer, expert, part), []).append(step)
+    records: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}   # key -> (kind, step of use, bytes)
+    admits = 0
+    for e in tl.events:
+        if e.resource != "cache":
+            continue
+        key = (e.layer, e.expert, e.level)
+        if e.kind == "admit":
+            admits += 1
+            records.setdefault(key, []).append(("admit", e.step, e.bytes))
+        elif e.kind == "prefetch":
+            records.setdefault(key, []).append(("prefetch", e.step + (e.layer == 0), e.bytes))
+        elif e.kind == "evict":
+            records.setdefault(key, []).append(("evict", -1, e.bytes))
+    hits, waste = 0, 0
+    for key, recs in records.items():
+        steps = needs.get(key, [])
+        for i, (kind, target, nbytes) in enumerate(recs):
+            if kind != "prefetch":
+                continue
+            j = bisect_left(steps, target)
+            first_use = steps[j] if j < len(steps) else None
+            later = recs[i + 1:]
+            if later and later[0][0] == "evict":
+                later = later[1:]                       # the next load after the eviction, if any
+            reloaded = later[0][1] if later else None    # the step of that load's decision point
+            used = first_use is not None and (reloaded is None or first_use < reloaded)
+            hits += used and first_use == target
+            waste += 0 if used else nbytes
+    return admits, hits, waste
+
+
+def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict:
+    """The metrics of the module docstring. level_bits: bits per weight of each precision level."""
     steps = tl.meta["steps"]
     spans = step_spans(tl)
     work = [e for e in tl.events if e.resource != "cache"]
     makespan = max((e.end for e in work), default=0.0)
-    ttft, tpot = [], []
+    groups: list[tuple[float, int]] = []         # (TTFT, requests) per group
+    tpot = []
     prev_end, group = None, None
     for s in steps:
+        if s["step"] not in spans:
+            continue
         start, end = spans[s["step"]]
         if s["group"] != group:                  # a new group of requests starts here
             group = s["group"]
-            ttft.append(end - start)
+            groups.append((end - start, s["new_tokens"]))
         else:
             tpot.append(end - prev_end)
         prev_end = end
+    ttft = [t for t, n in groups for _ in range(n)]
+    warm = [t for t, n in groups[1:] for _ in range(n)]
     generated = sum(s["new_tokens"] for s in steps)
-    mem, peak, admits, prefetches = 0, 0, 0, 0
+    mem, peak, prefetches = 0, 0, 0
     for e in tl.events:
         if e.resource == "cache":
-            if e.kind in ("admit", "prefetch"):     # a used prefetch is a hit at its decision point
-                admits += e.kind == "admit"
+            if e.kind in ("admit", "prefetch"):
                 prefetches += e.kind == "prefetch"
                 mem += e.bytes
                 peak = max(peak, mem)
             elif e.kind == "evict":
                 mem -= e.bytes
-    accesses = count_accesses(tl)
+    needed = needed_parts(tl)
+    accesses = sum(len(parts) for parts in needed.values())
+    admits, prefetch_hits, waste = prefetch_outcomes(tl, needed)
     io = [(e.start, e.end) for e in work if e.resource == "io"]
     compute = [(e.start, e.end) for e in work if e.resource in ("compute", "dense")]
     decomp = [(e.start, e.end) for e in work if e.resource.startswith("decompress")]
-    tpot_arr = np.array(tpot) if tpot else np.array([np.nan])
+    computes = [e for e in work if e.resource == "compute"]
+    weighted = sum(e.tokens for e in computes)
+    bits = (sum(level_bits[e.level] * e.tokens for e in computes) / weighted
+            if level_bits is not None and weighted else None)
+
+    def share(x):
+        return x / makespan if makespan > 0 else None
     return {
-        "ttft_s": float(np.mean(ttft)) if ttft else float("nan"),
-        "tpot_s_mean": float(np.mean(tpot_arr)),
-        "tpot_s_p50": float(np.percentile(tpot_arr, 50)),
-        "tpot_s_p99": float(np.percentile(tpot_arr, 99)),
-        "throughput_tok_s": generated / makespan if makespan > 0 else float("nan"),
+        "ttft_s": float(np.mean(ttft)) if ttft else None,
+        "ttft_s_cold": groups[0][0] if groups else None,
+        "ttft_s_warm": float(np.mean(warm)) if warm else None,
+        "ttft_s_per_request": ttft,
+        "tpot_s_mean": float(np.mean(tpot)) if tpot else None,
+        "tpot_s_p50": float(np.percentile(tpot, 50)) if tpot else None,
+        "tpot_s_p99": float(np.percentile(tpot, 99)) if tpot else None,
+        "throughput_tok_s": share(generated),
         "makespan_s": makespan,
         "generated_tokens": generated,
         "peak_expert_bytes": int(peak),
         "bytes_read": int(sum(e.bytes for e in work if e.resource == "io")),
         "loads": len(io),
         "prefetches": prefetches,
-        "hit_ratio": (accesses - admits) / accesses if accesses else float("nan"),
-        "compute_bubble_fraction": 1.0 - busy_time(compute) / makespan if makespan > 0 else float("nan"),
-        "io_busy_fraction": busy_time(io) / makespan if makespan > 0 else float("nan"),
+        "accesses": accesses,
+        "admits": admits,
+        "hit_ratio": (accesses - admits - prefetch_hits) / accesses if accesses else None,
+        "prefetch_coverage": prefetch_hits / accesses if accesses else None,
+        "prefetch_waste_bytes": int(waste),
+        "bits_per_weight": bits,
+        "compute_bubble_fraction": 1.0 - busy_time(compute) / makespan if makespan > 0 else None,
+        "io_busy_fraction": share(busy_time(io)),
         "decompress_busy_fraction": busy_time(decomp) / makespan if makespan > 0 else 0.0,
     }

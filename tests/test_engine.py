@@ -76,7 +76,11 @@ def test_hand_computed_timeline_with_oracle_prefetch():
     assert [d for d in tl.decisions() if d[0] != "admit"] == [
         ("prefetch", 0, 1, 1, 0), ("evict", 1, 1, 1, 0), ("prefetch", 1, 1, 0, 0)]
     m = compute_metrics(tl)
-    assert m["hit_ratio"] == pytest.approx(0.75)          # one demand load in four accesses
+    # four accesses: one demand load (s0 L0 E0), two parts prefetched for the decision point
+    # that used them (coverage, not hits), one part resident before its layer asked (s1 L0 E0)
+    assert m["accesses"] == 4 and m["admits"] == 1
+    assert m["hit_ratio"] == pytest.approx(0.25) and m["prefetch_coverage"] == pytest.approx(0.5)
+    assert m["prefetch_waste_bytes"] == 0
     assert m["prefetches"] == 2 and m["bytes_read"] == 3 * EXPERT
     assert m["peak_expert_bytes"] == 2 * EXPERT
     assert m["makespan_s"] == pytest.approx(2 * D + 3 * L + 2 * C)   # 4D + 3L + 4C without prefetch
