@@ -48,38 +48,93 @@ def strip_experts(model: MoETransformer) -> MoETransformer:
     return model
 
 
-def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: bool = False, **fmt_options) -> Store:
-    """Open the store in `folder`, building it (resumably) from the model's experts if needed."""
+def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: bool = False, *,
+                 verify: bool = False, experts=None, **fmt_options) -> Store:
+    """The store in `folder` of the model's experts in format `fmt_name`, built if needed.
+
+    `experts`: a zero-argument callable returning (layer, expert, weights or a loader of them)
+    for every expert; default: the model's resident experts (a checkpoint reader passes a lazy
+    one, so only one expert is in memory at a time). The store records a digest of those weights:
+    a store built from other weights is rebuilt; one of another format or options is refused.
+    Builds go to a sibling folder renamed into place, under a lock (a concurrent build waits).
+    verify=True (`moelab store build`) reads every blob and rewrites the bad ones.
+    The returned store's build_info says what happened (reused / built / rebuilt / repaired)."""
+    import sys
+    import time
+
+    from executor.store import (INDEX, JOURNAL, build_store_atomic, format_options, peak_rss_bytes, repair_store,
+                                reset_peak_rss, source_digest, store_lock)
+    reset_peak_rss()            # build_info's peak covers this call only
     arch = model_arch(model)
-    if fmt_name == "mwq" and "group" not in fmt_options:
+    experts = experts or (lambda: model_experts(model))
+    if fmt_name in ("mwq", "copies") and "group" not in fmt_options:
         # the paper's g=128 where the widths allow it, else the largest power of two that divides them
         fmt_options["group"] = next(g for g in (128, 64, 32, 16, 8, 4, 2, 1)
                                     if all(i % g == 0 for _, i in arch.expert_shapes))
     if fmt_name == "zip" and "exponent_ratio" not in fmt_options:
         fmt_options["exponent_ratio"] = measured_exponent_ratio(model, fmt_options.get("chunks", 3),
-                                                                fmt_options.get("codec", "lz4hc"))
+                                                                fmt_options.get("codec", "lz4hc"), experts=experts)
     fmt = make_format(fmt_name, arch.expert_shapes, **fmt_options)
     folder = Path(folder)
-    if (folder / "index.json").exists():
-        store = Store.open(folder)
-        if store.format == fmt:
-            return store
-        raise ConfigError(f"{folder}: holds a {store.format.name} store of other shapes or options; "
-                          f"use another --store folder")
-    info = {"layers": arch.layers, "experts": arch.experts, "d_model": arch.d_model, "d_ff": arch.d_ff}
-    return build_store(folder, model_experts(model), fmt, arch_info=info, quiet=quiet,
-                       total=arch.layers * arch.experts)
+    source = {"digest": source_digest(experts())}
+
+    def note(msg: str) -> None:
+        if not quiet:
+            print(f"store {folder}: {msg}", file=sys.stderr)
+
+    with store_lock(folder, quiet):
+        reason = "new"
+        if (folder / INDEX).exists() and not (folder / JOURNAL).exists():
+            try:
+                store = Store.open(folder)
+            except ConfigError as e:
+                store, reason = None, f"unreadable ({e})"
+            if store is not None and store.format != fmt:
+                raise ConfigError(f"{folder}: holds a {store.format.name} store with options "
+                                  f"{store.header['format']['options']} and shapes {store.header['format']['shapes']}; "
+                                  f"asked for {fmt.name} with {format_options(fmt)} and shapes "
+                                  f"{[list(x) for x in fmt.shapes]}: refusing to overwrite it; "
+                                  f"use another --store folder (or delete this one)")
+            if store is not None and store.header.get("source") == source:
+                if not verify:
+                    store.build_info = {"action": "reused"}
+                    return store
+                store, bad = repair_store(store, experts())
+                store.build_info = {"action": "repaired" if bad else "verified", "blobs": len(store.blobs),
+                                    "repaired": [list(b.key) for b in bad]}
+                note(f"verified {len(store.blobs)} blobs" + (f"; rewrote {len(bad)} bad ones: "
+                     + ", ".join(b.describe() for b in bad[:4]) + (" ..." if len(bad) > 4 else "") if bad else ""))
+                return store
+            if store is not None:
+                old = store.header.get("source", {}).get("digest", "not recorded")
+                store.close()
+                reason = f"built from other weights (digest {old}, the model's is {source['digest']})"
+        elif folder.exists() and any(folder.iterdir()):
+            reason = "an unfinished build"
+        if reason != "new":
+            note(f"{reason}: rebuilding it")
+        info = {"layers": arch.layers, "experts": arch.experts, "d_model": arch.d_model, "d_ff": arch.d_ff}
+        t0 = time.perf_counter()
+        store = build_store_atomic(folder, experts(), fmt, arch_info=info, source=source, quiet=quiet,
+                                   total=arch.layers * arch.experts)
+        store.build_info = {"action": "built" if reason == "new" else "rebuilt", "reason": reason,
+                            "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
+        note(f"built {len(store.blobs)} blobs in {store.build_info['seconds']:.1f} s, peak RSS "
+             f"{store.build_info['peak_rss_bytes'] / 1e6:.0f} MB")
+        return store
 
 
 def measured_exponent_ratio(model: MoETransformer, chunks: int, codec: str, sample: int = 8,
-                            margin: float = 1.03) -> float:
+                            margin: float = 1.03, experts=None) -> float:
     """ZipFormat's exponent_ratio for this model: the worst chunk's compressed/raw ratio over a
-    sample of experts, plus a margin (every chunk must fit its fixed-size part)."""
+    sample of experts, plus a margin (every chunk must fit its fixed-size part). `experts`: as
+    in ensure_store (default: the model's resident experts)."""
     from executor.zipcodec import ZIP_HEADER_BYTES, encode_expert
     worst = 0.0
-    for i, (_, _, w) in enumerate(model_experts(model)):
+    for i, (_, _, w) in enumerate(model_experts(model) if experts is None else experts()):
         if i >= sample:
             break
+        w = w() if callable(w) else w
         mats = [w[k].to(torch.bfloat16) for k in ("w1", "w3", "w2") if k in w]
         parts = encode_expert(mats, chunks=chunks, codec=codec)
         n = sum(m.numel() for m in mats)

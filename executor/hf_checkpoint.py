@@ -14,6 +14,8 @@ also has `model.safetensors.index.json` (its weight_map says which file holds wh
 tensor). Tensors are read lazily with safe_open, so `iter_experts` walks the experts
 one at a time without building the model (for the expert store builder), and
 `load_hf_moe(..., resident_experts=False)` builds the model without its routed experts.
+`build_hf_store` (`moelab store build --hf`) combines both: memory holds the dense weights
+and one expert at a time, never the whole checkpoint.
 
 Errors (missing or mis-shaped tensors, unsupported configs) are ConfigError naming the
 tensor, the file and the folder.
@@ -276,3 +278,36 @@ def iter_experts(folder: Union[str, Path], *, dtype: Optional[torch.dtype] = Non
                 names = expert_tensor_names(family, layer, e, cfg)
                 out = {m: src.get(n, shapes[m]) for m, n in names.items()}
                 yield layer, e, out if dtype is None else {m: t.to(dtype) for m, t in out.items()}
+
+
+def lazy_experts(folder: Union[str, Path]):
+    """For ensure_store(experts=...): a zero-argument callable; each call walks the checkpoint's
+    experts layer-major as (layer, expert, loader). A loader reads only that expert's tensors
+    (stored dtype, shapes checked) when called, then closes the files: their memory maps would
+    otherwise keep every page read so far in this process's RSS."""
+    cfg, family = read_config(folder)
+    shapes = {"w1": (cfg.d_ff, cfg.d_model), "w3": (cfg.d_ff, cfg.d_model), "w2": (cfg.d_model, cfg.d_ff)}
+
+    def walk():
+        with SafetensorsFolder(folder) as src:
+            for layer in range(cfg.n_layers):
+                for e in range(cfg.experts):
+                    def load(names=expert_tensor_names(family, layer, e, cfg)):
+                        try:
+                            return {m: src.get(n, shapes[m]) for m, n in names.items()}
+                        finally:
+                            src.close()
+                    yield layer, e, load
+    return walk
+
+
+def build_hf_store(folder: Union[str, Path], out: Union[str, Path], fmt_name: str = "bf16", *,
+                   quiet: bool = False, verify: bool = False, **fmt_options):
+    """The expert store of a local checkpoint, built expert by expert: peak memory is the dense
+    weights (float32) plus about one expert, not the whole checkpoint (store.build_info has the
+    peak RSS). Returns (dense-only model, store); see executor.execute.ensure_store."""
+    from executor.execute import ensure_store  # the executor imports this module's readers
+    model, _ = load_hf_moe(folder, resident_experts=False)
+    store = ensure_store(model, out, fmt_name, quiet=quiet, verify=verify, experts=lazy_experts(folder),
+                         **fmt_options)
+    return model, store

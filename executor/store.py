@@ -10,6 +10,11 @@ Layout of a store folder:
     index.journal       only while a build is in progress: a header line, then one JSON line
                         per expert written; an interrupted build resumes from it
 
+The header records what the store was built from ("source": a digest of the experts'
+weights, see source_digest) beside the format options. build_store_atomic (used by
+executor.execute.ensure_store) builds into a sibling folder and renames it into place, under
+a lock, so a store folder is always one whole store; repair_store rewrites bad blobs.
+
 A blob's length is exactly the format's `part_bytes[part]` (workloads/formats.py), so the
 simulator and the executor agree on every load size.
 
@@ -18,18 +23,24 @@ looked up by format name; `bf16` ships here, other formats call `register_encode
 An encoder is any object with
 
     encode(weights: Mapping[str, Tensor], fmt) -> list[bytes]          # one per part, sizes = fmt.part_bytes
-    decode(parts: Sequence[buffer], fmt, level) -> dict[str, Tensor]   # parts[:fmt.parts_for_level(level)]
+    decode(parts: Sequence[buffer], fmt, level) -> dict[str, Tensor]   # the parts of fmt.parts_of(level), in order
 
 where the weight names are `matrix_names(fmt)` ("w1", "w3", "w2" for SwiGLU experts,
 "w1", "w2" for two-matrix FFNs), in the order of `fmt.shapes`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import re
+import shutil
+import sys
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +131,10 @@ register_encoder("bf16", Bf16Encoder())
 
 
 def _register_paper_formats() -> None:
-    from executor.mwq import MwqEncoder          # D²MoE nested bit-planes
-    from executor.zipcodec import ZipEncoder     # ZipMoE lossless BF16
+    from executor.mwq import CopiesEncoder, MwqEncoder   # D²MoE nested bit-planes; per-width copies
+    from executor.zipcodec import ZipEncoder             # ZipMoE lossless BF16
     register_encoder("mwq", MwqEncoder())
+    register_encoder("copies", CopiesEncoder())
     register_encoder("zip", ZipEncoder())
 
 
@@ -153,10 +165,12 @@ def format_options(fmt: ExpertFormat) -> dict:
             if f.init and f.name not in ("shapes", "name")}
 
 
-def _header(fmt: ExpertFormat, arch_info: Mapping) -> dict:
+def _header(fmt: ExpertFormat, arch_info: Mapping, source: Mapping | None = None) -> dict:
     header = {"moelab_store": STORE_VERSION, "alignment": ALIGN, "checksum": "crc32",
               "format": {"name": fmt.name, "options": format_options(fmt), "shapes": [list(s) for s in fmt.shapes]},
               "arch": dict(arch_info)}
+    if source is not None:
+        header["source"] = dict(source)
     try:  # normalise (tuples -> lists) so headers compare equal after a JSON round trip
         return json.loads(json.dumps(header))
     except TypeError as e:
@@ -260,6 +274,7 @@ class Store:
         self.files: list[str] = sorted({b.file for b in blobs})
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.build_info: dict | None = None   # set by ensure_store: reused / built / rebuilt / repaired
 
     @classmethod
     def open(cls, path) -> "Store":
@@ -324,7 +339,7 @@ class Store:
         level = self.format.levels - 1 if level is None else level
         enc = get_encoder(self.format.name)
         parts = [resident_part(enc, self.format, p, self.read((layer, expert, p)))
-                 for p in range(self.format.parts_for_level(level))]
+                 for p in self.format.parts_of(level)]
         return enc.decode(parts, self.format, level)
 
     def verify(self) -> None:
@@ -452,7 +467,7 @@ def _recover(out: Path, header: dict, fmt: ExpertFormat) -> list[list[BlobInfo]]
 
 
 def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_info: Mapping,
-                quiet: bool = False, total: int | None = None) -> Store:
+                quiet: bool = False, total: int | None = None, source: Mapping | None = None) -> Store:
     """Encode and write every expert `experts_iter` yields as (layer, expert, weights) and return
     the opened store. `weights` is a dict of tensors (see matrix_names) or a zero-argument callable
     returning one, so a resumed build skips loading experts already on disk.
@@ -460,10 +475,12 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
     Resumable: each written expert is recorded in index.journal; a rerun into the same folder
     (with the same format, arch and expert order) verifies what is there, skips it and ends with
     the same store a single run would have built. index.json is written last (temp + rename),
-    after the data files are fsynced, so a store is either complete or not openable."""
+    after the data files are fsynced, so a store is either complete or not openable.
+    `source` (e.g. {"digest": source_digest(...)}) is recorded in the header: what the store was
+    built from, so a store of other weights is never reused (build_store_atomic)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = _header(fmt, arch_info)
+    header = _header(fmt, arch_info, source)
     encoder = get_encoder(fmt.name)
     kept = _recover(out, header, fmt)
     recovered = {entry[0].key[:2] for entry in kept}
@@ -517,6 +534,141 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
     os.unlink(out / JOURNAL)
     fsync_dir(out)
     return Store.open(out)
+
+
+
+# -- provenance, locking, atomic rebuilds, repair --------------------------------------
+
+def source_digest(experts_iter: ExpertSource) -> str:
+    """A digest of every expert's weights, in iteration order. Values are hashed as float32,
+    so a bf16 checkpoint and the same weights loaded in float32 agree."""
+    h = hashlib.blake2b(digest_size=16)
+    for layer, expert, weights in experts_iter:
+        w = weights() if callable(weights) else weights
+        h.update(f"{layer},{expert};".encode())
+        for name in sorted(w):
+            t = w[name].detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy())          # the buffer itself: no bytes copy
+    return "blake2b-128:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def store_lock(folder, quiet: bool = False):
+    """An exclusive flock on a file beside `folder` (beside, so it survives the folder being
+    renamed): a second build of the same store waits for the first."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"store {folder}: another process is building it; waiting", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_STORE_FILE = re.compile(r"index\.json|index\.journal|layer_\d{4,}\.bin|.*\.tmp")  # ours (and temp files)
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Rename the complete store `new` to `folder`; an old `folder` is moved aside first and
+    then deleted. A crash leaves `folder` whole (old or new) or absent, never mixed."""
+    old = None
+    if folder.exists():
+        foreign = sorted(p.name for p in folder.iterdir() if not _STORE_FILE.fullmatch(p.name))
+        if foreign:
+            raise ConfigError(f"{folder}: holds files that are not a store's ({', '.join(foreign[:5])}); "
+                              f"refusing to replace it; use another --store folder")
+        old = folder.parent / f".{folder.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(new, folder)
+    fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_store_atomic(folder, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_info: Mapping,
+                       source: Mapping | None = None, quiet: bool = False, total: int | None = None) -> Store:
+    """build_store into a sibling folder (resumable there), then rename it to `folder`,
+    replacing what was there. Call under store_lock(folder)."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.building"
+    if (tmp / JOURNAL).exists():  # a partial build of something else is dropped, not resumed
+        old_header, _ = _read_journal(tmp / JOURNAL)
+        if old_header != _header(fmt, arch_info, source):
+            shutil.rmtree(tmp)
+    build_store(tmp, experts_iter, fmt, arch_info=arch_info, quiet=quiet, total=total, source=source).close()
+    _swap_in(tmp, folder)
+    return Store.open(folder)
+
+
+def bad_blobs(store: Store) -> list[BlobInfo]:
+    """Blobs whose bytes on disk are truncated or fail their checksum."""
+    bad = []
+    buf = bytearray(max((b.length for b in store.blobs.values()), default=0))
+    for info in store.blobs.values():
+        try:
+            store.read(info.key, buf)
+        except IntegrityError:
+            bad.append(info)
+    return bad
+
+
+def repair_store(store: Store, experts_iter: ExpertSource) -> tuple[Store, list[BlobInfo]]:
+    """Verify every blob and re-encode the experts of the bad ones in place (a blob's offset and
+    length are fixed by the format). Returns the reopened store and the blobs rewritten. Meant
+    for a store whose recorded source matches `experts_iter` (so the bytes come out the same)."""
+    bad = bad_blobs(store)
+    if not bad:
+        return store, []
+    todo = {b.key[:2] for b in bad}
+    encoder, fmt = get_encoder(store.format.name), store.format
+    blobs = dict(store.blobs)
+    fds: dict[str, int] = {}
+    try:
+        for layer, expert, weights in experts_iter:
+            if (layer, expert) not in todo:
+                continue
+            todo.discard((layer, expert))
+            for p, data in enumerate(encoder.encode(weights() if callable(weights) else weights, fmt)):
+                info = blobs[Key(layer, expert, p)]
+                if info.file not in fds:
+                    fds[info.file] = os.open(store.path / info.file, os.O_WRONLY | os.O_CREAT, 0o644)
+                _pwrite_all(fds[info.file], data + bytes(align_up(len(data)) - len(data)), info.offset)
+                blobs[info.key] = dataclasses.replace(info, checksum=checksum(data))
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if todo:
+        raise ConfigError(f"{store.path}: cannot repair experts {sorted(todo)}: the source does not have them")
+    header = store.header
+    store.close()
+    if any(blobs[k].checksum != store.blobs[k].checksum for k in blobs):  # re-encoding changed bytes
+        atomic_write(store.path / INDEX, _index_text(header, list(blobs.values())))
+    return Store.open(store.path), bad
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter of this process (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since reset_peak_rss (VmHWM), else since the process started."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 _register_paper_formats()

@@ -2,6 +2,7 @@
 independent reference forward written from the HF modeling code's semantics."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +10,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from devices.units import ConfigError
-from executor.hf_checkpoint import iter_experts, load_hf_moe, read_config
-from executor.model import accumulate_expert
+from executor.execute import ensure_store
+from executor.hf_checkpoint import (build_hf_store, checkpoint_name, expert_tensor_name, iter_experts, load_hf_moe,
+                                    read_config)
+from executor.model import MoEConfig, MoETransformer, accumulate_expert
+from executor.store import peak_rss_bytes, reset_peak_rss
 
 V, D_MODEL, LAYERS = 50, 32, 2
 
@@ -278,3 +282,40 @@ def test_index_naming_a_missing_file(tmp_path):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ConfigError, match="model-00002-of-00002.safetensors"):
         load_hf_moe(folder)
+
+
+# -- issue 9: `store build --hf` expert by expert -----------------------------------------------
+def big_expert_checkpoint(folder, layers=2, experts=10, d=256, f=2048):
+    """A mixtral checkpoint whose experts dwarf its dense weights (bf16, as published)."""
+    cfg = dict(hf_config("mixtral"), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+               num_local_experts=experts)
+    g = torch.Generator().manual_seed(0)
+    model = MoETransformer(MoEConfig(vocab=V, d_model=d, n_layers=layers, n_heads=4, n_kv_heads=2,
+                                     experts=experts, top_k=2, d_ff=f, max_seq=64), resident_experts=False)
+    t = {checkpoint_name("mixtral", k): torch.randn(v.shape, generator=g).to(torch.bfloat16)
+         for k, v in model.state_dict().items()}
+    for i in range(layers):
+        for e in range(experts):
+            for m, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
+                t[expert_tensor_name("mixtral", i, e, m)] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    return write_checkpoint(folder, "mixtral", t, config=cfg)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_store_build_hf_holds_one_expert_at_a_time(tmp_path):
+    folder = big_expert_checkpoint(tmp_path / "ckpt")
+    cfg, _ = read_config(folder)
+    expert_f32 = 3 * cfg.d_model * cfg.d_ff * 4                  # 6.3 MB; all 20 experts: 126 MB in float32
+    load_hf_moe(folder, resident_experts=False)                  # warm-up: torch's one-time allocations
+    reset_peak_rss()
+    before = peak_rss_bytes()                                    # = the RSS now
+    model, store = build_hf_store(folder, tmp_path / "store", quiet=True)
+    assert store.build_info["action"] == "built" and not model.moe_layers[0].experts
+    growth = store.build_info["peak_rss_bytes"] - before
+    assert growth < 5 * expert_f32, f"peak grew {growth / 1e6:.1f} MB, one expert is {expert_f32 / 1e6:.1f} MB"
+    store.verify()
+    # the same store as one built from the fully loaded model: the digest is dtype-independent
+    full, _ = load_hf_moe(folder)
+    again = ensure_store(full, tmp_path / "store", quiet=True)
+    assert again.build_info["action"] == "reused"
+    assert torch.equal(again.load_expert(1, 9)["w2"], full.moe_layers[1].experts[9].weights()["w2"].to(torch.bfloat16))

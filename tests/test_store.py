@@ -1,9 +1,12 @@
-"""The on-disk expert store: round trip, sizes, index validation, integrity, resumable builds."""
+"""The on-disk expert store: round trip, sizes, index validation, integrity, resumable builds,
+provenance (stale stores rebuilt), repair, atomic rebuilds and concurrent builds."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,10 @@ import torch
 
 from devices.units import ConfigError
 from executor import store as store_mod
+from executor.execute import ensure_store, model_experts
+from executor.model import MoEConfig, MoETransformer, init_weights
 from executor.store import (ALIGN, INDEX, JOURNAL, IntegrityError, Store, build_store, get_encoder,
-                            matrix_names, register_encoder)
+                            matrix_names, register_encoder, store_lock)
 from policies.base import Key
 from workloads.formats import make_format
 
@@ -258,3 +263,107 @@ def test_key_namedtuple_accepted(tmp_path):
     fmt = bf16()
     st = build_store(tmp_path, experts(fmt, 1, 1), fmt, arch_info=ARCH, quiet=True)
     assert st.blob_info(Key(0, 0, 0)).key == Key(0, 0, 0) == st.item((0, 0, 0)).key
+
+
+# -- issue 9: provenance (stale stores), repair, atomic rebuilds, concurrent builds ------------
+TINY = MoEConfig(vocab=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, experts=3, top_k=1, d_ff=32, max_seq=16)
+
+
+def tiny_moe(seed=0) -> MoETransformer:
+    return init_weights(MoETransformer(TINY), seed=seed).eval()
+
+
+def first_w1(store) -> torch.Tensor:
+    return store.load_expert(0, 0)["w1"].float()
+
+
+def test_store_of_other_weights_is_rebuilt_not_reused(tmp_path, capsys):
+    old = ensure_store(tiny_moe(seed=0), tmp_path / "s")
+    assert old.build_info["action"] == "built" and "digest" in old.header["source"]
+    assert ensure_store(tiny_moe(seed=0), tmp_path / "s", quiet=True).build_info["action"] == "reused"
+    retrained = tiny_moe(seed=1)                      # same shapes, other weights
+    new = ensure_store(retrained, tmp_path / "s")
+    assert new.build_info["action"] == "rebuilt"
+    assert "built from other weights" in capsys.readouterr().err
+    want = retrained.moe_layers[0].experts[0].weights()["w1"].to(torch.bfloat16).float()
+    assert torch.equal(first_w1(new), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]     # nothing left aside
+
+
+def test_store_of_other_format_options_is_refused(tmp_path):
+    ensure_store(tiny_moe(), tmp_path / "s", "zip", quiet=True, codec="lz4")
+    with pytest.raises(ConfigError, match=r"holds a zip store with options .*'codec': 'lz4'.*asked for zip with "
+                                          r".*'codec': 'zstd'.*refusing to overwrite it"):
+        ensure_store(tiny_moe(), tmp_path / "s", "zip", quiet=True, codec="zstd")
+
+
+def test_an_interrupted_rebuild_leaves_the_old_store_whole(tmp_path):
+    model_a, model_b = tiny_moe(seed=0), tiny_moe(seed=1)
+    folder = tmp_path / "s"
+    old = ensure_store(model_a, folder, quiet=True)
+    before = snapshot(folder)
+
+    def crashing():
+        for n, item in enumerate(model_experts(model_b)):
+            if n == 4:
+                raise KeyboardInterrupt("killed mid-rebuild")
+            yield item
+    with pytest.raises(KeyboardInterrupt):
+        ensure_store(model_b, folder, quiet=True, experts=crashing)
+    assert snapshot(folder) == before and Store.open(folder).header["source"] == old.header["source"]
+    new = ensure_store(model_b, folder, quiet=True)          # resumes the partial rebuild, then swaps
+    assert new.build_info["action"] == "rebuilt" and new.header["source"] != old.header["source"]
+    new.verify()
+
+
+def test_store_build_verifies_and_rewrites_bad_blobs(tmp_path, capsys):
+    model = tiny_moe()
+    clean = snapshot(ensure_store(model, tmp_path / "clean", quiet=True).path)
+    folder = tmp_path / "s"
+    ensure_store(model, folder, quiet=True)
+    with open(folder / "layer_0000.bin", "r+b") as f:           # flip a byte in the first blob
+        f.seek(10)
+        b = f.read(1)
+        f.seek(10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    size = (folder / "layer_0001.bin").stat().st_size
+    os.truncate(folder / "layer_0001.bin", size // 2)            # and lose half of layer 1
+    with pytest.raises(IntegrityError):
+        Store.open(folder).verify()
+    assert ensure_store(model, folder, quiet=True).build_info["action"] == "reused"   # no verify: cheap
+    st = ensure_store(model, folder, verify=True)
+    assert st.build_info["action"] == "repaired"
+    assert st.build_info["repaired"][0] == [0, 0, 0] and [1, 2, 0] in st.build_info["repaired"]
+    assert "rewrote" in capsys.readouterr().err
+    st.verify()
+    assert snapshot(folder) == clean
+    assert ensure_store(model, folder, quiet=True, verify=True).build_info["action"] == "verified"
+
+
+def test_two_first_builds_of_one_store_at_once(tmp_path):
+    folder, results, errors = tmp_path / "s", [], []
+
+    def build(seed_model):
+        try:
+            results.append(ensure_store(seed_model, folder, quiet=True))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=build, args=(tiny_moe(),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(r.build_info["action"] for r in results) == ["built", "reused"]
+    Store.open(folder).verify()
+
+
+def test_a_build_waits_for_the_lock(tmp_path, capsys):
+    folder, done = tmp_path / "s", []
+    with store_lock(folder):
+        t = threading.Thread(target=lambda: done.append(ensure_store(tiny_moe(), folder)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and not done and not folder.exists()
+    t.join()
+    assert done[0].build_info["action"] == "built"
+    assert "another process is building it; waiting" in capsys.readouterr().err
