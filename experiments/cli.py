@@ -602,6 +602,11 @@ def cmd_execute(args) -> None:
     check_trace_args(args)
     check_torch_device(args.torch_device)
     check_out_dir(args.out)
+    from devices.profile import load_device as _load_device
+    for option in ("throttle", "cost_profile"):     # device names, before the store build
+        if getattr(args, option, None):
+            dev_name, _, storage = getattr(args, option).partition(":")
+            _load_device(dev_name).storage_option(storage or None)
     args.tokens = DEFAULTS["tokens"] if args.tokens is None else args.tokens
     forced = import_trace_file(args) if args.trace else None
     model, tok, name = load_model(args)

@@ -328,3 +328,8 @@ def test_a_zero_hit_ratio_says_why(tmp_path, capsys):
     assert "hit ratio 0: the budget holds 79 experts, fewer than the 128" in out
     assert main(["simulate", *SMALL, "--budget", "2GB", "--out", str(tmp_path / "b")]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_bad_throttle_device_is_refused_before_a_store_is_built(tmp_path, capsys):
+    assert main(["execute", "--throttle", "jetson-nano-1gb", "--store", str(tmp_path / "store")]) == 2
+    assert "jetson-nano-1gb" in capsys.readouterr().err and not (tmp_path / "store").exists()
