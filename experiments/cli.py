@@ -259,11 +259,11 @@ def check_codec(args) -> None:
                           f"drop --codec or use --format zip")
 
 
-def make_format_for(model, name: str, codec: str | None = None):
+def make_format_for(model, name: str, codec: str | None = None, ladder: str = "v1"):
     from workloads.formats import make_format
     opts = {}
     if name in ("mwq", "copies"):
-        opts["ladder"] = "v1"
+        opts["ladder"] = ladder
     if name == "zip" and codec:
         opts["codec"] = codec
     return make_format(name, model.expert_shapes, **opts)
@@ -274,6 +274,14 @@ def level_bits(fmt) -> list[int]:
     if hasattr(fmt, "b1"):
         return [fmt.b1 + i for i in range(fmt.levels)]
     return [16] * fmt.levels
+
+
+def report_rows(m: dict) -> list[tuple[str, str]]:
+    """Rows for the policies' own counters (Policies.report)."""
+    if "resident_first_asked" in m:
+        return [("resident-first", f"{m['resident_first_substituted']} of {m['resident_first_asked']} expert "
+                                   f"uses at a resident lower level ({m['resident_first_fraction']:.3f})")]
+    return []
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
@@ -395,17 +403,17 @@ def cmd_simulate(args) -> None:
     check_out_dir(args.out)
     trace = import_trace_file(args) if args.trace else None
     model = model_for(args, trace)
-    fmt = make_format_for(model, args.format, args.codec)
+    fmt = make_format_for(model, args.format, args.codec, args.ladder)
     trace = load_workload_trace(args, model, fmt) if trace is None else trace
     if args.trace:
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
     workload = Workload(model, trace, fmt, batch=args.batch)
     budget = parse_size(args.budget, "--budget") if args.budget else device.expert_budget_bytes
     cost = CostModel.build(device, model, fmt, storage)
-    policies = build_policies(workload, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch,
-                              allocator=args.allocator, cost=cost)
+    policies = build_policies(workload, budget, cost=cost, **policy_kwargs(args))
     timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
     metrics = compute_metrics(timeline, level_bits=level_bits(fmt))
+    metrics.update(timeline.meta.get("policy_report", {}))
     metrics.update(device=device.name, storage=storage.name, model=model.name, format=fmt.name,
                    policy=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, budget_bytes=budget,
                    batch=args.batch)
@@ -413,7 +421,7 @@ def cmd_simulate(args) -> None:
           f"{args.policy} cache, {args.scheduler} loads, {args.prefetch} prefetch, budget {format_size(budget)}, "
           f"batch {args.batch}, "
           f"{metrics['generated_tokens']} new tokens")
-    print_table(summary_rows(metrics))
+    print_table(summary_rows(metrics) + report_rows(metrics))
     note = hit_ratio_note(metrics, timeline, budget, fmt)
     if note:
         print(note)
@@ -513,9 +521,15 @@ def default_store_dir(args, name: str) -> Path:
     return Path(args.store) if args.store else Path("runs") / "stores" / f"{name}-{args.format}"
 
 
+def policy_kwargs(args) -> dict:
+    """The policy bundle the command line names, for policies.build_policies."""
+    return dict(cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, allocator=args.allocator,
+                scheduler_options=dict(args.scheduler_option), **dict(args.allocator_option))
+
+
 def format_options(args) -> dict:
     if args.format in ("mwq", "copies"):
-        return {"ladder": "v1"}
+        return {"ladder": getattr(args, "ladder", "v1")}
     if args.format == "zip":
         return {"codec": args.codec or "lz4hc"}
     return {}
@@ -627,11 +641,9 @@ def cmd_execute(args) -> None:
     if args.trace:
         trace = forced
         w = Workload(arch, trace, fmt, batch=args.batch)
-        policies = build_policies(w, budget, cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch,
-                                  allocator=args.allocator, cost=cost)
+        policies = build_policies(w, budget, cost=cost, **policy_kwargs(args))
     else:
-        policies = build_online_policies(arch, fmt, budget, cache=args.policy, scheduler=args.scheduler,
-                                         prefetch=args.prefetch, allocator=args.allocator, cost=cost)
+        policies = build_online_policies(arch, fmt, budget, cost=cost, **policy_kwargs(args))
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.batch)
     run = execute(model, store, policies, prompts, args.tokens, trace=trace, batch=args.batch,
                   io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
@@ -640,6 +652,7 @@ def cmd_execute(args) -> None:
                         "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler,
                         "prefetcher": args.prefetch})
     metrics = compute_metrics(run.timeline, level_bits=level_bits(fmt))
+    metrics.update(run.timeline.meta.get("policy_report", {}))
     metrics.update(model=name, format=fmt.name, policy=args.policy, scheduler=args.scheduler,
                    prefetch=args.prefetch, budget_bytes=budget,
                    expert_bytes_total=total, batch=args.batch, peak_rss_bytes=run.peak_rss_bytes,
@@ -651,7 +664,7 @@ def cmd_execute(args) -> None:
           f"{format_size(budget)} of {format_size(total)}, {args.prefetch} prefetch, batch {args.batch}, "
           f"reads: {run.reader_mode}"
           f"{', throttled like ' + args.throttle if args.throttle else ''}")
-    print_table(summary_rows(metrics) + [("peak RSS", format_size(run.peak_rss_bytes))])
+    print_table(summary_rows(metrics) + report_rows(metrics) + [("peak RSS", format_size(run.peak_rss_bytes))])
     if tok is not None and not args.quiet:
         print("  text:", repr(metrics["text"][0][-160:]))
     write_outputs(Path(args.out), run.timeline, metrics, args.quiet)
@@ -687,6 +700,14 @@ def add_policy_args(p) -> None:
     p.add_argument("--allocator", default="fixed", choices=list(ALLOCATORS), metavar="NAME",
                    help=f"bit allocator: {', '.join(ALLOCATORS)} (fixed: every token at the format's top level; "
                         f"trace-levels: the levels a trace carries)")
+    p.add_argument("--allocator-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="allocator option, repeatable: fixed level=0 (the lowest); gate-score thresholds=0.25,0.5 "
+                        "top1_highest=true; capacity capacities=0.3,0.4,0.3 (lowest level first); resident-first "
+                        "base=capacity max_drop=1")
+    p.add_argument("--scheduler-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="scheduler option, repeatable: hebf count=exact|cumulative")
+    p.add_argument("--ladder", default="v1", choices=["v1", "v2"],
+                   help="bit-width ladder of mwq and copies: v1 = INT2-4, v2 = INT5-8 (D²MoE)")
 
 
 def add_trace_option_arg(p) -> None:

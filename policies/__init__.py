@@ -5,21 +5,21 @@ A new policy is one small class registered here; no engine changes.
 from __future__ import annotations
 
 from devices.units import ConfigError
-from policies.allocators import FixedLevel, TraceLevels
+from policies.allocators import Capacity, FixedLevel, GateScore, ResidentFirst, TraceLevels
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
                            Scheduler, load_item, needed_keys)
-from policies.cache import FIFO, LFU, LRU, Belady, CachePolicy, OnDemand, StaticHot
+from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDemand, StaticHot
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
-from policies.schedulers import FifoScheduler
+from policies.schedulers import HEBF, FifoScheduler
 
 __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "NeedsFuture", "PolicyContext",
            "Routing", "Scheduler", "Prefetcher", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS",
            "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
            "Policies", "Decision", "Load", "build_policies", "build_online_policies"]
 
-CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady)}
-SCHEDULERS = {s.name: s for s in (FifoScheduler,)}
-ALLOCATORS = {a.name: a for a in (FixedLevel, TraceLevels)}
+CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule)}
+SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF)}
+ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, TraceLevels)}
 PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle)}
 
 
@@ -31,16 +31,28 @@ def lookup(table: dict, kind: str, name: str):
         raise ConfigError(f"unknown {kind} {name!r}; known: {', '.join(table)}") from None
 
 
-def make_cache(name: str, ctx: PolicyContext) -> CachePolicy:
-    return lookup(CACHES, "cache policy", name)(ctx)
+def make_cache(name: str, ctx: PolicyContext, **options) -> CachePolicy:
+    return _build(lookup(CACHES, "cache policy", name), ctx, options)
 
 
-def make_scheduler(name: str, ctx: PolicyContext) -> Scheduler:
-    return lookup(SCHEDULERS, "scheduler", name)(ctx)
+def make_scheduler(name: str, ctx: PolicyContext, **options) -> Scheduler:
+    return _build(lookup(SCHEDULERS, "scheduler", name), ctx, options)
 
 
 def make_allocator(name: str, ctx: PolicyContext, **options) -> Allocator:
-    return lookup(ALLOCATORS, "allocator", name)(ctx, **options)
+    return _build(lookup(ALLOCATORS, "allocator", name), ctx, options)
+
+
+def _build(cls, ctx: PolicyContext, options: dict):
+    """cls(ctx, **options), with an unknown option named against the ones cls takes."""
+    import inspect
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    known = [n for n, p in params.items() if n not in ("self", "ctx") and p.kind is not p.VAR_KEYWORD]
+    for key in options:
+        if key not in known and not takes_any:
+            raise ConfigError(f"{cls.name}: unknown option {key!r}; options: {', '.join(known) or 'none'}")
+    return cls(ctx, **options)
 
 
 def make_prefetcher(name: str, ctx: PolicyContext) -> Prefetcher | None:

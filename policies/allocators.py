@@ -1,6 +1,7 @@
 """Bit allocators: which precision level each token gets for each selected expert."""
 from __future__ import annotations
 
+from devices.units import ConfigError
 from policies.base import Allocator, BudgetError, Demand, PolicyContext, Routing
 
 
@@ -42,3 +43,155 @@ class TraceLevels(Allocator):
                     self.fmt.check_level(lvl)       # raises, naming the valid levels
             per_token.append(tuple(zip(row, lvls)))
         return Demand(layer, tuple(per_token))
+
+
+def _normalized(scores) -> list[list[float]]:
+    """Each token's gate scores over its selected experts, summing to 1."""
+    out = []
+    for row in scores.tolist():
+        total = sum(row)
+        out.append([s / total if total > 0 else 1.0 / len(row) for s in row])
+    return out
+
+
+class GateScore(Allocator):
+    """A rule on the router's gate scores: a token's top-1 expert at the highest level; each
+    other expert at level j = the number of `thresholds` its normalised gate score reaches
+    (scores over the token's k selected experts, summing to 1). Default thresholds: K-1
+    evenly spaced in (0, 0.5] (V1: 0.25, 0.5), so a second expert as strong as the first
+    gets the top level too. Not the paper's rule (D²MoE learns its bit router; see `learned`):
+    the cheap baseline it is compared with."""
+    name = "gate-score"
+
+    def __init__(self, ctx: PolicyContext, thresholds=None, top1_highest: bool = True):
+        super().__init__(ctx)
+        K = ctx.fmt.levels
+        if thresholds is None:
+            thresholds = [0.5 * j / (K - 1) for j in range(1, K)] if K > 1 else []
+        self.thresholds = sorted(_floats(thresholds, "gate-score thresholds"))
+        if len(self.thresholds) != K - 1:
+            raise ConfigError(f"gate-score: thresholds needs {K - 1} values for the {K} levels of "
+                              f"{ctx.fmt.name}, got {self.thresholds}")
+        self.top1_highest = _bool(top1_highest, "gate-score top1_highest")
+
+    def level_of(self, p: float) -> int:
+        return sum(p >= t for t in self.thresholds)
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        top, per_token = self.fmt.levels - 1, []
+        for row, probs in zip(routing.experts.tolist(), _normalized(routing.scores)):
+            best = max(range(len(row)), key=probs.__getitem__)
+            per_token.append(tuple((e, top if self.top1_highest and i == best else self.level_of(p))
+                                   for i, (e, p) in enumerate(zip(row, probs))))
+        return Demand(layer, tuple(per_token))
+
+
+class Capacity(Allocator):
+    """D²MoE's quantized expert capacity {c_k} (Σc_k = 1; V1 {0.3, 0.4, 0.3}, V2 0.25 each):
+    per expert, of the n tokens of the step that chose it, ranked by gate score, the top
+    round(c_K·n) get the highest level, the next round((c_K + c_{K-1})·n) - round(c_K·n) the
+    next, and so on (cumulative rounding, half up, so every token gets exactly one level).
+    A lone token (batch-1 decode) lands where the cumulative share first reaches one half:
+    INT3 on V1, INT7 on V2."""
+    name = "capacity"
+    DEFAULTS = {3: (0.3, 0.4, 0.3), 4: (0.25, 0.25, 0.25, 0.25)}
+
+    def __init__(self, ctx: PolicyContext, capacities=None):
+        super().__init__(ctx)
+        K = ctx.fmt.levels
+        caps = capacities if capacities is not None else self.DEFAULTS.get(K, [1.0 / K] * K)
+        self.capacities = _floats(caps, "capacity capacities")
+        if len(self.capacities) != K or abs(sum(self.capacities) - 1) > 1e-6 or min(self.capacities) < 0:
+            raise ConfigError(f"capacity: capacities must be {K} non-negative shares summing to 1 (lowest level "
+                              f"first), got {self.capacities}")
+        cum, self.cumulative = 0.0, []
+        for c in reversed(self.capacities):          # highest level first
+            cum += c
+            self.cumulative.append(cum)
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        rows, scores = routing.experts.tolist(), routing.scores.tolist()
+        users: dict[int, list[tuple[float, int, int]]] = {}       # expert -> (score, token, slot)
+        for t, (row, srow) in enumerate(zip(rows, scores)):
+            for slot, (e, s) in enumerate(zip(row, srow)):
+                users.setdefault(e, []).append((s, t, slot))
+        top = self.fmt.levels - 1
+        level = [[0] * len(row) for row in rows]
+        for e, us in users.items():
+            us.sort(key=lambda u: (-u[0], u[1]))                  # best score first; ties: earlier token
+            n, start = len(us), 0
+            for j, cum in enumerate(self.cumulative):
+                end = n if j == len(self.cumulative) - 1 else min(n, int(cum * n + 0.5))
+                for _, t, slot in us[start:end]:
+                    level[t][slot] = top - j
+                start = max(start, end)
+        return Demand(layer, tuple(tuple(zip(row, lv)) for row, lv in zip(rows, level)))
+
+
+class ResidentFirst(Allocator):
+    """What HOBBIT does and D²MoE does not: ask `base`'s level, but when it is not resident and
+    a lower level of the same expert is, at most `max_drop` levels below, use the highest
+    such resident level instead (no load at all). `report()` says how often it did."""
+    name = "resident-first"
+    reads_cache = True
+
+    def __init__(self, ctx: PolicyContext, base: str = "fixed", max_drop: int = 1, **base_options):
+        super().__init__(ctx)
+        from policies import make_allocator
+        if base == self.name:
+            raise ConfigError("resident-first: base must be another allocator")
+        self.base = make_allocator(base, ctx, **base_options)
+        self.max_drop = int(max_drop)
+        if self.max_drop < 0:
+            raise ConfigError(f"resident-first: max_drop must be >= 0, got {max_drop}")
+        self.asked = self.substituted = 0
+
+    def levels_used(self):
+        return self.base.levels_used()
+
+    def _resident(self, layer: int, expert: int, level: int) -> bool:
+        sizes = self.cache.sizes
+        return all((layer, expert, p) in sizes for p in self.fmt.level_parts[level])
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        self.base.cache = self.cache
+        demand = self.base.allocate(layer, routing)
+        choice: dict[tuple[int, int], int] = {}
+        for token in demand.per_token:
+            for pair in token:
+                if pair not in choice:
+                    e, lvl = pair
+                    choice[pair] = lvl
+                    if not self._resident(layer, e, lvl):
+                        for lower in range(lvl - 1, max(-1, lvl - 1 - self.max_drop), -1):
+                            if self._resident(layer, e, lower):
+                                choice[pair] = lower
+                                break
+        per_token = tuple(tuple((e, choice[e, lvl]) for e, lvl in token) for token in demand.per_token)
+        self.asked += sum(len(t) for t in per_token)
+        self.substituted += sum(choice[p] != p[1] for t in demand.per_token for p in t)
+        return Demand(layer, per_token)
+
+    def report(self) -> dict:
+        return {"resident_first_asked": self.asked, "resident_first_substituted": self.substituted,
+                "resident_first_fraction": self.substituted / self.asked if self.asked else 0.0}
+
+
+def _floats(value, what: str) -> list[float]:
+    """A list of floats from a list or a comma-separated string (CLI options)."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected comma-separated numbers, got {value!r}") from None
+
+
+def _bool(value, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"{what}: expected true or false, got {value!r}")

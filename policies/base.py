@@ -181,6 +181,10 @@ class Allocator:
         """The levels this allocator may ask for (the online minimum budget holds them)."""
         return range(self.fmt.levels)
 
+    def report(self) -> dict:
+        """Counters worth reporting at the end of a run (e.g. how often it substituted a level)."""
+        return {}
+
 
 class Scheduler:
     """Orders the loads of one layer; may also order its decompression tasks and computes

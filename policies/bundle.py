@@ -93,6 +93,15 @@ class Policies:
     def finish(self, layer: int) -> list[Key]:
         return self.cache.end_layer(layer)
 
+    def report(self) -> dict:
+        """The policies' own counters (engines put them in the timeline's meta)."""
+        out = {}
+        for policy in (self.allocator, self.scheduler, self.cache, self.prefetcher):
+            report = getattr(policy, "report", None)
+            if report is not None:
+                out.update(report())
+        return out
+
     def names(self) -> dict:
         return {"cache": self.cache.name, "scheduler": self.scheduler.name, "allocator": self.allocator.name,
                 "prefetcher": self.prefetcher.name if self.prefetcher else "none"}
@@ -116,6 +125,7 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
 # -- builders --------------------------------------------------------------------------------
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
                    allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
+                   scheduler_options: dict | None = None, cache_options: dict | None = None,
                    **allocator_options) -> Policies:
     """A bundle for a run whose routing is known in advance (a trace): offline policies
     (belady, static-hot, the oracle prefetcher) may read the whole access sequence. The
@@ -137,8 +147,9 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
                         popularity=popularity(workload.trace, model.experts), cost=cost)
     try:
-        return Policies(make_allocator(allocator, ctx, **allocator_options), make_scheduler(scheduler, ctx),
-                        make_cache(cache, ctx), make_prefetcher(prefetch, ctx))
+        return Policies(make_allocator(allocator, ctx, **allocator_options),
+                        make_scheduler(scheduler, ctx, **(scheduler_options or {})),
+                        make_cache(cache, ctx, **(cache_options or {})), make_prefetcher(prefetch, ctx))
     except NeedsFuture as e:
         raise BudgetError(f"{e.args[0]} cannot run with the {allocator!r} allocator: it reads the cache, so the "
                           f"access sequence is not known in advance") from None
@@ -146,13 +157,15 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
 
 def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",
                           scheduler: str = "fifo", allocator: str = "fixed", prefetch: str = "none",
-                          cost: CostModel | None = None, **allocator_options) -> Policies:
+                          cost: CostModel | None = None, scheduler_options: dict | None = None,
+                          cache_options: dict | None = None, **allocator_options) -> Policies:
     """A bundle for routing not known in advance (a real router): no access sequence, so
     offline policies refuse. The budget must hold one decode step."""
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
     alloc = make_allocator(allocator, ctx, **allocator_options)
     _check_online_minimum(alloc, model, fmt, budget)
-    return Policies(alloc, make_scheduler(scheduler, ctx), make_cache(cache, ctx), make_prefetcher(prefetch, ctx))
+    return Policies(alloc, make_scheduler(scheduler, ctx, **(scheduler_options or {})),
+                    make_cache(cache, ctx, **(cache_options or {})), make_prefetcher(prefetch, ctx))
 
 
 def _check_online_minimum(alloc: Allocator, model: ModelArch, fmt: ExpertFormat, budget: int) -> None:

@@ -365,3 +365,46 @@ class StaticHot(CachePolicy):
 
     def _locked(self, key):
         return key in self.pinned or key in self.hot
+
+
+class BudgetRule(CachePolicy):
+    """D²MoE's memory-budget rule (Algorithm 2): when a layer's needs exceed the budget,
+    free the *previous* layer's weights, its highest bit-planes first, then its lower
+    planes, then its base planes; if still short, the layer before it, and so on. Planes
+    used often stay resident: within one layer and plane, the least used go first.
+
+    Why the previous layer: routing is layer-cyclic, so the layer just computed is the one
+    needed furthest in the future (L-1 layers on). Generalised by that distance: a resident
+    key of layer l, seen from the current layer c, is next needed (l - c - 1) mod L + 1
+    layers on; the furthest goes first. The current layer's own unpinned keys (experts it
+    did not ask for this time; the paper's text does not mention them) are the furthest of
+    all (L layers on), so they go before the previous layer's."""
+    name = "d2moe-budget"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.uses: dict[Key, int] = {}
+        self.layer = 0
+        self._sorted: list[Key] | None = None
+
+    def begin_layer(self, layer, keys, demand=None):
+        self.layer = layer
+        self._sorted = None                 # residency changed since: sort again when asked
+        return super().begin_layer(layer, keys, demand)
+
+    def _touch(self, key):
+        self.uses[key] += 1
+
+    def _insert(self, key):
+        self.uses[key] = 1
+
+    def _forget(self, key):
+        del self.uses[key]
+
+    def _order(self):
+        # within a decision point, keys only leave (evictions) or come in pinned (admissions,
+        # prefetches), so one sort serves every victim it asks for
+        if self._sorted is None:
+            L, c, uses = self.ctx.layers, self.layer, self.uses
+            self._sorted = sorted(self.sizes, key=lambda k: (-((k.layer - c - 1) % L + 1), -k.part, uses[k], k))
+        return (k for k in self._sorted if k in self.sizes)

@@ -1,7 +1,10 @@
 """Load schedulers: the order in which a layer's missing parts go to storage."""
 from __future__ import annotations
 
-from policies.base import Demand, Key, LoadItem, Scheduler, load_item, needed_keys
+import heapq
+
+from devices.units import ConfigError
+from policies.base import Demand, Key, LoadItem, PolicyContext, Scheduler, load_item, needed_keys
 
 
 class FifoScheduler(Scheduler):
@@ -10,3 +13,60 @@ class FifoScheduler(Scheduler):
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
         return [load_item(k, self.fmt) for k in needed_keys(demand, self.fmt) if k not in resident]
+
+
+class HEBF(Scheduler):
+    """D²MoE's hottest-expert-bit-first (§3 of the paper, as papers.md states it):
+
+      1. for each activated expert j, a queue Q_j of its requested levels, ascending;
+      2. repeatedly, among the heads of all queues, pop the hottest item (the most tokens)
+         and append its missing parts to the I/O queue (ties: the expert the router chose
+         first).
+
+    An item is the parts its level needs that no earlier item of that expert loaded (for
+    nested MWQ planes: the planes from the previous requested level up to this one).
+
+    "The most tokens" is ambiguous for nested planes. `count="exact"` (the default) counts the
+    tokens that asked for exactly this level, the paper's literal B_{j,k}: they are also the
+    tokens whose compute this item unlocks (a token at a higher level still waits for its
+    further planes), which is what HEBF's rationale, hiding the next loads behind the
+    compute a hot item starts, is about. `count="cumulative"` counts every token that needs
+    the item's parts (this level or higher).
+    """
+    name = "hebf"
+
+    def __init__(self, ctx: PolicyContext, count: str = "exact"):
+        super().__init__(ctx)
+        if count not in ("exact", "cumulative"):
+            raise ConfigError(f"hebf: count must be 'exact' or 'cumulative', got {count!r}")
+        self.count = count
+
+    def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
+        counts = demand.counts()
+        queues: dict[int, list[int]] = {}
+        for expert, level in counts:
+            queues.setdefault(expert, []).append(level)
+        heat: dict[tuple[int, int], int] = {}
+        for expert, levels in queues.items():
+            levels.sort()
+            for i, level in enumerate(levels):
+                heat[expert, level] = (counts[expert, level] if self.count == "exact" else
+                                       sum(counts[expert, lv] for lv in levels[i:]))
+        rank = {expert: i for i, expert in enumerate(queues)}
+        heads = [(-heat[e, lv[0]], rank[e], e) for e, lv in queues.items()]
+        heapq.heapify(heads)
+        parts, fmt = self.fmt.level_parts, self.fmt
+        loaded: dict[int, set[int]] = {}
+        plan = []
+        while heads:
+            _, r, expert = heapq.heappop(heads)
+            level = queues[expert].pop(0)
+            done = loaded.setdefault(expert, set())
+            for p in parts[level]:
+                key = Key(layer, expert, p)
+                if p not in done and key not in resident:
+                    plan.append(load_item(key, fmt))
+                done.add(p)
+            if queues[expert]:
+                heapq.heappush(heads, (-heat[expert, queues[expert][0]], r, expert))
+        return plan

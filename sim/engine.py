@@ -51,6 +51,7 @@ class Simulator:
             env.process(self._decode(env, bar))
             env.run()
         self.timeline.meta["peak_expert_bytes"] = self.p.cache.peak
+        self.timeline.meta["policy_report"] = self.p.report()
         return self.timeline
 
     def _meta(self) -> dict:

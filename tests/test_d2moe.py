@@ -1,0 +1,188 @@
+"""D²MoE's own decisions: bit allocators, HEBF and the budget rule, by hand-made cases, and
+identical in both engines."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_device
+from executor.execute import ensure_store, execute, model_arch, strip_experts
+from policies import ALLOCATORS, BudgetError, Demand, Key, PolicyContext, Routing, build_policies, load_item
+from policies.allocators import Capacity, GateScore, ResidentFirst
+from policies.cache import BudgetRule
+from policies.schedulers import HEBF, FifoScheduler
+from sim.engine import Simulator
+from test_executor import tiny_model
+from workloads.catalog import ModelArch
+from workloads.formats import make_format
+from workloads.synthetic import synthetic_trace
+from workloads.workload import Workload
+
+MODEL = ModelArch("m", layers=2, experts=4, top_k=2, d_model=128, d_ff=128, n_heads=1, n_kv_heads=1)
+V1 = make_format("mwq", MODEL.expert_shapes, b1=2, bK=4)
+
+
+def ctx(capacity=10**9, fmt=V1, layers=2):
+    return PolicyContext(fmt, layers, 4, capacity)
+
+
+def order(plan):
+    return [(k.expert, k.part) for k in (item.key for item in plan)]
+
+
+# -- HEBF ---------------------------------------------------------------------------------------
+# Worked example (V1, levels 0..2 = INT2..INT4). Tokens of one step at layer 0:
+#   expert A=0: 1 token at INT2, 2 tokens at INT3;  expert B=1: 3 tokens at INT4;  expert C=2: 2 at INT2.
+# Queues: A [INT2, INT3], B [INT4], C [INT2].
+# exact counts:      A2=1, A3=2, B4=3, C2=2 -> heads A2(1) B4(3) C2(2): B4 (planes 0,1,2),
+#                    then A2(1) C2(2): C2 (plane 0), then A2 (plane 0), then A3 (plane 1).
+# cumulative counts: A2=3 (all of A's tokens need its base), A3=2, B4=3, C2=2 -> heads A2(3) B4(3)
+#                    C2(2): tie, A first in router order -> A2; then A3(2) B4(3) C2(2): B4; then
+#                    A3(2) C2(2): A3 (router order), then C2.
+DEMAND = Demand(0, ((0, 0), (1, 2)), )
+DEMAND = Demand(0, (((0, 0), (1, 2)), ((0, 1), (1, 2)), ((0, 1), (1, 2)), ((2, 0), (3, 0)), ((2, 0), (3, 0))))
+
+
+def test_hebf_worked_example():
+    resident = {Key(0, 3, 0)}                 # expert 3's base plane is resident: never loaded
+    assert order(HEBF(ctx()).order(0, DEMAND, resident)) == [(1, 0), (1, 1), (1, 2), (2, 0), (0, 0), (0, 1)]
+    assert order(HEBF(ctx(), count="cumulative").order(0, DEMAND, resident)) == \
+        [(0, 0), (1, 0), (1, 1), (1, 2), (0, 1), (2, 0)]
+    assert order(FifoScheduler(ctx()).order(0, DEMAND, resident)) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0)]
+
+
+def test_hebf_with_per_width_copies_loads_each_level_its_own_part():
+    copies = make_format("copies", MODEL.expert_shapes, b1=2, bK=4)
+    # expert 0: 1 token INT2, 2 tokens INT4 -> both copies; INT4 is hotter but comes second in its queue
+    d = Demand(0, (((0, 0),), ((0, 2),), ((0, 2),)))
+    assert order(HEBF(ctx(fmt=copies)).order(0, d, set())) == [(0, 0), (0, 2)]
+
+
+def test_hebf_bad_option():
+    with pytest.raises(Exception, match="count must be 'exact' or 'cumulative'"):
+        HEBF(ctx(), count="hottest")
+
+
+# -- the budget rule (Algorithm 2) -----------------------------------------------------------------
+def test_budget_rule_frees_the_previous_layers_highest_planes_first():
+    base, plane = V1.resident_bytes[0], V1.resident_bytes[1]
+    # room for layer 0's two INT4 experts plus one more INT4 expert
+    cache = BudgetRule(ctx(capacity=3 * (base + 2 * plane)))
+
+    def visit(layer, experts):
+        keys = [Key(layer, e, p) for e in experts for p in range(3)]
+        cache.begin_layer(layer, keys)
+        evicted = []
+        for k in keys:
+            if k not in cache.sizes:
+                evicted += cache.admit(load_item(k, V1))
+        cache.end_layer(layer)
+        return evicted
+
+    assert visit(0, [0, 1]) == []
+    assert visit(1, [0]) == []
+    assert visit(0, [0]) == []                # layer 0 expert 0 used twice, expert 1 once
+    # layer 1 needs experts 2 and 3 (two whole experts): first its own expert 0, which it did not ask
+    # for (needed again only a full cycle on), then layer 0 (the previous layer): expert 1's top
+    # plane (used less), expert 0's top plane, then the INT3 planes, then the base planes
+    ev = visit(1, [2, 3])
+    order = [Key(1, 0, 2), Key(1, 0, 1), Key(1, 0, 0), Key(0, 1, 2), Key(0, 0, 2), Key(0, 1, 1), Key(0, 0, 1),
+             Key(0, 1, 0), Key(0, 0, 0)]
+    assert len(ev) >= 5 and ev == order[:len(ev)]
+    assert cache.used <= cache.capacity
+
+
+def test_budget_rule_evicts_the_current_layers_unasked_experts_before_the_previous_layer():
+    base, plane = V1.resident_bytes[0], V1.resident_bytes[1]
+    cache = BudgetRule(ctx(capacity=2 * (base + 2 * plane)))
+    for layer, e in ((1, 0), (0, 1)):            # layer 1 expert 0, then layer 0 expert 1
+        keys = [Key(layer, e, p) for p in range(3)]
+        cache.begin_layer(layer, keys)
+        for k in keys:
+            cache.admit(load_item(k, V1))
+        cache.end_layer(layer)
+    keys = [Key(0, 2, p) for p in range(3)]      # layer 0 again, now expert 2
+    cache.begin_layer(0, keys)
+    assert cache.admit(load_item(keys[0], V1)) == [Key(0, 1, 2), Key(0, 1, 1)]   # not layer 1's expert
+
+
+# -- allocators ------------------------------------------------------------------------------------
+def routing(experts, scores):
+    return Routing(np.array(experts), np.array(scores, dtype=np.float32))
+
+
+def test_gate_score_levels():
+    a = GateScore(ctx())
+    d = a.allocate(0, routing([[0, 1], [2, 3], [1, 0]], [[0.7, 0.3], [0.9, 0.1], [0.5, 0.5]]))
+    assert d.per_token == (((0, 2), (1, 1)), ((2, 2), (3, 0)), ((1, 2), (0, 2)))
+    b = GateScore(ctx(), thresholds="0.05,0.4", top1_highest="false")
+    assert b.allocate(0, routing([[0, 1]], [[0.7, 0.3]])).per_token == (((0, 2), (1, 1)),)
+    with pytest.raises(Exception, match="thresholds needs 2 values"):
+        GateScore(ctx(), thresholds="0.5")
+
+
+def test_capacity_ranks_an_experts_tokens_by_gate_score():
+    a = Capacity(ctx())                                           # V1: 0.3 / 0.4 / 0.3
+    scores = [0.91, 0.55, 0.12, 0.83, 0.35, 0.74, 0.66, 0.27, 0.48, 0.19]
+    d = a.allocate(0, routing([[0]] * 10, [[s] for s in scores]))
+    got = [token[0][1] for token in d.per_token]
+    ranked = np.argsort(scores)[::-1]
+    want = np.empty(10, int)
+    want[ranked[:3]], want[ranked[3:7]], want[ranked[7:]] = 2, 1, 0
+    assert got == want.tolist()
+    assert a.allocate(0, routing([[1]], [[0.5]])).per_token == (((1, 1),),)      # a lone token: INT3
+    with pytest.raises(Exception, match="summing to 1"):
+        Capacity(ctx(), capacities="0.5,0.4,0.3")
+
+
+def test_resident_first_uses_a_resident_lower_level_and_counts_it():
+    from policies.cache import LRU
+    cache = LRU(ctx())
+    cache.begin_layer(0, [Key(0, 0, 0)])
+    cache.admit(load_item(Key(0, 0, 0), V1))                       # expert 0 resident at INT2
+    cache.end_layer(0)
+    for max_drop, want in ((1, ((0, 1), (1, 2))), (0, ((0, 2), (1, 2)))):
+        a = ResidentFirst(ctx(), base="fixed", max_drop=max_drop)   # fixed: INT4 for everyone
+        a.cache = cache
+        d = a.allocate(0, routing([[0, 1]], [[0.6, 0.4]]))
+        assert d.per_token == (want,) if max_drop == 0 else d.per_token == (((0, 2), (1, 2)),)
+    a = ResidentFirst(ctx(), base="fixed", level=1, max_drop=1)    # INT3 asked, INT2 resident
+    a.cache = cache
+    assert a.allocate(0, routing([[0, 1]], [[0.6, 0.4]])).per_token == (((0, 0), (1, 1)),)
+    assert a.report() == {"resident_first_asked": 2, "resident_first_substituted": 1,
+                          "resident_first_fraction": 0.5}
+
+
+def test_unknown_allocator_option_names_the_known_ones():
+    w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
+    with pytest.raises(Exception, match="capacity: unknown option 'caps'; options: capacities"):
+        build_policies(w, 10**9, allocator="capacity", caps="1")
+
+
+# -- both engines ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mwq_store(tmp_path_factory):
+    return ensure_store(tiny_model(), tmp_path_factory.mktemp("mwq"), "mwq", quiet=True)
+
+
+@pytest.mark.parametrize("allocator,options", [("gate-score", {}), ("capacity", {}),
+                                               ("resident-first", {"base": "capacity", "max_drop": 2})])
+@pytest.mark.parametrize("cache", ["d2moe-budget", "lru"])
+def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, allocator, options, cache):
+    fmt, arch = mwq_store.format, model_arch(tiny_model())
+    trace = synthetic_trace(arch, requests=4, prompt_len=3, output_len=5, skew=1.0, locality=0.4, seed=7)
+    w = Workload(arch, trace, fmt, batch=4)
+    budget = 6 * fmt.expert_bytes
+
+    def bundle():
+        return build_policies(w, budget, cache=cache, scheduler="hebf", allocator=allocator, **options)
+    sim_tl = Simulator(make_device(), w, bundle()).run()
+    p = bundle()
+    run = execute(strip_experts(tiny_model()), mwq_store, p, torch.tensor([[1, 2, 3]]), 0, trace=trace, batch=4,
+                  quiet=True)
+    assert len(sim_tl.decisions()) > 10 and run.timeline.decisions() == sim_tl.decisions()
+    assert len({e.level for e in sim_tl.of("compute")}) > 1            # mixed levels
+    key = lambda e: (e.step, e.layer, e.expert, e.level, e.tokens)      # noqa: E731
+    assert sorted(map(key, run.timeline.of("compute"))) == sorted(map(key, sim_tl.of("compute")))
+    assert run.timeline.meta["policy_report"] == sim_tl.meta["policy_report"]
+    if allocator == "resident-first" and cache == "d2moe-budget":   # it leaves lower planes resident
+        assert sim_tl.meta["policy_report"]["resident_first_substituted"] > 0
