@@ -106,9 +106,10 @@ def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: b
                      + ", ".join(b.describe() for b in bad[:4]) + (" ..." if len(bad) > 4 else "") if bad else ""))
                 return store
             if store is not None:
-                old = store.header.get("source", {}).get("digest", "not recorded")
+                old = store.header.get("source", {}).get("digest")
                 store.close()
-                reason = f"built from other weights (digest {old}, the model's is {source['digest']})"
+                reason = (f"built from other weights (digest {old}, the model's is {source['digest']})" if old
+                          else "built before stores recorded their source weights")
         elif folder.exists() and any(folder.iterdir()):
             reason = "an unfinished build"
         if reason != "new":
@@ -165,11 +166,12 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             trace: RoutingTrace | None = None, batch: int | None = None, io_concurrency: int = 2,
             throttle: StorageThrottle | None = None, decompress_workers: int = 2, torch_device: str = "cpu",
             torch_threads: int | None = None, read_mode: str = "auto", quiet: bool = False,
-            meta: dict | None = None) -> Run:
+            meta: dict | None = None, level_fn=None) -> Run:
     """Greedy generation of `new_tokens` per prompt ([requests, P] token ids) in groups of
     `batch` requests decoded in lockstep. With `trace`, routing is forced from it and the
     step structure is the trace's (its prompt lengths and output counts win). torch_threads:
-    torch's intra-op threads during the run (default: on CPU, all cores but one)."""
+    torch's intra-op threads during the run (default: on CPU, all cores but one). level_fn: a
+    bit-width router (executor/runtime.py ExpertRuntime)."""
     model.eval()
     if torch_threads is not None and torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {torch_threads}")
@@ -179,7 +181,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             IOWorkers(reader, io_concurrency, throttle) as io, DecompressPool(decompress_workers) as dec:
         rt = ExpertRuntime(store, policies, activation=model.cfg.activation, torch_device=torch_device,
                            dtype=model.output.weight.dtype, io=io, decompress=dec,
-                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads))
+                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads), level_fn=level_fn)
         model.set_expert_fn(rt)
         torch.set_num_threads(threads)
         try:
@@ -192,6 +194,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             model.set_expert_fn(None)
             model.set_forced_routing(None)
         rt.timeline.meta["peak_expert_bytes"] = rt.memory.peak
+        rt.timeline.meta["policy_report"] = policies.report()
         mode = reader.mode
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
     return Run(rt.timeline, tokens, rss, mode)
