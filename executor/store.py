@@ -467,7 +467,8 @@ def _recover(out: Path, header: dict, fmt: ExpertFormat) -> list[list[BlobInfo]]
 
 
 def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_info: Mapping,
-                quiet: bool = False, total: int | None = None, source: Mapping | None = None) -> Store:
+                quiet: bool = False, total: int | None = None, source: Mapping | None = None,
+                label: str | None = None) -> Store:
     """Encode and write every expert `experts_iter` yields as (layer, expert, weights) and return
     the opened store. `weights` is a dict of tensors (see matrix_names) or a zero-argument callable
     returning one, so a resumed build skips loading experts already on disk.
@@ -499,7 +500,7 @@ def build_store(out_dir, experts_iter: ExpertSource, fmt: ExpertFormat, *, arch_
     try:
         with open(out / JOURNAL, "a") as journal:
             for layer, expert, weights in tqdm(experts_iter, total=total, disable=quiet, unit="expert",
-                                               desc=f"store {out.name}"):
+                                               desc=f"store {label or out.name}"):
                 if (layer, expert) in seen:
                     raise ConfigError(f"build_store: expert (layer {layer}, expert {expert}) given twice")
                 seen.add((layer, expert))
@@ -603,7 +604,8 @@ def build_store_atomic(folder, experts_iter: ExpertSource, fmt: ExpertFormat, *,
         old_header, _ = _read_journal(tmp / JOURNAL)
         if old_header != _header(fmt, arch_info, source):
             shutil.rmtree(tmp)
-    build_store(tmp, experts_iter, fmt, arch_info=arch_info, quiet=quiet, total=total, source=source).close()
+    build_store(tmp, experts_iter, fmt, arch_info=arch_info, quiet=quiet, total=total, source=source,
+                label=folder.name).close()
     _swap_in(tmp, folder)
     return Store.open(folder)
 
