@@ -163,8 +163,10 @@ def import_trace_file(args):
     try:
         trace = import_trace(args.trace, **options)
     except ConfigError as e:
+        import re
         names = {o for opts in importer_options().values() for o in opts}
-        if "--option" in str(e) or not any(n in str(e) for n in names):
+        if "--option" in str(e) or Path(args.trace).suffix.lower() == ".npz" or \
+                not any(re.search(rf"\b{n}\b", str(e)) for n in names):
             raise
         raise ConfigError(f"{e} (give importer options here as --option KEY=VALUE; "
                           f"`moelab trace import --help` lists them)") from None
@@ -550,12 +552,23 @@ def cmd_train(args) -> None:
 
 
 def cmd_store_build(args) -> None:
-    from executor.execute import ensure_store
-    model, _, name = load_model(args)
-    store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
-    fmt = store.format
-    print(f"store {store.path}: {fmt.name}, {len(store.keys())} blobs, {format_size(fmt.expert_bytes)} per expert "
-          f"({fmt.n_parts} parts)")
+    """Build the store, or check every blob of an existing one and rewrite the bad ones."""
+    if args.hf:          # expert by expert: memory is the dense weights plus about one expert
+        from executor.hf_checkpoint import build_hf_store
+        _, store = build_hf_store(args.hf, default_store_dir(args, Path(args.hf).name), args.format,
+                                  quiet=args.quiet, verify=True, **format_options(args))
+    else:
+        from executor.execute import ensure_store
+        model, _, name = load_model(args)
+        store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, verify=True,
+                             **format_options(args))
+    fmt, info = store.format, store.build_info or {}
+    action = info.get("action", "reused")
+    detail = {"built": f" in {info.get('seconds', 0):.1f} s", "rebuilt": f" ({info.get('reason')})",
+              "repaired": f": rewrote {len(info.get('repaired', []))} bad blobs"}.get(action, "")
+    peak = f", peak RSS {format_size(info['peak_rss_bytes'])}" if "peak_rss_bytes" in info else ""
+    print(f"store {store.path}: {action}{detail}{peak}; {fmt.name}, {len(store.keys())} blobs, "
+          f"{format_size(fmt.expert_bytes)} per expert ({fmt.n_parts} parts)")
 
 
 # prompts of distinct requests: Python function heads like the model's training text (its stdlib)

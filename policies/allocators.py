@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from devices.units import ConfigError
-from policies.base import Allocator, BudgetError, Demand, PolicyContext, Routing
+from policies.base import Allocator, BudgetError, Demand, NeedsFuture, PolicyContext, Routing
 
 
 class FixedLevel(Allocator):
@@ -195,3 +195,37 @@ def _bool(value, what: str) -> bool:
     if str(value).lower() in ("0", "false", "no"):
         return False
     raise ConfigError(f"{what}: expected true or false, got {value!r}")
+
+
+class StaticImportance(Allocator):
+    """EdgeMoE's static per-expert bit-width: experts ranked by importance (how often the
+    router picks them, from the trace's counts) get one level each for the whole run: the
+    top `shares[-1]` of each layer's experts the highest level, the next `shares[-2]` the
+    next, and so on (shares lowest level first, summing to 1; default: equal). EdgeMoE ranks
+    by a profiled accuracy sensitivity; moelab uses activation frequency instead (the one
+    importance signal a trace carries)."""
+    name = "static-importance"
+
+    def __init__(self, ctx: PolicyContext, shares=None):
+        super().__init__(ctx)
+        if ctx.popularity is None:
+            raise NeedsFuture("static-importance needs expert popularity counts (from the trace)")
+        K = ctx.fmt.levels
+        self.shares = _floats(shares, "static-importance shares") if shares is not None else [1.0 / K] * K
+        if len(self.shares) != K or abs(sum(self.shares) - 1) > 1e-6 or min(self.shares) < 0:
+            raise ConfigError(f"static-importance: shares must be {K} non-negative numbers summing to 1 (lowest "
+                              f"level first), got {self.shares}")
+        self.level: dict[tuple[int, int], int] = {}
+        for layer, counts in enumerate(ctx.popularity):
+            ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
+            cum, start = 0.0, 0
+            for j, share in enumerate(reversed(self.shares)):        # highest level first
+                cum += share
+                end = len(ranked) if j == K - 1 else int(cum * len(ranked) + 0.5)
+                for e in ranked[start:end]:
+                    self.level[layer, e] = K - 1 - j
+                start = max(start, end)
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        lv = self.level
+        return Demand(layer, tuple(tuple((e, lv[layer, e]) for e in row) for row in routing.experts.tolist()))

@@ -202,7 +202,8 @@ class ZipFormat(ExpertFormat):
 
 
 FORMATS = {"bf16": Bf16Format, "mwq": MwqFormat, "zip": ZipFormat, "copies": CopiesFormat}
-MWQ_LADDERS = {"v1": (2, 4), "v2": (5, 8)}
+MWQ_LADDERS = {"v1": (2, 4), "v2": (5, 8)}               # D²MoE's ladders
+SINGLE_WIDTHS = {"int4": (4, 4), "int8": (8, 8)}          # one level: the uniform-width baselines
 
 
 def make_format(name: str, shapes, **options) -> ExpertFormat:
@@ -211,9 +212,10 @@ def make_format(name: str, shapes, **options) -> ExpertFormat:
         raise ConfigError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     ladder = options.pop("ladder", None)
     if ladder is not None:
-        if ladder not in MWQ_LADDERS:
-            raise ConfigError(f"unknown mwq ladder {ladder!r}; known: {', '.join(MWQ_LADDERS)}")
-        options["b1"], options["bK"] = MWQ_LADDERS[ladder]
+        ladders = MWQ_LADDERS | SINGLE_WIDTHS
+        if ladder not in ladders:
+            raise ConfigError(f"unknown mwq ladder {ladder!r}; known: {', '.join(ladders)}")
+        options["b1"], options["bK"] = ladders[ladder]
     try:
         return FORMATS[name](shapes=tuple(tuple(s) for s in shapes), **options)
     except TypeError as e:
