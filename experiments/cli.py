@@ -395,6 +395,7 @@ def cmd_simulate(args) -> None:
     from sim.metrics import compute_metrics
     from workloads.catalog import get_model
 
+    apply_preset(args)
     check_codec(args)
     check_trace_args(args)
     device = load_device(args.device)
@@ -411,6 +412,8 @@ def cmd_simulate(args) -> None:
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
     workload = Workload(model, trace, fmt, batch=args.batch)
     budget = parse_size(args.budget, "--budget") if args.budget else device.expert_budget_bytes
+    if args.budget is None and getattr(args, "budget_all", False):     # a hold-in-memory preset
+        budget = model.layers * model.experts * fmt.level_bytes(fmt.levels - 1)
     cost = CostModel.build(device, model, fmt, storage)
     policies = build_policies(workload, budget, cost=cost, **policy_kwargs(args))
     timeline = Simulator(device, workload, policies, storage).run(quiet=args.quiet)
@@ -474,9 +477,21 @@ def cmd_models(args) -> None:
 
 def cmd_policies(args) -> None:
     from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
+    from policies.presets import PRESETS
     for title, table in (("cache", CACHES), ("scheduler", SCHEDULERS), ("allocator", ALLOCATORS),
                          ("prefetch", PREFETCHERS)):
         print(f"  {title + ':':<11} {', '.join(table)}")
+    print("  presets (--preset NAME; D²MoE and its baselines):")
+    for p in PRESETS.values():
+        print(f"    {p.name:<18} {p.description}")
+
+
+def cmd_reproduce(args) -> None:
+    from experiments.reproduce_d2moe import reproduce
+    out = Path(args.out or f"runs/reproduce-{args.paper}")
+    text = reproduce(out, jobs=args.jobs, quiet=args.quiet)
+    print(text.split("## Every run")[0].rstrip())
+    print(f"\nwrote {out / 'results.csv'} (resumable), {out / 'report.md'} and figures (PNG, PDF) in {out}")
 
 
 def cmd_trace_stats(args) -> None:
@@ -521,6 +536,30 @@ def load_model(args):
 
 def default_store_dir(args, name: str) -> Path:
     return Path(args.store) if args.store else Path("runs") / "stores" / f"{name}-{args.format}"
+
+
+PRESET_FIELDS = {"format": "format", "ladder": "ladder", "policy": "cache", "scheduler": "scheduler",
+                 "allocator": "allocator", "prefetch": "prefetch"}
+
+
+def apply_preset(args) -> None:
+    """--preset NAME fills the format and the policy bundle (policies/presets.py); naming one of
+    them as well is a conflict, not a silent override."""
+    if not getattr(args, "preset", None):
+        return
+    from policies.presets import get_preset
+    preset = get_preset(args.preset)
+    given = [f"--{flag}" for flag in PRESET_FIELDS if any(a == f"--{flag}" or a.startswith(f"--{flag}=")
+                                                         for a in args.argv)]
+    if given:
+        raise MoelabError(f"--preset {preset.name} sets {', '.join(given)}: give one or the other "
+                          f"(`moelab policies` lists what each preset sets)")
+    for flag, field in PRESET_FIELDS.items():
+        value = getattr(preset, field)
+        if value is not None:
+            setattr(args, flag, value)
+    args.allocator_option = list(preset.allocator_options.items()) + list(args.allocator_option)
+    args.budget_all = preset.budget == "all"
 
 
 def policy_kwargs(args) -> dict:
@@ -622,6 +661,7 @@ def cmd_execute(args) -> None:
     from workloads.workload import Workload
 
     # every check before a store build, not after
+    apply_preset(args)
     if args.prefetch == "oracle" and not args.trace:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")
@@ -637,11 +677,14 @@ def cmd_execute(args) -> None:
     args.tokens = DEFAULTS["tokens"] if args.tokens is None else args.tokens
     forced = import_trace_file(args) if args.trace else None
     model, tok, name = load_model(args)
+    level_fn = bit_router_arg(args, model, forced)
     store = ensure_store(model, default_store_dir(args, name), args.format, quiet=args.quiet, **format_options(args))
     strip_experts(model)
     fmt, arch = store.format, model_arch(model, name)
     total = arch.layers * arch.experts * fmt.level_bytes(fmt.levels - 1)
     budget = parse_size(args.budget, "--budget") if args.budget else total // 4
+    if args.budget is None and getattr(args, "budget_all", False):     # a hold-in-memory preset
+        budget = total
     throttle = cost = None
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")
@@ -660,7 +703,7 @@ def cmd_execute(args) -> None:
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.batch)
     run = execute(model, store, policies, prompts, args.tokens, trace=trace, batch=args.batch,
                   io_concurrency=args.io_concurrency, throttle=throttle, decompress_workers=args.decompress_workers,
-                  torch_device=args.torch_device, torch_threads=args.torch_threads, quiet=args.quiet,
+                  torch_device=args.torch_device, torch_threads=args.torch_threads, quiet=args.quiet, level_fn=level_fn,
                   meta={"model": name, "device": f"host ({args.torch_device})", "format": fmt.name,
                         "budget_bytes": budget, "cache": args.policy, "scheduler": args.scheduler,
                         "prefetcher": args.prefetch})
@@ -688,10 +731,53 @@ def cmd_trace_record(args) -> None:
     check_out_file(args.out)
     model, tok, name = load_model(args)
     prompts = prompt_tokens(args, tok, model.cfg.vocab, args.requests, args.seed)
-    trace = record_routing(model, prompts, args.tokens, model_name=name)
+    router = bit_router_arg(args, model)
+    trace = record_routing(model, prompts, args.tokens, model_name=name, level_fn=router,
+                           level_meta=router and {"path": str(args.bit_router), "ladder": router.ladder})
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k} "
           f"({args.requests} requests, {len(set(map(tuple, prompts.tolist())))} distinct prompts; replay it with "
           f"`moelab simulate --trace {args.out}`: the trace names its model)")
+
+
+def bit_router_arg(args, model, trace=None):
+    """--bit-router PATH loaded and checked against the model and --format/--ladder (None without
+    it); `--allocator learned` without a router or a trace with levels is refused here."""
+    from executor.bit_router import check_ladder, load_bit_router
+    from workloads.formats import MWQ_LADDERS
+    path = getattr(args, "bit_router", None)
+    if getattr(args, "allocator", None) == "learned" and not path and getattr(trace, "levels", None) is None:
+        raise MoelabError("--allocator learned needs --bit-router PATH (`moelab train-bit-router` writes one) "
+                          "or a --trace recorded with one")
+    if not path:
+        return None
+    router = load_bit_router(path, model)
+    fmt = getattr(args, "format", "mwq")
+    if fmt not in ("mwq", "copies"):
+        raise MoelabError(f"--bit-router chooses MWQ levels: use --format mwq or copies, not {fmt}")
+    ladder = getattr(args, "ladder", router.ladder) if hasattr(args, "format") else router.ladder
+    check_ladder(router, *MWQ_LADDERS.get(ladder, (None, None)), where=f"--bit-router {path} (--ladder {ladder})")
+    return router
+
+
+def cmd_eval(args) -> None:
+    from executor.evaluate import run_eval
+    check_out_dir(args.out, run_files=None)
+    run_eval(args.model_dir, args.out, windows=args.windows, ladders=args.ladders or ("v1", "v2"),
+             base_fit=args.base_fit, bit_routers=args.bit_router, quiet=args.quiet)
+
+
+def cmd_train_bit_router(args) -> None:
+    from executor.bit_router import default_path, save_bit_router, train_bit_router
+    from executor.train import DEFAULT_MODEL, load_trained
+    out = Path(args.out) if args.out else default_path(args.model_dir or DEFAULT_MODEL, args.ladder)
+    check_out_file(str(out))
+    model, _, _ = load_trained(args.model_dir)
+    router = train_bit_router(model, args.ladder, minutes=args.minutes, steps=args.steps, alpha=args.alpha,
+                              base_fit=args.base_fit, seed=args.seed, quiet=args.quiet)
+    save_bit_router(router, out)
+    m = router.meta
+    print(f"wrote {out}: ladder {m['ladder']}, {m['steps']} steps in {m['train_seconds']} s, KL {m['final_kl_ema']}, "
+          f"level fractions {m['calibration']['level_fractions']} (capacities {m['capacities']})")
 
 
 def add_model_args(p) -> None:
@@ -719,8 +805,10 @@ def add_policy_args(p) -> None:
                         "base=capacity max_drop=1")
     p.add_argument("--scheduler-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="scheduler option, repeatable: hebf count=exact|cumulative")
-    p.add_argument("--ladder", default="v1", choices=["v1", "v2"],
-                   help="bit-width ladder of mwq and copies: v1 = INT2-4, v2 = INT5-8 (D²MoE)")
+    p.add_argument("--ladder", default="v1", choices=["v1", "v2", "int4", "int8"],
+                   help="bit-width ladder of mwq and copies: v1 = INT2-4, v2 = INT5-8 (D²MoE); int4, int8: one width")
+    p.add_argument("--preset", metavar="NAME",
+                   help="a named bundle (format + policies): d2moe, its ablations and baselines (`moelab policies`)")
 
 
 def add_trace_option_arg(p) -> None:
@@ -789,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacities to try, in experts, comma-separated")
     p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
     p.set_defaults(func=cmd_replay)
+
+    p = add(sub, "reproduce", help="reproduce a paper's results in the simulator (reuses earlier runs)")
+    p.add_argument("paper", choices=["d2moe"])
+    p.add_argument("--out", help="output folder (default runs/reproduce-PAPER)")
+    p.add_argument("--jobs", type=positive_int, help="parallel processes (default: the cores)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = add(sub, "devices", help="list device profiles, or `devices show NAME`")
     p.add_argument("action", nargs="?", choices=["show"])
@@ -861,6 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (default on CPU: all cores but one, left to the I/O and "
                         "decompression workers)")
     p.add_argument("--out", default="runs/execute", help="output folder (replaced as a whole by each run)")
+    p.add_argument("--bit-router", metavar="PATH", help="a bit-width router (`moelab train-bit-router`) choosing "
+                                                        "each token's MWQ level; use with --allocator learned")
     p.set_defaults(func=cmd_execute)
 
     p = add(tp, "record", help="record a real model's routing as a trace")
@@ -870,13 +966,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, default=64, help=TOKENS_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the built-in prompts")
     p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--bit-router", metavar="PATH", help="write this bit-width router's levels into the trace "
+                                                        "(replay them with --format mwq --allocator trace-levels)")
     p.set_defaults(func=cmd_trace_record)
+
+    p = add(sub, "eval", help="held-out perplexity of the trained model at every expert precision (D²MoE Table 3)")
+    p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
+    p.add_argument("--windows", type=positive_int, default=128, help="held-out windows (256 bytes each)")
+    p.add_argument("--ladder", dest="ladders", action="append", choices=["v1", "v2"],
+                   help="MWQ ladder (repeatable; default: v1 and v2)")
+    p.add_argument("--base-fit", choices=["topgrid", "own"],
+                   help="MWQ base fit of the allocator rows (default: the quantizer's; the level rows show both)")
+    p.add_argument("--bit-router", action="append", default=[], metavar="PATH",
+                   help="bit router for the learned rows (repeatable; default: bit_router-LADDER.safetensors "
+                        "beside the model)")
+    p.add_argument("--out", default="runs/eval", help="folder for eval.csv and eval.md")
+    p.set_defaults(func=cmd_eval)
+
+    p = add(sub, "train-bit-router", help="train D²MoE's bit-width router on the trained model")
+    p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
+    p.add_argument("--ladder", default="v1", choices=["v1", "v2"], help="MWQ ladder whose levels it chooses")
+    p.add_argument("--minutes", type=positive_float, default=15.0, help="training time in minutes")
+    p.add_argument("--steps", type=positive_int, help="train this many steps instead of --minutes")
+    p.add_argument("--alpha", type=float, default=0.01, help="weight of the expected-bits term of the loss")
+    p.add_argument("--base-fit", choices=["topgrid", "own"], help="MWQ base fit (default: the quantizer's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="file to write (default: bit_router-LADDER.safetensors beside the model)")
+    p.set_defaults(func=cmd_train_bit_router)
     return ap
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.command == "devices" and args.action == "show" and not args.name:
             raise MoelabError("`moelab devices show NAME` needs a device name")
         args.func(args)
