@@ -19,7 +19,7 @@ from devices.units import ConfigError
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.model import MoETransformer
 from executor.runtime import ExpertRuntime, StepInfo
-from executor.store import Store, build_store
+from executor.store import Store
 from policies import Policies
 from workloads.batching import batch_steps
 from workloads.catalog import ModelArch
@@ -67,10 +67,6 @@ def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: b
     reset_peak_rss()            # build_info's peak covers this call only
     arch = model_arch(model)
     experts = experts or (lambda: model_experts(model))
-    if fmt_name in ("mwq", "copies") and "group" not in fmt_options:
-        # the paper's g=128 where the widths allow it, else the largest power of two that divides them
-        fmt_options["group"] = next(g for g in (128, 64, 32, 16, 8, 4, 2, 1)
-                                    if all(i % g == 0 for _, i in arch.expert_shapes))
     if fmt_name == "zip" and "exponent_ratio" not in fmt_options:
         fmt_options["exponent_ratio"] = measured_exponent_ratio(model, fmt_options.get("chunks", 3),
                                                                 fmt_options.get("codec", "lz4hc"), experts=experts)

@@ -40,7 +40,6 @@ import re
 import shutil
 import sys
 import threading
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path

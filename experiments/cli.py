@@ -393,7 +393,6 @@ def cmd_simulate(args) -> None:
     from sim.engine import Simulator
     from workloads.workload import Workload
     from sim.metrics import compute_metrics
-    from workloads.catalog import get_model
 
     apply_preset(args)
     check_codec(args)
@@ -407,6 +406,7 @@ def cmd_simulate(args) -> None:
     trace = import_trace_file(args) if args.trace else None
     model = model_for(args, trace)
     fmt = make_format_for(model, args.format, args.codec, args.ladder)
+    fmt = store_format_for(args, model, fmt)
     trace = load_workload_trace(args, model, fmt) if trace is None else trace
     if args.trace:
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
@@ -532,6 +532,26 @@ def load_model(args):
     path = args.model_dir or DEFAULT_MODEL
     model, tok, _ = load_trained(path)
     return model, tok, Path(path).name
+
+
+def store_format_for(args, model, fmt):
+    """The format of the model's expert store (--store, or the default folder `execute` builds),
+    when one exists for this format: its part sizes are the executor's, byte for byte."""
+    from workloads.formats import stored_format
+    folder = Path(args.store) if args.store else Path("runs") / "stores" / f"{Path(model.name).name}-{fmt.name}"
+    found = stored_format(folder)
+    if found is None:
+        if args.store:
+            raise ConfigError(f"--store {args.store}: no store there (build one with `moelab store build`)")
+        return fmt
+    if found.name != fmt.name or found.shapes != fmt.shapes:
+        if args.store:
+            raise ConfigError(f"--store {args.store} holds {found.name} experts of shapes {list(found.shapes)}; "
+                              f"the run asks for {fmt.name} experts of shapes {list(fmt.shapes)}")
+        return fmt
+    if not args.quiet:
+        print(f"part sizes from the store {folder} ({format_size(found.expert_bytes)} per expert)")
+    return found
 
 
 def default_store_dir(args, name: str) -> Path:
@@ -868,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=size_arg, metavar="SIZE",
                    help=f"memory budget for experts, e.g. 3GB ({SIZE_UNITS}; default: the device's expert budget)")
     p.add_argument("--out", default="runs/simulate", help="output folder (replaced as a whole by each run)")
+    p.add_argument("--store", help="an expert store whose part sizes to use (default: runs/stores/MODEL-FORMAT "
+                                   "when it exists, as `moelab execute` builds it)")
     p.set_defaults(func=cmd_simulate)
 
     p = add(sub, "replay", help="hit ratio per cache capacity (experts), no timing")

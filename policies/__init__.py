@@ -5,7 +5,8 @@ A new policy is one small class registered here; no engine changes.
 from __future__ import annotations
 
 from devices.units import ConfigError
-from policies.allocators import Capacity, FixedLevel, GateScore, ResidentFirst, StaticImportance, TraceLevels
+from policies.allocators import (Capacity, FixedLevel, GateScore, Learned, ResidentFirst, StaticImportance,
+                                 TraceLevels)
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
                            Scheduler, load_item, needed_keys)
 from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDemand, StaticHot
@@ -19,7 +20,8 @@ __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem
 
 CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF)}
-ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels)}
+ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels,
+                                  Learned)}
 PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle)}
 
 

@@ -1,6 +1,8 @@
 """Bit allocators: which precision level each token gets for each selected expert."""
 from __future__ import annotations
 
+import numpy as np
+
 from devices.units import ConfigError
 from policies.base import Allocator, BudgetError, Demand, NeedsFuture, PolicyContext, Routing
 
@@ -110,22 +112,21 @@ class Capacity(Allocator):
             self.cumulative.append(cum)
 
     def allocate(self, layer: int, routing: Routing) -> Demand:
-        rows, scores = routing.experts.tolist(), routing.scores.tolist()
-        users: dict[int, list[tuple[float, int, int]]] = {}       # expert -> (score, token, slot)
-        for t, (row, srow) in enumerate(zip(rows, scores)):
-            for slot, (e, s) in enumerate(zip(row, srow)):
-                users.setdefault(e, []).append((s, t, slot))
-        top = self.fmt.levels - 1
-        level = [[0] * len(row) for row in rows]
-        for e, us in users.items():
-            us.sort(key=lambda u: (-u[0], u[1]))                  # best score first; ties: earlier token
-            n, start = len(us), 0
-            for j, cum in enumerate(self.cumulative):
-                end = n if j == len(self.cumulative) - 1 else min(n, int(cum * n + 0.5))
-                for _, t, slot in us[start:end]:
-                    level[t][slot] = top - j
-                start = max(start, end)
-        return Demand(layer, tuple(tuple(zip(row, lv)) for row, lv in zip(rows, level)))
+        experts = np.asarray(routing.experts)
+        flat_e, flat_s = experts.ravel(), np.asarray(routing.scores, dtype=np.float64).ravel()
+        # each expert's (token, slot)s, best score first, ties to the earlier token
+        order = np.lexsort((np.arange(flat_e.size), -flat_s, flat_e))
+        sorted_e = flat_e[order]
+        first = np.searchsorted(sorted_e, sorted_e, side="left")
+        n = np.searchsorted(sorted_e, sorted_e, side="right") - first      # tokens of that expert
+        rank = np.arange(order.size) - first                                # 0 = its best score
+        j = np.zeros(order.size, np.int64)            # how many cumulative boundaries the rank is past
+        for cum in self.cumulative[:-1]:
+            j += rank >= np.floor(cum * n + 0.5)
+        levels = np.empty(order.size, np.int64)
+        levels[order] = self.fmt.levels - 1 - j
+        rows, lvls = experts.tolist(), levels.reshape(experts.shape).tolist()
+        return Demand(layer, tuple([tuple(zip(row, lv)) for row, lv in zip(rows, lvls)]))
 
 
 class ResidentFirst(Allocator):
@@ -229,3 +230,10 @@ class StaticImportance(Allocator):
     def allocate(self, layer: int, routing: Routing) -> Demand:
         lv = self.level
         return Demand(layer, tuple(tuple((e, lv[layer, e]) for e in row) for row in routing.experts.tolist()))
+
+
+class Learned(TraceLevels):
+    """D²MoE's learned bit-width router (executor/bit_router.py, `moelab train-bit-router`): the
+    levels it chose from each token's hidden state reach the allocator as Routing.levels (the
+    executor's level_fn, or a trace recorded with `trace record --bit-router`)."""
+    name = "learned"

@@ -132,7 +132,8 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
     budget must hold the largest single decision point's demand at the levels the allocator
     asks for; below it, the error states the minimum."""
     fmt, model = workload.fmt, workload.model
-    base = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
+    counts = popularity(workload.trace, model.experts)
+    base = PolicyContext(fmt, model.layers, model.experts, budget, popularity=counts, cost=cost)
     probe = make_allocator(allocator, base, **allocator_options)
     future = None
     if not probe.reads_cache:          # its demand does not depend on the cache: precompute it
@@ -144,8 +145,7 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
                               f"levels the {allocator!r} allocator asks for)")
     else:
         _check_online_minimum(probe, model, fmt, budget)
-    ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future,
-                        popularity=popularity(workload.trace, model.experts), cost=cost)
+    ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future, popularity=counts, cost=cost)
     try:
         return Policies(make_allocator(allocator, ctx, **allocator_options),
                         make_scheduler(scheduler, ctx, **(scheduler_options or {})),

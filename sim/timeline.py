@@ -12,8 +12,6 @@ recorded: every part a compute needed was either admitted at that decision point
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_device
 from executor.execute import ensure_store, execute, model_arch, strip_experts
-from policies import ALLOCATORS, BudgetError, Demand, Key, PolicyContext, Routing, build_policies, load_item
+from policies import Demand, Key, PolicyContext, Routing, build_policies, load_item
 from policies.allocators import Capacity, GateScore, ResidentFirst
 from policies.cache import BudgetRule
 from policies.schedulers import HEBF, FifoScheduler

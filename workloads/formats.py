@@ -116,14 +116,22 @@ class Bf16Format(ExpertFormat):
         self._set([n], [n], [0])
 
 
+def default_group(shapes) -> int:
+    """The paper's g=128 where the input widths allow it, else the largest power of two that
+    divides them all (llama-moe's 1376 -> 32): one rule for the simulator and the executor."""
+    return next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if all(i % g == 0 for _, i in shapes))
+
+
 @dataclass(frozen=True)
 class MwqFormat(ExpertFormat):
     name: str = "mwq"
     b1: int = 2
     bK: int = 4
-    group: int = 128
+    group: int | None = None       # None: default_group(shapes)
 
     def __post_init__(self):
+        if self.group is None:
+            object.__setattr__(self, "group", default_group(self.shapes))
         if not 1 <= self.b1 <= self.bK <= 16:
             raise ConfigError(f"mwq: need 1 <= b1 <= bK <= 16, got b1={self.b1}, bK={self.bK}")
         for out, inp in self.shapes:
@@ -157,9 +165,11 @@ class CopiesFormat(ExpertFormat):
     name: str = "copies"
     b1: int = 2
     bK: int = 4
-    group: int = 128
+    group: int | None = None       # None: default_group(shapes)
 
     def __post_init__(self):
+        if self.group is None:
+            object.__setattr__(self, "group", default_group(self.shapes))
         MwqFormat(self.shapes, b1=self.b1, bK=self.bK, group=self.group)     # the same checks
         sizes = [_int_bytes(self.shapes, b, self.group) for b in range(self.b1, self.bK + 1)]
         self._set(sizes, sizes, [0] * len(sizes))
@@ -220,3 +230,19 @@ def make_format(name: str, shapes, **options) -> ExpertFormat:
         return FORMATS[name](shapes=tuple(tuple(s) for s in shapes), **options)
     except TypeError as e:
         raise ConfigError(f"format {name!r}: bad option ({e})") from None
+
+
+def stored_format(folder) -> ExpertFormat | None:
+    """The format recorded in an expert store's index (executor/store.py writes it), read
+    without the executor: the simulator then uses the store's own part sizes (a zip store's
+    measured compression), so both engines read the same bytes. None if there is no store."""
+    import json
+    from pathlib import Path
+    path = Path(folder) / "index.json"
+    if not path.exists():
+        return None
+    try:
+        f = json.loads(path.read_text())["format"]
+        return make_format(f["name"], f["shapes"], **f["options"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a readable store index ({e}); rebuild it with `moelab store build`") from None
