@@ -543,6 +543,10 @@ def store_format_for(args, model, fmt):
     if found is None:
         if args.store:
             raise ConfigError(f"--store {args.store}: no store there (build one with `moelab store build`)")
+        if fmt.name == "zip" and not args.quiet:
+            print(f"note: no zip store in {folder}: part sizes assume an exponent ratio of {fmt.exponent_ratio}; "
+                  f"for a real model's measured sizes (what `execute` reads), build its store first "
+                  f"(`moelab store build --format zip`) or give --store", file=sys.stderr)
         return fmt
     if found.name != fmt.name or found.shapes != fmt.shapes:
         if args.store:

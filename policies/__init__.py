@@ -54,7 +54,12 @@ def _build(cls, ctx: PolicyContext, options: dict):
     for key in options:
         if key not in known and not takes_any:
             raise ConfigError(f"{cls.name}: unknown option {key!r}; options: {', '.join(known) or 'none'}")
-    return cls(ctx, **options)
+    if not options:
+        return cls(ctx)
+    try:
+        return cls(ctx, **options)
+    except (TypeError, ValueError) as e:        # an option string that is not a number, say
+        raise ConfigError(f"{cls.name}: bad option value in {options} ({e})") from None
 
 
 def make_prefetcher(name: str, ctx: PolicyContext) -> Prefetcher | None:

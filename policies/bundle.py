@@ -151,8 +151,8 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
                         make_scheduler(scheduler, ctx, **(scheduler_options or {})),
                         make_cache(cache, ctx, **(cache_options or {})), make_prefetcher(prefetch, ctx))
     except NeedsFuture as e:
-        raise BudgetError(f"{e.args[0]} cannot run with the {allocator!r} allocator: it reads the cache, so the "
-                          f"access sequence is not known in advance") from None
+        raise BudgetError(f"{e.args[0]}, which the {allocator!r} allocator makes unknowable in advance (its "
+                          f"choices read the cache): use an online policy with it") from None
 
 
 def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",

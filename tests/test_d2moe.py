@@ -186,3 +186,9 @@ def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, alloc
     assert run.timeline.meta["policy_report"] == sim_tl.meta["policy_report"]
     if allocator == "resident-first" and cache == "d2moe-budget":   # it leaves lower planes resident
         assert sim_tl.meta["policy_report"]["resident_first_substituted"] > 0
+
+
+def test_a_non_numeric_option_is_a_clear_error():
+    w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
+    with pytest.raises(Exception, match=r"fixed: bad option value in \{'level': 'x'\}"):
+        build_policies(w, 10**9, allocator="fixed", level="x")

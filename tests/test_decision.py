@@ -220,7 +220,7 @@ def test_token_weighted_cache_keeps_what_more_tokens_asked_for(registered):
 def test_belady_refuses_an_allocator_that_reads_the_cache(registered):
     model = ModelArch("m", layers=2, experts=4, top_k=1, d_model=128, d_ff=128, n_heads=1, n_kv_heads=1)
     w = Workload(model, make_trace([[[0], [1]]]), make_format("mwq", model.expert_shapes))
-    with pytest.raises(BudgetError, match="belady.*cannot run with the 'test-resident' allocator"):
+    with pytest.raises(BudgetError, match="belady needs the access sequence.*'test-resident' allocator makes unknowable"):
         build_policies(w, 10**9, cache="belady", allocator="test-resident")
 
 
