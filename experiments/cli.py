@@ -177,22 +177,11 @@ def import_trace_file(args):
 def model_for(args, trace):
     """--model, else the model the trace names (its recorded architecture, or a catalog name),
     else the default."""
-    from dataclasses import fields
-
-    from workloads.catalog import ModelArch, get_model
+    from workloads.catalog import get_model, model_of_trace
     if args.model is not None:
         return get_model(args.model)
-    meta = trace.metadata if trace is not None else {}
-    if isinstance(meta.get("arch"), dict):
-        names = {f.name for f in fields(ModelArch)}
-        return ModelArch(**{k: v for k, v in meta["arch"].items() if k in names})
-    if meta.get("model"):
-        try:
-            return get_model(meta["model"])
-        except ConfigError:
-            raise ConfigError(f"{args.trace}: the trace names model {meta['model']!r}, which is not in the "
-                              f"catalog and the trace carries no architecture; give --model") from None
-    return get_model(DEFAULTS["model"])
+    named = model_of_trace(trace.metadata, str(args.trace)) if trace is not None else None
+    return named or get_model(DEFAULTS["model"])
 
 
 # one Event in memory (~0.2 KB), its Chrome-trace dict (~0.9 KB) and its JSON text (~0.3 KB),
@@ -486,6 +475,51 @@ def cmd_policies(args) -> None:
         print(f"    {p.name:<18} {p.description}")
 
 
+def cmd_sweep(args) -> None:
+    from experiments.sweep import load_grid, sweep
+    out = Path(args.out or Path("runs") / "sweeps" / (Path(args.grid).stem + ".csv"))
+    if args.check:
+        configs = load_grid(args.grid)
+        print(f"{args.grid}: {len(configs)} runs, all valid")
+        return
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give the results file (e.g. {out / 'results.csv'})")
+    done = sweep(args.grid, out, jobs=args.jobs, cluster=args.cluster, quiet=args.quiet)
+    rate = done["ran"] / done["seconds"] if done["seconds"] > 0 and done["ran"] else 0
+    print(f"{args.grid}: {done['runs']} runs, {done['done_before']} already in {out}, {done['ran']} run now in "
+          f"{done['seconds']:.1f} s ({rate:.1f} runs/s); results: {out}")
+
+
+def cmd_plot(args) -> None:
+    from experiments.plots import filter_rows, plot
+    from experiments.sweep import read_results
+    rows = read_results(args.results)
+    if not rows:
+        raise ConfigError(f"{args.results}: no result rows (run `moelab sweep` first)")
+    rows = filter_rows(rows, args.where)
+    stem = Path(args.out) if args.out else Path(args.results).with_name(f"{Path(args.results).stem}-{args.kind}")
+    paths = plot(rows, args.kind, stem, facet=args.facet, baseline=args.baseline, row_hash=args.row)
+    print("wrote " + ", ".join(map(str, paths)))
+
+
+def cmd_pick(args) -> None:
+    from experiments.pick import pick, policy_document, write_policy
+    from experiments.sweep import read_results
+    rows = read_results(args.results)
+    if not rows:
+        raise ConfigError(f"{args.results}: no result rows (run `moelab sweep` first)")
+    row = pick(rows, args.metric, args.device, args.budget, args.constraint, args.where)
+    doc = policy_document(row, args.metric, args.results)
+    path = write_policy(args.out, doc)
+    p = doc["picked"]
+    print(f"picked {row['policy']} ({row['format']}{' ' + row['ladder'] if row['ladder'] else ''}) on "
+          f"{row['device']}, budget {row['budget_bytes']}, batch {row['batch']}: {p['metric']} = {p['value']:.4g}")
+    print(f"wrote {path}; deploy it with `moelab execute --policy {path}` (or check it: `moelab simulate "
+          f"--policy {path}`)")
+    print("fidelity: no host validation results yet (`moelab validate` is not built), so no measured "
+          "simulator error is shown for this configuration class")
+
+
 def cmd_reproduce(args) -> None:
     from experiments.reproduce_d2moe import reproduce
     out = Path(args.out or f"runs/reproduce-{args.paper}")
@@ -566,9 +600,47 @@ PRESET_FIELDS = {"format": "format", "ladder": "ladder", "policy": "cache", "sch
                  "allocator": "allocator", "prefetch": "prefetch"}
 
 
+def cache_or_file(text: str) -> str:
+    """--policy: a registered cache policy, or a policy file (`moelab pick` writes one)."""
+    from policies import CACHES
+    if text in CACHES or text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a cache policy ({', '.join(CACHES)}) nor a policy file")
+
+
+def apply_policy_file(args) -> None:
+    """--policy FILE (from `moelab pick`) sets the format and the bundle, and the budget unless
+    --budget is given; naming them as well is a conflict."""
+    from policies import CACHES
+    if args.policy in CACHES:
+        return
+    from experiments.pick import load_policy
+    doc = load_policy(args.policy)
+    given = [f"--{flag}" for flag in ("format", "ladder", "codec", "scheduler", "allocator", "prefetch", "preset",
+                                      "allocator-option", "scheduler-option")
+             if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in args.argv)]
+    if given:
+        raise MoelabError(f"--policy {args.policy} sets {', '.join(given)}: give one or the other")
+    args.format = doc.get("format", args.format)
+    args.ladder = doc.get("ladder") or args.ladder
+    if doc.get("codec") and args.format == "zip":
+        args.codec = doc["codec"]
+    for key in ("scheduler", "allocator", "prefetch"):
+        setattr(args, key, doc.get(key, getattr(args, key)))
+    args.allocator_option = list((doc.get("allocator_options") or {}).items())
+    args.scheduler_option = list((doc.get("scheduler_options") or {}).items())
+    if args.budget is None and "budget" in doc:
+        if doc["budget"] == "all":
+            args.budget_all = True
+        else:
+            args.budget = doc["budget"]
+    args.policy = doc.get("cache", "lru")
+
+
 def apply_preset(args) -> None:
     """--preset NAME fills the format and the policy bundle (policies/presets.py); naming one of
-    them as well is a conflict, not a silent override."""
+    them as well is a conflict, not a silent override. A policy file (--policy FILE) likewise."""
+    apply_policy_file(args)
     if not getattr(args, "preset", None):
         return
     from policies.presets import get_preset
@@ -814,8 +886,9 @@ def add_policy_args(p) -> None:
     """Names checked against the registries (policies/__init__.py) when the command line is read,
     so a typo fails before any trace is read or store is built."""
     from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
-    p.add_argument("--policy", default=DEFAULTS["policy"], choices=list(CACHES), metavar="NAME",
-                   help=f"cache policy: {', '.join(CACHES)}")
+    p.add_argument("--policy", default=DEFAULTS["policy"], type=cache_or_file, metavar="NAME|FILE",
+                   help=f"cache policy: {', '.join(CACHES)}; or a policy file (YAML) from `moelab pick`, which "
+                        f"sets the format and the whole bundle")
     p.add_argument("--scheduler", default="fifo", choices=list(SCHEDULERS), metavar="NAME",
                    help=f"load scheduler: {', '.join(SCHEDULERS)}")
     p.add_argument("--prefetch", default="none", choices=list(PREFETCHERS), metavar="NAME",
@@ -903,6 +976,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacities to try, in experts, comma-separated")
     p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
     p.set_defaults(func=cmd_replay)
+
+    p = add(sub, "sweep", help="run a grid of simulations (resumable; local processes or a Dask cluster)")
+    p.add_argument("grid", help="grid file (YAML): see experiments/sweep.py or the README")
+    p.add_argument("--out", help="results CSV (default runs/sweeps/GRID.csv); rows already there are skipped")
+    p.add_argument("--jobs", type=positive_int, help="local processes (default: the cores)")
+    p.add_argument("--cluster", metavar="tcp://HOST:8786", help="run on this Dask scheduler instead")
+    p.add_argument("--check", action="store_true", help="only check the grid file and count its runs")
+    p.set_defaults(func=cmd_sweep)
+
+    from experiments.plots import KINDS
+    p = add(sub, "plot", help="figures from a sweep's results (PNG and PDF)")
+    p.add_argument("results", help="results CSV of `moelab sweep`")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--where", action="append", default=[], type=key_value, metavar="COLUMN=VALUE",
+                   help="keep only matching rows (repeatable)")
+    p.add_argument("--facet", metavar="COLUMN", help="one panel per value of this column (default: device, if "
+                                                     "there are several)")
+    p.add_argument("--baseline", metavar="POLICY", help="speedup: the policy label to divide by")
+    p.add_argument("--row", metavar="CONFIG_HASH", help="gantt: the run to draw (default: the first row)")
+    p.add_argument("--out", help="output path without extension (default: beside the results)")
+    p.set_defaults(func=cmd_plot)
+
+    from experiments.pick import METRICS
+    p = add(sub, "pick", help="the best policy bundle of a sweep under constraints, as a policy file")
+    p.add_argument("results", help="results CSV of `moelab sweep`")
+    p.add_argument("--device", help="only runs on this device")
+    p.add_argument("--budget", type=size_arg, metavar="SIZE", help="only runs whose expert memory fits in this")
+    p.add_argument("--metric", default="throughput", choices=list(METRICS))
+    p.add_argument("--constraint", action="append", default=[], metavar="COLUMN<=VALUE",
+                   help="e.g. tpot_s_p99<=0.25 or peak_expert_bytes<=2GB (repeatable)")
+    p.add_argument("--where", action="append", default=[], type=key_value, metavar="COLUMN=VALUE",
+                   help="only rows with this value (repeatable), e.g. model=mixtral-8x7b")
+    p.add_argument("--out", default="runs/picked-policy.yaml", help="the policy file to write")
+    p.set_defaults(func=cmd_pick)
 
     p = add(sub, "reproduce", help="reproduce a paper's results in the simulator (reuses earlier runs)")
     p.add_argument("paper", choices=["d2moe"])
@@ -1014,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", default="v1", choices=["v1", "v2"], help="MWQ ladder whose levels it chooses")
     p.add_argument("--minutes", type=positive_float, default=15.0, help="training time in minutes")
     p.add_argument("--steps", type=positive_int, help="train this many steps instead of --minutes")
-    p.add_argument("--alpha", type=float, default=0.01, help="weight of the expected-bits term of the loss")
+    p.add_argument("--alpha", type=float, default=1e-4, help="weight of the expected-bits term of the loss (per bit)")
     p.add_argument("--base-fit", choices=["topgrid", "own"], help="MWQ base fit (default: the quantizer's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="file to write (default: bit_router-LADDER.safetensors beside the model)")

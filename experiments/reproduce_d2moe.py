@@ -263,30 +263,16 @@ def figures(results: dict, out: Path) -> list[Path]:
 def layer_gantt(out: Path, env: str = "env2", model: str = "llama-moe-3.5b", budget_mb: int = 800,
                 step: int = 5, layer: int = 3) -> list[Path]:
     """One decode layer's loads and computes under FIFO (+MWQ) and HEBF (+HEBF), compute
-    bubbles (idle time between the layer's first load and its last compute) shaded."""
+    bubbles shaded (sim/plot.py layer_gantt)."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 1, figsize=(10, 4.2), sharex=False)
+    from sim.plot import layer_gantt as draw
+    fig, axes = plt.subplots(2, 1, figsize=(10, 4.2))
     for ax, system in zip(axes, ("d2moe-mwq", "d2moe-hebf")):
         _, tl = simulate(Run(env, model, system, REQUESTS, budget_mb), keep_timeline=True)
-        evs = [e for e in tl.events if e.step == step and e.layer == layer and e.resource in ("io", "compute")]
-        if not evs:
-            continue
-        t0 = min(e.start for e in evs)
-        for lane, res, color in ((1, "io", "tab:blue"), (0, "compute", "tab:orange")):
-            for e in (e for e in evs if e.resource == res):
-                ax.barh(lane, (e.end - e.start) * 1e3, left=(e.start - t0) * 1e3, color=color, edgecolor="k",
-                        linewidth=0.3)
-        comp = sorted((e.start, e.end) for e in evs if e.resource == "compute")
-        cursor, idle = 0.0, 0.0
-        for s, e in comp:
-            if s - t0 > cursor:
-                ax.axvspan(cursor * 1e3, (s - t0) * 1e3, ymin=0.02, ymax=0.48, color="red", alpha=0.15)
-                idle += s - t0 - cursor
-            cursor = max(cursor, e - t0)
-        ax.set_yticks([0, 1], ["compute", "I/O"])
-        ax.set_title(f"{system}: {'FIFO' if system == 'd2moe-mwq' else 'HEBF'} loads; compute bubbles "
-                     f"(red) {idle * 1e3:.1f} ms of {cursor * 1e3:.1f} ms", fontsize=9)
-        ax.set_xlabel("time since the layer's first load (ms)")
+        if tl is not None:
+            draw(ax, tl, step, layer)
+            ax.set_title(f"{system} ({'FIFO' if system == 'd2moe-mwq' else 'HEBF'} loads): " + ax.get_title(),
+                         fontsize=9)
     fig.suptitle(f"One layer ({model}, {ENVS[env]}, budget {budget_mb} MB, decode step {step}, layer {layer})",
                  fontsize=10)
     fig.tight_layout()

@@ -10,7 +10,8 @@ never NaN, so metrics.json stays valid JSON):
   their group's value; waiting for earlier groups is not counted. ttft_s is the mean over
   all requests; ttft_s_cold that of the first group (which starts with an empty cache) and
   ttft_s_warm the mean over the later groups' requests (None with one group).
-- tpot_s_mean / _p50 / _p99: time between the ends of consecutive steps of a group.
+- tpot_s_mean / _p50 / _p99 (and _p10, _p25, _p75, _p90): time between the ends of consecutive
+  steps of a group.
 - throughput_tok_s: generated_tokens / makespan_s.
 - peak_expert_bytes: the most resident expert bytes at any time (admitted + prefetched - evicted).
 - bytes_read, loads: bytes and load items read from storage (demand loads and prefetches).
@@ -185,6 +186,8 @@ def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict
         "tpot_s_mean": float(np.mean(tpot)) if tpot else None,
         "tpot_s_p50": float(np.percentile(tpot, 50)) if tpot else None,
         "tpot_s_p99": float(np.percentile(tpot, 99)) if tpot else None,
+        # the rest of the distribution, for box plots of many runs (`moelab plot --kind tpot`)
+        **{f"tpot_s_p{q}": float(np.percentile(tpot, q)) if tpot else None for q in (10, 25, 75, 90)},
         "throughput_tok_s": share(generated),
         "makespan_s": makespan,
         "generated_tokens": generated,

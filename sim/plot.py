@@ -107,3 +107,29 @@ def gantt(tl: Timeline, path, *, steps: int = 4, first_step: int = 0, max_events
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def layer_gantt(ax, tl: Timeline, step: int, layer: int) -> float:
+    """One decision point's loads and computes on `ax` (ms from its first event), the compute
+    bubbles (compute idle between the layer's first load and its last compute) shaded red, as
+    D²MoE draws HEBF against FIFO. Returns the bubble time in seconds (also in the title)."""
+    evs = [e for e in tl.events if e.step == step and e.layer == layer and e.resource in ("io", "compute")
+           and e.end > e.start]
+    if not evs:
+        ax.set_title(f"step {step}, layer {layer}: nothing loaded or computed")
+        return 0.0
+    t0 = min(e.start for e in evs)
+    for lane, res in ((1, "io"), (0, "compute")):
+        for e in (e for e in evs if e.resource == res):
+            ax.barh(lane, (e.end - e.start) * 1e3, left=(e.start - t0) * 1e3, height=0.6,
+                    color=COLORS["load" if res == "io" else "expert"], edgecolor="k", linewidth=0.3)
+    cursor = idle = 0.0
+    for s, e in sorted((e.start - t0, e.end - t0) for e in evs if e.resource == "compute"):
+        if s > cursor:
+            ax.axvspan(cursor * 1e3, s * 1e3, ymin=0.02, ymax=0.48, color="red", alpha=0.18, lw=0)
+            idle += s - cursor
+        cursor = max(cursor, e)
+    ax.set_yticks([0, 1], ["compute", "I/O"])
+    ax.set_xlabel(f"time since step {step}, layer {layer} began loading (ms)")
+    ax.set_title(f"compute bubbles (red): {idle * 1e3:.1f} of {cursor * 1e3:.1f} ms")
+    return idle

@@ -137,3 +137,19 @@ def arch_from_config(path: Path) -> ModelArch:
     shared_d_ff = int(raw.get("shared_d_ff", raw.get("shared_expert_intermediate_size", 0)))
     return ModelArch(path.parent.name, shared_experts=shared, shared_d_ff=shared_d_ff,
                      expert_matrices=int(raw.get("expert_matrices", 3)), source=str(path), **fields)
+
+
+def model_of_trace(metadata: dict, where: str = "trace") -> ModelArch | None:
+    """The architecture a trace names: its recorded one (`moelab trace record` writes it), else
+    a catalog model by name; None if it names none."""
+    from dataclasses import fields
+    if isinstance(metadata.get("arch"), dict):
+        names = {f.name for f in fields(ModelArch)}
+        return ModelArch(**{k: v for k, v in metadata["arch"].items() if k in names})
+    if metadata.get("model"):
+        try:
+            return get_model(metadata["model"])
+        except ConfigError:
+            raise ConfigError(f"{where}: the trace names model {metadata['model']!r}, which is not in the "
+                              f"catalog and the trace carries no architecture; give the model") from None
+    return None
