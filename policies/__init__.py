@@ -10,6 +10,7 @@ from policies.allocators import (Capacity, FixedLevel, GateScore, Learned, Resid
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
                            Scheduler, load_item, needed_keys)
 from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDemand, StaticHot
+from policies.layered import LAYERED_CACHES
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import HEBF, FifoScheduler
 
@@ -18,7 +19,7 @@ __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem
            "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
            "Policies", "Decision", "Load", "build_policies", "build_online_policies"]
 
-CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule)}
+CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule, *LAYERED_CACHES)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF)}
 ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels,
                                   Learned)}
