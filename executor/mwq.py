@@ -220,14 +220,20 @@ def _fit_grid(w: torch.Tensor, bits: int, group: int, h: torch.Tensor | None, it
     return step, zero
 
 
-def _quantize_block(w: torch.Tensor, b1: int, bK: int, group: int, h: torch.Tensor | None, iters: int):
+def _quantize_block(w: torch.Tensor, b1: int, bK: int, group: int, h: torch.Tensor | None, iters: int,
+                    base_fit: str = "topgrid"):
     """MWQ of w (float32) -> (MwqQuant, reconstruction of every level)."""
     m = bK - b1
-    step, zero = _fit_grid(w, bK, group, h, iters)
-    # the base grid is every 2^m-th point of the INT-bK grid, centred so that m ideal residual
-    # planes (+-s/4, +-s/8, ...) reach the points in between
-    scale = _to_fp16(step * 2 ** m, "scales").clamp_min(2.0 ** -24)   # >= the smallest float16 > 0
-    zero1 = _to_fp16((zero - (2 ** m - 1) / 2) / 2 ** m, "zero points")
+    if base_fit == "own":       # the paper: the INT-b1 grid that fits w best on its own
+        step, zero = _fit_grid(w, b1, group, h, iters)
+        scale = _to_fp16(step, "scales").clamp_min(2.0 ** -24)
+        zero1 = _to_fp16(zero, "zero points")
+    else:
+        step, zero = _fit_grid(w, bK, group, h, iters)
+        # the base grid is every 2^m-th point of the INT-bK grid, centred so that m ideal residual
+        # planes (+-s/4, +-s/8, ...) reach the points in between
+        scale = _to_fp16(step * 2 ** m, "scales").clamp_min(2.0 ** -24)   # >= the smallest float16 > 0
+        zero1 = _to_fp16((zero - (2 ** m - 1) / 2) / 2 ** m, "zero points")
     s, z = _expand(scale.float(), group), _expand(zero1.float(), group)
     codes = torch.clamp(torch.round(w / s + z), 0, 2 ** b1 - 1)
     recon = [(codes - z) * s]
@@ -270,8 +276,12 @@ def _concat(parts: Sequence[MwqQuant]) -> MwqQuant:
                     res_scale=torch.cat([p.res_scale for p in parts], 2), b1=p0.b1, group=p0.group)
 
 
+BASE_FITS = ("topgrid", "own")
+DEFAULT_BASE_FIT = "topgrid"
+
+
 def quantize(w: torch.Tensor, b1: int, bK: int, group: int = 128, x: torch.Tensor | None = None,
-             block: int | None = None, damp: float = 0.01, iters: int = 3) -> MwqQuant:
+             block: int | None = None, damp: float = 0.01, iters: int = 3, base_fit: str = DEFAULT_BASE_FIT) -> MwqQuant:
     """MWQ of a weight matrix w [out, in] with levels INT b1 .. INT bK.
 
     x: calibration activations [tokens, in]; scales then minimise ||(W - What) x^T||^2.
@@ -280,8 +290,13 @@ def quantize(w: torch.Tensor, b1: int, bK: int, group: int = 128, x: torch.Tenso
     the compensation off (weighted least squares only: each level's scale is then the best for
     that level alone, which can leave the top level's loss above the unweighted fit's).
     damp: H = 2 x^T x + damp * mean(diag) * I. iters: least-squares refits of the grid.
+    base_fit: "topgrid" (default) puts the base on every 2^(bK-b1)-th point of the fitted INT-bK
+    grid, so that the top level is plain INT-bK; "own" (the paper's) fits the INT-b1 base grid for
+    itself, then the residual planes on top. The stored format is the same for both.
     """
     check_config(tuple(w.shape), b1, bK, group)
+    if base_fit not in BASE_FITS:
+        raise ConfigError(f"mwq: base_fit {base_fit!r} unknown; allowed: {', '.join(BASE_FITS)}")
     wf = w.detach().float().cpu()
     if not torch.isfinite(wf).all():
         raise ConfigError("mwq: weights contain NaN or infinity")
@@ -290,7 +305,7 @@ def quantize(w: torch.Tensor, b1: int, bK: int, group: int = 128, x: torch.Tenso
     if h is None and block:
         raise ConfigError("mwq: block (GPTQ-style compensation) needs calibration activations x")
     if h is None or block == 0:
-        return _quantize_block(wf, b1, bK, group, h, iters)[0]
+        return _quantize_block(wf, b1, bK, group, h, iters, base_fit)[0]
     block = group if block is None else block
     if block < group or block % group:
         raise ConfigError(f"mwq: block width {block} must be a positive multiple of the group size {group}")
@@ -304,7 +319,7 @@ def quantize(w: torch.Tensor, b1: int, bK: int, group: int = 128, x: torch.Tenso
         Ubb = U[c0:c1, c0:c1]
         ubb_inv = torch.linalg.solve_triangular(Ubb, torch.eye(c1 - c0, dtype=torch.float64), upper=True)
         h_eff = ubb_inv @ ubb_inv.T        # the block's loss with the later columns free to compensate
-        q, recon = _quantize_block(wd[:, c0:c1].float(), b1, bK, group, h_eff, iters)
+        q, recon = _quantize_block(wd[:, c0:c1].float(), b1, bK, group, h_eff, iters, base_fit)
         parts.append(q)
         if c1 < n:
             err = wd[:, c0:c1] - recon[-1].double()          # the top level's error (see module doc)
