@@ -13,6 +13,7 @@ A grid file (YAML, safe_load) names the axes; every combination is one simulator
       budget: [2GB, 4GB]
       batch: [1, 16]
       format: [bf16, {name: mwq, ladder: v2}, {name: zip, codec: zstd}]
+      seed: [0, 1, 2]           # the scalars (tokens, prompt, requests, skew, locality, seed) may vary too
 
 Instead of `grid`, `runs:` lists configurations one by one, and `sample: {n: 50, seed: 1}`
 beside a grid runs a seeded random subset of it. A policy is a cache name or a mapping
@@ -86,8 +87,8 @@ def load_grid(path) -> list[dict]:
         if not isinstance(grid, dict):
             raise ConfigError(f"{path}: grid: must map axes ({', '.join(AXES)}) to lists")
         for key in grid:
-            if key not in AXES:
-                raise ConfigError(f"{path}: grid.{key}: unknown axis; axes: {', '.join(AXES)}")
+            if key not in (*AXES, *SCALARS):
+                raise ConfigError(f"{path}: grid.{key}: unknown axis; axes: {', '.join((*AXES, *SCALARS))}")
         axes = {k: grid[k] if isinstance(grid[k], list) else [grid[k]] for k in grid}
         for k, values in axes.items():
             if not values:
