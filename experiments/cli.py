@@ -445,6 +445,50 @@ def cmd_replay(args) -> None:
               f"{cap:>10}  {'-':>9}   (below the largest single-layer demand: {largest} experts)")
 
 
+MRC_POLICIES = "lru,least-stale,layered-lru,layer-lru,layer-lfu,lfu,page-cache,belady"
+
+
+def cmd_mrc(args) -> None:
+    from policies import caches_for
+    from sim.mrc import miss_ratio_curves, plot_mrc, stack_exact
+    from workloads.catalog import ModelArch
+    from workloads.formats import make_format
+    from workloads.importers import import_trace
+    from workloads.workload import Workload
+    known = caches_for("bf16")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in known]
+    if bad or not policies:
+        raise MoelabError(f"--policies: unknown or not for whole experts: {', '.join(bad) or '(none given)'}; "
+                          f"allowed: {', '.join(known)}")
+    if args.out and not args.out.endswith(".png"):
+        raise MoelabError(f"--out: expected a .png file name, got {args.out!r}")
+    trace = import_trace(args.trace)
+    model = ModelArch("trace", layers=trace.layers, experts=trace.num_experts, top_k=trace.top_k, d_model=128,
+                      d_ff=128, n_heads=1, n_kv_heads=1)
+    workload = Workload(model, trace, make_format("bf16", model.expert_shapes), batch=args.batch)
+    keys = trace.layers * trace.num_experts
+    caps = ([int(c) for c in args.capacities.split(",") if c.strip()] if args.capacities else
+            sorted({max(1, round(keys * i / 24)) for i in range(1, 25)}))
+    from tqdm import tqdm
+    slow = [p for p in policies if not stack_exact(workload, p)]
+    with tqdm(total=len(slow) * len(caps), disable=args.quiet, desc="mrc (replays)", unit="point") as bar:
+        curves = miss_ratio_curves(workload, policies, caps, jobs=args.jobs, progress=bar.update)
+    print(f"{'capacity':>10}  " + "  ".join(f"{p:>12}" for p in policies) + "   (hit ratio; - : cannot run)")
+    for c in caps:
+        print(f"{c:>10}  " + "  ".join(f"{curves[p][c]:>12.4f}" if curves[p][c] is not None else f"{'-':>12}"
+                                      for p in policies))
+    print(f"(capacities in experts; one token's working set = {trace.layers * trace.top_k}; "
+          f"lru in one pass (Mattson), the rest replayed)")
+    if args.out:
+        import json
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        plot_mrc(curves, args.out, title=f"{args.trace} (batch {args.batch})")
+        Path(args.out).with_suffix(".json").write_text(json.dumps({p: {str(c): r for c, r in cv.items()}
+                                                                   for p, cv in curves.items()}, indent=1))
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
 def cmd_devices(args) -> None:
     from devices.profile import list_devices, load_device
     if args.name:
@@ -976,6 +1020,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacities to try, in experts, comma-separated")
     p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
     p.set_defaults(func=cmd_replay)
+
+    p = add(sub, "mrc", help="miss-ratio curves: hit ratio against capacity for several policies, belady the bound")
+    p.add_argument("--trace", required=True, help="routing trace (.npz, .jsonl, .csv dir, .npy)")
+    p.add_argument("--policies", default=MRC_POLICIES, help="cache policies, comma-separated")
+    p.add_argument("--capacities", type=capacities_arg,
+                   help="capacities in experts, comma-separated (default: 24 points up to every expert)")
+    p.add_argument("--batch", type=positive_int, default=1, help="requests decoded in lockstep")
+    p.add_argument("--jobs", type=positive_int, help="processes for the replayed policies (default: CPU count)")
+    p.add_argument("--out", help="plot to this .png (and the curves to the .json beside it)")
+    p.set_defaults(func=cmd_mrc)
 
     p = add(sub, "sweep", help="run a grid of simulations (resumable; local processes or a Dask cluster)")
     p.add_argument("grid", help="grid file (YAML): see experiments/sweep.py or the README")
