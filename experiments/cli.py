@@ -449,13 +449,13 @@ MRC_POLICIES = "lru,least-stale,layered-lru,layer-lru,layer-lfu,lfu,page-cache,b
 
 
 def cmd_mrc(args) -> None:
-    from policies import caches_for
+    from policies import CACHES
     from sim.mrc import miss_ratio_curves, plot_mrc, stack_exact
     from workloads.catalog import ModelArch
     from workloads.formats import make_format
     from workloads.importers import import_trace
     from workloads.workload import Workload
-    known = caches_for("bf16")
+    known = [n for n, c in CACHES.items() if "bf16" in getattr(c, "formats", ("bf16",))]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in known]
     if bad or not policies:
