@@ -13,17 +13,23 @@ from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDe
 from policies.layered import LAYERED_CACHES
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import HEBF, FifoScheduler
+from policies.zipmoe import ZIPMOE_CACHES, LayerStream, NextLayerAll, ZipMoEScheduler
 
 __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem", "NeedsFuture", "PolicyContext",
            "Routing", "Scheduler", "Prefetcher", "load_item", "needed_keys", "CACHES", "SCHEDULERS", "ALLOCATORS",
-           "PREFETCHERS", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
+           "PREFETCHERS", "caches_for", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
            "Policies", "Decision", "Load", "build_policies", "build_online_policies"]
 
 CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule, *LAYERED_CACHES)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF)}
 ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels,
                                   Learned)}
-PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle)}
+PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, NextLayerAll)}
+
+
+def caches_for(fmt_name: str) -> dict:
+    """The registered cache policies that run on format `fmt_name` (a class may name its `formats`)."""
+    return {n: c for n, c in CACHES.items() if fmt_name in getattr(c, "formats", (fmt_name,))}
 
 
 def lookup(table: dict, kind: str, name: str):

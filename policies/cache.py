@@ -177,6 +177,21 @@ class CachePolicy:
             out.append(k)
         return out
 
+    def _move(self, key: Key, pool: str) -> None:
+        """Count a resident key in another pool (ZipMoE: an expert demoted to SM-only keeps its
+        SM part, which leaves the full pool for the SM pool). The bytes stay resident, so the
+        budget is unchanged; the new pool must have room (make it first, by evicting)."""
+        old = self.pool_of[key]
+        if old == pool:
+            return
+        size = self.sizes[key]
+        if self.pool_used[pool] + size > self.pools[pool]:
+            raise BudgetError(f"pool {pool!r} ({self.pools[pool]} B) cannot take {key}: "
+                              f"{self.pool_used[pool]} B used, {size} B more")
+        self.pool_used[old] -= size
+        self.pool_used[pool] += size
+        self.pool_of[key] = pool
+
     def drop_layer(self, layer: int, keep: set[Key] | frozenset = frozenset()) -> list[Key]:
         """Evict the layer's resident keys except `keep`, in key order."""
         dropped = []

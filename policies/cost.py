@@ -61,13 +61,23 @@ class CostModel:
 
     # -- compute -----------------------------------------------------------------------
     def expert_seconds(self, level: int, tokens: int) -> float:
-        """One expert at `level` for `tokens` tokens (roofline of the device's compute)."""
+        """One expert at `level` for `tokens` tokens (roofline of the device's compute), plus
+        re-assembling its weights first where the format keeps them split (assemble_seconds)."""
         key = (level, tokens)
         t = self._expert.get(key)
         if t is None:
             fmt = self.fmt
-            t = self._expert[key] = self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens)
+            t = self._expert[key] = (self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens)
+                                     + self.assemble_seconds(level))
         return t
+
+    def assemble_seconds(self, level: int) -> float:
+        """Zip: the executor keeps an expert as SM bytes + raw exponent bytes and re-assembles the
+        BF16 weights at every compute (read both, write the BF16: twice the level's resident bytes
+        through memory; measured ~17 GB/s moved on a 2-core x86 host). 0 for other formats."""
+        if not any(self.fmt.decompress_bytes):
+            return 0.0
+        return 2 * self.fmt.level_sizes[level] / self.device.compute.memory_bandwidth
 
     def dense_seconds(self, tokens: int) -> float:
         """Attention, router and shared experts of one layer for `tokens` tokens."""

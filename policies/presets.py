@@ -1,4 +1,4 @@
-"""Named policy bundles: D²MoE and the baselines of its evaluation, as moelab runs them.
+"""Named policy bundles: D²MoE, ZipMoE and the baselines of their evaluations, as moelab runs them.
 
 A preset fixes the expert format (and its ladder), the allocator, the scheduler, the cache
 and the prefetcher; the budget stays the user's, except for the hold-in-memory systems,
@@ -9,7 +9,10 @@ Where a baseline uses a method moelab does not have, the preset says what it use
 AWQ and GPTQ quantization -> plain per-group round-to-nearest INT (the `copies` format's
 single-width copies); EdgeMoE's profiled per-expert sensitivity -> activation frequency.
 Hold-in-memory systems load each expert on its first use (warm-up) instead of before the
-run; their steady state is the same.
+run; their steady state is the same. ZipMoE's baselines: MoE-Infinity's request-level
+activation matrix -> per-expert activation counts (LFU) and last-use prefetch; DeepSpeed
+ZeRO-3 -> the whole layer streamed with next-layer prefetch; Accelerate -> routed experts on
+demand without a cache.
 """
 from __future__ import annotations
 
@@ -62,6 +65,23 @@ PRESETS = {p.name: p for p in (
            budget="all"),
     Preset("him-awq", "every expert INT4 and resident (AWQ in the paper; moelab: per-group RTN)", "copies",
            "int4", budget="all"),
+    # ZipMoE (policies/zipmoe.py) and the systems of its evaluation; Table 1's ablation is
+    # bf16-lru -> zipmoe-basic -> zipmoe-c -> zipmoe
+    Preset("zipmoe", "ZipMoE (+C+P): lossless zip experts, Type-I/II scheduler, full + SM-only tiers, "
+           "token-weighted LFU, PlanCache split", "zip", scheduler="zipmoe", cache="zipmoe"),
+    Preset("zipmoe-c", "ablation +C: ZipMoE's tiers and token-weighted LFU at a fixed half/half split",
+           "zip", scheduler="zipmoe", cache="zipmoe-fixed"),
+    Preset("zipmoe-basic", "ablation Basic: zip experts and ZipMoE's scheduler, the released code's plain LFU "
+           "cache (every expert full)", "zip", scheduler="zipmoe", cache="zipmoe-lfu"),
+    Preset("bf16-lru", "plain BF16 experts on demand, LRU cache (ZipMoE's Table 1 baseline)", "bf16"),
+    Preset("moe-infinity", "MoE-Infinity-like: BF16, activation-aware cache (LFU on activation counts), "
+           "prefetch of what the next layer used last time (moelab lacks its request-level activation "
+           "matrix)", "bf16", cache="lfu", prefetch="last-use"),
+    Preset("deepspeed", "DeepSpeed-like ZeRO-3 offload: every expert of a layer streamed whole (used or not), "
+           "the next layer prefetched, no expert cache", "bf16", scheduler="layer-stream", cache="on-demand",
+           prefetch="next-layer-all"),
+    Preset("accelerate", "Accelerate-like device_map offload: the layer's routed experts loaded whole when "
+           "called, no cache, no prefetch", "bf16", cache="on-demand"),
 )}
 
 

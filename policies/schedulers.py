@@ -8,11 +8,19 @@ from policies.base import Demand, Key, LoadItem, PolicyContext, Scheduler, load_
 
 
 class FifoScheduler(Scheduler):
-    """Router order: experts as tokens first select them, each expert's parts ascending."""
+    """Router order: experts as tokens first select them, each expert's parts ascending, except
+    that parts carrying a decompression task (zip exponent chunks) go before the expert's raw
+    parts: the workers then decompress while the raw bytes stream, instead of starting only
+    after them (read SM, read chunks, decompress, one after another, left the I/O idle)."""
     name = "fifo"
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
-        return [load_item(k, self.fmt) for k in needed_keys(demand, self.fmt) if k not in resident]
+        fmt = self.fmt
+        items = [load_item(k, fmt) for k in needed_keys(demand, fmt) if k not in resident]
+        if any(fmt.decompress_bytes):
+            rank = {}
+            items.sort(key=lambda it: (rank.setdefault(it.key.expert, len(rank)), not it.decompress_bytes))
+        return items
 
 
 class HEBF(Scheduler):

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_device, make_trace
-from policies import BudgetError, CACHES, PREFETCHERS
+from policies import BudgetError, PREFETCHERS, caches_for
+from policies.cost import CostModel
 from policies import build_policies
 from sim.engine import Simulator
 from workloads.workload import Workload
@@ -158,7 +159,7 @@ def cases(draw):
     prompt = rng.random(tokens) < 0.3
     fmt = draw(st.sampled_from(["bf16", "mwq", "zip"]))
     extra = draw(st.integers(0, experts * layers))
-    policy = draw(st.sampled_from(sorted(CACHES)))
+    policy = draw(st.sampled_from(sorted(caches_for(fmt))))
     prefetch = draw(st.sampled_from(sorted(PREFETCHERS)))
     return layers, experts, k, ex, req, prompt, batch, fmt, extra, policy, prefetch
 
@@ -174,7 +175,8 @@ def test_invariants(case):
     trace = make_trace(ex, prompt=prompt, request_ids=req, num_experts=experts)
     w = Workload(model, trace, fmt, batch=batch)
     budget = (experts + extra) * fmt.level_bytes(fmt.levels - 1)   # at least any layer's demand
-    tl1 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch)).run()
+    cost = CostModel.build(make_device(), model, fmt)     # planning caches (zipmoe) read it
+    tl1 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch, cost=cost)).run()
     # budget never exceeded, at any decision
     mem = 0
     for e in tl1.events:
@@ -201,5 +203,5 @@ def test_invariants(case):
             issued = [end for start, end in loads[e.layer, e.expert, part] if start <= e.start + 1e-12]
             assert issued and e.start >= issued[-1] - 1e-12
     # deterministic: the same inputs give the same timeline
-    tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch)).run()
+    tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch, cost=cost)).run()
     assert tl1.events == tl2.events
