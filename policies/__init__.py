@@ -20,8 +20,9 @@ __all__ = ["Allocator", "BudgetError", "CachePolicy", "Demand", "Key", "LoadItem
            "PREFETCHERS", "caches_for", "make_cache", "make_scheduler", "make_allocator", "make_prefetcher", "register", "lookup",
            "Policies", "Decision", "Load", "build_policies", "build_online_policies"]
 
-CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule, *LAYERED_CACHES)}
-SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF)}
+CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, BudgetRule, *LAYERED_CACHES,
+                              *ZIPMOE_CACHES)}
+SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF, ZipMoEScheduler, LayerStream)}
 ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels,
                                   Learned)}
 PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, NextLayerAll)}
