@@ -162,12 +162,13 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             trace: RoutingTrace | None = None, batch: int | None = None, io_concurrency: int = 2,
             throttle: StorageThrottle | None = None, decompress_workers: int = 2, torch_device: str = "cpu",
             torch_threads: int | None = None, read_mode: str = "auto", quiet: bool = False,
-            meta: dict | None = None, level_fn=None) -> Run:
+            meta: dict | None = None, level_fn=None, predict_fn=None) -> Run:
     """Greedy generation of `new_tokens` per prompt ([requests, P] token ids) in groups of
     `batch` requests decoded in lockstep. With `trace`, routing is forced from it and the
     step structure is the trace's (its prompt lengths and output counts win). torch_threads:
     torch's intra-op threads during the run (default: on CPU, all cores but one). level_fn: a
-    bit-width router (executor/runtime.py ExpertRuntime)."""
+    bit-width router (executor/runtime.py ExpertRuntime). predict_fn: gate lookahead (default, for a
+    prefetcher that reads predictions: the model's own next-layer routers, executor/record.py)."""
     model.eval()
     if torch_threads is not None and torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {torch_threads}")
@@ -177,7 +178,8 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             IOWorkers(reader, io_concurrency, throttle) as io, DecompressPool(decompress_workers) as dec:
         rt = ExpertRuntime(store, policies, activation=model.cfg.activation, torch_device=torch_device,
                            dtype=model.output.weight.dtype, io=io, decompress=dec,
-                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads), level_fn=level_fn)
+                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads), level_fn=level_fn,
+                           predict_fn=predict_fn or _default_lookahead(model, policies))
         model.set_expert_fn(rt)
         torch.set_num_threads(threads)
         try:
@@ -221,10 +223,18 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
     return torch.cat(out, dim=1), step + 1
 
 
+def _default_lookahead(model, policies):
+    """The model's gate lookahead when the prefetcher reads predictions, else None."""
+    if not getattr(policies.prefetcher, "needs_prediction", False):
+        return None
+    from executor.record import gate_lookahead
+    return gate_lookahead(model)
+
+
 def _force(model, rt, routing, B) -> None:
     if routing is None:
         return
-    experts, scores, rt.levels = routing          # [tokens, layers, k], tokens request-major
+    experts, scores, rt.levels, rt.predicted = routing    # [tokens, layers, k], tokens request-major
     def forced(layer, input_pos):
         S = input_pos.shape[0]
         ids = torch.from_numpy(experts[:, layer].astype(np.int64)).view(B, S, -1)
@@ -259,7 +269,9 @@ def _forced_run(model, rt, trace: RoutingTrace, batch: int, prompts, quiet) -> t
                 raise ConfigError("forced trace: requests decoded together must have equal prompt and output "
                                   f"lengths (group {g})")
             levels = getattr(trace, "levels", None)
-            routing = [(trace.experts[s.tokens], trace.scores[s.tokens], None if levels is None else levels[s.tokens])
+            pred = getattr(trace, "predicted", None)
+            routing = [(trace.experts[s.tokens], trace.scores[s.tokens], None if levels is None else levels[s.tokens],
+                        None if pred is None else (pred[s.tokens], trace.predicted_scores[s.tokens]))
                        for s in gsteps]
             # the input tokens only feed attention: routing comes from the trace. Use the given
             # prompts where they fit, else a fixed filler.

@@ -86,10 +86,14 @@ class StepInfo:
 class ExpertRuntime:
     def __init__(self, store: Store, policies: Policies, *, activation: str = "silu",
                  torch_device: str = "cpu", dtype: torch.dtype = torch.float32, io: IOWorkers,
-                 decompress: DecompressPool | None = None, meta: dict | None = None, level_fn=None):
+                 decompress: DecompressPool | None = None, meta: dict | None = None, level_fn=None,
+                 predict_fn=None):
         """level_fn(layer, hidden [tokens, d], ids [tokens, k], gates [tokens, k]) -> uint8 numpy
         levels [tokens, k]: a bit-width router run on the real hidden state (D²MoE's dual
-        routing); its levels reach the allocator as Routing.levels (the trace-levels allocator)."""
+        routing); its levels reach the allocator as Routing.levels (the trace-levels allocator).
+        predict_fn(layer, hidden, ids, gates) -> (ids [tokens, P], probabilities [tokens, P]) numpy:
+        the next layer's router on this hidden state (gate lookahead); reaches the prefetcher as
+        Routing.predicted."""
         self.store, self.p = store, policies
         self.fmt = store.format
         self.encoder = get_encoder(self.fmt.name)
@@ -104,6 +108,8 @@ class ExpertRuntime:
         self.loading: dict[Key, Future] = {}  # admitted key -> resolves once it is resident
         self.levels = None                  # forced levels of this step [tokens, layers, k], from a trace
         self.level_fn = level_fn
+        self.predicted = None               # forced predictions of this step (ids, probs) [tokens, layers, P]
+        self.predict_fn = predict_fn
         self.sequencer = _Sequencer(None)
 
     # -- clock and steps ---------------------------------------------------------
@@ -132,7 +138,11 @@ class ExpertRuntime:
             levels = self.level_fn(layer, hidden, ids, gates)
         else:
             levels = None
-        d = self.p.decide(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy(), levels))
+        if self.predicted is not None:          # recorded with the trace
+            predicted = (self.predicted[0][:, layer], self.predicted[1][:, layer])
+        else:
+            predicted = self.predict_fn(layer, hidden, ids, gates) if self.predict_fn is not None else None
+        d = self.p.decide(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy(), levels, predicted))
         self.sequencer = _Sequencer(d.decompress_order)
         for item, kind, evicted in d.loads:      # in storage order: plan, then prefetches
             for k in evicted:

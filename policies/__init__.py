@@ -11,6 +11,7 @@ from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsF
                            Scheduler, load_item, needed_keys)
 from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDemand, StaticHot
 from policies.layered import LAYERED_CACHES
+from policies.lookahead import LOOKAHEAD_PREFETCHERS
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import HEBF, FifoScheduler
 from policies.zipmoe import ZIPMOE_CACHES, LayerStream, NextLayerAll, ZipMoEScheduler
@@ -25,7 +26,8 @@ CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, Budge
 SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF, ZipMoEScheduler, LayerStream)}
 ALLOCATORS = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance, TraceLevels,
                                   Learned)}
-PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, NextLayerAll)}
+PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, NextLayerAll,
+                                                  *LOOKAHEAD_PREFETCHERS)}
 
 
 def caches_for(fmt_name: str) -> dict:

@@ -45,10 +45,13 @@ _new_item = partial(tuple.__new__, LoadItem)
 
 class Routing(NamedTuple):
     """Router output of one layer for the tokens of one step: [tokens, k] ids and scores, and
-    a precision level per (token, slot) when a bit-width router chose one (or a trace has it)."""
+    a precision level per (token, slot) when a bit-width router chose one (or a trace has it).
+    `predicted`: (ids int32 [tokens, P], probabilities [tokens, P]) of the experts the next
+    layer's router picks from this layer's hidden state (gate lookahead), best first, -1 padded."""
     experts: np.ndarray
     scores: np.ndarray
     levels: np.ndarray | None = None
+    predicted: tuple | None = None
 
 
 @dataclass(slots=True)

@@ -85,6 +85,7 @@ class Policies:
         admit = cache.admit
         loads = [_new_load((item, PLAN, admit(item))) for item in plan]
         if self.prefetcher is not None:
+            self.prefetcher.routing = routing         # a lookahead prefetcher reads routing.predicted
             for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, demand)):
                 loads.append(_new_load((item, PREFETCH, evicted)))
         return Decision(layer, demand, keys, hits, loads, sched.decompress_order(layer, plan),
@@ -112,8 +113,19 @@ def workload_routings(workload: Workload) -> Iterator[tuple[object, int, Routing
     """(step, layer, routing) of every decision point, in engine order."""
     for step in workload.steps:
         experts, scores, levels = workload.routing_arrays(step)
+        pred = step_predictions(workload, step)
         for layer in range(workload.model.layers):
-            yield step, layer, Routing(experts[layer], scores[layer], None if levels is None else levels[layer])
+            yield step, layer, Routing(experts[layer], scores[layer], None if levels is None else levels[layer],
+                                       None if pred is None else (pred[0][layer], pred[1][layer]))
+
+
+def step_predictions(workload: Workload, step):
+    """The gate-lookahead predictions recorded with the trace for a step, (ids, probabilities)
+    each [layers, tokens, P], or None (Routing.predicted, policies/lookahead.py)."""
+    t = workload.trace
+    if getattr(t, "predicted", None) is None:
+        return None
+    return t.predicted[step.tokens].transpose(1, 0, 2), t.predicted_scores[step.tokens].transpose(1, 0, 2)
 
 
 def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from devices.units import ConfigError
 from policies.base import BudgetError, layer_demand_bytes
-from policies.cache import LFU, LRU, CachePolicy
+from policies.cache import CachePolicy
 
 PAGE = 4096
 
@@ -164,12 +164,12 @@ class LayeredLRU(_SortedPerPoint):
 SHARES = ("fixed", "proportional")
 
 
-def layer_shares(ctx, share: str, who: str) -> dict[str, int]:
-    """The budget split into one pool per layer. Each layer first gets its largest single
-    decision point's demand (when the access sequence is known), then the rest: `fixed` in equal
-    parts, `proportional` in proportion to the layer's effective number of experts (exp of the
-    entropy of its routing distribution, from the trace's popularity counts): a layer whose
-    routing is concentrated on a few experts needs fewer slots to hit."""
+def layer_shares(ctx, share: str, who: str) -> list[int]:
+    """The budget split into one share per layer. Each layer first gets its largest single
+    decision point's demand (when the access sequence is known and the budget holds every
+    layer's), then the rest: `fixed` in equal parts, `proportional` in proportion to the layer's
+    effective number of experts (exp of the entropy of its routing distribution, from the trace's
+    popularity counts): a layer whose routing is concentrated on a few experts needs fewer slots."""
     if share not in SHARES:
         raise ConfigError(f"{who}: option share must be one of {', '.join(SHARES)}, got {share!r}")
     L, fmt = ctx.layers, ctx.fmt
@@ -178,10 +178,9 @@ def layer_shares(ctx, share: str, who: str) -> dict[str, int]:
         if keys:
             layer = keys[0].layer
             floor[layer] = max(floor[layer], layer_demand_bytes(keys, fmt))
+    if sum(floor) > ctx.capacity_bytes:        # cannot hold every layer's largest demand at once
+        floor = [0] * L
     rest = ctx.capacity_bytes - sum(floor)
-    if rest < 0:
-        raise BudgetError(f"{who}: a budget of {ctx.capacity_bytes} B cannot give every layer its largest "
-                          f"single-layer demand: at least {sum(floor)} B needed")
     if share == "fixed":
         weights = np.ones(L)
     else:
@@ -192,7 +191,7 @@ def layer_shares(ctx, share: str, who: str) -> dict[str, int]:
             weights = np.ones(L)
     extra = np.floor(rest * weights / weights.sum()).astype(np.int64)
     extra[0] += rest - int(extra.sum())          # what rounding left over
-    return {f"layer{l}": floor[l] + int(extra[l]) for l in range(L)}
+    return [floor[l] + int(extra[l]) for l in range(L)]
 
 
 def _effective_experts(counts: np.ndarray) -> float:
@@ -203,35 +202,77 @@ def _effective_experts(counts: np.ndarray) -> float:
     return float(math.exp(-(p * np.log(p)).sum()))
 
 
-class _PerLayer:
-    """Mixin: one pool per layer (policies/cache.py's pools), each its own eviction order's victims."""
-
-    def _split(self, ctx, share):
-        self.share = share
-        self.pools = layer_shares(ctx, share, self.name)
-        self.pool_used = dict.fromkeys(self.pools, 0)
-
-    def pool(self, key):
-        return f"layer{key.layer}"
-
-
-class LayerLRU(_PerLayer, LRU):
-    """Per-layer partitioned LRU: each layer an LRU cache of its own share of the budget
-    (mixtral-offloading's per-layer cache; llama.cpp's per-layer LRU proposals)."""
+class LayerLRU(CachePolicy):
+    """Per-layer partitioned LRU (mixtral-offloading's per-layer cache; llama.cpp's per-layer LRU
+    proposals): each layer an LRU cache of its own share of the budget (`share=fixed|proportional`,
+    `layer_shares`). A key admitted to a layer at its share evicts that layer's least recently
+    used keys. Where one decision point needs more than its layer's share (a prefill, or a budget
+    below the sum of the layers' largest demands) the layer overflows, and the budget's victims
+    come from the layer furthest over its share -- so every budget that holds the largest single
+    layer demand runs; where every share holds its layer's demand, the layers never overflow and
+    this is exactly L independent LRU caches (tests/test_layered.py against libCacheSim)."""
     name = "layer-lru"
 
     def __init__(self, ctx, share: str = "fixed"):
         super().__init__(ctx)
-        self._split(ctx, share)
+        self.share = share
+        self.shares = layer_shares(ctx, share, self.name)
+        self.layer_used = [0] * ctx.layers
+        self.lists: list[OrderedDict] = [OrderedDict() for _ in range(ctx.layers)]
+
+    def admit(self, item):
+        layer, size, evicted = item.key.layer, item.resident_bytes, []
+        while self.layer_used[layer] + size > self.shares[layer]:
+            victim = next((k for k in self._layer_order(layer) if not self._locked(k)), None)
+            if victim is None:
+                break                               # overflow: the budget check below decides
+            evicted.extend(self._evict(victim))
+        return evicted + super().admit(item)
+
+    def _touch(self, key):
+        self.lists[key.layer].move_to_end(key)
+
+    def _insert(self, key):
+        self.lists[key.layer][key] = None
+        self.layer_used[key.layer] += self.sizes[key]
+
+    def _forget(self, key):
+        del self.lists[key.layer][key]
+        self.layer_used[key.layer] -= self.fmt.resident_bytes[key.part]
+
+    def _layer_order(self, layer):
+        return iter(list(self.lists[layer]))
+
+    def _order(self):
+        over = sorted(range(self.ctx.layers), key=lambda l: (self.shares[l] - self.layer_used[l], l))
+        for layer in over:
+            yield from self._layer_order(layer)
 
 
-class LayerLFU(_PerLayer, LFU):
-    """Per-layer partitioned LFU: each layer an LFU cache (ties: least recently used) of its share."""
+class LayerLFU(LayerLRU):
+    """Per-layer partitioned LFU: within each layer's share, the least frequently used key goes
+    first (ties: least recently used); a key's count starts at 1 when it comes in."""
     name = "layer-lfu"
 
     def __init__(self, ctx, share: str = "fixed"):
-        super().__init__(ctx)
-        self._split(ctx, share)
+        super().__init__(ctx, share)
+        self.freq: dict = {}
+
+    def _touch(self, key):
+        super()._touch(key)
+        self.freq[key] += 1
+
+    def _insert(self, key):
+        super()._insert(key)
+        self.freq[key] = 1
+
+    def _forget(self, key):
+        super()._forget(key)
+        del self.freq[key]
+
+    def _layer_order(self, layer):
+        recency = {k: i for i, k in enumerate(self.lists[layer])}
+        return iter(sorted(recency, key=lambda k: (self.freq[k], recency[k])))
 
 
 # -- the page-cache baseline ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from policies import Policies, Routing
+from policies.bundle import step_predictions
 from policies.bundle import PLAN
 from policies.cost import CostModel
 from sim.servers import FifoServer, StorageChannel
@@ -68,6 +69,7 @@ class Simulator:
         add, layer_fn, timeout = self.timeline.events.append, self._layer, env.timeout
         for step in self.w.steps:
             experts, scores, levels = self.w.routing_arrays(step)
+            pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
             n, s = len(step.tokens), step.index
             t_dense = self.dense_seconds(n)
             # The layers of a step are a chain (each needs the previous one's output) and this is
@@ -78,7 +80,8 @@ class Simulator:
             for layer in range(layers):
                 add(_event(("dense", "dense", t, t + t_dense, layer, -1, -1, 0, s, n)))
                 t = layer_fn(t + t_dense, s, layer, Routing(experts[layer], scores[layer],
-                                                            None if levels is None else levels[layer]))
+                                                            None if levels is None else levels[layer],
+                                                            None if pred is None else (pred[0][layer], pred[1][layer])))
             yield timeout(t - env.now)
             bar.update(1)
 

@@ -77,16 +77,19 @@ def test_shares_fixed_and_proportional():
     ex = np.array([[[0], [i % 8]] for i in range(64)])      # layer 0: one expert; layer 1: all eight
     w = Workload(m, make_trace(ex, num_experts=8), make_format("bf16", m.expert_shapes))
     unit = m.expert_bytes
-    fixed = build_policies(w, 10 * unit, cache="layer-lru").cache.pools
-    prop = build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "proportional"}).cache.pools
-    assert fixed == {"layer0": 5 * unit, "layer1": 5 * unit}
+    fixed = build_policies(w, 10 * unit, cache="layer-lru").cache.shares
+    prop = build_policies(w, 10 * unit, cache="layer-lfu", cache_options={"share": "proportional"}).cache.shares
+    assert fixed == [5 * unit, 5 * unit]
     # each layer first gets its largest demand (1 expert), the other 8 go 1 : 8 by effective experts
-    assert prop["layer1"] == unit + 8 * 8 * unit // 9 and sum(prop.values()) == 10 * unit
+    assert prop[1] == unit + 8 * 8 * unit // 9 and sum(prop) == 10 * unit
     with pytest.raises(ConfigError, match="layer-lru: option share must be one of fixed, proportional, got 'half'"):
         build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "half"})
+    # the layer's share full: a miss evicts in its own layer, even with the other layer's room free
+    p = build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "proportional"})
+    tl = Simulator(make_device(), w, p).run()
+    assert {e.layer for e in tl.of("cache", "evict")} <= {1}
     ctx = PolicyContext(w.fmt, 2, 8, unit, future=[[Key(0, 0, 0)], [Key(1, 1, 0)]])
-    with pytest.raises(BudgetError, match="cannot give every layer its largest single-layer demand: at least"):
-        layer_shares(ctx, "fixed", "layer-lru")
+    assert layer_shares(ctx, "fixed", "layer-lru") == [unit - unit // 2, unit // 2]   # below the floors: split
 
 
 def test_page_cache_promotes_on_the_second_access_and_reclaims_the_inactive_tail():

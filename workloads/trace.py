@@ -7,6 +7,9 @@ On disk a trace is one `.npz` (no pickle) with arrays
   prompt      bool    [tokens]              True for prompt (prefill) tokens
   levels      uint8   [tokens, layers, k]   optional: precision level of each selected expert
                                             (index into the format's levels; absent = not chosen)
+  predicted   int32   [tokens, layers, P]   optional: experts predicted for layer l+1 from layer l's
+                                            hidden state (gate lookahead), best first, -1 padded
+  predicted_scores float32 [tokens, layers, P]  their predicted router probabilities
   metadata    JSON string                   model name, source, generator settings...
 Tokens of one request appear in generation order; requests may be interleaved.
 A loaded trace has at least one token, k distinct experts per (token, layer) and finite scores.
@@ -32,6 +35,8 @@ class RoutingTrace:
     prompt: np.ndarray
     metadata: dict = field(default_factory=dict)
     levels: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    predicted_scores: np.ndarray | None = None
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts, dtype=np.int32)
@@ -48,6 +53,13 @@ class RoutingTrace:
                 raise ConfigError(f"trace: {name} must have shape ({t},), got {getattr(self, name).shape}")
         if self.levels is not None:
             self.levels = _levels_array(self.levels, self.experts.shape)
+        if self.predicted is not None:
+            self.predicted = np.asarray(self.predicted, np.int32)
+            self.predicted_scores = np.asarray(self.predicted_scores, np.float32)
+            if self.predicted.shape[:2] != self.experts.shape[:2] or self.predicted_scores.shape != self.predicted.shape:
+                raise ConfigError(f"trace: predicted {self.predicted.shape} and predicted_scores "
+                                  f"{self.predicted_scores.shape} must be [tokens, layers, P] like experts "
+                                  f"{self.experts.shape}")
 
     @property
     def tokens(self) -> int:
@@ -106,6 +118,8 @@ class RoutingTrace:
                       metadata=np.array(json.dumps(self.metadata)))
         if self.levels is not None:
             arrays["levels"] = self.levels
+        if self.predicted is not None:
+            arrays["predicted"], arrays["predicted_scores"] = self.predicted, self.predicted_scores
         with atomic_open(path) as f:
             np.savez_compressed(f, **arrays)
         return path
@@ -124,8 +138,10 @@ class RoutingTrace:
                     raise ConfigError(f"{path}: not a moelab trace, missing arrays {sorted(missing)} "
                                       f"(expected experts, scores, request_ids, prompt, metadata)")
                 meta = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-                opt = {k: z[k] if k in z.files else None for k in ("request_ids", "prompt", "levels")}
-                trace = cls(z["experts"], z["scores"], opt["request_ids"], opt["prompt"], meta, opt["levels"])
+                opt = {k: z[k] if k in z.files else None
+                       for k in ("request_ids", "prompt", "levels", "predicted", "predicted_scores")}
+                trace = cls(z["experts"], z["scores"], opt["request_ids"], opt["prompt"], meta, opt["levels"],
+                            opt["predicted"], opt["predicted_scores"])
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such trace file") from None
         except ConfigError as e:
