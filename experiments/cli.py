@@ -565,7 +565,10 @@ def cmd_pick(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from experiments.reproduce_d2moe import reproduce
+    if args.paper == "zipmoe":
+        from experiments.reproduce_zipmoe import reproduce
+    else:
+        from experiments.reproduce_d2moe import reproduce
     out = Path(args.out or f"runs/reproduce-{args.paper}")
     text = reproduce(out, jobs=args.jobs, quiet=args.quiet)
     print(text.split("## Every run")[0].rstrip())
@@ -1066,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pick)
 
     p = add(sub, "reproduce", help="reproduce a paper's results in the simulator (reuses earlier runs)")
-    p.add_argument("paper", choices=["d2moe"])
+    p.add_argument("paper", choices=["d2moe", "zipmoe"])
     p.add_argument("--out", help="output folder (default runs/reproduce-PAPER)")
     p.add_argument("--jobs", type=positive_int, help="parallel processes (default: the cores)")
     p.set_defaults(func=cmd_reproduce)

@@ -71,8 +71,9 @@ PRESETS = {p.name: p for p in (
            "token-weighted LFU, PlanCache split", "zip", scheduler="zipmoe", cache="zipmoe"),
     Preset("zipmoe-c", "ablation +C: ZipMoE's tiers and token-weighted LFU at a fixed half/half split",
            "zip", scheduler="zipmoe", cache="zipmoe-fixed"),
-    Preset("zipmoe-basic", "ablation Basic: zip experts and ZipMoE's scheduler, the released code's plain LFU "
-           "cache (every expert full)", "zip", scheduler="zipmoe", cache="zipmoe-lfu"),
+    Preset("zipmoe-basic", "ablation Basic: zip experts and ZipMoE's scheduler, the baseline's LRU cache "
+           "(every expert full; the paper does not say which cache Basic has)", "zip", scheduler="zipmoe",
+           cache="zipmoe-lru"),
     Preset("bf16-lru", "plain BF16 experts on demand, LRU cache (ZipMoE's Table 1 baseline)", "bf16"),
     Preset("moe-infinity", "MoE-Infinity-like: BF16, activation-aware cache (LFU on activation counts), "
            "prefetch of what the next layer used last time (moelab lacks its request-level activation "

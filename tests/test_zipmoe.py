@@ -457,3 +457,22 @@ def test_zipmoe_presets_run(name):
     if name == "deepspeed":          # every expert of every layer streamed
         assert read == {(layer, e) for layer in range(2) for e in range(8)}
     assert tl.of("compute")
+
+
+# -- the reproduction ---------------------------------------------------------------------------------
+def test_reproduction_resumes_and_reports_the_published_numbers(tmp_path, monkeypatch):
+    import experiments.reproduce_zipmoe as rz
+    runs = [rz.Run("qwen1.5-moe-a2.7b", s, 1, 3, 10) for s in ("zipmoe", "bf16-lru")]
+    monkeypatch.setattr(rz, "grid", lambda: runs)
+    monkeypatch.setattr(rz, "pipelining_gantt", lambda out: [])
+    text = rz.reproduce(tmp_path, jobs=1, quiet=True)
+    rows = rz.load_results(tmp_path / "results.csv")
+    assert set(rows) == {r.key() for r in runs} and all(r["status"] == "ok" for r in rows.values())
+    assert "| qwen1.5-moe-a2.7b | zipmoe | 7.79 |" in text and "585.96" in text
+    assert (tmp_path / "table1_ablation.png").exists() and (tmp_path / "memory_sweep.pdf").exists()
+    before = (tmp_path / "results.csv").read_text()
+    rz.reproduce(tmp_path, jobs=1, quiet=True)                    # everything reused: nothing appended
+    assert (tmp_path / "results.csv").read_text() == before
+    trace = rz.sharegpt_like_trace(get_model("qwen1.5-moe-a2.7b"), 8, 4)
+    lengths = [int(trace.prompt[trace.request_ids == r].sum()) for r in range(8)]
+    assert all(4 <= n <= 512 for n in lengths) and len(set(lengths)) > 4
