@@ -171,3 +171,38 @@ def test_the_executor_computes_the_levels_the_router_gives(mwq_store):
     for g in given:
         want[g] = want.get(g, 0) + 1
     assert got == want and len({lvl for _, _, lvl in want}) > 1
+
+
+def test_the_command_line_end_to_end(tmp_path, capsys):
+    """train-bit-router -> trace record --bit-router -> simulate --allocator trace-levels, and
+    execute --bit-router --allocator learned, and eval's learned row, on a small byte-level model."""
+    from experiments.cli import main
+    from executor.model import MoEConfig, MoETransformer, init_weights
+    from executor.train import save_checkpoint
+    from workloads.trace import RoutingTrace
+    cfg = MoEConfig(vocab=257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, experts=4, top_k=2, d_ff=32,
+                    max_seq=128)
+    model_dir = save_checkpoint(init_weights(MoETransformer(cfg)), tmp_path / "m")
+    r, t = tmp_path / "r.safetensors", tmp_path / "t.npz"
+    m = ["--model-dir", str(model_dir)]
+    assert main(["train-bit-router", *m, "--steps", "2", "--out", str(r), "--quiet"]) == 0
+    assert "ladder v1, 2 steps" in capsys.readouterr().out
+    assert main(["trace", "record", *m, "--bit-router", str(r), "--requests", "2", "--tokens", "4",
+                 "--out", str(t)]) == 0
+    trace = RoutingTrace.load(t)
+    assert trace.levels is not None and trace.levels.max() <= 2 and trace.metadata["bit_router"]["ladder"] == "v1"
+    assert main(["simulate", "--trace", str(t), "--format", "mwq", "--allocator", "trace-levels", "--budget",
+                 "1GB", "--out", str(tmp_path / "sim"), "--quiet"]) == 0
+    assert main(["execute", *m, "--format", "mwq", "--allocator", "learned", "--tokens", "3",
+                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / "ex"), "--quiet"]) == 2
+    assert "--allocator learned needs --bit-router" in capsys.readouterr().err
+    assert main(["execute", *m, "--format", "mwq", "--ladder", "v2", "--bit-router", str(r), "--allocator",
+                 "learned", "--store", str(tmp_path / "store2"), "--out", str(tmp_path / "ex"), "--quiet"]) == 2
+    assert "ladder v1 (INT2-4); the format has INT5-8" in capsys.readouterr().err
+    assert main(["execute", *m, "--format", "mwq", "--bit-router", str(r), "--allocator", "learned", "--tokens", "3",
+                 "--budget", "1MB", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "ex"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *m, "--windows", "2", "--ladder", "v1", "--bit-router", str(r),
+                 "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| learned | V1 |" in md and "| capacity | V1 |" in md and md in capsys.readouterr().out
