@@ -17,10 +17,32 @@ YAML schema (every key is required unless marked optional; no other keys are all
       memory_bandwidth: 152.8GB/s       # effective, for reading expert weights (bandwidth)
       flops: 33.4TFLOPS                 # effective bf16/fp16 matmul rate (GFLOPS / TFLOPS)
       overhead: 30us                    # fixed cost per expert call: launch, dispatch (duration)
+      measured:                         # optional: what `moelab profile` measured on a host (see below)
     decompress:
       workers: 6                        # CPU threads usable for decompression (integer >= 1)
       throughput:                       # per worker, bytes/s of RAW output; keys among lz4, lz4hc, zstd
         lz4: 1.15GB/s
+
+`compute.measured` (optional; `moelab profile` writes it) holds tables measured on the host
+where the roofline is not what the host does. Each table gives seconds at the token counts of
+`tokens`, interpolated linearly between them (and extrapolated from the last two points):
+
+      measured:
+        model: tiny-moe                 # the model the tables time (its name in the catalog / run)
+        tokens: [1, 2, 4, 8]            # token counts of every table (increasing integers >= 1)
+        experts:                        # one expert call per format key and level (executor's path:
+          bf16: [[80us, 85us, 90us, 99us]]      # decode/dequantize/re-assemble, then the matmuls)
+        dense:                          # one layer's non-expert part (attention, norms, router)
+          prefill: [200us, ...]         #   at tokens = batch x prompt
+          decode: [200us, ...]          #   at tokens = batch
+        step:                           # per step, outside the layers (embedding, output head, sampling)
+          prefill: [60us, ...]
+          decode: [60us, ...]
+        decision_overhead: 120us        # the decision point's own cost per layer (decide + bookkeeping)
+        load_overhead: 8us              # per load item the decision point issues
+
+They apply to the named model only (other models keep the roofline). Format keys:
+bf16, zip, mwq-int2-4 (mwq / copies with their widths); see measured_key.
 
 Sizes are "64GB", "200MB", "4GiB"; bandwidths "3.5GB/s"; durations "80us"; compute "33.4TFLOPS".
 Quantities must carry a unit (a bare `memory: 64` would silently mean 64 bytes). Every
@@ -42,7 +64,7 @@ import yaml
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
 DEVICES_DIR = Path(__file__).resolve().parent
-STORAGE_KINDS = ("nvme", "microsd", "usb-ssd", "emmc")
+STORAGE_KINDS = ("nvme", "microsd", "usb-ssd", "emmc", "disk")   # disk: a host's own, as measured
 CODECS = ("lz4", "lz4hc", "zstd")
 
 
@@ -60,6 +82,49 @@ class ComputeProfile:
     memory_bandwidth: float  # bytes/s effective for reading expert weights during compute
     flops: float             # FLOP/s effective for expert matmuls at bf16/fp16
     overhead: float          # seconds, fixed per expert call (kernel launch, dispatch)
+    measured: "MeasuredTables | None" = None   # host tables (compute.measured), if profiled
+
+
+def measured_key(fmt) -> str:
+    """The key of a format's table under compute.measured.experts: its name, plus the widths
+    of a quantized ladder (mwq-int2-4), whose levels differ from ladder to ladder."""
+    b1 = getattr(fmt, "b1", None)
+    return fmt.name if b1 is None else f"{fmt.name}-int{b1}-{fmt.bK}"
+
+
+def interpolate(xs, ys, x: float) -> float:
+    """Piecewise linear through (xs, ys) (xs increasing); the first value below xs[0], the
+    line through the last two points beyond xs[-1]."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    for i in range(1, len(xs)):
+        if x <= xs[i] or i == len(xs) - 1:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class MeasuredTables:
+    """compute.measured: seconds against token counts, measured on a host (`moelab profile`)."""
+    model: str
+    tokens: tuple[int, ...]
+    experts: dict[str, tuple[tuple[float, ...], ...]]   # format key -> per level -> seconds at `tokens`
+    dense_prefill: tuple[float, ...]
+    dense_decode: tuple[float, ...]
+    step_prefill: tuple[float, ...]
+    step_decode: tuple[float, ...]
+    decision_overhead: float                            # seconds per decision point
+    load_overhead: float                                # seconds per load item issued
+
+    def expert(self, key: str, level: int, tokens: int) -> float:
+        return interpolate(self.tokens, self.experts[key][level], tokens)
+
+    def dense(self, tokens: int, prefill: bool) -> float:
+        return interpolate(self.tokens, self.dense_prefill if prefill else self.dense_decode, tokens)
+
+    def step(self, tokens: int, prefill: bool) -> float:
+        return interpolate(self.tokens, self.step_prefill if prefill else self.step_decode, tokens)
 
 
 @dataclass(frozen=True)
@@ -99,6 +164,11 @@ class DeviceProfile:
                          f"{format_size(s.read_bandwidth)}/s, {_format_duration(s.latency)} latency, queue depth "
                          f"{s.queue_depth}" + (" [default]" if s.name == self.default_storage else "")
                          + (f" - {s.description}" if s.description else "")))
+        if c.measured is not None:
+            m = c.measured
+            rows.append(("measured", f"tables for {m.model} at {list(m.tokens)} tokens: {', '.join(m.experts)}; "
+                                     f"{_format_duration(m.decision_overhead)} per decision point, "
+                                     f"{_format_duration(m.load_overhead)} per load"))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
@@ -140,6 +210,8 @@ def load_device(name_or_path: str) -> DeviceProfile:
 _TOP = {"name", "description", "memory", "expert_budget", "default_storage", "storage", "compute", "decompress"}
 _STORAGE = {"read_bandwidth", "latency", "queue_depth"}
 _COMPUTE = {"memory_bandwidth", "flops", "overhead"}
+_MEASURED = {"model", "tokens", "experts", "dense", "step", "decision_overhead", "load_overhead"}
+_PHASES = {"prefill", "decode"}
 _DECOMPRESS = {"workers", "throughput"}
 _FLOPS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -208,6 +280,42 @@ class _Reader:
             description=self.text(v["description"], f"{key}.description") if "description" in v else "",
         )
 
+    def durations(self, value, key: str, n: int) -> tuple[float, ...]:
+        """A table row: `n` durations, one per token count."""
+        if not isinstance(value, list) or len(value) != n:
+            raise self.fail(key, f"expected a list of {n} durations (one per entry of tokens), got {value!r}")
+        return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
+
+    def measured(self, value, key: str) -> MeasuredTables:
+        m = self.mapping(value, key, _MEASURED)
+        tokens = m["tokens"]
+        if (not isinstance(tokens, list) or not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
+                                                               for t in tokens)
+                or any(b <= a for a, b in zip(tokens, tokens[1:]))):
+            raise self.fail(f"{key}.tokens", f"expected increasing integers >= 1, got {tokens!r}")
+        n = len(tokens)
+        experts = m["experts"]
+        if not isinstance(experts, dict) or not experts:
+            raise self.fail(f"{key}.experts", "expected a mapping of format key -> list of levels' rows")
+        tables = {}
+        for fmt, levels in experts.items():
+            if not isinstance(levels, list) or not levels:
+                raise self.fail(f"{key}.experts.{fmt}", f"expected a list of rows (one per level), got {levels!r}")
+            tables[str(fmt)] = tuple(self.durations(row, f"{key}.experts.{fmt}[{i}]", n)
+                                     for i, row in enumerate(levels))
+        dense = self.mapping(m["dense"], f"{key}.dense", _PHASES)
+        step = self.mapping(m["step"], f"{key}.step", _PHASES)
+        return MeasuredTables(
+            model=self.text(m["model"], f"{key}.model"), tokens=tuple(tokens), experts=tables,
+            dense_prefill=self.durations(dense["prefill"], f"{key}.dense.prefill", n),
+            dense_decode=self.durations(dense["decode"], f"{key}.dense.decode", n),
+            step_prefill=self.durations(step["prefill"], f"{key}.step.prefill", n),
+            step_decode=self.durations(step["decode"], f"{key}.step.decode", n),
+            decision_overhead=self.quantity(m["decision_overhead"], f"{key}.decision_overhead", parse_duration,
+                                            "120us", positive=False),
+            load_overhead=self.quantity(m["load_overhead"], f"{key}.load_overhead", parse_duration, "8us",
+                                        positive=False))
+
     def device(self, data) -> DeviceProfile:
         d = self.mapping(data, "", _TOP)
         memory = int(self.quantity(d["memory"], "memory", parse_size, "64GB"))
@@ -228,12 +336,13 @@ class _Reader:
             raise self.fail("default_storage", f"{default!r} is not one of the storage options here: "
                                                f"{', '.join(storage)}")
 
-        c = self.mapping(d["compute"], "compute", _COMPUTE)
+        c = self.mapping(d["compute"], "compute", _COMPUTE, frozenset({"measured"}))
         compute = ComputeProfile(
             memory_bandwidth=self.quantity(c["memory_bandwidth"], "compute.memory_bandwidth", parse_bandwidth,
                                            "150GB/s"),
             flops=self.quantity(c["flops"], "compute.flops", self.flops, "33.4TFLOPS"),
             overhead=self.quantity(c["overhead"], "compute.overhead", parse_duration, "30us", positive=False),
+            measured=self.measured(c["measured"], "compute.measured") if "measured" in c else None,
         )
 
         z = self.mapping(d["decompress"], "decompress", _DECOMPRESS)

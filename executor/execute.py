@@ -150,6 +150,20 @@ def default_torch_threads(torch_device: str) -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def _set_numba_threads(fmt, threads: int | None) -> int | None:
+    """MWQ's dequantization kernel (numba) runs on the same cores as torch's intra-op pool:
+    give it the same thread count, for the same reason (default_torch_threads). With numba's
+    default of every core, a 2-core host busy with I/O took 24 ms instead of 0.15 ms for a
+    tiny-moe expert's dequantization (its second thread had no core; `moelab profile`).
+    Returns the previous count (None: the format does not use numba)."""
+    if threads is None or fmt.name not in ("mwq", "copies"):
+        return None
+    import numba
+    saved = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return saved
+
+
 @dataclass
 class Run:
     timeline: object
@@ -182,6 +196,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
                            predict_fn=predict_fn or _default_lookahead(model, policies))
         model.set_expert_fn(rt)
         torch.set_num_threads(threads)
+        saved_numba = _set_numba_threads(store.format, threads)
         try:
             if trace is not None:
                 tokens = _forced_run(model, rt, trace, batch or 1, prompts, quiet)
@@ -189,6 +204,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
                 tokens = _real_run(model, rt, prompts, new_tokens, batch or prompts.shape[0], quiet)
         finally:
             torch.set_num_threads(saved_threads)
+            _set_numba_threads(store.format, saved_numba)
             model.set_expert_fn(None)
             model.set_forced_routing(None)
         rt.timeline.meta["peak_expert_bytes"] = rt.memory.peak

@@ -560,8 +560,25 @@ def cmd_pick(args) -> None:
           f"{row['device']}, budget {row['budget_bytes']}, batch {row['batch']}: {p['metric']} = {p['value']:.4g}")
     print(f"wrote {path}; deploy it with `moelab execute --policy {path}` (or check it: `moelab simulate "
           f"--policy {path}`)")
-    print("fidelity: no host validation results yet (`moelab validate` is not built), so no measured "
-          "simulator error is shown for this configuration class")
+    print(fidelity_line(row, args.validation))
+
+
+def fidelity_line(row: dict, path) -> str:
+    """The measured simulator error of the picked configuration's class (format, cache family,
+    batch) from a validation.csv (`moelab validate`), or why there is none."""
+    from experiments.validate import fidelity, read_rows
+    rows = read_rows(path)
+    if not rows:
+        return (f"fidelity: no host validation results yet (looked for {path}; run `moelab validate`), so no "
+                f"measured simulator error is shown for this configuration class")
+    cache = row.get("cache") or row["policy"]
+    f = fidelity(rows, row["format"], cache, int(row["batch"]))
+    if f is None:
+        return (f"fidelity: {path} has no validated configuration of this class ({row['format']}, "
+                f"{cache} cache family, batch {row['batch']})")
+    return (f"fidelity: {f['configs']} validated configurations of this class ({row['format']}, {cache} "
+            f"cache family, batch {row['batch']}) in {path}: |TPOT error| median {100 * f['median']:.1f}%, max "
+            f"{100 * f['max']:.1f}%; identical decisions in {f['identical']}")
 
 
 def cmd_reproduce(args) -> None:
@@ -869,6 +886,39 @@ def cmd_execute(args) -> None:
     write_outputs(Path(args.out), run.timeline, metrics, args.quiet)
 
 
+DEFAULT_HOST_PROFILE = "runs/host.yaml"
+
+
+def cmd_profile(args) -> None:
+    from executor.profile_host import measure, write_profile
+    out = check_out_file(args.out)
+    m = measure(args.model_dir, quick=args.quick, quiet=args.quiet)
+    device = write_profile(out, m, "moelab " + " ".join(args.argv))
+    print(device.describe())
+
+
+def cmd_validate(args) -> None:
+    from devices.profile import load_device
+    from experiments.validate import Validator, summary
+    if args.throttle:
+        dev_name, _, storage = args.throttle.partition(":")
+        load_device(dev_name).storage_option(storage or None)
+    if not Path(args.profile).exists():
+        from executor.profile_host import measure, write_profile
+        print(f"no host profile at {args.profile}: measuring it first (`moelab profile --out {args.profile}`)",
+              file=sys.stderr)
+        write_profile(args.profile, measure(args.model_dir, quick=args.quick, quiet=args.quiet),
+                      f"moelab profile --out {args.profile}" + (" --quick" if args.quick else ""))
+    rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
+                     model_dir=args.model_dir, quiet=args.quiet).run()
+    for s in summary(rows):
+        med, mx = s["err_tpot_s_mean"]
+        print(f"throttle {s['throttle']}: {s['configs']} configurations, decisions identical in {s['identical']}; "
+              f"|TPOT error| median {100 * med:.1f}%, max {100 * mx:.1f}% (executor spread median "
+              f"{100 * s['tpot_spread'][0]:.1f}%)")
+    print(f"wrote {Path(args.out) / 'validation.csv'}, validation.md, validation.png")
+
+
 def cmd_trace_record(args) -> None:
     from executor.record import record_routing
     check_out_file(args.out)
@@ -1066,6 +1116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], type=key_value, metavar="COLUMN=VALUE",
                    help="only rows with this value (repeatable), e.g. model=mixtral-8x7b")
     p.add_argument("--out", default="runs/picked-policy.yaml", help="the policy file to write")
+    p.add_argument("--validation", default="runs/validate/validation.csv",
+                   help="`moelab validate` results whose measured error is shown for the picked class")
     p.set_defaults(func=cmd_pick)
 
     p = add(sub, "reproduce", help="reproduce a paper's results in the simulator (reuses earlier runs)")
@@ -1183,6 +1235,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="file to write (default: bit_router-LADDER.safetensors beside the model)")
     p.set_defaults(func=cmd_train_bit_router)
+
+    p = add(sub, "profile", help="measure this host as the executor uses it; write a device profile YAML")
+    p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
+    p.add_argument("--out", default=DEFAULT_HOST_PROFILE, help="profile YAML to write")
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (tests)")
+    p.set_defaults(func=cmd_profile)
+
+    p = add(sub, "validate", help="the simulator's prediction against the executor's measurement on this host")
+    p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
+    p.add_argument("--profile", default=DEFAULT_HOST_PROFILE,
+                   help="measured host profile (`moelab profile`; measured first if missing)")
+    p.add_argument("--throttle", metavar="DEVICE[:STORAGE]", help="hold the executor's reads to a device's storage "
+                                                                  "(and simulate that storage)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="executor runs per configuration")
+    p.add_argument("--quick", action="store_true", help="a small matrix and a short trace (tests)")
+    p.add_argument("--out", default="runs/validate", help="folder for validation.csv / .md / .png (resumable)")
+    p.set_defaults(func=cmd_validate)
     return ap
 
 

@@ -9,12 +9,18 @@ The simulator builds it from the device profile it simulates and times its own s
 with the very same functions, so a policy plans with exactly the costs it is then
 charged. The executor builds it from the profile it is throttled to (or a measured
 profile of the host).
+
+A profile measured on a host (`moelab profile`: compute.measured) replaces the roofline
+where it applies: for the model it was measured with, the expert call per format and level
+and the dense part are read from its tables, and the executor's own costs appear as
+decision_seconds (per decision point, plus per load issued) and step_seconds (per step,
+outside the layers). Without such tables those are 0 and everything is the roofline.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from devices.profile import DeviceProfile, StorageProfile
+from devices.profile import DeviceProfile, MeasuredTables, StorageProfile, measured_key
 from devices.units import ConfigError
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
@@ -60,16 +66,41 @@ class CostModel:
         return raw_bytes / (self.decompress_rate(codec) * max(1, workers))
 
     # -- compute -----------------------------------------------------------------------
+    @property
+    def measured(self) -> MeasuredTables | None:
+        """The host's measured tables when they are for this model, else None."""
+        m = self.device.compute.measured
+        return m if m is not None and m.model == self.model.name else None
+
+    def _expert_table(self) -> bool:
+        m = self.measured
+        return (m is not None and measured_key(self.fmt) in m.experts
+                and len(m.experts[measured_key(self.fmt)]) == self.fmt.levels)
+
     def expert_seconds(self, level: int, tokens: int) -> float:
-        """One expert at `level` for `tokens` tokens (roofline of the device's compute), plus
-        re-assembling its weights first where the format keeps them split (assemble_seconds)."""
+        """One expert at `level` for `tokens` tokens: the measured table (it includes decoding,
+        dequantizing or re-assembling the weights), or the roofline of the device's compute
+        plus re-assembling its weights first where the format keeps them split (assemble_seconds)."""
         key = (level, tokens)
         t = self._expert.get(key)
         if t is None:
             fmt = self.fmt
-            t = self._expert[key] = (self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens)
-                                     + self.assemble_seconds(level))
+            if self._expert_table():
+                t = self.measured.expert(measured_key(fmt), level, tokens)
+            else:
+                t = self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens) + self.assemble_seconds(level)
+            self._expert[key] = t
         return t
+
+    def decision_seconds(self, loads: int) -> float:
+        """The decision point's own cost: per layer, plus per load item it issues (measured; 0 without tables)."""
+        m = self.measured
+        return 0.0 if m is None else m.decision_overhead + loads * m.load_overhead
+
+    def step_seconds(self, tokens: int, prefill: bool = False) -> float:
+        """Per step, outside the layers: embedding, output head, sampling (measured; 0 without tables)."""
+        m = self.measured
+        return 0.0 if m is None else m.step(tokens, prefill)
 
     def assemble_seconds(self, level: int) -> float:
         """Zip: the executor keeps an expert as SM bytes + raw exponent bytes and re-assembles the
@@ -79,11 +110,16 @@ class CostModel:
             return 0.0
         return 2 * self.fmt.level_sizes[level] / self.device.compute.memory_bandwidth
 
-    def dense_seconds(self, tokens: int) -> float:
-        """Attention, router and shared experts of one layer for `tokens` tokens."""
-        t = self._dense.get(tokens)
+    def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
+        """Attention, router and shared experts of one layer for `tokens` tokens (a prefill's
+        tokens are batch x prompt, a decode step's the batch: measured tables tell them apart)."""
+        key = (tokens, prefill)
+        t = self._dense.get(key)
         if t is None:
-            m = self.model
-            t = self._dense[tokens] = self.device.expert_time(m.dense_params_per_layer * m.dtype_bytes,
-                                                              m.dense_params_per_layer, tokens)
+            if self.measured is not None:
+                t = self.measured.dense(tokens, prefill)
+            else:
+                m = self.model
+                t = self.device.expert_time(m.dense_params_per_layer * m.dtype_bytes, m.dense_params_per_layer, tokens)
+            self._dense[key] = t
         return t

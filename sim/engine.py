@@ -5,6 +5,12 @@ waits for the dense part (attention, router, shared experts), then asks the poli
 for their decisions, hands the plan to the storage channel, the decompression workers
 and the compute queue (FIFO servers, sim/servers.py), and sleeps until the layer's
 last expert is computed. Everything the engine did is an Event on the timeline.
+
+With a host's measured profile (compute.measured, `moelab profile`), the engine also charges
+what the executor's own code costs: the decision path at every decision point (its loads
+leave one by one as it issues them, and computes wait for it to end) and, after each step's
+last layer, the step's work outside the layers (output head, sampling). Both are 0 for the
+bundled roofline profiles (policies/cost.py).
 """
 from __future__ import annotations
 
@@ -37,8 +43,8 @@ class Simulator:
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
 
-    def dense_seconds(self, tokens: int) -> float:
-        return self.cost.dense_seconds(tokens)
+    def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
+        return self.cost.dense_seconds(tokens, prefill)
 
     def expert_seconds(self, level: int, tokens: int) -> float:
         return self.cost.expert_seconds(level, tokens)
@@ -71,7 +77,7 @@ class Simulator:
             experts, scores, levels = self.w.routing_arrays(step)
             pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
             n, s = len(step.tokens), step.index
-            t_dense = self.dense_seconds(n)
+            t_dense = self.dense_seconds(n, step.prefill)
             # The layers of a step are a chain (each needs the previous one's output) and this is
             # the only process, so the step's timeline is computed layer by layer from the
             # servers' state and the clock advances once per step: one SimPy wake-up per token
@@ -82,6 +88,7 @@ class Simulator:
                 t = layer_fn(t + t_dense, s, layer, Routing(experts[layer], scores[layer],
                                                             None if levels is None else levels[layer],
                                                             None if pred is None else (pred[0][layer], pred[1][layer])))
+            t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
             bar.update(1)
 
@@ -91,6 +98,10 @@ class Simulator:
         fmt, add = self.w.fmt, self.timeline.events.append
         sizes = fmt.resident_bytes
         ready, pending, tasks = {}, self.pending, []
+        # the decision path's own cost (0 without measured tables): each load leaves as it is
+        # issued, the computes wait for the whole path
+        per_load = self.cost.decision_seconds(1) - self.cost.decision_seconds(0)
+        issue_at = now + self.cost.decision_seconds(0)
         for item, kind, evicted in d.loads:
             for k in evicted:
                 if pending:
@@ -98,7 +109,8 @@ class Simulator:
                 add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
             key = item.key
             add(_event(("cache", kind, now, now, key.layer, key.expert, key.part, item.resident_bytes, s, 0)))
-            issue, done = self.io.reserve(now, item.nbytes)
+            issue_at += per_load
+            issue, done = self.io.reserve(issue_at, item.nbytes)
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
             if item.decompress_bytes:
                 tasks.append((item, kind, done))
@@ -134,7 +146,7 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        free = now
+        free = now + self.cost.decision_seconds(len(d.loads))
         for t_ready, _, expert, level, n in tasks:
             start = t_ready if t_ready > free else free
             free = start + seconds(level, n)

@@ -1,0 +1,447 @@
+"""`moelab profile`: measure this host as the executor uses it, and write a device profile.
+
+Every figure is measured through the executor's own code path, so the simulator timed by
+the profile predicts what `moelab execute` does here:
+
+- storage: BlobReader reads (page cache bypassed, checksum verified) of the stores' real
+  blobs, one at a time, timed as the I/O workers time them; latency and bandwidth are the
+  least-squares line through (size, median seconds). queue_depth: of 1..io_concurrency, the
+  one whose StorageChannel best predicts a burst of reads on the executor's I/O workers.
+- decompression: exponent chunks of the model's experts, per codec, on the executor's
+  DecompressPool with its worker count; raw bytes per second per worker (median task).
+- compute.measured.experts: ExpertRuntime._compute (decode / dequantize / re-assemble, then
+  the matmuls, with its timeline record) per format and level against token count, with
+  the executor's torch threads, cycling over the model's experts.
+- compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
+  the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
+  tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
+  layer's dense end to its first compute where that compute is a hit (the decision path),
+  fitted as a + b x loads issued.
+- compute.memory_bandwidth / flops / overhead (the roofline, for other models): a large
+  tensor copy, a matmul, and an empty torch call.
+
+Each figure's comment says `measured: DATE on HOST, torch VERSION, COMMAND`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from devices.atomic import atomic_write
+from devices.profile import StorageProfile, load_device, measured_key
+from devices.units import format_size
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_TOKENS = (1, 4, 16, 64)
+FORMATS = ("bf16", "mwq", "zip")
+CODECS = ("lz4", "lz4hc", "zstd")
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}us"
+
+
+def _median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+class HostProfiler:
+    def __init__(self, model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
+                 io_concurrency: int = 2, decompress_workers: int = 2):
+        from executor.execute import default_torch_threads, model_arch
+        from executor.train import DEFAULT_MODEL, load_trained
+        self.model_dir = Path(model_dir or DEFAULT_MODEL)
+        self.name = self.model_dir.name
+        self.model, _, _ = load_trained(self.model_dir)
+        self.arch = model_arch(self.model, self.name)
+        self.store_root = Path(store_root)
+        self.quick, self.quiet = quick, quiet
+        self.tokens = QUICK_TOKENS if quick else TOKENS
+        self.repeats = 3 if quick else 9
+        self.io_concurrency, self.decompress_workers = io_concurrency, decompress_workers
+        self.threads = default_torch_threads("cpu")
+        self.stores = {}
+
+    # -- stores -----------------------------------------------------------------------
+    def store(self, fmt_name: str):
+        from executor.execute import ensure_store
+        if fmt_name not in self.stores:
+            from executor.train import load_trained
+            model, _, _ = load_trained(self.model_dir)
+            self.stores[fmt_name] = ensure_store(model, self.store_root / f"{self.name}-{fmt_name}", fmt_name,
+                                                 quiet=True)
+        return self.stores[fmt_name]
+
+    # -- storage --------------------------------------------------------------------------
+    def storage(self) -> dict:
+        """Latency and bandwidth from single reads of every blob size the stores hold."""
+        from executor.io import BlobReader, IOWorkers
+        samples: dict[int, list[float]] = {}
+        burst = None
+        for fmt_name in FORMATS:
+            store = self.store(fmt_name)
+            keys = store.keys()
+            with BlobReader(store) as reader, IOWorkers(reader, 1) as io:
+                mode = reader.mode
+                for i in range(self.repeats * 8):
+                    key = keys[(i * 7919) % len(keys)]
+                    r = io.submit(key).result()
+                    samples.setdefault(len(r.data), []).append(r.t_end - r.t_start)
+            if fmt_name == "bf16":
+                burst = self._burst(store, keys)
+        sizes = sorted(samples)
+        med = [_median(samples[s]) for s in sizes]
+        slope, intercept = np.polyfit(sizes, med, 1) if len(sizes) > 1 else (med[0] / sizes[0], 0.0)
+        bandwidth = 1.0 / slope if slope > 0 else sizes[-1] / med[-1]
+        latency = max(0.0, float(intercept))
+        qd = self._queue_depth(burst, latency, bandwidth)
+        return {"read_bandwidth": bandwidth, "latency": latency, "queue_depth": qd, "mode": mode,
+                "table": list(zip(sizes, med)), "burst": burst}
+
+    def _burst(self, store, keys) -> dict:
+        """(bytes per read, reads, makespan) of a burst of reads on the executor's I/O workers."""
+        from executor.io import BlobReader, IOWorkers
+        n = 16 if self.quick else 48
+        spans = []
+        with BlobReader(store) as reader, IOWorkers(reader, self.io_concurrency) as io:
+            for rep in range(self.repeats):
+                futs = [io.submit(keys[(rep * n + i) % len(keys)]) for i in range(n)]
+                rs = [f.result() for f in futs]
+                spans.append(max(r.t_end for r in rs) - min(r.t_start for r in rs))
+        return {"bytes": store.format.expert_bytes, "reads": n, "seconds": _median(spans)}
+
+    def _queue_depth(self, burst, latency, bandwidth) -> int:
+        from sim.servers import StorageChannel
+        best, err = 1, None
+        for qd in range(1, self.io_concurrency + 1):
+            ch = StorageChannel(bandwidth, latency, qd)
+            end = max(ch.reserve(0.0, burst["bytes"])[1] for _ in range(burst["reads"]))
+            e = abs(end - burst["seconds"])
+            if err is None or e < err:
+                best, err = qd, e
+        return best
+
+    # -- decompression -----------------------------------------------------------------
+    def decompression(self) -> dict:
+        """Raw bytes/s per worker per codec, on the executor's pool with its worker count."""
+        from executor.io import DecompressPool
+        from executor.zipcodec import ZipEncoder
+        from workloads.formats import make_format
+        enc = ZipEncoder()
+        experts = [(i, j, e.weights()) for i, layer in enumerate(self.model.moe_layers)
+                   for j, e in enumerate(layer.experts)][: 8 if self.quick else 24]
+        rates = {}
+        for codec in CODECS:
+            fmt = make_format("zip", self.arch.expert_shapes, codec=codec, exponent_ratio=1.1)
+            chunks = [(k, blob) for _, _, w in experts for k, blob in enumerate(enc.encode(w, fmt)) if k > 0]
+            per_worker = []
+            with DecompressPool(self.decompress_workers) as pool:
+                for _ in range(self.repeats):
+                    futs = [pool.submit(enc.decompress_part, k, blob, fmt) for k, blob in chunks]
+                    rs = [f.result() for f in futs]
+                    per_worker += [r.value.size / (r.t_end - r.t_start) for r in rs]
+            rates[codec] = _median(per_worker)
+        return rates
+
+    # -- expert compute ---------------------------------------------------------------------
+    def experts(self, bar=None) -> dict:
+        """Seconds of ExpertRuntime._compute per format key, level and token count."""
+        from executor.io import BlobReader
+        from executor.runtime import ExpertRuntime, StepInfo
+        from executor.store import get_encoder, resident_part
+        from policies import build_online_policies
+        from policies.base import Key
+        from executor.execute import _set_numba_threads
+        tables = {}
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for fmt_name in FORMATS:
+                store = self.store(fmt_name)
+                fmt = store.format
+                _set_numba_threads(fmt, self.threads)          # as execute() does
+                enc = get_encoder(fmt.name)
+                pol = build_online_policies(self.arch, fmt, 10 ** 12)
+                rt = ExpertRuntime(store, pol, activation=self.model.cfg.activation, io=None)
+                rt.begin_step(StepInfo(0, 0, False, 1, 1))
+                n_experts = min(len(store.keys()) // fmt.n_parts, 16 if self.quick else 64)
+                with BlobReader(store) as reader:
+                    keys = [Key(layer, e, p) for layer in range(self.arch.layers) for e in range(self.arch.experts)
+                            for p in range(fmt.n_parts)]
+                    for k in keys:
+                        rt.memory.buffers[k] = resident_part(enc, fmt, k.part, bytes(reader.read(k)))
+                pairs = [(layer, e) for layer in range(self.arch.layers) for e in range(self.arch.experts)]
+                rows = []
+                for level in range(fmt.levels):
+                    row = []
+                    for n in self.tokens:
+                        hidden = torch.randn(n, self.arch.d_model)
+                        gates = torch.full((n, self.arch.top_k), 1.0 / self.arch.top_k)
+                        times = []
+                        for i in range(max(self.repeats * 4, n_experts)):
+                            layer, e = pairs[i % n_experts]
+                            ids = torch.full((n, self.arch.top_k), (e + 1) % self.arch.experts)
+                            ids[:, 0] = e
+                            out = torch.zeros_like(hidden)
+                            t0 = time.perf_counter()
+                            rt._compute(out, hidden, ids, gates, layer, (e, level), list(range(n)))
+                            times.append(time.perf_counter() - t0)
+                        row.append(_median(times))
+                        if bar is not None:
+                            bar.update(1)
+                    rows.append(row)
+                tables[measured_key(fmt)] = rows
+        finally:
+            torch.set_num_threads(saved)
+        return tables
+
+    # -- dense, steps and the decision path: real forced runs ---------------------------
+    def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0):
+        from executor.execute import execute, strip_experts
+        from executor.train import load_trained
+        from policies import build_policies
+        from workloads.synthetic import synthetic_trace
+        from workloads.workload import Workload
+        store = self.store("bf16")
+        model, _, _ = load_trained(self.model_dir)
+        strip_experts(model)
+        trace = synthetic_trace(self.arch, requests=requests, prompt_len=prompt, output_len=output, seed=seed)
+        w = Workload(self.arch, trace, store.format, batch=requests)
+        total = self.arch.layers * self.arch.experts * store.format.expert_bytes
+        budget = int(total * budget_share)
+        pol = build_policies(w, budget, cache="lru")
+        return execute(model, store, pol, torch.zeros(requests, prompt, dtype=torch.long), 0, trace=trace,
+                       batch=requests, quiet=True).timeline
+
+    def dense_and_steps(self, bar=None) -> dict:
+        from sim.metrics import step_spans
+        dense = {"prefill": [], "decode": []}
+        step = {"prefill": [], "decode": []}
+        decisions = []                                  # (loads issued, gap to a first compute that hit)
+        reps = 2 if self.quick else 3
+        for n in self.tokens:
+            pre_d, dec_d, pre_s, dec_s = [], [], [], []
+            for rep in range(reps):
+                # prefill of n tokens (batch 1), then decode steps of batch n
+                for tl, batch in ((self._run(1, n, 3, seed=rep), 1), (self._run(n, 2, 5 if self.quick else 8,
+                                                                                  seed=rep), n)):
+                    info = {s["step"]: s for s in tl.meta["steps"]}
+                    spans = step_spans(tl)
+                    for e in tl.of("dense"):
+                        (pre_d if info[e.step]["prefill"] else dec_d).append((e.step, e.end - e.start, batch))
+                    for s in sorted(spans)[:-1]:
+                        gap = spans[s + 1][0] - spans[s][1]
+                        (pre_s if info[s]["prefill"] else dec_s).append((gap, batch))
+                    decisions += _decision_gaps(tl)
+            # prefill of batch 1 x n tokens; decode at batch n (skip the cold first decode step)
+            pre_dense = [t for _, t, b in pre_d if b == 1]
+            dec_dense = [t for s, t, b in dec_d if b == n and s > 1]
+            dense["prefill"].append(_median(pre_dense))
+            dense["decode"].append(_median(dec_dense))
+            step["prefill"].append(_median([g for g, b in pre_s if b == 1]))
+            step["decode"].append(_median([g for g, b in dec_s if b == n]))
+            if bar is not None:
+                bar.update(1)
+        loads = np.array([n for n, _ in decisions], float)
+        gaps = np.array([g for _, g in decisions], float)
+        if len(set(loads)) > 1:
+            # robust line: medians of the gap per load count, weighted by how often each occurs
+            xs = sorted(set(loads))
+            ys = [float(np.median(gaps[loads == x])) for x in xs]
+            ws = [float(np.sqrt((loads == x).sum())) for x in xs]
+            b, a = np.polyfit(xs, ys, 1, w=ws)
+        else:
+            a, b = float(np.median(gaps)), 0.0
+        return {"dense": dense, "step": step, "decision_overhead": max(0.0, float(a)),
+                "load_overhead": max(0.0, float(b)), "decision_points": len(decisions)}
+
+    def decision_runs(self, bar=None) -> list:
+        """Decision points with loads and a hit computed first: runs under a quarter budget."""
+        out = []
+        for rep in range(2 if self.quick else 4):
+            out += _decision_gaps(self._run(1, 8, 24, budget_share=0.3, seed=10 + rep))
+            out += _decision_gaps(self._run(4, 8, 12, budget_share=0.5, seed=20 + rep))
+            if bar is not None:
+                bar.update(1)
+        return out
+
+    # -- roofline figures ------------------------------------------------------------------
+    def roofline(self) -> dict:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            a = torch.empty(32 * 2 ** 20 // 4)
+            b = torch.empty_like(a)
+            copy = _best(lambda: b.copy_(a), self.repeats)
+            m = torch.randn(512, 512)
+            mm = _best(lambda: m @ m, self.repeats)
+            x = torch.zeros(1)
+            call = _best(lambda: x.add_(0), self.repeats * 20)
+        finally:
+            torch.set_num_threads(saved)
+        return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
+
+
+def _decision_gaps(tl) -> list[tuple[int, float]]:
+    """(loads issued, dense end -> first compute start) at decision points whose first compute
+    was of parts already resident (a hit: it waits for the decision path only)."""
+    dense_end = {(e.step, e.layer): e.end for e in tl.of("dense")}
+    loads: dict = {}
+    for e in tl.of("cache"):
+        if e.kind in ("admit", "prefetch"):
+            loads[e.step, e.layer] = loads.get((e.step, e.layer), 0) + 1
+            loads.setdefault((e.step, e.layer, "keys"), set()).add((e.expert, e.level))
+    first: dict = {}
+    for e in tl.of("compute"):
+        k = (e.step, e.layer)
+        if k not in first or e.start < first[k].start:
+            first[k] = e
+    out = []
+    parts = tl.meta["level_parts"]
+    for k, e in first.items():
+        admitted = loads.get((k[0], k[1], "keys"), set())
+        if any((e.expert, p) in admitted for p in parts[e.level]):
+            continue                                     # it waited for its own load
+        out.append((loads.get(k, 0), e.start - dense_end[k]))
+    return out
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
+            io_concurrency: int = 2, decompress_workers: int = 2) -> dict:
+    """Every figure of the profile (the dict profile_yaml writes)."""
+    p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers)
+    n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
+    with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1, disable=quiet, desc="profile",
+              unit="task") as bar:
+        bar.set_postfix_str("stores")
+        for f in FORMATS:
+            p.store(f)
+        bar.update(1)
+        bar.set_postfix_str("storage")
+        storage = p.storage()
+        bar.update(1)
+        bar.set_postfix_str("decompression")
+        rates = p.decompression()
+        bar.update(1)
+        bar.set_postfix_str("experts")
+        experts = p.experts(bar)
+        bar.set_postfix_str("dense, steps, decisions")
+        dense = p.dense_and_steps(bar)
+        extra = p.decision_runs(bar)
+        roof = p.roofline()
+        bar.update(1)
+    # refit the decision path with the loaded runs' points too
+    decisions = extra
+    if decisions:
+        loads = np.array([n for n, _ in decisions], float)
+        gaps = np.array([g for _, g in decisions], float)
+        xs = sorted(set(loads))
+        if len(xs) > 1:
+            ys = [float(np.median(gaps[loads == x])) for x in xs]
+            ws = [float(np.sqrt((loads == x).sum())) for x in xs]
+            b, a = np.polyfit(xs, ys, 1, w=ws)
+            dense["decision_overhead"], dense["load_overhead"] = max(0.0, float(a)), max(0.0, float(b))
+            dense["decision_points"] = len(decisions)
+    return {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
+            "decompress_workers": decompress_workers, "experts": experts, "roofline": roof, **dense,
+            "torch_threads": p.threads}
+
+
+def host_name() -> str:
+    return socket.gethostname() or platform.node() or "host"
+
+
+def memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 10 ** 9
+
+
+def profile_yaml(m: dict, command: str) -> str:
+    """The profile as YAML text in the shipped schema, every figure with its provenance."""
+    date = datetime.date.today().isoformat()
+    src = f"measured: {date} on {host_name()}, torch {torch.__version__}, `{command}`"
+    mem = memory_bytes()
+    s, r = m["storage"], m["roofline"]
+    table = ", ".join(f"{format_size(b)} {t * 1e6:.0f}us" for b, t in s["table"])
+    burst = s["burst"]
+    lines = [
+        f"# {host_name()}: measured by `moelab profile` (executor/profile_host.py) for model {m['model']},",
+        f"# torch threads {m['torch_threads']}, {os.cpu_count()} CPUs. Every figure: {src}",
+        f"name: host-{host_name()}",
+        f'description: "{host_name()}: {os.cpu_count()} CPUs, measured host (executor on CPU)"',
+        f"memory: {mem}B          # {src} (physical pages)",
+        f"expert_budget: {mem // 2}B   # estimate: half of the measured memory",
+        "default_storage: disk",
+        "storage:",
+        "  disk:",
+        f'    description: "this host\'s disk, {s["mode"]} reads with checksums (the executor\'s BlobReader)"',
+        f"    read_bandwidth: {s['read_bandwidth'] / 1e6:.1f}MB/s   # {src}: least-squares line through median "
+        f"single-read times ({table})",
+        f"    latency: {_us(s['latency'])}   # {src}: the same line's intercept",
+        f"    queue_depth: {s['queue_depth']}   # {src}: best StorageChannel fit of a burst of {burst['reads']} "
+        f"{format_size(burst['bytes'])} reads on the executor's I/O workers, {burst['seconds'] * 1e3:.2f} ms",
+        "compute:",
+        f"  memory_bandwidth: {r['memory_bandwidth'] / 1e9:.2f}GB/s   # {src}: 32 MiB tensor copy, best run",
+        f"  flops: {r['flops'] / 1e9:.2f}GFLOPS   # {src}: 512x512 float32 matmul, best run",
+        f"  overhead: {_us(r['overhead'])}   # {src}: an empty torch call, best run",
+        "  measured:",
+        f"    model: {m['model']}   # the model these tables time",
+        f"    tokens: {list(m['tokens'])}",
+        f"    experts:   # {src}: ExpertRuntime._compute, median over the model's experts",
+    ]
+    for key, rows in m["experts"].items():
+        lines.append(f"      {key}:")
+        for row in rows:
+            lines.append(f"        - [{', '.join(_us(t) for t in row)}]")
+    lines.append(f"    dense:   # {src}: forced executor runs, median dense event (prefill batch 1; decode batch n)")
+    for phase in ("prefill", "decode"):
+        lines.append(f"      {phase}: [{', '.join(_us(t) for t in m['dense'][phase])}]")
+    lines.append(f"    step:   # {src}: forced executor runs, median gap between steps")
+    for phase in ("prefill", "decode"):
+        lines.append(f"      {phase}: [{', '.join(_us(t) for t in m['step'][phase])}]")
+    lines += [
+        f"    decision_overhead: {_us(m['decision_overhead'])}   # {src}: dense end -> first compute at "
+        f"{m['decision_points']} decision points whose first compute hit, line a + b x loads: a",
+        f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
+        "decompress:",
+        f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "
+        f"--decompress-workers default)",
+        "  throughput:",
+    ]
+    for codec, rate in m["decompress"].items():
+        lines.append(f"    {codec}: {rate / 1e6:.1f}MB/s   # {src}: exponent chunks of the model's experts on "
+                     f"{m['decompress_workers']} workers, median raw bytes/s per task")
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(path, m: dict, command: str):
+    """Write the profile atomically and load it back with the strict loader."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, profile_yaml(m, command))
+    return load_device(str(path))
+
+
+def host_storage(profile) -> StorageProfile:
+    return profile.storage_option(None)

@@ -1,0 +1,347 @@
+"""`moelab validate`: how far the simulator's prediction is from what the executor measures.
+
+One forced trace (the trained model's own routing, `trace.npz` in the output folder), one
+matrix of configurations: cache policy x budget x format x batch x prefetcher (CACHES, the
+papers' caches with their formats: PAPER_CACHES). For each configuration the executor runs
+`repeats` times on this host and the simulator once with the host's measured profile
+(`moelab profile`); with a throttle, the executor's reads are held to a device's storage
+(executor/io.py StorageThrottle) and the simulator is given that storage.
+
+One row per configuration in validation.csv (appended as each finishes: a rerun skips the
+rows there), then validation.md (the summary and the table) and validation.png (predicted
+against measured TPOT and TTFT, the executor's spread as error bars). Per row: predicted
+and measured (mean over repeats, with their standard deviation) TTFT, TPOT, throughput and
+hit ratio, relative errors, busy-time errors per resource (I/O: union of reads; decompression
+and compute: summed task time), and whether every repeat made the simulator's decisions.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from devices.units import ConfigError
+
+CACHES = ("fifo", "lru", "lfu", "belady")
+PAPER_CACHES = {"mwq": ("d2moe-budget",), "zip": ("zipmoe",)}   # the papers' caches, on their formats
+BUDGETS = (0.3, 0.5, 0.75)          # shares of all experts' bytes at the top level
+FORMATS = ("bf16", "mwq", "zip")
+BATCHES = (1, 4)
+PREFETCH = ("none", "oracle")
+QUICK = {"caches": ("lru", "belady"), "paper": False, "budgets": (0.5,), "formats": ("bf16", "zip"),
+         "batches": (1, 2), "prefetch": ("none", "oracle")}
+METRICS = ("ttft_s", "tpot_s_mean", "throughput_tok_s", "hit_ratio")
+RESOURCES = ("io", "decompress", "compute")
+KEY_FIELDS = ("throttle", "format", "cache", "budget_share", "batch", "prefetch")
+PROMPT_SOURCE = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+                 "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+                 "        self.items.append(x)\nimport os\nfor root, dirs, files in os.walk('.'):\n    print(root)\n")
+
+
+def fields() -> list[str]:
+    out = list(KEY_FIELDS) + ["budget_bytes", "repeats"]
+    for m in METRICS:
+        out += [f"pred_{m}", f"meas_{m}", f"sd_{m}", f"err_{m}"]
+    for r in RESOURCES:
+        out += [f"pred_{r}_busy_s", f"meas_{r}_busy_s", f"err_{r}_busy"]
+    return out + ["decisions_identical", "status"]
+
+
+def matrix(quick: bool) -> list[dict]:
+    q = QUICK if quick else {"caches": CACHES, "paper": True, "budgets": BUDGETS, "formats": FORMATS,
+                             "batches": BATCHES, "prefetch": PREFETCH}
+    rows = []
+    for fmt in q["formats"]:
+        caches = tuple(q["caches"]) + (PAPER_CACHES.get(fmt, ()) if q["paper"] else ())
+        for cache, share, batch, prefetch in itertools.product(caches, q["budgets"], q["batches"], q["prefetch"]):
+            rows.append({"format": fmt, "cache": cache, "budget_share": share, "batch": batch, "prefetch": prefetch})
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in KEY_FIELDS)
+
+
+def rel_err(pred, meas):
+    if pred is None or meas is None or meas == 0:
+        return None
+    return (pred - meas) / meas
+
+
+def busy(tl) -> dict:
+    """Seconds each resource was busy: I/O as the union of reads (they overlap at queue depth > 1),
+    decompression and compute (experts and dense parts) as their summed task time."""
+    from sim.metrics import busy_time
+    ev = [e for e in tl.events if e.resource != "cache"]
+    return {"io": busy_time((e.start, e.end) for e in ev if e.resource == "io"),
+            "decompress": sum(e.end - e.start for e in ev if e.resource.startswith("decompress")),
+            "compute": sum(e.end - e.start for e in ev if e.resource in ("compute", "dense"))}
+
+
+class Validator:
+    def __init__(self, out, profile, *, throttle: str | None = None, quick: bool = False, repeats: int = 3,
+                 requests: int | None = None, prompt: int | None = None, tokens: int | None = None,
+                 store_root="runs/stores", model_dir=None, quiet: bool = False):
+        from devices.profile import load_device
+        from executor.execute import model_arch
+        from executor.train import DEFAULT_MODEL, load_trained
+        self.out = Path(out)
+        self.profile = load_device(str(profile))
+        self.throttle = throttle
+        self.storage = self.profile.storage_option(None)
+        if throttle:
+            dev, _, opt = throttle.partition(":")
+            self.storage = load_device(dev).storage_option(opt or None)
+        self.quick, self.repeats, self.quiet = quick, repeats, quiet
+        self.requests = requests or (2 if quick else 4)
+        self.prompt = prompt or (8 if quick else 16)
+        self.tokens = tokens or (6 if quick else 24)
+        self.model_dir = Path(model_dir or DEFAULT_MODEL)
+        self.name = self.model_dir.name
+        self.model, self.tok, _ = load_trained(self.model_dir)
+        self.arch = model_arch(self.model, self.name)
+        m = self.profile.compute.measured
+        if m is None or m.model != self.name:
+            raise ConfigError(f"{profile}: not a measured profile of model {self.name} (compute.measured.model); "
+                              f"run `moelab profile --out {profile}` first")
+        self.store_root = Path(store_root)
+        self.stores: dict = {}
+
+    # -- inputs ------------------------------------------------------------------------
+    def trace(self):
+        from executor.record import record_routing
+        from workloads.trace import RoutingTrace
+        path = self.out / "trace.npz"
+        if path.exists():
+            return RoutingTrace.load(path)
+        ids = list(self.tok.encode(PROMPT_SOURCE)) if self.tok is not None else list(range(200))
+        prompts = torch.tensor([ids[i * 7: i * 7 + self.prompt] for i in range(self.requests)])
+        trace = record_routing(self.model, prompts, self.tokens, model_name=self.name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        trace.save(path)
+        return trace
+
+    def store(self, fmt_name: str):
+        from executor.execute import ensure_store
+        if fmt_name not in self.stores:
+            self.stores[fmt_name] = ensure_store(self.model, self.store_root / f"{self.name}-{fmt_name}", fmt_name,
+                                                 quiet=True)
+        return self.stores[fmt_name]
+
+    # -- one configuration ---------------------------------------------------------------
+    def run_one(self, cfg: dict, trace) -> dict:
+        from executor.execute import execute, strip_experts
+        from executor.io import StorageThrottle
+        from executor.train import load_trained
+        from policies import build_policies
+        from policies.cost import CostModel
+        from sim.engine import Simulator
+        from sim.metrics import compute_metrics
+        from workloads.workload import Workload
+        store = self.store(cfg["format"])
+        fmt = store.format
+        w = Workload(self.arch, trace, fmt, batch=cfg["batch"])
+        total = self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
+        budget = int(total * cfg["budget_share"])
+        row = dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats)
+
+        def policies():
+            cost = CostModel.build(self.profile, self.arch, fmt, self.storage)
+            return build_policies(w, budget, cache=cfg["cache"], prefetch=cfg["prefetch"], cost=cost)
+        try:
+            sim_pol = policies()
+        except ConfigError as e:                       # e.g. a budget below one decision point's demand
+            return dict(row, status=f"skipped: {e}")
+        sim_tl = Simulator(self.profile, w, sim_pol, self.storage).run()
+        pred = compute_metrics(sim_tl)
+        pred_busy = busy(sim_tl)
+        decisions = sim_tl.decisions()
+        meas, meas_busy, same = [], [], True
+        for _ in range(self.repeats):
+            model, _, _ = load_trained(self.model_dir)
+            throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None
+            run = execute(strip_experts(model), store, policies(), torch.zeros(1, 1, dtype=torch.long), 0,
+                          trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True)
+            meas.append(compute_metrics(run.timeline))
+            meas_busy.append(busy(run.timeline))
+            same = same and run.timeline.decisions() == decisions
+        for m in METRICS:
+            vals = [x[m] for x in meas if x[m] is not None]
+            mean = float(np.mean(vals)) if vals else None
+            row.update({f"pred_{m}": pred[m], f"meas_{m}": mean,
+                        f"sd_{m}": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                        f"err_{m}": rel_err(pred[m], mean)})
+        for r in RESOURCES:
+            mean = float(np.mean([b[r] for b in meas_busy]))
+            row.update({f"pred_{r}_busy_s": pred_busy[r], f"meas_{r}_busy_s": mean,
+                        f"err_{r}_busy": rel_err(pred_busy[r], mean) if mean > 1e-9 else None})
+        return dict(row, decisions_identical=same, status="ok")
+
+    # -- the matrix ----------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        csv_path = self.out / "validation.csv"
+        done = {row_key(r) for r in read_rows(csv_path)}
+        trace = self.trace()
+        todo = [c for c in matrix(self.quick) if row_key(dict(c, throttle=self.throttle or "")) not in done]
+        for fmt in {c["format"] for c in todo}:
+            self.store(fmt)
+        with tqdm(total=len(todo), disable=self.quiet, desc="validate", unit="config") as bar:
+            for cfg in todo:
+                append_row(csv_path, self.run_one(cfg, trace))
+                bar.update(1)
+        rows = read_rows(csv_path)
+        write_report(self.out, rows, self.profile)
+        return rows
+
+
+# -- CSV ----------------------------------------------------------------------------------------
+def read_rows(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):                 # a torn last line from a crash
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields())
+        if new:
+            w.writeheader()
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields()})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def num(row: dict, key: str):
+    v = row.get(key, "")
+    return None if v in ("", None, "None") else float(v)
+
+
+# -- report -------------------------------------------------------------------------------------
+def summary(rows: list[dict]) -> list[dict]:
+    """Per throttle regime: how many configurations, the median and max |error| of each metric
+    and busy time, the executor's median spread (sd / mean of TPOT) and identical decisions."""
+    out = []
+    for regime in sorted({r["throttle"] for r in rows}):
+        ok = [r for r in rows if r["throttle"] == regime and r["status"] == "ok"]
+        if not ok:
+            continue
+        s = {"throttle": regime or "none", "configs": len(ok),
+             "skipped": sum(1 for r in rows if r["throttle"] == regime and r["status"] != "ok"),
+             "identical": sum(r["decisions_identical"] == "True" for r in ok)}
+        for m in [f"err_{m}" for m in METRICS] + [f"err_{r}_busy" for r in RESOURCES]:
+            errs = [abs(num(r, m)) for r in ok if num(r, m) is not None]
+            s[m] = (float(np.median(errs)), float(np.max(errs))) if errs else (None, None)
+        spread = [num(r, "sd_tpot_s_mean") / num(r, "meas_tpot_s_mean") for r in ok if num(r, "meas_tpot_s_mean")]
+        s["tpot_spread"] = (float(np.median(spread)), float(np.max(spread))) if spread else (None, None)
+        out.append(s)
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def write_report(out: Path, rows: list[dict], profile=None) -> None:
+    from devices.atomic import atomic_write
+    lines = ["# Simulator vs executor on this host", ""]
+    if profile is not None:
+        lines += [f"Profile: `{profile.path}` ({profile.name}). Errors are (predicted - measured) / measured; "
+                  "measured = mean over the executor's repeats, spread = their standard deviation / mean.", ""]
+    lines += ["| throttle | configs | decisions identical | TPOT median / max | TTFT median / max | "
+              "throughput median / max | hit ratio median / max | I/O busy | decompress busy | compute busy | "
+              "executor TPOT spread median / max |", "|" + "---|" * 11]
+    for s in summary(rows):
+        def mm(k):
+            return f"{_pct(s[k][0])} / {_pct(s[k][1])}"
+        lines.append(f"| {s['throttle']} | {s['configs']} (+{s['skipped']} skipped) | {s['identical']} | "
+                     f"{mm('err_tpot_s_mean')} | {mm('err_ttft_s')} | {mm('err_throughput_tok_s')} | "
+                     f"{mm('err_hit_ratio')} | {mm('err_io_busy')} | {mm('err_decompress_busy')} | "
+                     f"{mm('err_compute_busy')} | {mm('tpot_spread')} |")
+    lines += ["", "## Every configuration", "",
+              "| throttle | format | cache | budget | batch | prefetch | TPOT pred / meas (ms) | TPOT err | "
+              "spread | TTFT err | hit pred / meas | I/O err | decomp err | compute err | same decisions |",
+              "|" + "---|" * 15]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['throttle'] or 'none'} | {r['format']} | {r['cache']} | {r['budget_share']} | "
+                         f"{r['batch']} | {r['prefetch']} | {r['status']} |" + " |" * 8)
+            continue
+        sp = num(r, "sd_tpot_s_mean") / num(r, "meas_tpot_s_mean") if num(r, "meas_tpot_s_mean") else None
+        lines.append(
+            f"| {r['throttle'] or 'none'} | {r['format']} | {r['cache']} | {r['budget_share']} | {r['batch']} | "
+            f"{r['prefetch']} | {1e3 * num(r, 'pred_tpot_s_mean'):.3f} / {1e3 * num(r, 'meas_tpot_s_mean'):.3f} | "
+            f"{_pct(num(r, 'err_tpot_s_mean'))} | {_pct(sp)} | {_pct(num(r, 'err_ttft_s'))} | "
+            f"{num(r, 'pred_hit_ratio'):.3f} / {num(r, 'meas_hit_ratio'):.3f} | {_pct(num(r, 'err_io_busy'))} | "
+            f"{_pct(num(r, 'err_decompress_busy'))} | {_pct(num(r, 'err_compute_busy'))} | "
+            f"{r['decisions_identical']} |")
+    atomic_write(out / "validation.md", "\n".join(lines) + "\n")
+    plot(out / "validation.png", rows)
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    colors = {"bf16": "tab:blue", "mwq": "tab:orange", "zip": "tab:green"}
+    for ax, m, label in ((axes[0], "tpot_s_mean", "TPOT (ms)"), (axes[1], "ttft_s", "TTFT (ms)")):
+        lo, hi = float("inf"), 0.0
+        for r in ok:
+            p, x, sd = num(r, f"pred_{m}"), num(r, f"meas_{m}"), num(r, f"sd_{m}") or 0.0
+            if p is None or x is None:
+                continue
+            marker = "s" if r["throttle"] else "o"
+            ax.errorbar(1e3 * x, 1e3 * p, xerr=1e3 * sd, fmt=marker, color=colors.get(r["format"], "gray"),
+                        ms=4, alpha=0.7, elinewidth=1)
+            lo, hi = min(lo, x, p), max(hi, x, p)
+        if hi > 0:
+            ax.plot([1e3 * lo * 0.9, 1e3 * hi * 1.1], [1e3 * lo * 0.9, 1e3 * hi * 1.1], "k--", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label} (executor, mean; bars: sd over repeats)")
+        ax.set_ylabel(f"predicted {label} (simulator)")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in colors.items()]
+    handles += [plt.Line2D([], [], color="gray", marker="s", ls="", label="throttled storage")]
+    axes[0].legend(handles=handles, loc="upper left", fontsize=8)
+    fig.suptitle("moelab: simulator prediction vs executor measurement, one point per configuration")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- fidelity for `moelab pick` -------------------------------------------------------------------
+def cache_family(cache: str) -> str:
+    """Caches grouped as pick reports them: the papers' own families, else the cache itself."""
+    if cache.startswith("zipmoe"):
+        return "zipmoe"
+    if cache.startswith("d2moe"):
+        return "d2moe"
+    return cache
+
+
+def fidelity(rows: list[dict], fmt: str, cache: str, batch: int) -> dict | None:
+    """Measured TPOT error of the validated configurations of the same class: same format,
+    cache family and batch (any throttle, budget, prefetcher). None when none was validated."""
+    ok = [r for r in rows if r["status"] == "ok" and r["format"] == fmt and str(r["batch"]) == str(batch)
+          and cache_family(r["cache"]) == cache_family(cache) and num(r, "err_tpot_s_mean") is not None]
+    if not ok:
+        return None
+    errs = [abs(num(r, "err_tpot_s_mean")) for r in ok]
+    return {"configs": len(ok), "median": statistics.median(errs), "max": max(errs),
+            "identical": sum(r["decisions_identical"] == "True" for r in ok)}
