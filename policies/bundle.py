@@ -7,7 +7,7 @@ at one MoE layer of one batch step, and returns a `Decision`:
     plan   = scheduler.order(layer, demand, resident)      # ordered load items
     cache.begin_layer(layer, keys, demand)                 # accesses; pin the layer's keys
     for item in plan: cache.admit(item) -> evictions       # never exceeds the budget
-    wish   = prefetcher.after_layer(layer, demand)         # the next decision point's keys
+    wish   = prefetcher.after_layer(layer, demand, routing)  # the next decision point's keys
     cache.prefetch(wish) -> admitted without evicting a locked key
     + the scheduler's decompression and compute orders, if it sets them
 
@@ -85,8 +85,7 @@ class Policies:
         admit = cache.admit
         loads = [_new_load((item, PLAN, admit(item))) for item in plan]
         if self.prefetcher is not None:
-            self.prefetcher.routing = routing         # a lookahead prefetcher reads routing.predicted
-            for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, demand)):
+            for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, demand, routing)):
                 loads.append(_new_load((item, PREFETCH, evicted)))
         return Decision(layer, demand, keys, hits, loads, sched.decompress_order(layer, plan),
                         sched.compute_order(layer, demand, plan))

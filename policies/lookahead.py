@@ -6,7 +6,7 @@ computes the prediction live (`ExpertRuntime(predict_fn=...)`, executor/record.p
 `gate_lookahead`); `moelab trace record` writes the same predictions into the trace
 (`RoutingTrace.predicted`, `predicted_scores`), and the simulator hands them to the prefetcher
 from there: both engines issue exactly the same prefetches. The prediction reaches the
-prefetcher as `Routing.predicted` (set by the decision point as `self.routing`):
+prefetcher as `Routing.predicted` (the decision point passes its routing to after_layer):
 (ids [tokens, P], probabilities [tokens, P]), best first, -1 padded.
 
 - `gate-lookahead`: per token, the top-k predicted experts (k = the router's own top-k), in
@@ -33,7 +33,6 @@ class GateLookahead(Prefetcher):
     """The next layer's router on this layer's hidden state: each token's top-k predictions."""
     name = "gate-lookahead"
     needs_prediction = True          # the executor computes predictions for it (executor/execute.py)
-    routing = None                   # set by the decision point before after_layer
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -42,8 +41,7 @@ class GateLookahead(Prefetcher):
     def _experts(self, ids: np.ndarray, probs: np.ndarray, k: int) -> list[int]:
         return list(dict.fromkeys(int(e) for e in ids[:, :k].ravel() if e >= 0))
 
-    def predicted_keys(self, layer, demand) -> list[Key]:
-        routing = self.routing
+    def predicted_keys(self, layer, demand, routing) -> list[Key]:
         if layer + 1 >= self.ctx.layers or routing is None or routing.predicted is None:
             return []
         ids, probs = routing.predicted
@@ -52,8 +50,8 @@ class GateLookahead(Prefetcher):
         experts = self._experts(np.asarray(ids), np.asarray(probs), routing.experts.shape[1])
         return [Key(layer + 1, e, p) for e in experts for p in parts]
 
-    def after_layer(self, layer, demand):
-        keys = self.predicted_keys(layer, demand)
+    def after_layer(self, layer, demand, routing=None):
+        keys = self.predicted_keys(layer, demand, routing)
         self.issued += len(keys)
         return keys
 
@@ -93,8 +91,8 @@ class GateLastUse(GateLookahead):
         super().__init__(ctx)
         self.last_use = LastUse(ctx)
 
-    def after_layer(self, layer, demand):
-        keys = self.predicted_keys(layer, demand)
+    def after_layer(self, layer, demand, routing=None):
+        keys = self.predicted_keys(layer, demand, routing)
         keys += [k for k in self.last_use.after_layer(layer, demand) if k not in set(keys)]
         self.issued += len(keys)
         return keys

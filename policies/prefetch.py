@@ -13,7 +13,7 @@ wasted bandwidth (the timeline's "prefetch" records show both).
 """
 from __future__ import annotations
 
-from policies.base import Demand, Key, NeedsFuture, PolicyContext, needed_keys
+from policies.base import Demand, Key, NeedsFuture, PolicyContext, Routing, needed_keys
 
 
 class Prefetcher:
@@ -24,8 +24,9 @@ class Prefetcher:
         self.ctx = ctx
         self.fmt = ctx.fmt
 
-    def after_layer(self, layer: int, demand: Demand) -> list[Key]:
-        """Called once per decision point, after its plan was admitted and issued."""
+    def after_layer(self, layer: int, demand: Demand, routing: Routing | None = None) -> list[Key]:
+        """Called once per decision point, after its plan was admitted and issued; `routing` is
+        the decision point's router output (a lookahead prefetcher reads routing.predicted)."""
         raise NotImplementedError
 
 
@@ -42,7 +43,7 @@ class NextLayerOracle(Prefetcher):
                               "trace (`moelab execute --trace`), or use --prefetch last-use")
         self.point = 0
 
-    def after_layer(self, layer, demand):
+    def after_layer(self, layer, demand, routing=None):
         self.point += 1
         future = self.ctx.future
         return list(future[self.point]) if self.point < len(future) else []
@@ -57,6 +58,6 @@ class LastUse(Prefetcher):
         super().__init__(ctx)
         self.last: list[list[Key]] = [[] for _ in range(ctx.layers)]
 
-    def after_layer(self, layer, demand):
+    def after_layer(self, layer, demand, routing=None):
         self.last[layer] = needed_keys(demand, self.fmt)
         return self.last[(layer + 1) % self.ctx.layers]

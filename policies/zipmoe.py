@@ -646,6 +646,6 @@ class NextLayerAll(Prefetcher):
     """DeepSpeed-like parameter prefetch: every expert of the next layer, while this one computes."""
     name = "next-layer-all"
 
-    def after_layer(self, layer, demand):
+    def after_layer(self, layer, demand, routing=None):
         nxt = (layer + 1) % self.ctx.layers
         return [Key(nxt, e, p) for e in range(self.ctx.experts) for p in range(self.fmt.n_parts)]

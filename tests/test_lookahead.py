@@ -81,17 +81,14 @@ def test_prefetch_order_and_threshold():
     d = Demand(0, (((0, 0),), ((3, 0),)))
     got = {}
     for cls in (GateLookahead, GateTopK, GateLastUse):
-        p = cls(ctx)
-        p.routing = r
-        got[cls.name] = [(k.layer, k.expert) for k in p.after_layer(0, d)]
+        got[cls.name] = [(k.layer, k.expert) for k in cls(ctx).after_layer(0, d, r)]
     assert got["gate-lookahead"] == [(1, 4), (1, 2)]                  # each token's top-1, router order
     assert got["gate-topk"] == [(1, 2), (1, 4), (1, 1)]               # 0.6, 0.5, 0.3 (0.05 < 0.1 dropped)
     assert got["gate-last-use"] == [(1, 4), (1, 2)]                   # layer 1 not seen yet: nothing more
     p = GateLastUse(ctx)
-    p.routing = r
-    p.after_layer(0, d)
-    p.routing = Routing(np.array([[5]]), np.ones((1, 1)), None, (np.full((1, 2), -1, np.int32), np.zeros((1, 2))))
-    assert [(k.layer, k.expert) for k in p.after_layer(2, Demand(2, (((5, 0),),)))] == [(0, 0), (0, 3)]
+    p.after_layer(0, d, r)
+    r2 = Routing(np.array([[5]]), np.ones((1, 1)), None, (np.full((1, 2), -1, np.int32), np.zeros((1, 2))))
+    assert [(k.layer, k.expert) for k in p.after_layer(2, Demand(2, (((5, 0),),)), r2)] == [(0, 0), (0, 3)]
 
 
 def test_accuracy_from_the_trace_and_per_layer_distance(recorded):
