@@ -1,0 +1,188 @@
+"""Issue 13: measured host profiles (schema, interpolation, the simulator's use of them),
+`moelab profile`, `moelab validate` and pick's fidelity line. No wall-clock assertions."""
+import dataclasses
+
+import pytest
+
+from conftest import TINY, make_device, make_trace
+from devices.profile import MeasuredTables, interpolate, load_device
+from devices.units import ConfigError
+from policies import build_policies
+from policies.cost import CostModel
+from sim.engine import Simulator
+from workloads.formats import make_format
+from workloads.workload import Workload
+
+MEASURED = """
+name: measured-test
+description: "hand-made measured profile"
+memory: 8GB          # test
+expert_budget: 1GB   # test
+default_storage: disk
+storage:
+  disk:
+    read_bandwidth: 1MB/s   # test
+    latency: 1ms            # test
+    queue_depth: 1          # test
+compute:
+  memory_bandwidth: 10GB/s  # test
+  flops: 100GFLOPS          # test
+  overhead: 20us            # test
+  measured:
+    model: tiny
+    tokens: [1, 4]
+    experts:
+      bf16:
+        - [10ms, 16ms]
+    dense:
+      prefill: [2ms, 5ms]
+      decode: [1ms, 4ms]
+    step:
+      prefill: [7ms, 7ms]
+      decode: [3ms, 6ms]
+    decision_overhead: 0.5ms
+    load_overhead: 0.25ms
+decompress:
+  workers: 1
+  throughput:
+    lz4: 1GB/s   # test
+"""
+
+
+@pytest.fixture
+def measured(tmp_path):
+    path = tmp_path / "measured.yaml"
+    path.write_text(MEASURED)
+    return load_device(str(path))
+
+
+def test_interpolation_by_hand():
+    xs, ys = (1, 4, 16), (10.0, 16.0, 40.0)
+    assert interpolate(xs, ys, 1) == 10.0
+    assert interpolate(xs, ys, 0) == 10.0                    # below the table: its first value
+    assert interpolate(xs, ys, 2) == pytest.approx(12.0)     # 10 + 6 * 1/3
+    assert interpolate(xs, ys, 10) == pytest.approx(28.0)    # 16 + 24 * 6/12
+    assert interpolate(xs, ys, 28) == pytest.approx(64.0)    # the last segment extended
+    assert interpolate((3,), (5.0,), 9) == 5.0
+
+
+def test_measured_profile_loads_and_the_cost_model_reads_it(measured):
+    m = measured.compute.measured
+    assert isinstance(m, MeasuredTables) and m.model == "tiny" and m.tokens == (1, 4)
+    cost = CostModel.build(measured, TINY, make_format("bf16", TINY.expert_shapes))
+    assert cost.expert_seconds(0, 2) == pytest.approx(0.012)
+    assert cost.dense_seconds(2, prefill=True) == pytest.approx(0.003)
+    assert cost.dense_seconds(2) == pytest.approx(0.002)
+    assert cost.step_seconds(4) == pytest.approx(0.006)
+    assert cost.decision_seconds(3) == pytest.approx(0.00125)
+    # another model keeps the roofline and pays no executor overheads
+    other = dataclasses.replace(TINY, name="other")
+    rc = CostModel.build(measured, other, make_format("bf16", TINY.expert_shapes))
+    assert rc.decision_seconds(3) == 0.0 and rc.step_seconds(1) == 0.0
+    assert rc.expert_seconds(0, 1) == pytest.approx(20e-6 + 192 / 10e9)
+    assert "decision point" in measured.describe()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("    tokens: [4, 1]", r"compute\.measured\.tokens: expected increasing"),
+    ("    decision_overhead: 5", r"compute\.measured\.decision_overhead: expected a number with a unit"),
+    ("        - [10ms]", r"compute\.measured\.experts\.bf16\[0\]: expected a list of 2 durations"),
+])
+def test_measured_errors_name_the_key(tmp_path, bad, match):
+    key = bad.split(":")[0] if ":" in bad else "        - [10ms, 16ms]"
+    lines = [bad if line.startswith(key) else line for line in MEASURED.splitlines()]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError, match=match):
+        load_device(str(path))
+
+
+def test_simulator_charges_the_measured_terms_by_hand(measured):
+    """One request: a 1-token prefill step then one decode step, top-1 over 2 layers; the
+    2nd step hits both experts. Expert bytes 192 at 1 MB/s = 0.192 ms + 1 ms latency."""
+    trace = make_trace([[[0], [1]], [[0], [1]]], prompt=[True, False], request_ids=[0, 0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    tl = Simulator(measured, w, build_policies(w, 10 ** 6, cache="lru")).run()
+    ev = [(e.resource, e.kind, round(e.start * 1e6), round(e.end * 1e6), e.step, e.layer)
+          for e in tl.events if e.resource != "cache"]
+    read = 1000 + 192
+    # step 0: dense 2 ms (prefill, 1 token); decision 0.5 ms; the load leaves after its 0.25 ms
+    l0_io = 2000 + 500 + 250
+    l0_end = l0_io + read + 10000
+    l1_dense = l0_end + 2000
+    l1_io = l1_dense + 750
+    l1_end = l1_io + read + 10000
+    s1 = l1_end + 7000                                          # the prefill step's own 7 ms
+    s1_l0 = s1 + 1000 + 500                                     # decode dense 1 ms; all hits
+    s1_end = s1_l0 + 10000 + 1000 + 500 + 10000
+    assert ev == [("dense", "dense", 0, 2000, 0, 0), ("io", "load", l0_io, l0_io + read, 0, 0),
+                  ("compute", "expert", l0_io + read, l0_end, 0, 0),
+                  ("dense", "dense", l0_end, l1_dense, 0, 1), ("io", "load", l1_io, l1_io + read, 0, 1),
+                  ("compute", "expert", l1_io + read, l1_end, 0, 1),
+                  ("dense", "dense", s1, s1 + 1000, 1, 0), ("compute", "expert", s1_l0, s1_l0 + 10000, 1, 0),
+                  ("dense", "dense", s1_l0 + 10000, s1_l0 + 11000, 1, 1),
+                  ("compute", "expert", s1_l0 + 11500, s1_end, 1, 1)]
+
+
+def test_roofline_profiles_are_unchanged():
+    """Bundled profiles have no measured tables: no decision or step costs."""
+    d = load_device("raspberry-pi-5-8gb")
+    assert d.compute.measured is None
+    cost = CostModel.build(d, TINY, make_format("bf16", TINY.expert_shapes))
+    assert cost.decision_seconds(5) == 0.0 and cost.step_seconds(1, True) == 0.0
+    dev = make_device()
+    assert CostModel.build(dev, TINY, make_format("bf16", TINY.expert_shapes)).dense_seconds(3) > 0
+
+
+@pytest.fixture(scope="module")
+def host_profile(tmp_path_factory):
+    """`moelab profile --quick` on the bundled model, loaded back by the strict loader."""
+    from executor.profile_host import measure, write_profile
+    root = tmp_path_factory.mktemp("profile")
+    m = measure(store_root=root / "stores", quick=True, quiet=True)
+    return write_profile(root / "host.yaml", m, "moelab profile --quick"), root
+
+
+def test_profile_writes_a_loadable_measured_profile(host_profile):
+    device, root = host_profile
+    text = (root / "host.yaml").read_text()
+    assert "measured: " in text and "torch " in text and "`moelab profile --quick`" in text
+    m = device.compute.measured
+    assert m.model == "tiny-moe" and set(m.experts) == {"bf16", "mwq-int2-4", "zip"}
+    assert len(m.experts["mwq-int2-4"]) == 3 and all(len(r) == len(m.tokens) for r in m.experts["zip"])
+    s = device.storage_option(None)
+    assert s.name == "disk" and s.read_bandwidth > 0 and s.queue_depth >= 1
+    assert set(device.decompress_throughput) == {"lz4", "lz4hc", "zstd"}
+    for line in text.splitlines():            # every figure carries its source
+        if any(line.strip().startswith(k) for k in ("read_bandwidth", "latency", "memory_bandwidth", "flops",
+                                                      "decision_overhead", "lz4:", "zstd:")):
+            assert "# measured: " in line, line
+
+
+def test_validate_quick_writes_three_outputs_with_identical_decisions(host_profile, tmp_path):
+    from experiments.validate import Validator, read_rows, summary
+    device, root = host_profile
+    out = tmp_path / "val"
+    rows = Validator(out, device.path, quick=True, repeats=1, store_root=root / "stores", quiet=True,
+                     tokens=4).run()
+    assert {p.name for p in out.iterdir()} >= {"validation.csv", "validation.md", "validation.png", "trace.npz"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["decisions_identical"] == "True" for r in ok)
+    assert all(r["pred_hit_ratio"] == r["meas_hit_ratio"] for r in ok)        # same decisions, same hits
+    assert summary(rows)[0]["identical"] == len(ok)
+    n = len(read_rows(out / "validation.csv"))                                # resumable: nothing to redo
+    Validator(out, device.path, quick=True, repeats=1, store_root=root / "stores", quiet=True, tokens=4).run()
+    assert len(read_rows(out / "validation.csv")) == n
+
+
+def test_pick_prints_the_validated_error_of_its_class(tmp_path):
+    from experiments.cli import fidelity_line
+    from experiments.validate import append_row
+    path = tmp_path / "validation.csv"
+    assert "no host validation results yet" in fidelity_line({"format": "bf16", "policy": "lru", "batch": "1"}, path)
+    for cache, err in (("lru", 0.02), ("lru", -0.06), ("fifo", 0.5)):
+        append_row(path, {"throttle": "", "format": "bf16", "cache": cache, "budget_share": 0.5, "batch": 1,
+                          "prefetch": "none", "err_tpot_s_mean": err, "decisions_identical": True, "status": "ok"})
+    line = fidelity_line({"format": "bf16", "policy": "lru", "batch": "1"}, path)
+    assert "2 validated configurations" in line and "median 4.0%" in line and "max 6.0%" in line
+    assert "no validated configuration" in fidelity_line({"format": "zip", "policy": "lru", "batch": "1"}, path)
