@@ -8,10 +8,13 @@ the profile predicts what `moelab execute` does here:
   least-squares line through (size, median seconds). queue_depth: of 1..io_concurrency, the
   one whose StorageChannel best predicts a burst of reads on the executor's I/O workers.
 - decompression: exponent chunks of the model's experts, per codec, on the executor's
-  DecompressPool with its worker count; raw bytes per second per worker (median task).
+  DecompressPool with its worker count while a thread computes (the executor's main thread
+  computes while its workers decompress: they share the cores); raw bytes over task time.
 - compute.measured.experts: ExpertRuntime._compute (decode / dequantize / re-assemble, then
   the matmuls, with its timeline record) per format and level against token count, with
-  the executor's torch threads, cycling over the model's experts.
+  the executor's torch threads, cycling over the model's experts (means: the simulator adds
+  them up). read_ / decompress_interference: from forced executor runs with loads, what each
+  read / decompression ending during an expert call adds to it (least squares).
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
   tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
@@ -52,6 +55,12 @@ def _us(seconds: float) -> str:
 
 def _median(xs) -> float:
     return float(statistics.median(xs))
+
+
+def _mean(xs) -> float:
+    """The mean: the simulator adds these times up, so a table must carry their mean (the
+    occasional slow call included), not the typical one."""
+    return float(statistics.fmean(xs))
 
 
 class HostProfiler:
@@ -139,6 +148,26 @@ class HostProfiler:
         enc = ZipEncoder()
         experts = [(i, j, e.weights()) for i, layer in enumerate(self.model.moe_layers)
                    for j, e in enumerate(layer.experts)][: 8 if self.quick else 24]
+        import threading
+        stop = threading.Event()
+        a = torch.randn(64, self.arch.d_model)
+        b = torch.randn(self.arch.d_model, self.arch.d_ff)
+
+        def compute():            # the executor's main thread computes while its workers decompress
+            torch.set_num_threads(self.threads)
+            while not stop.is_set():
+                a @ b
+        busy = threading.Thread(target=compute)
+        busy.start()
+        try:
+            return self._decompression(enc, experts)
+        finally:
+            stop.set()
+            busy.join()
+
+    def _decompression(self, enc, experts) -> dict:
+        from executor.io import DecompressPool
+        from workloads.formats import make_format
         rates = {}
         for codec in CODECS:
             fmt = make_format("zip", self.arch.expert_shapes, codec=codec, exponent_ratio=1.1)
@@ -149,7 +178,7 @@ class HostProfiler:
                     futs = [pool.submit(enc.decompress_part, k, blob, fmt) for k, blob in chunks]
                     rs = [f.result() for f in futs]
                     per_worker += [r.value.size / (r.t_end - r.t_start) for r in rs]
-            rates[codec] = _median(per_worker)
+            rates[codec] = len(per_worker) / sum(1.0 / r for r in per_worker)   # bytes over summed time
         return rates
 
     # -- expert compute ---------------------------------------------------------------------
@@ -187,15 +216,16 @@ class HostProfiler:
                         hidden = torch.randn(n, self.arch.d_model)
                         gates = torch.full((n, self.arch.top_k), 1.0 / self.arch.top_k)
                         times = []
-                        for i in range(max(self.repeats * 4, n_experts)):
+                        for i in range(-2, max(self.repeats * 4, n_experts)):   # 2 warm-up calls
                             layer, e = pairs[i % n_experts]
                             ids = torch.full((n, self.arch.top_k), (e + 1) % self.arch.experts)
                             ids[:, 0] = e
                             out = torch.zeros_like(hidden)
                             t0 = time.perf_counter()
                             rt._compute(out, hidden, ids, gates, layer, (e, level), list(range(n)))
-                            times.append(time.perf_counter() - t0)
-                        row.append(_median(times))
+                            if i >= 0:
+                                times.append(time.perf_counter() - t0)
+                        row.append(_mean(times))
                         if bar is not None:
                             bar.update(1)
                     rows.append(row)
@@ -204,19 +234,42 @@ class HostProfiler:
             torch.set_num_threads(saved)
         return tables
 
+    def interference(self, tables: dict, bar=None) -> tuple[float, float]:
+        """What a read, and a decompression, that ends during an expert call adds to it: least
+        squares over the calls of forced executor runs with loads (bf16 and zip), of the call's
+        time beyond its table value against how many reads / decompressions ended in it."""
+        from devices.profile import interpolate
+        rows, extra = [], []
+        for fmt_name, share in (("bf16", 0.3), ("zip", 0.5)):
+            fmt = self.store(fmt_name).format
+            table = tables[measured_key(fmt)]
+            for batch in (1, 4):
+                for rep in range(1 if self.quick else 2):
+                    tl = self._run(batch, 8, 12, budget_share=share, seed=30 + rep, fmt_name=fmt_name)
+                    reads = sorted(e.end for e in tl.of("io"))
+                    decs = sorted(e.end for e in tl.events if e.resource.startswith("decompress"))
+                    for e in tl.of("compute"):
+                        rows.append([sum(e.start < t <= e.end for t in reads), sum(e.start < t <= e.end for t in decs)])
+                        extra.append(e.end - e.start - interpolate(self.tokens, table[e.level], e.tokens))
+                if bar is not None:
+                    bar.update(1)
+        coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(extra), rcond=None)
+        return max(0.0, float(coef[0])), max(0.0, float(coef[1]))
+
     # -- dense, steps and the decision path: real forced runs ---------------------------
-    def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0):
+    def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
+             fmt_name: str = "bf16"):
         from executor.execute import execute, strip_experts
         from executor.train import load_trained
         from policies import build_policies
         from workloads.synthetic import synthetic_trace
         from workloads.workload import Workload
-        store = self.store("bf16")
+        store = self.store(fmt_name)
         model, _, _ = load_trained(self.model_dir)
         strip_experts(model)
         trace = synthetic_trace(self.arch, requests=requests, prompt_len=prompt, output_len=output, seed=seed)
         w = Workload(self.arch, trace, store.format, batch=requests)
-        total = self.arch.layers * self.arch.experts * store.format.expert_bytes
+        total = self.arch.layers * self.arch.experts * store.format.level_bytes(store.format.levels - 1)
         budget = int(total * budget_share)
         pol = build_policies(w, budget, cache="lru")
         return execute(model, store, pol, torch.zeros(requests, prompt, dtype=torch.long), 0, trace=trace,
@@ -245,18 +298,18 @@ class HostProfiler:
             # prefill of batch 1 x n tokens; decode at batch n (skip the cold first decode step)
             pre_dense = [t for _, t, b in pre_d if b == 1]
             dec_dense = [t for s, t, b in dec_d if b == n and s > 1]
-            dense["prefill"].append(_median(pre_dense))
-            dense["decode"].append(_median(dec_dense))
-            step["prefill"].append(_median([g for g, b in pre_s if b == 1]))
-            step["decode"].append(_median([g for g, b in dec_s if b == n]))
+            dense["prefill"].append(_mean(pre_dense))
+            dense["decode"].append(_mean(dec_dense))
+            step["prefill"].append(_mean([g for g, b in pre_s if b == 1]))
+            step["decode"].append(_mean([g for g, b in dec_s if b == n]))
             if bar is not None:
                 bar.update(1)
         loads = np.array([n for n, _ in decisions], float)
         gaps = np.array([g for _, g in decisions], float)
         if len(set(loads)) > 1:
-            # robust line: medians of the gap per load count, weighted by how often each occurs
+            # line through the mean gap per load count, weighted by how often each occurs
             xs = sorted(set(loads))
-            ys = [float(np.median(gaps[loads == x])) for x in xs]
+            ys = [float(np.mean(gaps[loads == x])) for x in xs]
             ws = [float(np.sqrt((loads == x).sum())) for x in xs]
             b, a = np.polyfit(xs, ys, 1, w=ws)
         else:
@@ -330,7 +383,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     """Every figure of the profile (the dict profile_yaml writes)."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
-    with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1, disable=quiet, desc="profile",
+    with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 4, disable=quiet, desc="profile",
               unit="task") as bar:
         bar.set_postfix_str("stores")
         for f in FORMATS:
@@ -346,6 +399,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         experts = p.experts(bar)
         bar.set_postfix_str("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
+        bar.set_postfix_str("interference")
+        read_x, dec_x = p.interference(experts, bar)
         extra = p.decision_runs(bar)
         roof = p.roofline()
         bar.update(1)
@@ -356,12 +411,13 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         gaps = np.array([g for _, g in decisions], float)
         xs = sorted(set(loads))
         if len(xs) > 1:
-            ys = [float(np.median(gaps[loads == x])) for x in xs]
+            ys = [float(np.mean(gaps[loads == x])) for x in xs]
             ws = [float(np.sqrt((loads == x).sum())) for x in xs]
             b, a = np.polyfit(xs, ys, 1, w=ws)
             dense["decision_overhead"], dense["load_overhead"] = max(0.0, float(a)), max(0.0, float(b))
             dense["decision_points"] = len(decisions)
     return {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
+            "read_interference": read_x, "decompress_interference": dec_x,
             "decompress_workers": decompress_workers, "experts": experts, "roofline": roof, **dense,
             "torch_threads": p.threads}
 
@@ -424,6 +480,9 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    decision_overhead: {_us(m['decision_overhead'])}   # {src}: dense end -> first compute at "
         f"{m['decision_points']} decision points whose first compute hit, line a + b x loads: a",
         f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
+        f"    read_interference: {_us(m['read_interference'])}   # {src}: forced executor runs with loads (bf16, "
+        f"zip): expert call time beyond its table, least squares on the reads and decompressions ending in it",
+        f"    decompress_interference: {_us(m['decompress_interference'])}   # {src}: the same fit",
         "decompress:",
         f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "
         f"--decompress-workers default)",
@@ -431,7 +490,7 @@ def profile_yaml(m: dict, command: str) -> str:
     ]
     for codec, rate in m["decompress"].items():
         lines.append(f"    {codec}: {rate / 1e6:.1f}MB/s   # {src}: exponent chunks of the model's experts on "
-                     f"{m['decompress_workers']} workers, median raw bytes/s per task")
+                     f"{m['decompress_workers']} workers while the main thread computes, raw bytes over task time")
     return "\n".join(lines) + "\n"
 
 

@@ -87,7 +87,7 @@ def busy(tl) -> dict:
 class Validator:
     def __init__(self, out, profile, *, throttle: str | None = None, quick: bool = False, repeats: int = 3,
                  requests: int | None = None, prompt: int | None = None, tokens: int | None = None,
-                 store_root="runs/stores", model_dir=None, quiet: bool = False):
+                 store_root="runs/stores", model_dir=None, quiet: bool = False, io_concurrency: int = 2):
         from devices.profile import load_device
         from executor.execute import model_arch
         from executor.train import DEFAULT_MODEL, load_trained
@@ -112,6 +112,9 @@ class Validator:
                               f"run `moelab profile --out {profile}` first")
         self.store_root = Path(store_root)
         self.stores: dict = {}
+        # the executor runs with the profile's decompression workers and read concurrency (its
+        # storage option's queue depth can be lower than the concurrency that measured it)
+        self.io_concurrency = io_concurrency
 
     # -- inputs ------------------------------------------------------------------------
     def trace(self):
@@ -167,7 +170,9 @@ class Validator:
             model, _, _ = load_trained(self.model_dir)
             throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None
             run = execute(strip_experts(model), store, policies(), torch.zeros(1, 1, dtype=torch.long), 0,
-                          trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True)
+                          trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True,
+                          decompress_workers=self.profile.decompress_workers,
+                          io_concurrency=self.io_concurrency)
             meas.append(compute_metrics(run.timeline))
             meas_busy.append(busy(run.timeline))
             same = same and run.timeline.decisions() == decisions

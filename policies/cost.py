@@ -97,6 +97,12 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.decision_overhead + loads * m.load_overhead
 
+    def interference(self) -> tuple[float, float]:
+        """(seconds, seconds) an expert call gains per read / per decompression that ends while it
+        runs: the I/O and decompression workers share the cores with it (measured; 0 without tables)."""
+        m = self.measured
+        return (0.0, 0.0) if m is None else (m.read_interference, m.decompress_interference)
+
     def step_seconds(self, tokens: int, prefill: bool = False) -> float:
         """Per step, outside the layers: embedding, output head, sampling (measured; 0 without tables)."""
         m = self.measured

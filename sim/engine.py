@@ -8,9 +8,11 @@ last expert is computed. Everything the engine did is an Event on the timeline.
 
 With a host's measured profile (compute.measured, `moelab profile`), the engine also charges
 what the executor's own code costs: the decision path at every decision point (its loads
-leave one by one as it issues them, and computes wait for it to end) and, after each step's
-last layer, the step's work outside the layers (output head, sampling). Both are 0 for the
-bundled roofline profiles (policies/cost.py).
+leave one by one as it issues them, and computes wait for it to end), after each step's
+last layer the step's work outside the layers (output head, sampling), and an expert call
+gains the measured interference of each read and each decompression that ends while it runs
+(the workers share the cores with it; counted once, over its undisturbed duration). All are
+0 for the bundled roofline profiles (policies/cost.py).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class Simulator:
         self.cost = CostModel.build(device, workload.model, workload.fmt, self.storage)
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
+        self.interference = self.cost.interference()
+        self.ends: list[tuple[float, float]] = []   # (end, interference) of reads/decompressions not yet past
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         return self.cost.dense_seconds(tokens, prefill)
@@ -98,6 +102,7 @@ class Simulator:
         fmt, add = self.w.fmt, self.timeline.events.append
         sizes = fmt.resident_bytes
         ready, pending, tasks = {}, self.pending, []
+        self.new_ends = []
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
         per_load = self.cost.decision_seconds(1) - self.cost.decision_seconds(0)
@@ -112,6 +117,7 @@ class Simulator:
             issue_at += per_load
             issue, done = self.io.reserve(issue_at, item.nbytes)
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
+            self.new_ends.append((done, self.interference[0]))
             if item.decompress_bytes:
                 tasks.append((item, kind, done))
             elif kind is PLAN:
@@ -147,9 +153,14 @@ class Simulator:
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
         free = now + self.cost.decision_seconds(len(d.loads))
+        ends = None
+        if any(self.interference):             # reads and decompressions not past yet, with what they add
+            ends = self.ends = [x for x in self.ends if x[0] > now] + self.new_ends
         for t_ready, _, expert, level, n in tasks:
             start = t_ready if t_ready > free else free
             free = start + seconds(level, n)
+            if ends:
+                free += sum(x for t, x in ends if start < t <= free)
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
         for k in self.p.finish(layer):
             pending.pop(k, None)
@@ -168,6 +179,7 @@ class Simulator:
             start, done, worker = self.decomp.reserve(max(read_done, last_start),
                                                       item.decompress_bytes / self.decompress_rate)
             last_start = start
+            self.new_ends.append((done, self.interference[1]))
             add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
                         item.decompress_bytes, s, 0)))
             if kind is PLAN:
