@@ -40,6 +40,8 @@ where the roofline is not what the host does. Each table gives seconds at the to
           decode: [60us, ...]
         decision_overhead: 120us        # the decision point's own cost per layer (decide + bookkeeping)
         load_overhead: 8us              # per load item the decision point issues
+        compute_gap: 10us               # optional (default 0): the runtime's own time between two expert
+                                        #   calls of a layer (its loop: bookkeeping, waiting on a queue)
         read_interference: 90us         # optional (default 0): what each read completing during an expert
         decompress_interference: 40us   #   call adds to it, and each decompression (the workers share the cores)
 
@@ -118,6 +120,7 @@ class MeasuredTables:
     step_decode: tuple[float, ...]
     decision_overhead: float                            # seconds per decision point
     load_overhead: float                                # seconds per load item issued
+    compute_gap: float = 0.0                            # seconds between two expert calls of a layer
     read_interference: float = 0.0                      # seconds an expert call gains per read ending in it
     decompress_interference: float = 0.0                # ... per decompression ending in it
 
@@ -172,7 +175,8 @@ class DeviceProfile:
             m = c.measured
             rows.append(("measured", f"tables for {m.model} at {list(m.tokens)} tokens: {', '.join(m.experts)}; "
                                      f"{_format_duration(m.decision_overhead)} per decision point, "
-                                     f"{_format_duration(m.load_overhead)} per load; an expert call gains "
+                                     f"{_format_duration(m.load_overhead)} per load, "
+                                     f"{_format_duration(m.compute_gap)} between expert calls; an expert call gains "
                                      f"{_format_duration(m.read_interference)} per read and "
                                      f"{_format_duration(m.decompress_interference)} per decompression ending in it"))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
@@ -293,7 +297,8 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"read_interference", "decompress_interference"}))
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "read_interference",
+                                                                     "decompress_interference"}))
         tokens = m["tokens"]
         if (not isinstance(tokens, list) or not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
                                                                for t in tokens)
@@ -322,7 +327,7 @@ class _Reader:
             load_overhead=self.quantity(m["load_overhead"], f"{key}.load_overhead", parse_duration, "8us",
                                         positive=False),
             **{k: self.quantity(m[k], f"{key}.{k}", parse_duration, "90us", positive=False)
-               for k in ("read_interference", "decompress_interference") if k in m})
+               for k in ("compute_gap", "read_interference", "decompress_interference") if k in m})
 
     def device(self, data) -> DeviceProfile:
         d = self.mapping(data, "", _TOP)

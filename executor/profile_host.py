@@ -14,7 +14,8 @@ the profile predicts what `moelab execute` does here:
   the matmuls, with its timeline record) per format and level against token count, with
   the executor's torch threads, cycling over the model's experts (means: the simulator adds
   them up). read_ / decompress_interference: from forced executor runs with loads, what each
-  read / decompression ending during an expert call adds to it (least squares).
+  read / decompression ending during an expert call adds to it (least squares); compute_gap:
+  the mean gap between consecutive expert calls of a layer that loaded nothing.
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
   tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
@@ -280,6 +281,7 @@ class HostProfiler:
         dense = {"prefill": [], "decode": []}
         step = {"prefill": [], "decode": []}
         decisions = []                                  # (loads issued, gap to a first compute that hit)
+        call_gaps = []                                  # between consecutive expert calls, nothing loading
         reps = 2 if self.quick else 3
         for n in self.tokens:
             pre_d, dec_d, pre_s, dec_s = [], [], [], []
@@ -295,6 +297,7 @@ class HostProfiler:
                         gap = spans[s + 1][0] - spans[s][1]
                         (pre_s if info[s]["prefill"] else dec_s).append((gap, batch))
                     decisions += _decision_gaps(tl)
+                    call_gaps += _compute_gaps(tl)
             # prefill of batch 1 x n tokens; decode at batch n (skip the cold first decode step)
             pre_dense = [t for _, t, b in pre_d if b == 1]
             dec_dense = [t for s, t, b in dec_d if b == n and s > 1]
@@ -314,7 +317,8 @@ class HostProfiler:
             b, a = np.polyfit(xs, ys, 1, w=ws)
         else:
             a, b = float(np.median(gaps)), 0.0
-        return {"dense": dense, "step": step, "decision_overhead": max(0.0, float(a)),
+        return {"dense": dense, "step": step, "compute_gap": _mean(call_gaps) if call_gaps else 0.0,
+                "decision_overhead": max(0.0, float(a)),
                 "load_overhead": max(0.0, float(b)), "decision_points": len(decisions)}
 
     def decision_runs(self, bar=None) -> list:
@@ -365,6 +369,22 @@ def _decision_gaps(tl) -> list[tuple[int, float]]:
         if any((e.expert, p) in admitted for p in parts[e.level]):
             continue                                     # it waited for its own load
         out.append((loads.get(k, 0), e.start - dense_end[k]))
+    return out
+
+
+def _compute_gaps(tl) -> list[float]:
+    """Gaps between consecutive expert calls of a layer at decision points that loaded nothing
+    (every call ready at once: the gap is the runtime's own loop)."""
+    loaded = {(e.step, e.layer) for e in tl.of("cache") if e.kind in ("admit", "prefetch")}
+    calls: dict = {}
+    for e in tl.of("compute"):
+        calls.setdefault((e.step, e.layer), []).append((e.start, e.end))
+    out = []
+    for k, spans in calls.items():
+        if k in loaded or (k[0], k[1] - 1) in loaded:
+            continue
+        spans.sort()
+        out += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
     return out
 
 
@@ -480,6 +500,8 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    decision_overhead: {_us(m['decision_overhead'])}   # {src}: dense end -> first compute at "
         f"{m['decision_points']} decision points whose first compute hit, line a + b x loads: a",
         f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
+        f"    compute_gap: {_us(m['compute_gap'])}   # {src}: forced executor runs, mean gap between consecutive "
+        f"expert calls of a layer that loaded nothing",
         f"    read_interference: {_us(m['read_interference'])}   # {src}: forced executor runs with loads (bf16, "
         f"zip): expert call time beyond its table, least squares on the reads and decompressions ending in it",
         f"    decompress_interference: {_us(m['decompress_interference'])}   # {src}: the same fit",

@@ -297,6 +297,7 @@ def write_report(out: Path, rows: list[dict], profile=None) -> None:
 
 def plot(path: Path, rows: list[dict]) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in rows if r["status"] == "ok"]
@@ -309,13 +310,16 @@ def plot(path: Path, rows: list[dict]) -> None:
             if p is None or x is None:
                 continue
             marker = "s" if r["throttle"] else "o"
-            ax.errorbar(1e3 * x, 1e3 * p, xerr=1e3 * sd, fmt=marker, color=colors.get(r["format"], "gray"),
+            lo_bar = min(sd, 0.9 * x)                              # a log axis: keep the bar above 0
+            ax.errorbar(1e3 * x, 1e3 * p, xerr=[[1e3 * lo_bar], [1e3 * sd]], fmt=marker, color=colors.get(r["format"], "gray"),
                         ms=4, alpha=0.7, elinewidth=1)
             lo, hi = min(lo, x, p), max(hi, x, p)
         if hi > 0:
             ax.plot([1e3 * lo * 0.9, 1e3 * hi * 1.1], [1e3 * lo * 0.9, 1e3 * hi * 1.1], "k--", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"measured {label} (executor, mean; bars: sd over repeats)")
         ax.set_ylabel(f"predicted {label} (simulator)")
         ax.grid(alpha=0.3)

@@ -97,6 +97,11 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.decision_overhead + loads * m.load_overhead
 
+    def compute_gap(self) -> float:
+        """The executor's own time between two expert calls of a layer (measured; 0 without tables)."""
+        m = self.measured
+        return 0.0 if m is None else m.compute_gap
+
     def interference(self) -> tuple[float, float]:
         """(seconds, seconds) an expert call gains per read / per decompression that ends while it
         runs: the I/O and decompression workers share the cores with it (measured; 0 without tables)."""

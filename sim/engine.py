@@ -8,10 +8,11 @@ last expert is computed. Everything the engine did is an Event on the timeline.
 
 With a host's measured profile (compute.measured, `moelab profile`), the engine also charges
 what the executor's own code costs: the decision path at every decision point (its loads
-leave one by one as it issues them, and computes wait for it to end), after each step's
-last layer the step's work outside the layers (output head, sampling), and an expert call
-gains the measured interference of each read and each decompression that ends while it runs
-(the workers share the cores with it; counted once, over its undisturbed duration). All are
+leave one by one as it issues them, and computes wait for it to end), the runtime's own gap
+between two expert calls of a layer, after each step's
+last layer the step's work outside the layers (output head, sampling), and an expert call or a
+dense part gains the measured interference of each read and each decompression that ends while
+it runs (the workers share the cores with it; counted once, over its undisturbed duration). All are
 0 for the bundled roofline profiles (policies/cost.py).
 """
 from __future__ import annotations
@@ -88,8 +89,11 @@ class Simulator:
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
             t = env.now
             for layer in range(layers):
-                add(_event(("dense", "dense", t, t + t_dense, layer, -1, -1, 0, s, n)))
-                t = layer_fn(t + t_dense, s, layer, Routing(experts[layer], scores[layer],
+                end = t + t_dense
+                if self.ends:                   # reads / decompressions ending in it (prefetches)
+                    end += sum(x for e, x in self.ends if t < e <= end)
+                add(_event(("dense", "dense", t, end, layer, -1, -1, 0, s, n)))
+                t = layer_fn(end, s, layer, Routing(experts[layer], scores[layer],
                                                             None if levels is None else levels[layer],
                                                             None if pred is None else (pred[0][layer], pred[1][layer])))
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
@@ -156,7 +160,11 @@ class Simulator:
         ends = None
         if any(self.interference):             # reads and decompressions not past yet, with what they add
             ends = self.ends = [x for x in self.ends if x[0] > now] + self.new_ends
+        gap, first = self.cost.compute_gap(), True
         for t_ready, _, expert, level, n in tasks:
+            if not first:
+                free += gap
+            first = False
             start = t_ready if t_ready > free else free
             free = start + seconds(level, n)
             if ends:

@@ -186,3 +186,39 @@ def test_pick_prints_the_validated_error_of_its_class(tmp_path):
     line = fidelity_line({"format": "bf16", "policy": "lru", "batch": "1"}, path)
     assert "2 validated configurations" in line and "median 4.0%" in line and "max 6.0%" in line
     assert "no validated configuration" in fidelity_line({"format": "zip", "policy": "lru", "batch": "1"}, path)
+
+
+def test_reads_ending_in_an_expert_call_and_the_gap_between_calls_by_hand(tmp_path):
+    """Oracle prefetch: layer 0 loads expert 0 and prefetches layer 1's expert 1 behind it; that
+    read ends during expert 0's call, which gains the measured 1 ms read interference."""
+    path = tmp_path / "m.yaml"
+    path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n"
+                                     "    read_interference: 1ms\n    compute_gap: 0.1ms"))
+    device = load_device(str(path))
+    assert device.compute.measured.read_interference == pytest.approx(0.001)
+    trace = make_trace([[[0], [1]]], prompt=[True], request_ids=[0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    tl = Simulator(device, w, build_policies(w, 10 ** 6, cache="lru", prefetch="oracle")).run()
+    ev = [(e.resource, round(e.start * 1e6), round(e.end * 1e6)) for e in tl.events if e.resource != "cache"]
+    read = 1000 + 192
+    plan_done = 2000 + 500 + 250 + read                        # issued after the decision path and its 1st load
+    prefetch_done = plan_done + read                           # queue depth 1: behind the plan's read
+    call_end = plan_done + 10000 + 1000                        # the prefetch read ends in it: + 1 ms
+    assert prefetch_done < plan_done + 10000
+    assert ev == [("dense", 0, 2000), ("io", 2750, plan_done), ("io", plan_done, prefetch_done),
+                  ("compute", plan_done, call_end), ("dense", call_end, call_end + 2000),
+                  ("compute", call_end + 2500, call_end + 12500)]
+
+
+def test_the_gap_between_expert_calls_by_hand(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n    compute_gap: 0.1ms"))
+    trace = make_trace([[[0, 1], [0, 1]]], prompt=[True], request_ids=[0])
+    arch = dataclasses.replace(TINY, top_k=2)
+    w = Workload(arch, trace, make_format("bf16", arch.expert_shapes), batch=1)
+    tl = Simulator(load_device(str(path)), w, build_policies(w, 10 ** 6, cache="lru")).run()
+    calls = [(round(e.start * 1e6), round(e.end * 1e6)) for e in tl.of("compute") if e.layer == 0]
+    first_ready = 2000 + 500 + 250 + 1192
+    second_ready = first_ready + 1192                           # queue depth 1: one read after the other
+    assert calls == [(first_ready, first_ready + 10000), (first_ready + 10100, first_ready + 20100)]
+    assert second_ready < first_ready + 10100
