@@ -114,12 +114,21 @@ class CostModel:
         return 0.0 if m is None else m.step(tokens, prefill)
 
     def assemble_seconds(self, level: int) -> float:
-        """Zip: the executor keeps an expert as SM bytes + raw exponent bytes and re-assembles the
-        BF16 weights at every compute (read both, write the BF16: twice the level's resident bytes
-        through memory; measured ~17 GB/s moved on a 2-core x86 host). 0 for other formats."""
-        if not any(self.fmt.decompress_bytes):
-            return 0.0
-        return 2 * self.fmt.level_sizes[level] / self.device.compute.memory_bandwidth
+        """What the executor does to a resident expert before its matmul, through memory:
+        - zip: it keeps an expert as SM bytes + raw exponent bytes and re-assembles the BF16
+          weights at every compute (read both, write the BF16: twice the level's resident bytes;
+          measured ~17 GB/s moved on a 2-core x86 host);
+        - mwq, copies: it dequantizes the packed planes into BF16 weights at every compute (the
+          roofline already reads the packed bytes; add writing the BF16 weights and the matmul
+          reading them back: 2 x 2 bytes per weight). D²MoE reports this overhead as 5-19% of
+          latency (its Fig. 12) with kernels that overlap it; moelab's executor does not.
+        0 for bf16."""
+        fmt, bw = self.fmt, self.device.compute.memory_bandwidth
+        if any(fmt.decompress_bytes):
+            return 2 * fmt.level_sizes[level] / bw
+        if fmt.dequantizes:
+            return 2 * 2 * fmt.params / bw
+        return 0.0
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         """Attention, router and shared experts of one layer for `tokens` tokens (a prefill's

@@ -192,3 +192,16 @@ def test_a_non_numeric_option_is_a_clear_error():
     w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
     with pytest.raises(Exception, match=r"fixed: bad option value in \{'level': 'x'\}"):
         build_policies(w, 10**9, allocator="fixed", level="x")
+
+
+def test_the_simulator_charges_the_dequantization_the_executor_does():
+    from conftest import make_device
+    from policies.cost import CostModel
+    device = make_device()
+    bf16, mwq = make_format("bf16", MODEL.expert_shapes), V1
+    bw = device.compute.memory_bandwidth
+    assert CostModel.build(device, MODEL, bf16).expert_seconds(0, 1) == pytest.approx(
+        device.expert_time(bf16.level_sizes[0], bf16.params, 1))
+    for level in range(mwq.levels):    # packed planes read, BF16 written, BF16 read back by the matmul
+        assert CostModel.build(device, MODEL, mwq).expert_seconds(level, 1) == pytest.approx(
+            device.expert_time(mwq.level_sizes[level], mwq.params, 1) + 4 * mwq.params / bw)

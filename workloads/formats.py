@@ -42,6 +42,7 @@ class ExpertFormat:
     """Sizes of one expert's parts. Subclasses fill the three per-part lists."""
     shapes: tuple[tuple[int, int], ...]
     name: str = "expert"
+    dequantizes = False        # class attribute: computes unpack the weights to BF16 first (mwq, copies)
     part_bytes: tuple[int, ...] = field(init=False)          # bytes on storage (one load item)
     resident_bytes: tuple[int, ...] = field(init=False)      # bytes in memory once ready
     decompress_bytes: tuple[int, ...] = field(init=False)    # raw bytes a decompression task produces (0: none)
@@ -124,6 +125,7 @@ def default_group(shapes) -> int:
 
 @dataclass(frozen=True)
 class MwqFormat(ExpertFormat):
+    dequantizes = True
     name: str = "mwq"
     b1: int = 2
     bK: int = 4
@@ -162,6 +164,7 @@ def _int_bytes(shapes, bits: int, group: int) -> int:
 @dataclass(frozen=True)
 class CopiesFormat(ExpertFormat):
     """One standalone copy per width (D²MoE's Matryoshka-Free baseline): level i is part i."""
+    dequantizes = True
     name: str = "copies"
     b1: int = 2
     bK: int = 4
