@@ -13,6 +13,9 @@ against measured TPOT and TTFT, the executor's spread as error bars). Per row: p
 and measured (mean over repeats, with their standard deviation) TTFT, TPOT, throughput and
 hit ratio, relative errors, busy-time errors per resource (I/O: union of reads; decompression
 and compute: summed task time), and whether every repeat made the simulator's decisions.
+"Measured" is the median over the repeats (one run stalled by the host does not move it);
+the spread is their standard deviation, each repeat's TPOT is in the row, and the TPOT error
+against their mean is reported beside it.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def fields() -> list[str]:
         out += [f"pred_{m}", f"meas_{m}", f"sd_{m}", f"err_{m}"]
     for r in RESOURCES:
         out += [f"pred_{r}_busy_s", f"meas_{r}_busy_s", f"err_{r}_busy"]
-    return out + ["decisions_identical", "status"]
+    return out + ["runs_tpot_s_mean", "err_tpot_vs_mean_of_runs", "decisions_identical", "status"]
 
 
 def matrix(quick: bool) -> list[dict]:
@@ -178,14 +181,17 @@ class Validator:
             same = same and run.timeline.decisions() == decisions
         for m in METRICS:
             vals = [x[m] for x in meas if x[m] is not None]
-            mean = float(np.mean(vals)) if vals else None
-            row.update({f"pred_{m}": pred[m], f"meas_{m}": mean,
+            mid = float(np.median(vals)) if vals else None
+            row.update({f"pred_{m}": pred[m], f"meas_{m}": mid,
                         f"sd_{m}": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                        f"err_{m}": rel_err(pred[m], mean)})
+                        f"err_{m}": rel_err(pred[m], mid)})
+        tpots = [x["tpot_s_mean"] for x in meas if x["tpot_s_mean"] is not None]
+        row["runs_tpot_s_mean"] = ";".join(f"{t:.6g}" for t in tpots)
+        row["err_tpot_vs_mean_of_runs"] = rel_err(pred["tpot_s_mean"], float(np.mean(tpots))) if tpots else None
         for r in RESOURCES:
-            mean = float(np.mean([b[r] for b in meas_busy]))
-            row.update({f"pred_{r}_busy_s": pred_busy[r], f"meas_{r}_busy_s": mean,
-                        f"err_{r}_busy": rel_err(pred_busy[r], mean) if mean > 1e-9 else None})
+            mid = float(np.median([b[r] for b in meas_busy]))
+            row.update({f"pred_{r}_busy_s": pred_busy[r], f"meas_{r}_busy_s": mid,
+                        f"err_{r}_busy": rel_err(pred_busy[r], mid) if mid > 1e-9 else None})
         return dict(row, decisions_identical=same, status="ok")
 
     # -- the matrix ----------------------------------------------------------------------
@@ -219,6 +225,12 @@ def read_rows(path) -> list[dict]:
 
 def append_row(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields():
+            raise ConfigError(f"{path}: written by another version of `moelab validate` (other columns); "
+                              f"give another --out or move it away")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields())
         if new:
@@ -245,7 +257,7 @@ def summary(rows: list[dict]) -> list[dict]:
         s = {"throttle": regime or "none", "configs": len(ok),
              "skipped": sum(1 for r in rows if r["throttle"] == regime and r["status"] != "ok"),
              "identical": sum(r["decisions_identical"] == "True" for r in ok)}
-        for m in [f"err_{m}" for m in METRICS] + [f"err_{r}_busy" for r in RESOURCES]:
+        for m in [f"err_{m}" for m in METRICS] + [f"err_{r}_busy" for r in RESOURCES] + ["err_tpot_vs_mean_of_runs"]:
             errs = [abs(num(r, m)) for r in ok if num(r, m) is not None]
             s[m] = (float(np.median(errs)), float(np.max(errs))) if errs else (None, None)
         spread = [num(r, "sd_tpot_s_mean") / num(r, "meas_tpot_s_mean") for r in ok if num(r, "meas_tpot_s_mean")]
@@ -263,17 +275,18 @@ def write_report(out: Path, rows: list[dict], profile=None) -> None:
     lines = ["# Simulator vs executor on this host", ""]
     if profile is not None:
         lines += [f"Profile: `{profile.path}` ({profile.name}). Errors are (predicted - measured) / measured; "
-                  "measured = mean over the executor's repeats, spread = their standard deviation / mean.", ""]
+                  "measured = median over the executor's repeats, spread = their standard deviation / median "
+                  "(TPOT error against the repeats' mean in its own column).", ""]
     lines += ["| throttle | configs | decisions identical | TPOT median / max | TTFT median / max | "
               "throughput median / max | hit ratio median / max | I/O busy | decompress busy | compute busy | "
-              "executor TPOT spread median / max |", "|" + "---|" * 11]
+              "TPOT vs mean of repeats | executor TPOT spread median / max |", "|" + "---|" * 12]
     for s in summary(rows):
         def mm(k):
             return f"{_pct(s[k][0])} / {_pct(s[k][1])}"
         lines.append(f"| {s['throttle']} | {s['configs']} (+{s['skipped']} skipped) | {s['identical']} | "
                      f"{mm('err_tpot_s_mean')} | {mm('err_ttft_s')} | {mm('err_throughput_tok_s')} | "
                      f"{mm('err_hit_ratio')} | {mm('err_io_busy')} | {mm('err_decompress_busy')} | "
-                     f"{mm('err_compute_busy')} | {mm('tpot_spread')} |")
+                     f"{mm('err_compute_busy')} | {mm('err_tpot_vs_mean_of_runs')} | {mm('tpot_spread')} |")
     lines += ["", "## Every configuration", "",
               "| throttle | format | cache | budget | batch | prefetch | TPOT pred / meas (ms) | TPOT err | "
               "spread | TTFT err | hit pred / meas | I/O err | decomp err | compute err | same decisions |",
@@ -320,7 +333,7 @@ def plot(path: Path, rows: list[dict]) -> None:
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(f"measured {label} (executor, mean; bars: sd over repeats)")
+        ax.set_xlabel(f"measured {label} (executor, median; bars: sd over repeats)")
         ax.set_ylabel(f"predicted {label} (simulator)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in colors.items()]
