@@ -41,7 +41,6 @@ with the ladder, capacities, alpha, base fit and training figures in the metadat
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union

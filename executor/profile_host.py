@@ -143,9 +143,7 @@ class HostProfiler:
     # -- decompression -----------------------------------------------------------------
     def decompression(self) -> dict:
         """Raw bytes/s per worker per codec, on the executor's pool with its worker count."""
-        from executor.io import DecompressPool
         from executor.zipcodec import ZipEncoder
-        from workloads.formats import make_format
         enc = ZipEncoder()
         experts = [(i, j, e.weights()) for i, layer in enumerate(self.model.moe_layers)
                    for j, e in enumerate(layer.experts)][: 8 if self.quick else 24]

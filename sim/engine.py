@@ -46,7 +46,12 @@ class Simulator:
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
         self.interference = self.cost.interference()
+        self.interferes = any(self.interference)
         self.ends: list[tuple[float, float]] = []   # (end, interference) of reads/decompressions not yet past
+        # the executor's own costs (measured host profiles; all 0 for roofline profiles), per layer
+        self.decide_base = self.cost.decision_seconds(0)
+        self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
+        self.gap = self.cost.compute_gap()
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         return self.cost.dense_seconds(tokens, prefill)
@@ -106,11 +111,11 @@ class Simulator:
         fmt, add = self.w.fmt, self.timeline.events.append
         sizes = fmt.resident_bytes
         ready, pending, tasks = {}, self.pending, []
-        self.new_ends = []
+        new_ends = self.new_ends = [] if self.interferes else None
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
-        per_load = self.cost.decision_seconds(1) - self.cost.decision_seconds(0)
-        issue_at = now + self.cost.decision_seconds(0)
+        per_load = self.decide_per_load
+        issue_at = now + self.decide_base
         for item, kind, evicted in d.loads:
             for k in evicted:
                 if pending:
@@ -121,7 +126,8 @@ class Simulator:
             issue_at += per_load
             issue, done = self.io.reserve(issue_at, item.nbytes)
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
-            self.new_ends.append((done, self.interference[0]))
+            if new_ends is not None:
+                new_ends.append((done, self.interference[0]))
             if item.decompress_bytes:
                 tasks.append((item, kind, done))
             elif kind is PLAN:
@@ -156,11 +162,11 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        free = now + self.cost.decision_seconds(len(d.loads))
+        free = now + self.decide_base + per_load * len(d.loads)
         ends = None
-        if any(self.interference):             # reads and decompressions not past yet, with what they add
-            ends = self.ends = [x for x in self.ends if x[0] > now] + self.new_ends
-        gap, first = self.cost.compute_gap(), True
+        if new_ends is not None:               # reads and decompressions not past yet, with what they add
+            ends = self.ends = [x for x in self.ends if x[0] > now] + new_ends
+        gap, first = self.gap, True
         for t_ready, _, expert, level, n in tasks:
             if not first:
                 free += gap
@@ -187,7 +193,8 @@ class Simulator:
             start, done, worker = self.decomp.reserve(max(read_done, last_start),
                                                       item.decompress_bytes / self.decompress_rate)
             last_start = start
-            self.new_ends.append((done, self.interference[1]))
+            if self.new_ends is not None:
+                self.new_ends.append((done, self.interference[1]))
             add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
                         item.decompress_bytes, s, 0)))
             if kind is PLAN:

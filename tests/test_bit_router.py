@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_device
 from devices.units import ConfigError
-from executor.bit_router import (BitRouter, _Experts, check_ladder, kl_to_teacher, load_bit_router, rank_levels,
+from executor.bit_router import (BitRouter, check_ladder, kl_to_teacher, load_bit_router, rank_levels,
                                  save_bit_router, train_bit_router)
 from executor.evaluate import mwq_levels
 from executor.execute import ensure_store, execute, model_arch, strip_experts

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import make_device, make_trace
 from devices.units import ConfigError
 from executor.execute import ensure_store, execute, model_arch, strip_experts
-from policies import BudgetError, Key, PolicyContext, build_policies
+from policies import Key, PolicyContext, build_policies
 from policies.layered import LAYERED_CACHES, layer_shares
 from sim.engine import Simulator
 from sim.replay import replay_capacities, replay_policies
