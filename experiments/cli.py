@@ -534,12 +534,20 @@ def cmd_sweep(args) -> None:
           f"{done['seconds']:.1f} s ({rate:.1f} runs/s); results: {out}")
 
 
+def results_rows(path) -> list[dict]:
+    """The rows of a sweep's results file, or a clear error."""
+    from experiments.sweep import read_results
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such results file (`moelab sweep GRID.yaml --out {path}` writes one)")
+    rows = read_results(path)
+    if not rows:
+        raise ConfigError(f"{path}: no result rows (run `moelab sweep` first)")
+    return rows
+
+
 def cmd_plot(args) -> None:
     from experiments.plots import filter_rows, plot
-    from experiments.sweep import read_results
-    rows = read_results(args.results)
-    if not rows:
-        raise ConfigError(f"{args.results}: no result rows (run `moelab sweep` first)")
+    rows = results_rows(args.results)
     rows = filter_rows(rows, args.where)
     stem = Path(args.out) if args.out else Path(args.results).with_name(f"{Path(args.results).stem}-{args.kind}")
     paths = plot(rows, args.kind, stem, facet=args.facet, baseline=args.baseline, row_hash=args.row)
@@ -548,10 +556,7 @@ def cmd_plot(args) -> None:
 
 def cmd_pick(args) -> None:
     from experiments.pick import pick, policy_document, write_policy
-    from experiments.sweep import read_results
-    rows = read_results(args.results)
-    if not rows:
-        raise ConfigError(f"{args.results}: no result rows (run `moelab sweep` first)")
+    rows = results_rows(args.results)
     row = pick(rows, args.metric, args.device, args.budget, args.constraint, args.where)
     doc = policy_document(row, args.metric, args.results)
     path = write_policy(args.out, doc)

@@ -165,3 +165,9 @@ def test_the_readme_tour_runs_and_the_picked_bundle_deploys(tmp_path, monkeypatc
     for key in ("bytes_read", "loads", "hit_ratio", "generated_tokens", "bits_per_weight"):
         assert deployed[key] == predicted[key], key
     assert deployed["cache"] if "cache" in deployed else True
+
+
+def test_a_missing_results_file_is_named(tmp_path, capsys):
+    for cmd in (["plot", str(tmp_path / "nope.csv"), "--kind", "mrc"], ["pick", str(tmp_path / "nope.csv")]):
+        assert main(cmd) == 2
+        assert "nope.csv: no such results file" in capsys.readouterr().err
