@@ -686,7 +686,7 @@ def apply_policy_file(args) -> None:
     from experiments.pick import load_policy
     doc = load_policy(args.policy)
     given = [f"--{flag}" for flag in ("format", "ladder", "codec", "scheduler", "allocator", "prefetch", "preset",
-                                      "allocator-option", "scheduler-option")
+                                      "allocator-option", "scheduler-option", "prefetch-option")
              if any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in args.argv)]
     if given:
         raise MoelabError(f"--policy {args.policy} sets {', '.join(given)}: give one or the other")
@@ -730,7 +730,8 @@ def apply_preset(args) -> None:
 def policy_kwargs(args) -> dict:
     """The policy bundle the command line names, for policies.build_policies."""
     return dict(cache=args.policy, scheduler=args.scheduler, prefetch=args.prefetch, allocator=args.allocator,
-                scheduler_options=dict(args.scheduler_option), **dict(args.allocator_option))
+                scheduler_options=dict(args.scheduler_option), prefetch_options=dict(args.prefetch_option),
+                **dict(args.allocator_option))
 
 
 def format_options(args) -> dict:
@@ -1004,6 +1005,8 @@ def add_policy_args(p) -> None:
                         "base=capacity max_drop=1")
     p.add_argument("--scheduler-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="scheduler option, repeatable: hebf count=exact|cumulative")
+    p.add_argument("--prefetch-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="prefetcher option, repeatable: gate-topk width=N threshold=0.1")
     p.add_argument("--ladder", default="v1", choices=["v1", "v2", "int4", "int8"],
                    help="bit-width ladder of mwq and copies: v1 = INT2-4, v2 = INT5-8 (D²MoE); int4, int8: one width")
     p.add_argument("--preset", metavar="NAME",

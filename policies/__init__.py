@@ -72,10 +72,14 @@ def _build(cls, ctx: PolicyContext, options: dict):
         raise ConfigError(f"{cls.name}: bad option value in {options} ({e})") from None
 
 
-def make_prefetcher(name: str, ctx: PolicyContext) -> Prefetcher | None:
+def make_prefetcher(name: str, ctx: PolicyContext, **options) -> Prefetcher | None:
     """None for "none": engines skip the hook entirely."""
     cls = lookup(PREFETCHERS, "prefetcher", name)
-    return cls(ctx) if cls is not None else None
+    if cls is None:
+        if options:
+            raise ConfigError(f"prefetcher none: takes no options, got {options}")
+        return None
+    return _build(cls, ctx, options)
 
 
 def register(table: dict, cls) -> type:

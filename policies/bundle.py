@@ -137,7 +137,7 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
                    allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
                    scheduler_options: dict | None = None, cache_options: dict | None = None,
-                   **allocator_options) -> Policies:
+                   prefetch_options: dict | None = None, **allocator_options) -> Policies:
     """A bundle for a run whose routing is known in advance (a trace): offline policies
     (belady, static-hot, the oracle prefetcher) may read the whole access sequence. The
     budget must hold the largest single decision point's demand at the levels the allocator
@@ -160,7 +160,8 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
     try:
         return Policies(make_allocator(allocator, ctx, **allocator_options),
                         make_scheduler(scheduler, ctx, **(scheduler_options or {})),
-                        make_cache(cache, ctx, **(cache_options or {})), make_prefetcher(prefetch, ctx))
+                        make_cache(cache, ctx, **(cache_options or {})),
+                        make_prefetcher(prefetch, ctx, **(prefetch_options or {})))
     except NeedsFuture as e:
         raise BudgetError(f"{e.args[0]}, which the {allocator!r} allocator makes unknowable in advance (its "
                           f"choices read the cache): use an online policy with it") from None
@@ -169,14 +170,16 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
 def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cache: str = "lru",
                           scheduler: str = "fifo", allocator: str = "fixed", prefetch: str = "none",
                           cost: CostModel | None = None, scheduler_options: dict | None = None,
-                          cache_options: dict | None = None, **allocator_options) -> Policies:
+                          cache_options: dict | None = None, prefetch_options: dict | None = None,
+                          **allocator_options) -> Policies:
     """A bundle for routing not known in advance (a real router): no access sequence, so
     offline policies refuse. The budget must hold one decode step."""
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
     alloc = make_allocator(allocator, ctx, **allocator_options)
     _check_online_minimum(alloc, model, fmt, budget)
     return Policies(alloc, make_scheduler(scheduler, ctx, **(scheduler_options or {})),
-                    make_cache(cache, ctx, **(cache_options or {})), make_prefetcher(prefetch, ctx))
+                    make_cache(cache, ctx, **(cache_options or {})),
+                    make_prefetcher(prefetch, ctx, **(prefetch_options or {})))
 
 
 def _check_online_minimum(alloc: Allocator, model: ModelArch, fmt: ExpertFormat, budget: int) -> None:

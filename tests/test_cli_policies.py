@@ -42,3 +42,20 @@ def test_simulate_copies_format_and_allocator(tmp_path, capsys):
     assert main(["simulate", "--model", "olmoe-1b-7b", "--tokens", "3", "--allocator", "trace-levels",
                  "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "needs a level per (token, layer, slot)" in capsys.readouterr().err
+
+
+def test_prefetch_options_reach_the_prefetcher(tmp_path, capsys):
+    import json
+    trace = tmp_path / "real.npz"
+    assert main(["trace", "record", "--quiet", "--requests", "2", "--tokens", "6", "--out", str(trace)]) == 0
+    prefetched = {}
+    for width in ("1", "4"):
+        out = tmp_path / f"w{width}"
+        assert main(["simulate", "--quiet", "--trace", str(trace), "--batch", "2", "--budget", "3MB",
+                     "--prefetch", "gate-topk", "--prefetch-option", f"width={width}",
+                     "--prefetch-option", "threshold=0", "--out", str(out)]) == 0
+        prefetched[width] = json.loads((out / "metrics.json").read_text())["prefetches"]
+    assert 0 < prefetched["1"] < prefetched["4"]          # a wider guess prefetches more
+    assert main(["simulate", "--quiet", "--trace", str(trace), "--prefetch", "gate-topk", "--prefetch-option",
+                 "depth=2", "--out", str(tmp_path / "x")]) == 2
+    assert "gate-topk: unknown option 'depth'; options: width, threshold" in capsys.readouterr().err
