@@ -174,15 +174,17 @@ def fixed_level(level: int) -> Chooser:
     return lambda layer, hidden, ids, gates: np.full(tuple(ids.shape), level, np.uint8)
 
 
-def allocator_levels(allocator, level_fn=None) -> Chooser:
-    """Levels from a policies allocator's Demand (level_fn: a bit-width router, its levels reach
-    the allocator as Routing.levels, as in the executor)."""
+def allocator_levels(policies, level_fn=None) -> Chooser:
+    """Levels from the demand of a policy bundle's decision point (policies/bundle.py), as the
+    executor gets them; every level is resident here, so only the allocator's choice matters
+    (level_fn: a bit-width router, its levels reach the allocator as Routing.levels)."""
     from policies.base import Routing
 
     def choose(layer, hidden, ids, gates):
         ids_np = ids.cpu().numpy()
         levels = None if level_fn is None else level_fn(layer, hidden, ids, gates)
-        demand = allocator.allocate(layer, Routing(ids_np, gates.float().cpu().numpy(), levels))
+        demand = policies.decide(layer, Routing(ids_np, gates.float().cpu().numpy(), levels)).demand
+        policies.finish(layer)
         out = np.empty(ids_np.shape, np.uint8)
         for t, token in enumerate(demand.per_token):
             got = dict(token)
@@ -218,11 +220,13 @@ class Row:
     vs_bf16_pct: float = 0.0
 
 
-def allocator_context(model: MoETransformer, ladder: str, group: int):
-    from policies.base import PolicyContext
+def allocator_bundle(model: MoETransformer, ladder: str, group: int, allocator: str, **options):
+    """A policy bundle around `allocator` with room for every expert (nothing is loaded here)."""
+    from executor.execute import model_arch
+    from policies import build_online_policies
     from workloads.formats import make_format
     fmt = make_format("mwq", expert_shapes(model), ladder=ladder, group=group)
-    return PolicyContext(fmt=fmt, layers=model.cfg.n_layers, experts=model.cfg.experts, capacity_bytes=2 ** 62)
+    return build_online_policies(model_arch(model), fmt, 2 ** 62, allocator=allocator, **options)
 
 
 def eval_table(model: MoETransformer, windows: torch.Tensor, *, ladders: Sequence[str] = ("v1", "v2"),
@@ -231,7 +235,7 @@ def eval_table(model: MoETransformer, windows: torch.Tensor, *, ladders: Sequenc
                base_fit: str = DEFAULT_BASE_FIT, quiet: bool = False, notes: Optional[list] = None) -> list[Row]:
     """The rows (module doc). routers: {ladder: BitRouter} for the `learned` rows (missing: row
     left out, with a line in `notes`); allocator rows use `base_fit`."""
-    from policies import ALLOCATORS, make_allocator
+    from policies import ALLOCATORS
     routers = routers or {}
     notes = notes if notes is not None else []
     act, group = model.cfg.activation, store_group(model)
@@ -264,8 +268,8 @@ def eval_table(model: MoETransformer, windows: torch.Tensor, *, ladders: Sequenc
                     notes.append(f"learned {ladder.upper()}: the router was trained on base fit "
                                  f"{level_fn.base_fit!r}, evaluated on {base_fit!r}")
             for label, options in allocator_variants(name, bK - b1 + 1):
-                alloc = make_allocator(name, allocator_context(model, ladder, group), **options)
-                jobs.append((label, (lambda ladder=ladder: lw(ladder, base_fit)), allocator_levels(alloc, level_fn),
+                bundle = allocator_bundle(model, ladder, group, name, **options)
+                jobs.append((label, (lambda ladder=ladder: lw(ladder, base_fit)), allocator_levels(bundle, level_fn),
                              ladder, base_fit, "mixed"))
     rows: list[Row] = []
     for method, weights, choose, ladder, fit, level in tqdm(jobs, disable=quiet, desc="eval", unit="row"):

@@ -8,6 +8,26 @@ from executor.model import MoETransformer, generate
 from workloads.trace import RoutingTrace
 
 
+def capture_layers(model: MoETransformer, prompts: torch.Tensor, new_tokens: int, capture) -> list[list]:
+    """Greedy-decode with the model's resident experts, keeping capture(layer, hidden, ids, gates)
+    of every MoE layer call: one list per forward pass (prefill, then each decode step), one
+    entry per layer."""
+    L, steps = model.cfg.n_layers, []
+
+    def spy(layer, hidden, ids, gates):
+        if layer == 0:
+            steps.append([None] * L)
+        steps[-1][layer] = capture(layer, hidden, ids, gates)
+        return model.moe_layers[layer].resident_experts(layer, hidden, ids, gates)
+
+    model.set_expert_fn(spy)
+    try:
+        generate(model, prompts, new_tokens)
+    finally:
+        model.set_expert_fn(None)
+    return steps
+
+
 @torch.no_grad()
 def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int, model_name: str = "",
                    level_fn=None, level_meta: dict | None = None, lookahead: int | None = None) -> RoutingTrace:
@@ -21,22 +41,12 @@ def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int
     model.eval()
     B, P = prompts.shape
     L = model.cfg.n_layers
-    steps: list[list] = []                      # per forward: per layer (ids, gates) [B * S, k]
     predict = gate_lookahead(model, lookahead)
 
-    def spy(layer, hidden, ids, gates):
-        if layer == 0:
-            steps.append([None] * L)
+    def record(layer, hidden, ids, gates):          # per forward, per layer: [B * S, k] arrays
         levels = None if level_fn is None else np.asarray(level_fn(layer, hidden, ids, gates), np.uint8)
-        steps[-1][layer] = (ids.cpu().numpy(), gates.float().cpu().numpy(), levels,
-                            predict(layer, hidden, ids, gates))
-        return model.moe_layers[layer].resident_experts(layer, hidden, ids, gates)
-
-    model.set_expert_fn(spy)
-    try:
-        generate(model, prompts, new_tokens)
-    finally:
-        model.set_expert_fn(None)
+        return ids.cpu().numpy(), gates.float().cpu().numpy(), levels, predict(layer, hidden, ids, gates)
+    steps = capture_layers(model, prompts, new_tokens, record)
     experts, scores, levels, request_ids, prompt, pred_ids, pred_probs = [], [], [], [], [], [], []
     for r in range(B):
         for i, step in enumerate(steps):
@@ -93,19 +103,8 @@ def lookahead_accuracy(model: MoETransformer, prompts: torch.Tensor, new_tokens:
     top-k (as many as the router picks: precision = recall) and gate-topk's (2 x top-k, >= 0.1)."""
     cfg, L = model.cfg, model.cfg.n_layers
     predictors = predictors or {"top-k": (cfg.top_k, 0.0), "2k>=0.1": (2 * cfg.top_k, 0.1)}
-    hiddens: list[list] = []
-
-    def spy(layer, hidden, ids, gates):
-        if layer == 0:
-            hiddens.append([None] * L)
-        hiddens[-1][layer] = (hidden.clone(), ids.clone())
-        return model.moe_layers[layer].resident_experts(layer, hidden, ids, gates)
-
-    model.set_expert_fn(spy)
-    try:
-        generate(model, prompts, new_tokens)
-    finally:
-        model.set_expert_fn(None)
+    hiddens = capture_layers(model, prompts, new_tokens,
+                             lambda layer, hidden, ids, gates: (hidden.clone(), ids.clone()))
     out = {}
     for name, (keep, threshold) in predictors.items():
         for d in distances:

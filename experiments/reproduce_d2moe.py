@@ -16,12 +16,11 @@ peak memory, and one layer's Gantt with FIFO and with HEBF loads, bubbles marked
 from __future__ import annotations
 
 import csv
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from experiments.plots import save
+from experiments.resumable import append_runs
 
 ENVS = {"env1": "rtx-3060-laptop-6gb", "env2": "jetson-agx-orin-64gb"}
 MODELS = ("llama-moe-3.5b", "mixtral-8x7b")
@@ -140,18 +139,7 @@ def run_grid(out: Path, jobs: int | None = None, quiet: bool = False) -> dict[tu
     path = out / "results.csv"
     done = load_results(path)
     todo = [r for r in grid() if r.key() not in done]
-    new_file = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new_file:
-            writer.writeheader()
-        with ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool, \
-                tqdm(total=len(todo), disable=quiet or not todo, desc="reproduce d2moe", unit="run") as bar:
-            for row in pool.map(_simulate_row, todo):
-                writer.writerow(row)
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(1)
+    append_runs(path, FIELDS, todo, _simulate_row, jobs=jobs, quiet=quiet, desc="reproduce d2moe")
     return load_results(path)
 
 
@@ -240,7 +228,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     axes[0][0].legend(fontsize=7, title="black stars: published D²MoE", title_fontsize=7)
     fig.suptitle(f"Throughput against budget, {REQUESTS} requests (D²MoE Fig. 10)")
     fig.tight_layout()
-    paths += _save(fig, out / "fig10_throughput_vs_budget")
+    paths += save(fig, out / "fig10_throughput_vs_budget")
     fig, axes = plt.subplots(1, len(ENVS) * len(MODELS), figsize=(13, 3.6), squeeze=False)
     for k, (env, model) in enumerate((e, m) for e in ENVS for m in MODELS):
         ax = axes[0][k]
@@ -255,7 +243,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Ablation: +Router, +MWQ, +HEBF, +Budget (D²MoE Fig. 14)")
     fig.tight_layout()
-    paths += _save(fig, out / "fig14_ablation")
+    paths += save(fig, out / "fig14_ablation")
     paths += layer_gantt(out)
     return paths
 
@@ -276,19 +264,7 @@ def layer_gantt(out: Path, env: str = "env2", model: str = "llama-moe-3.5b", bud
     fig.suptitle(f"One layer ({model}, {ENVS[env]}, budget {budget_mb} MB, decode step {step}, layer {layer})",
                  fontsize=10)
     fig.tight_layout()
-    return _save(fig, out / "fig3_layer_gantt_fifo_vs_hebf")
-
-
-def _save(fig, stem: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-    paths = []
-    for ext in ("png", "pdf"):
-        tmp = stem.with_name(f".{stem.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, stem.with_suffix(f".{ext}"))
-        paths.append(stem.with_suffix(f".{ext}"))
-    plt.close(fig)
-    return paths
+    return save(fig, out / "fig3_layer_gantt_fifo_vs_hebf")
 
 
 def reproduce(out, jobs: int | None = None, quiet: bool = False) -> str:

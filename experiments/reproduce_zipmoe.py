@@ -23,13 +23,12 @@ a note wherever a speed-up ratio is off by more than 20%) and figures (PNG and P
 from __future__ import annotations
 
 import csv
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from experiments.plots import save
+from experiments.resumable import append_runs
 
 DEVICE = "jetson-agx-orin-64gb"
 MODELS = ("deepseek-v2-lite", "qwen1.5-moe-a2.7b", "switch-large-128")
@@ -147,18 +146,7 @@ def run_grid(out: Path, jobs: int | None = None, quiet: bool = False) -> dict[tu
     done = load_results(path)
     todo = sorted((r for r in grid() if r.key() not in done), key=lambda r: -(r.tokens * r.batch +
                                                                               1000 * (r.system == "deepspeed")))
-    new_file = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new_file:
-            writer.writeheader()
-        with ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool, \
-                tqdm(total=len(todo), disable=quiet or not todo, desc="reproduce zipmoe", unit="run") as bar:
-            for row in pool.map(_simulate_row, todo):
-                writer.writerow(row)
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(1)
+    append_runs(path, FIELDS, todo, _simulate_row, jobs=jobs, quiet=quiet, desc="reproduce zipmoe")
     return load_results(path)
 
 
@@ -286,7 +274,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle("Table 1 ablation")
     fig.tight_layout()
-    paths += _save(fig, out / "table1_ablation")
+    paths += save(fig, out / "table1_ablation")
     fig, axes = plt.subplots(2, len(MODELS), figsize=(13, 6.5), squeeze=False)
     for j, m in enumerate(MODELS):
         for i, f in enumerate(("ttft_s", "tpot_s")):
@@ -303,7 +291,7 @@ def figures(results: dict, out: Path) -> list[Path]:
             ax.set_ylabel("seconds")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    paths += _save(fig, out / "latency_vs_output_length")
+    paths += save(fig, out / "latency_vs_output_length")
     fig, axes = plt.subplots(1, len(MODELS), figsize=(13, 3.6), squeeze=False)
     for j, m in enumerate(MODELS):
         ax = axes[0][j]
@@ -319,7 +307,7 @@ def figures(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("tok/s")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    paths += _save(fig, out / "throughput_vs_batch")
+    paths += save(fig, out / "throughput_vs_batch")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, m in zip(axes, MODELS[:2]):
         for s in ("zipmoe", "moe-infinity", "bf16-lru"):
@@ -332,7 +320,7 @@ def figures(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("tok/s")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    paths += _save(fig, out / "memory_sweep")
+    paths += save(fig, out / "memory_sweep")
     paths += pipelining_gantt(out)
     return paths
 
@@ -367,19 +355,7 @@ def pipelining_gantt(out: Path, model: str = "deepseek-v2-lite", step: int = 6, 
     fig.suptitle(f"{model}, zip experts, one decode layer (step {step}, layer {layer})", fontsize=10)
     fig.tight_layout()
     (out / "pipelining.txt").write_text("".join(f"{a}: TPOT {b * 1e3:.1f} ms, I/O busy {c:.3f}\n" for a, b, c in lines))
-    return _save(fig, out / "pipelining_gantt")
-
-
-def _save(fig, stem: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-    paths = []
-    for ext in ("png", "pdf"):
-        tmp = stem.with_name(f".{stem.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, stem.with_suffix(f".{ext}"))
-        paths.append(stem.with_suffix(f".{ext}"))
-    plt.close(fig)
-    return paths
+    return save(fig, out / "pipelining_gantt")
 
 
 def reproduce(out, jobs: int | None = None, quiet: bool = False) -> str:

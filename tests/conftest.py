@@ -31,3 +31,25 @@ def make_trace(experts, prompt=None, request_ids=None, num_experts=None) -> Rout
 @pytest.fixture
 def device():
     return make_device()
+
+
+def assert_within_budget(tl, budget: int) -> None:
+    """Resident expert bytes, replayed from the timeline's cache records, stay in [0, budget]."""
+    mem = 0
+    for e in tl.of("cache"):
+        mem += -e.bytes if e.kind == "evict" else e.bytes
+        assert 0 <= mem <= budget
+
+
+def requested(steps, experts, levels=None) -> dict:
+    """Tokens that asked for each (step, layer, expert) — or (step, layer, expert, level) when
+    `levels` ([tokens, layers, k]) is given — of a batched trace: what the computes must cover."""
+    want: dict = {}
+    for s in steps:
+        for t in s.tokens:
+            for layer in range(experts.shape[1]):
+                for slot, e in enumerate(experts[t, layer]):
+                    key = (s.index, layer, int(e)) if levels is None else (s.index, layer, int(e),
+                                                                           int(levels[t, layer, slot]))
+                    want[key] = want.get(key, 0) + 1
+    return want

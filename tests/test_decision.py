@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import make_device, make_trace
+from conftest import assert_within_budget, make_device, make_trace, requested
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from policies import (ALLOCATORS, CACHES, SCHEDULERS, Allocator, BudgetError, Demand, build_policies, caches_for,
                       needed_keys)
@@ -351,17 +351,8 @@ def test_invariants_with_levels_from_the_trace(registered, case):
     budget = max(budget, 2 * experts * fmt.expert_bytes)
     p = build_policies(w, budget, cache=cache, allocator="trace-levels", prefetch=prefetch)
     tl = Simulator(make_device(), w, p).run()
-    mem = 0
-    for e in tl.of("cache"):
-        mem += -e.bytes if e.kind == "evict" else e.bytes
-        assert 0 <= mem <= budget
-    want = {}
-    for s in w.steps:
-        for t in s.tokens:
-            for layer in range(layers):
-                for e, lvl in zip(ex[t, layer], trace.levels[t, layer]):
-                    pair = (s.index, layer, int(e), int(lvl))
-                    want[pair] = want.get(pair, 0) + 1
+    assert_within_budget(tl, budget)
+    want = requested(w.steps, ex, trace.levels)
     assert {(e.step, e.layer, e.expert, e.level): e.tokens for e in tl.of("compute")} == want
     loads = {}
     for e in tl.of("io"):

@@ -8,9 +8,8 @@ import torch
 
 from devices.units import ConfigError
 from executor import mwq
-from executor.evaluate import (LevelExperts, allocator_context, allocator_levels, bf16_levels, eval_table,
+from executor.evaluate import (LevelExperts, allocator_bundle, allocator_levels, bf16_levels, eval_table,
                                fixed_level, int_levels, mwq_levels, perplexity, store_group, write_table)
-from policies import make_allocator
 from test_executor import tiny_model
 from test_mwq import level_errors, weights
 
@@ -60,8 +59,7 @@ def test_each_token_is_computed_at_its_own_level():
 def test_allocator_levels_follow_the_demand_and_count_bits():
     model, w = tiny_model(), windows()
     lw = mwq_levels(model, "v1")
-    fn = LevelExperts(lw, "silu", allocator_levels(make_allocator("capacity", allocator_context(model, "v1",
-                                                                                                  lw_group(model)))))
+    fn = LevelExperts(lw, "silu", allocator_levels(allocator_bundle(model, "v1", lw_group(model), "capacity")))
     perplexity(model, w, fn)
     assert fn.slots == 3 * w[:, 1:].numel() * 2                       # layers x tokens x top-2
     assert fn.bits / fn.slots == pytest.approx(3.0, abs=0.03)         # capacities 0.3/0.4/0.3 of INT2/3/4

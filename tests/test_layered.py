@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_device, make_trace
+from conftest import assert_within_budget, make_device, make_trace, requested
 from devices.units import ConfigError
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from policies import Key, PolicyContext, build_policies
@@ -159,17 +159,9 @@ def test_budget_holds_and_every_requested_expert_is_computed(case, fmt_name, pre
     budget = max((experts * k * 3 + extra) * max(fmt.resident_bytes) * layers, 2 * experts * fmt.expert_bytes)
     p = build_policies(w, budget, cache=policy, allocator=allocator, prefetch=prefetch)
     tl = Simulator(make_device(), w, p).run()
-    mem = 0
-    for e in tl.of("cache"):
-        mem += -e.bytes if e.kind == "evict" else e.bytes
-        assert 0 <= mem <= budget
-    want = {}
-    for s in w.steps:
-        for t in s.tokens:
-            for layer in range(layers):
-                for slot, e in enumerate(ex[t, layer]):
-                    lvl = int(trace.levels[t, layer, slot]) if trace.levels is not None else fmt.levels - 1
-                    want[s.index, layer, int(e), lvl] = want.get((s.index, layer, int(e), lvl), 0) + 1
+    assert_within_budget(tl, budget)
+    levels = trace.levels if trace.levels is not None else np.full(ex.shape, fmt.levels - 1)
+    want = requested(w.steps, ex, levels)
     assert {(e.step, e.layer, e.expert, e.level): e.tokens for e in tl.of("compute")} == want
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import make_device, make_trace
+from conftest import assert_within_budget, make_device, make_trace, requested
 from devices.units import ConfigError
 from executor.execute import ensure_store, execute, model_arch, strip_experts
 from policies import Policies, Routing, build_policies
@@ -428,16 +428,8 @@ def test_invariants(case):
         return out
     p.finish = checked
     tl = Simulator(make_device(workers=2), w, p).run()            # finishes: no deadlock
-    mem = 0
-    for e in tl.of("cache"):
-        mem += -e.bytes if e.kind == "evict" else e.bytes
-        assert 0 <= mem <= budget
-    want = {}
-    for s in w.steps:
-        for t in s.tokens:
-            for layer in range(layers):
-                for e in ex[t, layer]:
-                    want[s.index, layer, int(e)] = want.get((s.index, layer, int(e)), 0) + 1
+    assert_within_budget(tl, budget)
+    want = requested(w.steps, ex)
     assert {(e.step, e.layer, e.expert): e.tokens for e in tl.of("compute")} == want
 
 

@@ -123,15 +123,21 @@ def default_group(shapes) -> int:
     return next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if all(i % g == 0 for _, i in shapes))
 
 
+def _int_bytes(shapes, bits: int, group: int) -> int:
+    """Packed `bits`-bit codes plus an fp16 scale and zero point per group (an MWQ base plane)."""
+    return sum(math.ceil(o * i * bits / 8) + 2 * SCALE_BYTES * o * (i // group) for o, i in shapes)
+
+
 @dataclass(frozen=True)
-class MwqFormat(ExpertFormat):
+class _IntLadder(ExpertFormat):
+    """Integer widths INT b1..INT bK, one level each, scales per group of `group` inputs: what
+    MWQ's nested planes and the per-width copies share (they differ in their parts)."""
     dequantizes = True
-    name: str = "mwq"
     b1: int = 2
     bK: int = 4
     group: int | None = None       # None: default_group(shapes)
 
-    def __post_init__(self):
+    def _check_ladder(self) -> None:
         if self.group is None:
             object.__setattr__(self, "group", default_group(self.shapes))
         if not 1 <= self.b1 <= self.bK <= 16:
@@ -139,47 +145,40 @@ class MwqFormat(ExpertFormat):
         for out, inp in self.shapes:
             if inp % self.group:
                 raise ConfigError(f"mwq: group size {self.group} does not divide the input dimension {inp}")
-        base = _int_bytes(self.shapes, self.b1, self.group)
-        plane = sum(math.ceil(o * i / 8) + SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
-        sizes = [base] + [plane] * (self.bK - self.b1)
-        self._set(sizes, sizes, [0] * len(sizes))
 
     @property
     def levels(self) -> int:
         return self.bK - self.b1 + 1
-
-    def parts_of(self, level: int) -> tuple[int, ...]:
-        self.check_level(level)
-        return tuple(range(level + 1))
 
     def level_label(self, level: int) -> str:
         return f"int{self.b1 + level}"
 
 
-def _int_bytes(shapes, bits: int, group: int) -> int:
-    """Packed `bits`-bit codes plus an fp16 scale and zero point per group (an MWQ base plane)."""
-    return sum(math.ceil(o * i * bits / 8) + 2 * SCALE_BYTES * o * (i // group) for o, i in shapes)
+@dataclass(frozen=True)
+class MwqFormat(_IntLadder):
+    name: str = "mwq"
+
+    def __post_init__(self):
+        self._check_ladder()
+        base = _int_bytes(self.shapes, self.b1, self.group)
+        plane = sum(math.ceil(o * i / 8) + SCALE_BYTES * o * (i // self.group) for o, i in self.shapes)
+        sizes = [base] + [plane] * (self.bK - self.b1)
+        self._set(sizes, sizes, [0] * len(sizes))
+
+    def parts_of(self, level: int) -> tuple[int, ...]:
+        self.check_level(level)
+        return tuple(range(level + 1))
 
 
 @dataclass(frozen=True)
-class CopiesFormat(ExpertFormat):
+class CopiesFormat(_IntLadder):
     """One standalone copy per width (D²MoE's Matryoshka-Free baseline): level i is part i."""
-    dequantizes = True
     name: str = "copies"
-    b1: int = 2
-    bK: int = 4
-    group: int | None = None       # None: default_group(shapes)
 
     def __post_init__(self):
-        if self.group is None:
-            object.__setattr__(self, "group", default_group(self.shapes))
-        MwqFormat(self.shapes, b1=self.b1, bK=self.bK, group=self.group)     # the same checks
+        self._check_ladder()
         sizes = [_int_bytes(self.shapes, b, self.group) for b in range(self.b1, self.bK + 1)]
         self._set(sizes, sizes, [0] * len(sizes))
-
-    @property
-    def levels(self) -> int:
-        return self.bK - self.b1 + 1
 
     def parts_of(self, level: int) -> tuple[int, ...]:
         self.check_level(level)
@@ -187,9 +186,6 @@ class CopiesFormat(ExpertFormat):
 
     def dependents(self, part: int) -> tuple[int, ...]:
         return ()
-
-    def level_label(self, level: int) -> str:
-        return f"int{self.b1 + level}"
 
 
 @dataclass(frozen=True)
