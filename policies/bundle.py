@@ -137,25 +137,28 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
                    allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
                    scheduler_options: dict | None = None, cache_options: dict | None = None,
-                   prefetch_options: dict | None = None, **allocator_options) -> Policies:
+                   prefetch_options: dict | None = None, future: list | None = None,
+                   **allocator_options) -> Policies:
     """A bundle for a run whose routing is known in advance (a trace): offline policies
     (belady, static-hot, the oracle prefetcher) may read the whole access sequence. The
     budget must hold the largest single decision point's demand at the levels the allocator
-    asks for; below it, the error states the minimum."""
+    asks for; below it, the error states the minimum. `future`: that allocator's access
+    sequence, when the caller already has it."""
     fmt, model = workload.fmt, workload.model
     counts = popularity(workload.trace, model.experts)
     base = PolicyContext(fmt, model.layers, model.experts, budget, popularity=counts, cost=cost)
     probe = make_allocator(allocator, base, **allocator_options)
-    future = None
-    if not probe.reads_cache:          # its demand does not depend on the cache: precompute it
-        future = access_sequence(workload, probe)
+    if probe.reads_cache:              # its demand depends on the cache: no sequence in advance
+        future = None
+        _check_online_minimum(probe, model, fmt, budget)
+    else:
+        if future is None:             # (a caller that builds many bundles computes it once)
+            future = access_sequence(workload, probe)
         minimum = largest_layer_demand(future, fmt)
         if budget < minimum:
             raise BudgetError(f"budget {format_size(budget)} is below the minimum this workload can run with: "
                               f"{format_size(minimum)} ({minimum} B = the largest single-layer demand at the "
                               f"levels the {allocator!r} allocator asks for)")
-    else:
-        _check_online_minimum(probe, model, fmt, budget)
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, future=future, popularity=counts, cost=cost)
     try:
         return Policies(make_allocator(allocator, ctx, **allocator_options),

@@ -39,7 +39,8 @@ def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None 
     fmt = workload.fmt
     unit = unit_bytes or fmt.expert_bytes
     lookup(CACHES, "cache policy", policy)
-    minimum = largest_layer_demand(access_sequence(workload, FixedLevel(PolicyContext(fmt, 0, 0, 0))), fmt)
+    future = access_sequence(workload, FixedLevel(PolicyContext(fmt, 0, 0, 0)))    # once, for every capacity
+    minimum = largest_layer_demand(future, fmt)
     fast = FAST.get(policy) if fmt.n_parts == 1 and unit == fmt.expert_bytes else None
     groups = unit_groups(workload.trace, workload.steps) if fast else None
     out = {}
@@ -50,7 +51,8 @@ def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None 
             accesses = sum(map(len, groups))
             out[cap] = fast(groups, cap) / accesses if accesses else float("nan")
         else:
-            out[cap] = replay_policies(workload, build_policies(workload, cap * unit, cache=policy))["hit_ratio"]
+            out[cap] = replay_policies(workload, build_policies(workload, cap * unit, cache=policy,
+                                                                future=future))["hit_ratio"]
     return out
 
 
