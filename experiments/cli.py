@@ -724,6 +724,7 @@ def apply_preset(args) -> None:
         if value is not None:
             setattr(args, flag, value)
     args.allocator_option = list(preset.allocator_options.items()) + list(args.allocator_option)
+    args.scheduler_option = list(preset.scheduler_options.items()) + list(args.scheduler_option)
     args.budget_all = preset.budget == "all"
 
 
@@ -1004,7 +1005,7 @@ def add_policy_args(p) -> None:
                         "top1_highest=true; capacity capacities=0.3,0.4,0.3 (lowest level first); resident-first "
                         "base=capacity max_drop=1")
     p.add_argument("--scheduler-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
-                   help="scheduler option, repeatable: hebf count=exact|cumulative")
+                   help="scheduler option, repeatable: fifo order=router|expert-id; hebf count=exact|cumulative")
     p.add_argument("--prefetch-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="prefetcher option, repeatable: gate-topk width=N threshold=0.1")
     p.add_argument("--ladder", default="v1", choices=["v1", "v2", "int4", "int8"],

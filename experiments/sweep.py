@@ -181,7 +181,8 @@ def normalise(entry: dict, where: str) -> dict:
         if set(policy) - {"preset"}:
             raise ConfigError(f"{where}: policy: a preset sets the whole bundle; give `preset` alone")
         policy = {k: getattr(preset, k) for k in ("cache", "scheduler", "allocator", "prefetch")} | {
-            "allocator_options": dict(preset.allocator_options), "preset": preset.name}
+            "allocator_options": dict(preset.allocator_options), "scheduler_options": dict(preset.scheduler_options),
+            "preset": preset.name}
         fmt = {"name": preset.format, "ladder": preset.ladder}          # a preset brings its format
         budget_all = preset.budget == "all"
     for key, table, default in (("cache", CACHES, "lru"), ("scheduler", SCHEDULERS, "fifo"),

@@ -30,6 +30,7 @@ class Preset:
     allocator: str = "fixed"
     allocator_options: dict = field(default_factory=dict)
     scheduler: str = "fifo"
+    scheduler_options: dict = field(default_factory=dict)
     cache: str = "lru"
     prefetch: str = "none"
     budget: str | None = None         # "all": every expert at the format's top level
@@ -40,22 +41,27 @@ class Preset:
     def policy_kwargs(self) -> dict:
         """Keyword arguments of policies.build_policies."""
         return dict(cache=self.cache, scheduler=self.scheduler, prefetch=self.prefetch, allocator=self.allocator,
-                    **self.allocator_options)
+                    scheduler_options=dict(self.scheduler_options), **self.allocator_options)
 
 
+ID_ORDER = {"order": "expert-id"}
 PRESETS = {p.name: p for p in (
     Preset("d2moe", "D²MoE V1: MWQ INT2-4 planes, capacity bit allocation, HEBF loads, the budget rule",
            "mwq", "v1", allocator="capacity", scheduler="hebf", cache="d2moe-budget"),
     Preset("d2moe-v2", "D²MoE V2: MWQ INT5-8 planes, capacity bit allocation, HEBF loads, the budget rule",
            "mwq", "v2", allocator="capacity", scheduler="hebf", cache="d2moe-budget"),
-    Preset("d2moe-mwq", "ablation +MWQ: D²MoE's planes and bit allocation, FIFO loads, LRU cache",
-           "mwq", "v1", allocator="capacity"),
+    # D²MoE's FIFO baseline loads in expert-ID order (its Fig. 3); moelab's default FIFO, router
+    # order, already puts the hottest expert near the front and so would hide HEBF's gain
+    Preset("d2moe-mwq", "ablation +MWQ: D²MoE's planes and bit allocation, FIFO loads in expert-ID order, "
+           "LRU cache", "mwq", "v1", allocator="capacity", scheduler_options=ID_ORDER),
     Preset("d2moe-hebf", "ablation +HEBF: +MWQ with HEBF loads", "mwq", "v1", allocator="capacity",
            scheduler="hebf"),
     Preset("d2moe-router", "ablation +Router: the same bit allocation over separate per-width copies "
-           "(no planes), FIFO, LRU", "copies", "v1", allocator="capacity"),
+           "(no planes), FIFO loads in expert-ID order, LRU", "copies", "v1", allocator="capacity",
+           scheduler_options=ID_ORDER),
     Preset("matryoshka-free", "separate per-width INT2/3/4 copies on demand (GPTQ in the paper; moelab: "
-           "per-group RTN), D²MoE's bit allocation, FIFO, LRU", "copies", "v1", allocator="capacity"),
+           "per-group RTN), D²MoE's bit allocation, FIFO loads in expert-ID order, LRU", "copies", "v1",
+           allocator="capacity", scheduler_options=ID_ORDER),
     Preset("moqe-dynaio-int4", "uniform INT4 experts loaded on demand (LRU under the budget)", "copies", "int4"),
     Preset("moqe-dynaio-int8", "uniform INT8 experts loaded on demand (LRU under the budget)", "copies", "int8"),
     Preset("edgemoe", "EdgeMoE: a static per-expert width by importance (INT2/3/4 copies, ranked by "

@@ -8,16 +8,31 @@ from policies.base import Demand, Key, LoadItem, PolicyContext, Scheduler, load_
 
 
 class FifoScheduler(Scheduler):
-    """Router order: experts as tokens first select them, each expert's parts ascending, except
-    that parts carrying a decompression task (zip exponent chunks) go before the expert's raw
-    parts: the workers then decompress while the raw bytes stream, instead of starting only
-    after them (read SM, read chunks, decompress, one after another, left the I/O idle)."""
+    """Loads in a fixed order, each expert's parts ascending, except that parts carrying a
+    decompression task (zip exponent chunks) go before the expert's raw parts: the workers then
+    decompress while the raw bytes stream, instead of starting only after them (read SM, read
+    chunks, decompress, one after another, left the I/O idle).
+
+    `order="router"` (the default): experts as tokens first select them. The hottest expert
+    tends to be selected first, so this order is already close to HEBF's.
+    `order="expert-id"`: experts by ascending id, the order D²MoE's FIFO baseline loads in
+    (its Fig. 3), which knows nothing of how many tokens wait for an expert.
+    """
     name = "fifo"
+
+    def __init__(self, ctx: PolicyContext, order: str = "router"):
+        super().__init__(ctx)
+        if order not in ("router", "expert-id"):
+            raise ConfigError(f"fifo: order must be 'router' or 'expert-id', got {order!r}")
+        self.by_id = order == "expert-id"
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
         fmt = self.fmt
         items = [load_item(k, fmt) for k in needed_keys(demand, fmt) if k not in resident]
-        if any(fmt.decompress_bytes):
+        # (the sorts are stable: parts stay ascending within an expert)
+        if self.by_id:
+            items.sort(key=lambda it: (it.key.expert, not it.decompress_bytes))
+        elif any(fmt.decompress_bytes):
             rank = {}
             items.sort(key=lambda it: (rank.setdefault(it.key.expert, len(rank)), not it.decompress_bytes))
         return items

@@ -62,6 +62,77 @@ def test_hebf_bad_option():
         HEBF(ctx(), count="hottest")
 
 
+# -- FIFO's orders ---------------------------------------------------------------------------------
+# Token 0 selects expert 2 at INT3 and expert 0 at INT2; token 1 expert 1 at INT4 and expert 2 at
+# INT2. Router order (first appearance): 2, 0, 1; expert-ID order: 0, 1, 2; each expert's planes
+# ascending (MWQ: the planes of its highest level). Expert 1's base plane is resident.
+ROUTED = Demand(0, (((2, 1), (0, 0)), ((1, 2), (2, 0))))
+
+
+def test_fifo_loads_in_router_or_expert_id_order():
+    resident = {Key(0, 1, 0)}
+    assert order(FifoScheduler(ctx()).order(0, ROUTED, resident)) == [(2, 0), (2, 1), (0, 0), (1, 1), (1, 2)]
+    assert order(FifoScheduler(ctx(), order="expert-id").order(0, ROUTED, resident)) == \
+        [(0, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    # zip: an expert's exponent chunks (parts 1-3, each with a decompression task) before its SM bytes
+    z = make_format("zip", MODEL.expert_shapes)
+    assert order(FifoScheduler(ctx(fmt=z), order="expert-id").order(0, Demand(0, (((2, 0), (0, 0)),)), set())) == \
+        [(0, 1), (0, 2), (0, 3), (0, 0), (2, 1), (2, 2), (2, 3), (2, 0)]
+
+
+def test_fifo_bad_order_and_the_presets_that_load_in_expert_id_order():
+    from devices.units import ConfigError
+    from policies.presets import get_preset
+    with pytest.raises(ConfigError, match="fifo: order must be 'router' or 'expert-id', got 'hottest'"):
+        FifoScheduler(ctx(), order="hottest")
+    w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
+    with pytest.raises(ConfigError, match="order must be"):
+        build_policies(w, 10**9, scheduler_options={"order": "id"})
+    for name in ("d2moe-mwq", "d2moe-router", "matryoshka-free"):
+        assert build_policies(w, 10**9, **get_preset(name).policy_kwargs()).scheduler.by_id
+
+
+# -- the flow-shop bound of reproduce d2moe ------------------------------------------------------------
+def test_flow_shop_bound_by_hand():
+    from experiments.reproduce_d2moe import compute_scale_for, flow_shop_bound
+    from sim.timeline import Event
+
+    def io(t0, t1, layer, expert, part, nbytes):
+        return Event("io", "load", t0, t1, layer, expert, part, nbytes, 0)
+
+    def comp(t0, t1, layer, expert, level):
+        return Event("compute", "expert", t0, t1, layer, expert, level, 0, 0)
+    # no latency, 100 B/s; levels as MWQ V1's: level 1 needs parts 0 and 1
+    parts = ((0,), (0, 1), (0, 1, 2))
+    events = [
+        # layer 0: reads E1 (200 B, 0-2 s) then E0 (100 B, 2-3 s); computes E1 2-6 s, E0 6-7 s.
+        # actual 7 s. Bound: reads 3 s + shortest waiting compute 1 s = 4 s; computes 5 s + the
+        # shortest read one waits for (E0: 1 s) = 6 s -> 6 s
+        io(0, 2, 0, 1, 0, 200), io(2, 3, 0, 0, 0, 100), comp(2, 6, 0, 1, 0), comp(6, 7, 0, 0, 0),
+        # layer 1 (starts at 10 s): E2 resident (computes 10-11 s); E3 at level 1 reads parts 0 and 1
+        # (100 B each, 10-11 s, 11-12 s), computes 12-13 s. actual 3 s. Bound: reads 2 s + 1 s = 3 s;
+        # computes 2 s + nothing (E2 waits for no read) = 2 s -> 3 s
+        comp(10, 11, 1, 2, 0), io(10, 11, 1, 3, 0, 100), io(11, 12, 1, 3, 1, 100), comp(12, 13, 1, 3, 1),
+        # a cache record and a dense part are not the flow shop's
+        Event("cache", "admit", 10, 10, 1, 3, 0, 100, 0), Event("dense", "dense", 9, 10, 1, -1, -1, 0, 0),
+    ]
+    assert flow_shop_bound(events, parts, 0.0, 100.0) == pytest.approx((10.0, 9.0))
+    # a 0.5 s latency: layer 0's second bound becomes 5 + 0.5 + 1 = 6.5 s
+    assert flow_shop_bound(events, parts, 0.5, 100.0) == pytest.approx((10.0, 9.5))
+    # compute 3 s of which 100 calls x 10 ms overhead, I/O 10 s: (2.04 / 2.6 x 10 - 1) / (3 - 1)
+    row = {"status": "ok", "expert_calls": "100", "compute_busy_s": "3", "io_busy_s": "10"}
+    assert compute_scale_for(row, 0.01) == pytest.approx((2.04 / 2.6 * 10 - 1) / 2, rel=1e-3)
+
+
+def test_an_older_results_file_is_set_aside_not_mixed(tmp_path):
+    from experiments.reproduce_d2moe import FIELDS, VERSION, load_results, retire_old_results
+    path = tmp_path / "results.csv"
+    path.write_text("env,model,system,requests,budget_mb,status\nenv1,m,d2moe-mwq,32,800,ok\n")
+    assert retire_old_results(path) == tmp_path / "results.old-1.csv" and not path.exists()
+    path.write_text(",".join(FIELDS) + "\n" + ",".join(str(VERSION) if f == "version" else "1" for f in FIELDS) + "\n")
+    assert retire_old_results(path) is None and len(load_results(path)) == 1
+
+
 # -- the budget rule (Algorithm 2) -----------------------------------------------------------------
 def test_budget_rule_frees_the_previous_layers_highest_planes_first():
     base, plane = V1.resident_bytes[0], V1.resident_bytes[1]

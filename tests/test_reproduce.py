@@ -20,9 +20,9 @@ def small(monkeypatch):
 def test_runs_are_appended_and_reused(small, tmp_path, monkeypatch):
     results = rep.run_grid(tmp_path, jobs=1, quiet=True)
     assert len(results) == len(small)
-    oom = results["env1", "mixtral-8x7b", "hold-in-memory", "4", "all"]
+    oom = results["env1", "mixtral-8x7b", "hold-in-memory", "4", "all", "1"]
     assert oom["status"] == "out of memory" and "expert budget" in oom["note"]
-    ok = results["env2", "llama-moe-3.5b", "d2moe", "4", "1600"]
+    ok = results["env2", "llama-moe-3.5b", "d2moe", "4", "1600", "1"]
     assert ok["status"] == "ok" and float(ok["throughput_tok_s"]) > 0 and float(ok["peak_expert_mb"]) <= 1600
     calls = []
     monkeypatch.setattr(rep, "_simulate_row", lambda run: calls.append(run))
@@ -34,11 +34,11 @@ def test_runs_are_appended_and_reused(small, tmp_path, monkeypatch):
 def test_report_compares_with_the_paper(small, tmp_path):
     results = rep.run_grid(tmp_path, jobs=1, quiet=True)
     text = rep.report(results, tmp_path)
-    a = float(results["env2", "llama-moe-3.5b", "d2moe", "4", "1600"]["throughput_tok_s"])
+    a = float(results["env2", "llama-moe-3.5b", "d2moe", "4", "1600", "1"]["throughput_tok_s"])
     assert f"| Fig. 10(c) LLaMA-MoE Env 2, 1600 MB | 83.14 | {a:.2f} | {a / 83.14:.2f} |" in text
-    b = float(results["env2", "llama-moe-3.5b", "d2moe-hebf", "4", "1600"]["throughput_tok_s"])
+    b = float(results["env2", "llama-moe-3.5b", "d2moe-hebf", "4", "1600", "1"]["throughput_tok_s"])
     assert rep.ratios(results, "d2moe", "d2moe-hebf", None) == pytest.approx(
-        [float(results["env2", "llama-moe-3.5b", "d2moe", "4", str(x)]["throughput_tok_s"]) /
-         float(results["env2", "llama-moe-3.5b", "d2moe-hebf", "4", str(x)]["throughput_tok_s"]) for x in (400, 1600)])
+        [float(results["env2", "llama-moe-3.5b", "d2moe", "4", str(x), "1"]["throughput_tok_s"]) /
+         float(results["env2", "llama-moe-3.5b", "d2moe-hebf", "4", str(x), "1"]["throughput_tok_s"]) for x in (400, 1600)])
     assert a / b == pytest.approx(rep.ratios(results, "d2moe", "d2moe-hebf", None)[1])
     assert (tmp_path / "report.md").read_text() == text
