@@ -42,8 +42,12 @@ where the roofline is not what the host does. Each table gives seconds at the to
         load_overhead: 8us              # per load item the decision point issues
         compute_gap: 10us               # optional (default 0): the runtime's own time between two expert
                                         #   calls of a layer (its loop: bookkeeping, waiting on a queue)
-        read_interference: 90us         # optional (default 0): what each read completing during an expert
-        decompress_interference: 40us   #   call adds to it, and each decompression (the workers share the cores)
+        contention:                     # optional: per format key, how the executor's threads share the cores
+          zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us}
+                                        # read / decompress: the share of its speed the main thread loses
+                                        #   (expert calls and dense parts) while >= 1 read / decompression is
+                                        #   in flight (0 <= x < 1; summed when both); call / dense: what an
+                                        #   expert call / a dense part costs in runs beyond its table
 
 They apply to the named model only (other models keep the roofline). Format keys:
 bf16, zip, mwq-int2-4 (mwq / copies with their widths); see measured_key.
@@ -60,7 +64,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -109,6 +113,21 @@ def interpolate(xs, ys, x: float) -> float:
 
 
 @dataclass(frozen=True)
+class Contention:
+    """How the executor's threads share the host's cores, for one format (compute.measured.contention).
+    While at least one read is in flight the main thread's work (expert calls, dense parts) runs at
+    1 - read of its speed, while a decompression runs at 1 - decompress (1 - both when both); and an
+    expert call / a dense part costs `call` / `dense` seconds more in runs than its table says."""
+    read: float = 0.0
+    decompress: float = 0.0
+    call: float = 0.0
+    dense: float = 0.0
+
+    def rate(self, reading: bool, decompressing: bool) -> float:
+        return 1.0 - (self.read if reading else 0.0) - (self.decompress if decompressing else 0.0)
+
+
+@dataclass(frozen=True)
 class MeasuredTables:
     """compute.measured: seconds against token counts, measured on a host (`moelab profile`)."""
     model: str
@@ -121,8 +140,7 @@ class MeasuredTables:
     decision_overhead: float                            # seconds per decision point
     load_overhead: float                                # seconds per load item issued
     compute_gap: float = 0.0                            # seconds between two expert calls of a layer
-    read_interference: float = 0.0                      # seconds an expert call gains per read ending in it
-    decompress_interference: float = 0.0                # ... per decompression ending in it
+    contention: dict[str, "Contention"] = field(default_factory=dict)   # format key -> how threads share cores
 
     def expert(self, key: str, level: int, tokens: int) -> float:
         return interpolate(self.tokens, self.experts[key][level], tokens)
@@ -176,9 +194,12 @@ class DeviceProfile:
             rows.append(("measured", f"tables for {m.model} at {list(m.tokens)} tokens: {', '.join(m.experts)}; "
                                      f"{_format_duration(m.decision_overhead)} per decision point, "
                                      f"{_format_duration(m.load_overhead)} per load, "
-                                     f"{_format_duration(m.compute_gap)} between expert calls; an expert call gains "
-                                     f"{_format_duration(m.read_interference)} per read and "
-                                     f"{_format_duration(m.decompress_interference)} per decompression ending in it"))
+                                     f"{_format_duration(m.compute_gap)} between expert calls"
+                                     + "".join(f"; {k}: main thread at {1 - c.read:.0%} while reading, "
+                                               f"{1 - c.decompress:.0%} while decompressing, "
+                                               f"+{_format_duration(c.call)} per expert call, "
+                                               f"+{_format_duration(c.dense)} per dense part"
+                                               for k, c in m.contention.items())))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
@@ -297,8 +318,12 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "read_interference",
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "contention", "read_interference",
                                                                      "decompress_interference"}))
+        for old in ("read_interference", "decompress_interference"):
+            if old in m:
+                raise self.fail(f"{key}.{old}", "was replaced by compute.measured.contention (how the executor's "
+                                                "threads share the cores, per format); re-run `moelab profile`")
         tokens = m["tokens"]
         if (not isinstance(tokens, list) or not tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
                                                                for t in tokens)
@@ -326,8 +351,29 @@ class _Reader:
                                             "120us", positive=False),
             load_overhead=self.quantity(m["load_overhead"], f"{key}.load_overhead", parse_duration, "8us",
                                         positive=False),
-            **{k: self.quantity(m[k], f"{key}.{k}", parse_duration, "90us", positive=False)
-               for k in ("compute_gap", "read_interference", "decompress_interference") if k in m})
+            compute_gap=self.quantity(m.get("compute_gap", "0s"), f"{key}.compute_gap", parse_duration, "10us",
+                                      positive=False),
+            contention=self.contention(m.get("contention", {}), f"{key}.contention"))
+
+    def contention(self, value, key: str) -> dict[str, Contention]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of format key -> {{read, decompress, call, dense}}, got {value!r}")
+        out = {}
+        for fmt, v in value.items():
+            where = f"{key}.{fmt}"
+            v = self.mapping(v, where, set(), frozenset({"read", "decompress", "call", "dense"}))
+            shares = {}
+            for k in ("read", "decompress"):
+                x = v.get(k, 0.0)
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < 1:
+                    raise self.fail(f"{where}.{k}", f"expected a share of speed lost, 0 <= x < 1, got {x!r}")
+                shares[k] = float(x)
+            if shares["read"] + shares["decompress"] >= 1:
+                raise self.fail(where, f"read + decompress must stay below 1 (the main thread would stop), got "
+                                       f"{shares['read']} + {shares['decompress']}")
+            out[str(fmt)] = Contention(**shares, **{k: self.quantity(v.get(k, "0s"), f"{where}.{k}", parse_duration,
+                                                                   "15us", positive=False) for k in ("call", "dense")})
+        return out
 
     def device(self, data) -> DeviceProfile:
         d = self.mapping(data, "", _TOP)

@@ -13,8 +13,9 @@ the profile predicts what `moelab execute` does here:
 - compute.measured.experts: ExpertRuntime._compute (decode / dequantize / re-assemble, then
   the matmuls, with its timeline record) per format and level against token count, with
   the executor's torch threads, cycling over the model's experts (means: the simulator adds
-  them up). read_ / decompress_interference: from forced executor runs with loads, what each
-  read / decompression ending during an expert call adds to it (least squares); compute_gap:
+  them up). contention, per format: from forced executor runs with loads, how much slower the
+  main thread's expert calls and dense parts run while reads / decompressions are in flight,
+  and what a call / dense part costs in runs beyond its table (least squares); compute_gap:
   the mean gap between consecutive expert calls of a layer that loaded nothing.
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
@@ -233,31 +234,48 @@ class HostProfiler:
             torch.set_num_threads(saved)
         return tables
 
-    def interference(self, tables: dict, bar=None) -> tuple[float, float]:
-        """What a read, and a decompression, that ends during an expert call adds to it: least
-        squares over the calls of forced executor runs with loads (bf16 and zip), of the call's
-        time beyond its table value against how many reads / decompressions ended in it."""
+    def contention(self, tables: dict, dense: dict, bar=None) -> dict:
+        """Per format, how the executor's threads share the cores (compute.measured.contention): least
+        squares over the expert calls and dense parts of forced executor runs with loads (batch 1 and
+        4, with and without oracle prefetch, so that reads overlap dense parts too) of each one's time
+        beyond its table against the time reads / decompressions were in flight during it:
+        extra = call or dense + read x (time reading) + decompress x (time decompressing), the fluid
+        model the simulator runs (sim/engine.py _main_thread)."""
         from devices.profile import interpolate
-        rows, extra = [], []
-        for fmt_name, share in (("bf16", 0.3), ("zip", 0.5)):
+        from sim.metrics import busy_time
+        out = {}
+        for fmt_name, share in (("bf16", 0.3), ("mwq", 0.5), ("zip", 0.5)):
             fmt = self.store(fmt_name).format
             table = tables[measured_key(fmt)]
-            for batch in (1, 4):
+            rows, extra = [], []
+            for batch, prefetch in ((1, "none"), (4, "none"), (1, "oracle"), (4, "oracle")):
                 for rep in range(1 if self.quick else 2):
-                    tl = self._run(batch, 8, 12, budget_share=share, seed=30 + rep, fmt_name=fmt_name)
-                    reads = sorted(e.end for e in tl.of("io"))
-                    decs = sorted(e.end for e in tl.events if e.resource.startswith("decompress"))
-                    for e in tl.of("compute"):
-                        rows.append([sum(e.start < t <= e.end for t in reads), sum(e.start < t <= e.end for t in decs)])
-                        extra.append(e.end - e.start - interpolate(self.tokens, table[e.level], e.tokens))
+                    tl = self._run(batch, 8, 12, budget_share=share, seed=30 + rep, fmt_name=fmt_name,
+                                   prefetch=prefetch)
+                    reads = [(e.start, e.end) for e in tl.of("io")]
+                    decs = [(e.start, e.end) for e in tl.events if e.resource.startswith("decompress")]
+                    prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
+                    for e in tl.events:
+                        if e.resource == "compute":
+                            base, kind = interpolate(self.tokens, table[e.level], e.tokens), (1.0, 0.0)
+                        elif e.resource == "dense" and e.step not in prefill and e.step > 1:
+                            base = interpolate(self.tokens, dense["dense"]["decode"], e.tokens)
+                            kind = (0.0, 1.0)
+                        else:
+                            continue
+                        rows.append([*kind, _overlap(e.start, e.end, reads, busy_time),
+                                     _overlap(e.start, e.end, decs, busy_time)])
+                        extra.append(e.end - e.start - base)
                 if bar is not None:
                     bar.update(1)
-        coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(extra), rcond=None)
-        return max(0.0, float(coef[0])), max(0.0, float(coef[1]))
+            call, dense_x, read, dec = _robust_fit(np.array(rows, float), np.array(extra))
+            out[measured_key(fmt)] = {"read": read, "decompress": dec, "call": max(0.0, call),
+                                      "dense": max(0.0, dense_x), "samples": len(extra)}
+        return out
 
     # -- dense, steps and the decision path: real forced runs ---------------------------
     def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
-             fmt_name: str = "bf16"):
+             fmt_name: str = "bf16", prefetch: str = "none"):
         from executor.execute import execute, strip_experts
         from executor.train import load_trained
         from policies import build_policies
@@ -270,7 +288,7 @@ class HostProfiler:
         w = Workload(self.arch, trace, store.format, batch=requests)
         total = self.arch.layers * self.arch.experts * store.format.level_bytes(store.format.levels - 1)
         budget = int(total * budget_share)
-        pol = build_policies(w, budget, cache="lru")
+        pol = build_policies(w, budget, cache="lru", prefetch=prefetch)
         return execute(model, store, pol, torch.zeros(requests, prompt, dtype=torch.long), 0, trace=trace,
                        batch=requests, quiet=True).timeline
 
@@ -346,6 +364,24 @@ class HostProfiler:
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
 
 
+def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """(call, dense, read, decompress) of y ~ a @ coef: least squares with a soft-L1 loss (a stall of
+    the host, e.g. another process taking a core, must not drag the fit), the extra costs >= 0 and
+    the shares of speed lost within [0, 0.9] each, their sum below 0.95 (the main thread never stops)."""
+    from scipy.optimize import least_squares
+    fit = least_squares(lambda c: a @ c - y, x0=[0.0, 0.0, 0.1, 0.1], loss="soft_l1", f_scale=50e-6,
+                        bounds=([0.0, 0.0, 0.0, 0.0], [np.inf, np.inf, 0.9, 0.9]), x_scale=[1e-5, 1e-5, 0.1, 0.1])
+    call, dense, read, dec = (float(c) for c in fit.x)
+    if read + dec > 0.95:
+        read, dec = 0.95 * read / (read + dec), 0.95 * dec / (read + dec)
+    return call, dense, read, dec
+
+
+def _overlap(start: float, end: float, spans, busy_time) -> float:
+    """Seconds of [start, end] during which at least one of `spans` was in progress."""
+    return busy_time((max(a, start), min(b, end)) for a, b in spans if a < end and b > start)
+
+
 def _decision_gaps(tl) -> list[tuple[int, float]]:
     """(loads issued, dense end -> first compute start) at decision points whose first compute
     was of parts already resident (a hit: it waits for the decision path only)."""
@@ -401,7 +437,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     """Every figure of the profile (the dict profile_yaml writes)."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
-    with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 4, disable=quiet, desc="profile",
+    with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
               unit="task") as bar:
         bar.set_postfix_str("stores")
         for f in FORMATS:
@@ -417,8 +453,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         experts = p.experts(bar)
         bar.set_postfix_str("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
-        bar.set_postfix_str("interference")
-        read_x, dec_x = p.interference(experts, bar)
+        bar.set_postfix_str("contention")
+        contention = p.contention(experts, dense, bar)
         extra = p.decision_runs(bar)
         roof = p.roofline()
         bar.update(1)
@@ -435,7 +471,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
             dense["decision_overhead"], dense["load_overhead"] = max(0.0, float(a)), max(0.0, float(b))
             dense["decision_points"] = len(decisions)
     return {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
-            "read_interference": read_x, "decompress_interference": dec_x,
+            "contention": contention,
             "decompress_workers": decompress_workers, "experts": experts, "roofline": roof, **dense,
             "torch_threads": p.threads}
 
@@ -500,9 +536,13 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
         f"    compute_gap: {_us(m['compute_gap'])}   # {src}: forced executor runs, mean gap between consecutive "
         f"expert calls of a layer that loaded nothing",
-        f"    read_interference: {_us(m['read_interference'])}   # {src}: forced executor runs with loads (bf16, "
-        f"zip): expert call time beyond its table, least squares on the reads and decompressions ending in it",
-        f"    decompress_interference: {_us(m['decompress_interference'])}   # {src}: the same fit",
+        f"    contention:   # {src}: forced executor runs with loads per format, least squares of each expert "
+        f"call's and dense part's time beyond its table on the time reads / decompressions were in flight in it",
+    ]
+    for key, c in m["contention"].items():
+        lines.append(f"      {key}: {{read: {c['read']:.3f}, decompress: {c['decompress']:.3f}, "
+                     f"call: {_us(c['call'])}, dense: {_us(c['dense'])}}}   # {c['samples']} samples")
+    lines += [
         "decompress:",
         f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "
         f"--decompress-workers default)",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from devices.profile import DeviceProfile, MeasuredTables, StorageProfile, measured_key
+from devices.profile import Contention, DeviceProfile, MeasuredTables, StorageProfile, measured_key
 from devices.units import ConfigError
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
@@ -102,11 +102,12 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.compute_gap
 
-    def interference(self) -> tuple[float, float]:
-        """(seconds, seconds) an expert call gains per read / per decompression that ends while it
-        runs: the I/O and decompression workers share the cores with it (measured; 0 without tables)."""
+    def contention(self) -> Contention:
+        """How the executor's threads share the cores in this format: the main thread's speed while
+        reads / decompressions are in flight, and what an expert call / dense part costs in runs beyond
+        its table (measured; none without tables)."""
         m = self.measured
-        return (0.0, 0.0) if m is None else (m.read_interference, m.decompress_interference)
+        return Contention() if m is None else m.contention.get(measured_key(self.fmt), Contention())
 
     def step_seconds(self, tokens: int, prefill: bool = False) -> float:
         """Per step, outside the layers: embedding, output head, sampling (measured; 0 without tables)."""

@@ -9,14 +9,15 @@ last expert is computed. Everything the engine did is an Event on the timeline.
 With a host's measured profile (compute.measured, `moelab profile`), the engine also charges
 what the executor's own code costs: the decision path at every decision point (its loads
 leave one by one as it issues them, and computes wait for it to end), the runtime's own gap
-between two expert calls of a layer, after each step's
-last layer the step's work outside the layers (output head, sampling), and an expert call or a
-dense part gains the measured interference of each read and each decompression that ends while
-it runs (the workers share the cores with it; counted once, over its undisturbed duration). All are
-0 for the bundled roofline profiles (policies/cost.py).
+between two expert calls of a layer, after each step's last layer the step's work outside the
+layers (output head, sampling), and the contention of the executor's threads for the cores: the
+main thread's work (expert calls, dense parts) runs slower while reads or decompressions are in
+flight (a fluid model: its speed changes at each read's or decompression's start and end;
+`_main_thread`). All are 0 for the bundled roofline profiles (policies/cost.py).
 """
 from __future__ import annotations
 
+from dataclasses import astuple
 from functools import partial
 
 import simpy
@@ -45,9 +46,9 @@ class Simulator:
         self.cost = CostModel.build(device, workload.model, workload.fmt, self.storage)
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
-        self.interference = self.cost.interference()
-        self.interferes = any(self.interference)
-        self.ends: list[tuple[float, float]] = []   # (end, interference) of reads/decompressions not yet past
+        self.contention = self.cost.contention()
+        self.contends = any(astuple(self.contention))
+        self.in_flight: list[tuple[float, float, bool]] = []   # (start, end, is decompression) not yet past
         # the executor's own costs (measured host profiles; all 0 for roofline profiles), per layer
         self.decide_base = self.cost.decision_seconds(0)
         self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
@@ -94,9 +95,7 @@ class Simulator:
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
             t = env.now
             for layer in range(layers):
-                end = t + t_dense
-                if self.ends:                   # reads / decompressions ending in it (prefetches)
-                    end += sum(x for e, x in self.ends if t < e <= end)
+                end = self._main_thread(t, t_dense + self.contention.dense) if self.contends else t + t_dense
                 add(_event(("dense", "dense", t, end, layer, -1, -1, 0, s, n)))
                 t = layer_fn(end, s, layer, Routing(experts[layer], scores[layer],
                                                             None if levels is None else levels[layer],
@@ -111,7 +110,7 @@ class Simulator:
         fmt, add = self.w.fmt, self.timeline.events.append
         sizes = fmt.resident_bytes
         ready, pending, tasks = {}, self.pending, []
-        new_ends = self.new_ends = [] if self.interferes else None
+        new_spans = self.new_spans = [] if self.contends else None
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
         per_load = self.decide_per_load
@@ -126,8 +125,8 @@ class Simulator:
             issue_at += per_load
             issue, done = self.io.reserve(issue_at, item.nbytes)
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
-            if new_ends is not None:
-                new_ends.append((done, self.interference[0]))
+            if new_spans is not None:
+                new_spans.append((issue, done, False))
             if item.decompress_bytes:
                 tasks.append((item, kind, done))
             elif kind is PLAN:
@@ -163,18 +162,15 @@ class Simulator:
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
         free = now + self.decide_base + per_load * len(d.loads)
-        ends = None
-        if new_ends is not None:               # reads and decompressions not past yet, with what they add
-            ends = self.ends = [x for x in self.ends if x[0] > now] + new_ends
-        gap, first = self.gap, True
+        if new_spans is not None:              # reads and decompressions not past yet
+            self.in_flight = [x for x in self.in_flight if x[1] > now] + new_spans
+        gap, first, contends, call = self.gap, True, self.contends, self.contention.call
         for t_ready, _, expert, level, n in tasks:
             if not first:
                 free += gap
             first = False
             start = t_ready if t_ready > free else free
-            free = start + seconds(level, n)
-            if ends:
-                free += sum(x for t, x in ends if start < t <= free)
+            free = self._main_thread(start, seconds(level, n) + call) if contends else start + seconds(level, n)
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
         for k in self.p.finish(layer):
             pending.pop(k, None)
@@ -193,11 +189,36 @@ class Simulator:
             start, done, worker = self.decomp.reserve(max(read_done, last_start),
                                                       item.decompress_bytes / self.decompress_rate)
             last_start = start
-            if self.new_ends is not None:
-                self.new_ends.append((done, self.interference[1]))
+            if self.new_spans is not None:
+                self.new_spans.append((start, done, True))
             add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
                         item.decompress_bytes, s, 0)))
             if kind is PLAN:
                 ready[key.expert, key.part] = done
             else:
                 self.pending[key] = done
+
+    def _main_thread(self, start: float, work: float) -> float:
+        """When `work` seconds of the main thread's work (at full speed) begun at `start` end: it runs
+        at the measured contention's rate while reads / decompressions are in flight (the executor's
+        worker threads share the cores with it), its speed changing at each of their starts and ends."""
+        spans = [x for x in self.in_flight if x[1] > start]
+        rate_of, t = self.contention.rate, start
+        while True:
+            reading = decompressing = False
+            change = float("inf")               # the next start or end of a read / decompression
+            for b, e, is_dec in spans:
+                if b <= t < e:
+                    if is_dec:
+                        decompressing = True
+                    else:
+                        reading = True
+                    if e < change:
+                        change = e
+                elif t < b < change:
+                    change = b
+            rate = rate_of(reading, decompressing)
+            if t + work / rate <= change:
+                return t + work / rate
+            work -= (change - t) * rate
+            t = change

@@ -188,26 +188,55 @@ def test_pick_prints_the_validated_error_of_its_class(tmp_path):
     assert "no validated configuration" in fidelity_line({"format": "zip", "policy": "lru", "batch": "1"}, path)
 
 
-def test_reads_ending_in_an_expert_call_and_the_gap_between_calls_by_hand(tmp_path):
-    """Oracle prefetch: layer 0 loads expert 0 and prefetches layer 1's expert 1 behind it; that
-    read ends during expert 0's call, which gains the measured 1 ms read interference."""
+def test_an_expert_call_runs_slower_while_a_read_is_in_flight_by_hand(tmp_path):
+    """Oracle prefetch: layer 0 loads expert 0 and prefetches layer 1's expert 1 behind it. That
+    read is in flight for the first 1,192 us of expert 0's call, which runs at half speed then
+    (contention read 0.5) and costs 0.1 ms more than its table (call); the next dense part, with
+    nothing in flight, costs its table plus 0.2 ms (dense)."""
     path = tmp_path / "m.yaml"
     path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n"
-                                     "    read_interference: 1ms\n    compute_gap: 0.1ms"))
+                                     "    contention:\n      bf16: {read: 0.5, call: 0.1ms, dense: 0.2ms}"))
     device = load_device(str(path))
-    assert device.compute.measured.read_interference == pytest.approx(0.001)
+    assert device.compute.measured.contention["bf16"].read == 0.5
     trace = make_trace([[[0], [1]]], prompt=[True], request_ids=[0])
     w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
     tl = Simulator(device, w, build_policies(w, 10 ** 6, cache="lru", prefetch="oracle")).run()
     ev = [(e.resource, round(e.start * 1e6), round(e.end * 1e6)) for e in tl.events if e.resource != "cache"]
     read = 1000 + 192
-    plan_done = 2000 + 500 + 250 + read                        # issued after the decision path and its 1st load
+    dense0 = 2000 + 200                                        # its table + dense
+    plan_done = dense0 + 500 + 250 + read                      # issued after the decision path and its 1st load
     prefetch_done = plan_done + read                           # queue depth 1: behind the plan's read
-    call_end = plan_done + 10000 + 1000                        # the prefetch read ends in it: + 1 ms
-    assert prefetch_done < plan_done + 10000
-    assert ev == [("dense", 0, 2000), ("io", 2750, plan_done), ("io", plan_done, prefetch_done),
-                  ("compute", plan_done, call_end), ("dense", call_end, call_end + 2000),
-                  ("compute", call_end + 2500, call_end + 12500)]
+    # 10 ms + 0.1 ms of work: 1,192 us at half speed (596 us of work), the rest at full speed
+    call_end = prefetch_done + (10000 + 100 - read // 2)
+    assert ev == [("dense", 0, dense0), ("io", dense0 + 750, plan_done), ("io", plan_done, prefetch_done),
+                  ("compute", plan_done, call_end), ("dense", call_end, call_end + 2200),
+                  ("compute", call_end + 2700, call_end + 2700 + 10100)]
+
+
+def test_the_main_thread_fluid_model_by_hand():
+    """A read in flight over [0, 1) s and a decompression over [0.5, 2) s, the main thread losing
+    half its speed to reads and a quarter to decompressions: 1.5 s of work begun at 0 gets
+    0.25 s done by 0.5, 0.125 more by 1, 0.75 more by 2, and the last 0.375 s at full speed."""
+    from devices.profile import Contention
+    sim = Simulator.__new__(Simulator)
+    sim.contention = Contention(read=0.5, decompress=0.25)
+    sim.in_flight = [(0.0, 1.0, False), (0.5, 2.0, True)]
+    assert sim._main_thread(0.0, 1.5) == pytest.approx(2.375)
+    assert sim._main_thread(2.5, 1.0) == pytest.approx(3.5)            # nothing in flight then
+    assert sim._main_thread(0.0, 0.2) == pytest.approx(0.4)            # ends inside the first span
+
+
+def test_old_interference_keys_and_bad_contention_are_refused_by_name(tmp_path):
+    path = tmp_path / "m.yaml"
+    for extra, words in (("    read_interference: 90us", ("read_interference", "contention", "moelab profile")),
+                         ("    contention:\n      bf16: {read: 1.5}", ("contention.bf16.read", "0 <= x < 1")),
+                         ("    contention:\n      bf16: {read: 0.6, decompress: 0.5}", ("below 1",)),
+                         ("    contention:\n      bf16: {reads: 0.5}", ("contention.bf16.reads", "did you mean")),
+                         ("    contention:\n      bf16: {call: 5}", ("contention.bf16.call", "unit"))):
+        path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n" + extra))
+        with pytest.raises(ConfigError) as e:
+            load_device(str(path))
+        assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_the_gap_between_expert_calls_by_hand(tmp_path):
