@@ -43,11 +43,12 @@ where the roofline is not what the host does. Each table gives seconds at the to
         compute_gap: 10us               # optional (default 0): the runtime's own time between two expert
                                         #   calls of a layer (its loop: bookkeeping, waiting on a queue)
         contention:                     # optional: per format key, how the executor's threads share the cores
-          zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us}
+          zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us, stall: 0.5}
                                         # read / decompress: the share of its speed the main thread loses
                                         #   (expert calls and dense parts) while >= 1 read / decompression is
                                         #   in flight (0 <= x < 1; summed when both); call / dense: what an
-                                        #   expert call / a dense part costs in runs beyond its table
+                                        #   expert call / a dense part costs in runs beyond its table;
+                                        #   stall: the share a read loses while the main thread works
 
 They apply to the named model only (other models keep the roofline). Format keys:
 bf16, zip, mwq-int2-4 (mwq / copies with their widths); see measured_key.
@@ -117,11 +118,14 @@ class Contention:
     """How the executor's threads share the host's cores, for one format (compute.measured.contention).
     While at least one read is in flight the main thread's work (expert calls, dense parts) runs at
     1 - read of its speed, while a decompression runs at 1 - decompress (1 - both when both); and an
-    expert call / a dense part costs `call` / `dense` seconds more in runs than its table says."""
+    expert call / a dense part costs `call` / `dense` seconds more in runs than its table says. A read
+    in turn runs at 1 - stall of its speed while the main thread works (its decision path, expert
+    calls): the reader thread waits for the cores (and the interpreter) the main thread holds."""
     read: float = 0.0
     decompress: float = 0.0
     call: float = 0.0
     dense: float = 0.0
+    stall: float = 0.0      # the share of its speed a read loses while the main thread works
 
     def rate(self, reading: bool, decompressing: bool) -> float:
         return 1.0 - (self.read if reading else 0.0) - (self.decompress if decompressing else 0.0)
@@ -198,7 +202,8 @@ class DeviceProfile:
                                      + "".join(f"; {k}: main thread at {1 - c.read:.0%} while reading, "
                                                f"{1 - c.decompress:.0%} while decompressing, "
                                                f"+{_format_duration(c.call)} per expert call, "
-                                               f"+{_format_duration(c.dense)} per dense part"
+                                               f"+{_format_duration(c.dense)} per dense part, "
+                                               f"reads at {1 - c.stall:.0%} while it works"
                                                for k, c in m.contention.items())))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
@@ -361,9 +366,9 @@ class _Reader:
         out = {}
         for fmt, v in value.items():
             where = f"{key}.{fmt}"
-            v = self.mapping(v, where, set(), frozenset({"read", "decompress", "call", "dense"}))
+            v = self.mapping(v, where, set(), frozenset({"read", "decompress", "call", "dense", "stall"}))
             shares = {}
-            for k in ("read", "decompress"):
+            for k in ("read", "decompress", "stall"):
                 x = v.get(k, 0.0)
                 if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < 1:
                     raise self.fail(f"{where}.{k}", f"expected a share of speed lost, 0 <= x < 1, got {x!r}")

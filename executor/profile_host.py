@@ -81,6 +81,7 @@ class HostProfiler:
         self.io_concurrency, self.decompress_workers = io_concurrency, decompress_workers
         self.threads = default_torch_threads("cpu")
         self.stores = {}
+        self.read_runs: dict = {}     # format key -> [(run config, measured seconds of reads)] (stall fit)
 
     # -- stores -----------------------------------------------------------------------
     def store(self, fmt_name: str):
@@ -254,6 +255,10 @@ class HostProfiler:
                                    prefetch=prefetch)
                     reads = [(e.start, e.end) for e in tl.of("io")]
                     decs = [(e.start, e.end) for e in tl.events if e.resource.startswith("decompress")]
+                    if rep == 0:                # the calibration's runs (calibrate)
+                        self.read_runs.setdefault(measured_key(fmt), []).append(
+                            (dict(requests=batch, prompt=8, output=12, budget_share=share, seed=30 + rep,
+                                  fmt_name=fmt_name, prefetch=prefetch), _run_times(tl)))
                     prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
                     for e in tl.events:
                         if e.resource == "compute":
@@ -270,8 +275,53 @@ class HostProfiler:
                     bar.update(1)
             call, dense_x, read, dec = _robust_fit(np.array(rows, float), np.array(extra))
             out[measured_key(fmt)] = {"read": read, "decompress": dec, "call": max(0.0, call),
-                                      "dense": max(0.0, dense_x), "samples": len(extra)}
+                                      "dense": max(0.0, dense_x), "stall": 0.0, "samples": len(extra)}
         return out
+
+    def calibrate(self, m: dict) -> None:
+        """contention.read and .stall per format, found by simulation. The main thread and a reader
+        thread slow each other down (they share the cores and the interpreter), and the two effects
+        cannot be told apart from one run's timeline: a read that overlaps a call looks the same
+        whichever of the two waited. So both are the pair (0 to 0.8 in steps of 0.1) with which
+        the simulator, given every other measured figure, best reproduces the contention runs (same
+        traces, same policies): their expert-call time, read time and run time (least squares of the
+        relative errors)."""
+        import itertools
+        import tempfile
+        from dataclasses import replace
+        from policies import build_policies
+        from policies.cost import CostModel
+        from sim.engine import Simulator
+        from workloads.synthetic import synthetic_trace
+        from workloads.workload import Workload
+        with tempfile.TemporaryDirectory() as tmp:
+            device = write_profile(Path(tmp) / "host.yaml", m, "moelab profile (calibration)")
+        measured = device.compute.measured
+        for key, runs in self.read_runs.items():
+            workloads = []
+            for cfg, _ in runs:
+                fmt = self.store(cfg["fmt_name"]).format
+                trace = synthetic_trace(self.arch, requests=cfg["requests"], prompt_len=cfg["prompt"],
+                                        output_len=cfg["output"], seed=cfg["seed"])
+                budget = int(self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
+                             * cfg["budget_share"])
+                workloads.append((Workload(self.arch, trace, fmt, batch=cfg["requests"]), budget, cfg["prefetch"]))
+            target = np.sum([t for _, t in runs], axis=0)
+
+            def error(read: float, stall: float) -> float:
+                cont = dict(measured.contention, **{key: replace(measured.contention[key], read=read, stall=stall)})
+                dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont)))
+                got = np.zeros(3)
+                for w, budget, prefetch in workloads:
+                    pol = build_policies(w, budget, cache="lru", prefetch=prefetch,
+                                         cost=CostModel.build(dev, self.arch, w.fmt))
+                    got += _run_times(Simulator(dev, w, pol).run())
+                return float(np.sum((got / target - 1) ** 2))
+            grid = [round(0.1 * i, 1) for i in range(9)]
+            dec = measured.contention[key].decompress          # read + decompress < 1: the main thread runs
+            read, stall = min(((r, st) for r, st in itertools.product(grid, grid) if r + dec < 0.95),
+                              key=lambda rs: error(*rs))
+            m["contention"][key].update(read=read, stall=stall)
 
     # -- dense, steps and the decision path: real forced runs ---------------------------
     def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
@@ -364,6 +414,14 @@ class HostProfiler:
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
 
 
+def _run_times(tl) -> np.ndarray:
+    """(expert-call seconds, read seconds, run seconds) of a timeline: what calibrate matches."""
+    ev = [e for e in tl.events if e.resource in ("compute", "io", "dense")]
+    return np.array([sum(e.end - e.start for e in ev if e.resource == "compute"),
+                     sum(e.end - e.start for e in ev if e.resource == "io"),
+                     max(e.end for e in ev) - min(e.start for e in ev)])
+
+
 def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """(call, dense, read, decompress) of y ~ a @ coef: least squares with a soft-L1 loss (a stall of
     the host, e.g. another process taking a core, must not drag the fit), the extra costs >= 0 and
@@ -371,7 +429,7 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     from scipy.optimize import least_squares
     fit = least_squares(lambda c: a @ c - y, x0=[0.0, 0.0, 0.1, 0.1], loss="soft_l1", f_scale=50e-6,
                         bounds=([0.0, 0.0, 0.0, 0.0], [np.inf, np.inf, 0.9, 0.9]), x_scale=[1e-5, 1e-5, 0.1, 0.1])
-    call, dense, read, dec = (float(c) for c in fit.x)
+    call, dense, read, dec = (float(c) if a[:, i].any() else 0.0 for i, c in enumerate(fit.x))   # no data: 0
     if read + dec > 0.95:
         read, dec = 0.95 * read / (read + dec), 0.95 * dec / (read + dec)
     return call, dense, read, dec
@@ -470,10 +528,11 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
             b, a = np.polyfit(xs, ys, 1, w=ws)
             dense["decision_overhead"], dense["load_overhead"] = max(0.0, float(a)), max(0.0, float(b))
             dense["decision_points"] = len(decisions)
-    return {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
-            "contention": contention,
-            "decompress_workers": decompress_workers, "experts": experts, "roofline": roof, **dense,
-            "torch_threads": p.threads}
+    m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
+         "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
+         **dense, "torch_threads": p.threads}
+    p.calibrate(m)              # read and stall: by simulation, given every other figure
+    return m
 
 
 def host_name() -> str:
@@ -541,7 +600,8 @@ def profile_yaml(m: dict, command: str) -> str:
     ]
     for key, c in m["contention"].items():
         lines.append(f"      {key}: {{read: {c['read']:.3f}, decompress: {c['decompress']:.3f}, "
-                     f"call: {_us(c['call'])}, dense: {_us(c['dense'])}}}   # {c['samples']} samples")
+                     f"call: {_us(c['call'])}, dense: {_us(c['dense'])}, stall: {c['stall']:.2f}}}   "
+                     f"# {c['samples']} samples; read, stall: calibrated by simulation")
     lines += [
         "decompress:",
         f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "

@@ -141,44 +141,64 @@ class Validator:
         return self.stores[fmt_name]
 
     # -- one configuration ---------------------------------------------------------------
-    def run_one(self, cfg: dict, trace) -> dict:
-        from executor.execute import execute, strip_experts
-        from executor.io import StorageThrottle
-        from executor.train import load_trained
-        from policies import build_policies
-        from policies.cost import CostModel
-        from sim.engine import Simulator
-        from sim.metrics import compute_metrics
+    def setup(self, cfg: dict, trace):
+        """(row so far, workload, budget, store) of a configuration."""
         from workloads.workload import Workload
         store = self.store(cfg["format"])
         fmt = store.format
         w = Workload(self.arch, trace, fmt, batch=cfg["batch"])
         total = self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
         budget = int(total * cfg["budget_share"])
-        row = dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats)
+        return dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats), w, budget, store
 
-        def policies():
-            cost = CostModel.build(self.profile, self.arch, fmt, self.storage)
-            return build_policies(w, budget, cache=cfg["cache"], prefetch=cfg["prefetch"], cost=cost)
+    def policies(self, cfg: dict, w, budget: int):
+        from policies import build_policies
+        from policies.cost import CostModel
+        cost = CostModel.build(self.profile, self.arch, w.fmt, self.storage)
+        return build_policies(w, budget, cache=cfg["cache"], prefetch=cfg["prefetch"], cost=cost)
+
+    def simulate(self, cfg: dict, trace) -> dict:
+        """The simulator's prediction: {"metrics", "busy", "decisions"}, or {"status"} when the
+        configuration cannot run (e.g. a budget below one decision point's demand)."""
+        from sim.engine import Simulator
+        from sim.metrics import compute_metrics
+        _, w, budget, _ = self.setup(cfg, trace)
         try:
-            sim_pol = policies()
-        except ConfigError as e:                       # e.g. a budget below one decision point's demand
-            return dict(row, status=f"skipped: {e}")
-        sim_tl = Simulator(self.profile, w, sim_pol, self.storage).run()
-        pred = compute_metrics(sim_tl)
-        pred_busy = busy(sim_tl)
-        decisions = sim_tl.decisions()
-        meas, meas_busy, same = [], [], True
-        for _ in range(self.repeats):
-            model, _, _ = load_trained(self.model_dir)
-            throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None
-            run = execute(strip_experts(model), store, policies(), torch.zeros(1, 1, dtype=torch.long), 0,
-                          trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True,
-                          decompress_workers=self.profile.decompress_workers,
-                          io_concurrency=self.io_concurrency)
-            meas.append(compute_metrics(run.timeline))
-            meas_busy.append(busy(run.timeline))
-            same = same and run.timeline.decisions() == decisions
+            pol = self.policies(cfg, w, budget)
+        except ConfigError as e:
+            return {"status": f"skipped: {e}"}
+        tl = Simulator(self.profile, w, pol, self.storage).run()
+        return {"metrics": compute_metrics(tl), "busy": busy(tl), "decisions": tl.decisions()}
+
+    def execute_once(self, cfg: dict, trace, decisions) -> dict:
+        """One executor run: {"metrics", "busy", "same"} (same: it made the simulator's decisions)."""
+        from executor.execute import execute, strip_experts
+        from executor.io import StorageThrottle
+        from executor.train import load_trained
+        from sim.metrics import compute_metrics
+        _, w, budget, store = self.setup(cfg, trace)
+        model, _, _ = load_trained(self.model_dir)
+        throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None
+        run = execute(strip_experts(model), store, self.policies(cfg, w, budget), torch.zeros(1, 1, dtype=torch.long),
+                      0, trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True,
+                      decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency)
+        m = compute_metrics(run.timeline)
+        return {"metrics": {k: m[k] for k in METRICS}, "busy": busy(run.timeline),
+                "same": run.timeline.decisions() == decisions}
+
+    def run_one(self, cfg: dict, trace) -> dict:
+        """A configuration's row, its executor repeats run back to back."""
+        sim = self.simulate(cfg, trace)
+        if "status" in sim:
+            return dict(self.setup(cfg, trace)[0], status=sim["status"])
+        return self.row(cfg, trace, sim, [self.execute_once(cfg, trace, sim["decisions"])
+                                          for _ in range(self.repeats)])
+
+    def row(self, cfg: dict, trace, sim: dict, runs: list[dict]) -> dict:
+        """Predicted against measured (the median over the executor's runs, their spread beside)."""
+        row = self.setup(cfg, trace)[0]
+        pred, pred_busy = sim["metrics"], sim["busy"]
+        meas = [r["metrics"] for r in runs]
         for m in METRICS:
             vals = [x[m] for x in meas if x[m] is not None]
             mid = float(np.median(vals)) if vals else None
@@ -189,24 +209,44 @@ class Validator:
         row["runs_tpot_s_mean"] = ";".join(f"{t:.6g}" for t in tpots)
         row["err_tpot_vs_mean_of_runs"] = rel_err(pred["tpot_s_mean"], float(np.mean(tpots))) if tpots else None
         for r in RESOURCES:
-            mid = float(np.median([b[r] for b in meas_busy]))
+            mid = float(np.median([x["busy"][r] for x in runs]))
             row.update({f"pred_{r}_busy_s": pred_busy[r], f"meas_{r}_busy_s": mid,
                         f"err_{r}_busy": rel_err(pred_busy[r], mid) if mid > 1e-9 else None})
-        return dict(row, decisions_identical=same, status="ok")
+        return dict(row, decisions_identical=all(r["same"] for r in runs), status="ok")
 
     # -- the matrix ----------------------------------------------------------------------
     def run(self) -> list[dict]:
+        """The matrix in `repeats` passes: each pass runs the executor once per configuration, so
+        a configuration's repeats lie minutes apart and a slow spell of the host (another tenant,
+        a stalled disk) spreads over many configurations' single runs instead of all the repeats
+        of a few (their median would hide nothing). Each executor run is kept in runs.jsonl as it
+        finishes; a configuration's row is written once its repeats are all there (resumable)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        csv_path = self.out / "validation.csv"
+        csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
         trace = self.trace()
         todo = [c for c in matrix(self.quick) if row_key(dict(c, throttle=self.throttle or "")) not in done]
         for fmt in {c["format"] for c in todo}:
             self.store(fmt)
-        with tqdm(total=len(todo), disable=self.quiet, desc="validate", unit="config") as bar:
-            for cfg in todo:
-                append_row(csv_path, self.run_one(cfg, trace))
-                bar.update(1)
+        kept = read_runs(runs_path)
+        sims: dict = {}
+        with tqdm(total=len(todo) * self.repeats, disable=self.quiet, desc="validate", unit="run") as bar:
+            for rep in range(self.repeats):
+                for cfg in todo:
+                    key = row_key(dict(cfg, throttle=self.throttle or ""))
+                    if key not in sims:
+                        sims[key] = self.simulate(cfg, trace)
+                    if "status" not in sims[key] and len(kept.get(key, [])) <= rep:
+                        run = self.execute_once(cfg, trace, sims[key]["decisions"])
+                        append_run(runs_path, key, run)
+                        kept.setdefault(key, []).append(run)
+                    bar.update(1)
+        for cfg in todo:
+            key = row_key(dict(cfg, throttle=self.throttle or ""))
+            sim = sims[key]
+            row = (dict(self.setup(cfg, trace)[0], status=sim["status"]) if "status" in sim
+                   else self.row(cfg, trace, sim, kept[key][:self.repeats]))
+            append_row(csv_path, row)
         rows = read_rows(csv_path)
         write_report(self.out, rows, self.profile)
         return rows
@@ -221,6 +261,33 @@ def read_rows(path) -> list[dict]:
     if text and not text.endswith("\n"):                 # a torn last line from a crash
         text = text[: text.rfind("\n") + 1]
     return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
+def read_runs(path) -> dict:
+    """runs.jsonl: configuration key -> its executor runs so far (a torn last line is dropped)."""
+    import json
+    path = Path(path)
+    out: dict = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:              # a crash mid-line
+            continue
+        out.setdefault(tuple(r["key"]), []).append(r["run"])
+    return out
+
+
+def append_run(path: Path, key: tuple, run: dict) -> None:
+    import json
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        if torn:                                   # end a line cut by a crash: it is skipped on reading
+            f.write("\n")
+        f.write(json.dumps({"key": list(key), "run": run}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -32,7 +32,27 @@ from sim.servers import FifoServer, StorageChannel
 from sim.timeline import Event, Timeline
 from workloads.workload import Workload
 
-_event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost
+_event = partial(tuple.__new__, Event)
+STALL_ROUNDS = 3        # fixed-point rounds of read stall <-> compute timing (measured hosts only)
+
+
+def _stalled_end(start: float, work: float, busy, stall: float) -> float:
+    """When a read of `work` seconds begun at `start` ends if it runs at 1 - stall of its speed
+    during the main thread's `busy` spans (disjoint) and at full speed outside them."""
+    t = start
+    for a, b in sorted(busy):
+        if b <= t:
+            continue
+        if a > t:
+            if t + work <= a:
+                return t + work
+            work -= a - t
+            t = a
+        if t + work / (1 - stall) <= b:
+            return t + work / (1 - stall)
+        work -= (b - t) * (1 - stall)
+        t = b
+    return t + work
 
 
 class Simulator:
@@ -48,6 +68,10 @@ class Simulator:
         self.pending: dict = {}          # prefetched key -> when its load is ready
         self.contention = self.cost.contention()
         self.contends = any(astuple(self.contention))
+        # a read's stall is the host's own read path: a throttled run's reads sleep to their
+        # device's times, whatever the main thread does
+        own = device.storage.get(self.storage.name) == self.storage
+        self.stall = self.contention.stall if own else 0.0
         self.in_flight: list[tuple[float, float, bool]] = []   # (start, end, is decompression) not yet past
         # the executor's own costs (measured host profiles; all 0 for roofline profiles), per layer
         self.decide_base = self.cost.decision_seconds(0)
@@ -107,41 +131,93 @@ class Simulator:
     def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
         """Carry out one decision point at time `now`; returns when its last compute ends."""
         d = self.p.decide(layer, routing)
-        fmt, add = self.w.fmt, self.timeline.events.append
+        fmt, add, pending = self.w.fmt, self.timeline.events.append, self.pending
         sizes = fmt.resident_bytes
-        ready, pending, tasks = {}, self.pending, []
-        new_spans = self.new_spans = [] if self.contends else None
-        # the decision path's own cost (0 without measured tables): each load leaves as it is
-        # issued, the computes wait for the whole path
-        per_load = self.decide_per_load
-        issue_at = now + self.decide_base
-        for item, kind, evicted in d.loads:
+        for item, kind, evicted in d.loads:      # the cache's records, at the decision point
             for k in evicted:
                 if pending:
                     pending.pop(k, None)
                 add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
             key = item.key
             add(_event(("cache", kind, now, now, key.layer, key.expert, key.part, item.resident_bytes, s, 0)))
-            issue_at += per_load
-            issue, done = self.io.reserve(issue_at, item.nbytes)
+        assert self.p.cache.used <= self.p.cache.capacity, "budget exceeded"
+        stretch = None
+        if self.stall and d.loads:
+            # a read runs slower while the main thread works (measured hosts): its end depends on
+            # the computes, which depend on when reads end. A few rounds from the same server state,
+            # each read's end taken from the main thread's work of the round before
+            state = self._servers()
+            stretch = [0.0] * len(d.loads)
+            for _ in range(STALL_ROUNDS):
+                reads, _, computes, path_end = self._plan(now, d, stretch)
+                busy = [(now, path_end)] + [(a, b) for a, b, *_ in computes]
+                stretch = [_stalled_end(a, b - x - a, busy, self.stall) - (b - x)
+                           for (a, b), x in zip(reads, stretch)]
+                self._servers(state)
+        reads, decs, computes, _ = self._plan(now, d, stretch)
+        for (item, kind, _), (issue, done) in zip(d.loads, reads):
+            key = item.key
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
-            if new_spans is not None:
-                new_spans.append((issue, done, False))
+            if kind is not PLAN and not item.decompress_bytes:
+                pending[key] = done
+        for i, start, done, worker in decs:
+            item, kind, _ = d.loads[i]
+            key = item.key
+            add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
+                        item.decompress_bytes, s, 0)))
+            if kind is not PLAN:
+                pending[key] = done
+        if pending:                             # prefetched earlier: used now
+            for key in d.keys:
+                pending.pop(key, None)
+        if self.contends:                       # reads and decompressions not past yet
+            self.in_flight = ([x for x in self.in_flight if x[1] > now] + [(a, b, False) for a, b in reads]
+                              + [(a, b, True) for _, a, b, _ in decs])
+        level_sizes, free = fmt.level_sizes, now
+        for start, free, expert, level, n in computes:
+            add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
+        for k in self.p.finish(layer):
+            pending.pop(k, None)
+            add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+        return free
+
+    def _plan(self, now: float, d, stretch: list[float] | None):
+        """When the decision's reads, decompressions and computes happen if carried out at `now`
+        (reserving the storage and the decompression workers): (reads [(issue, done)] in load order,
+        decompressions [(load index, start, done, worker)], computes [(start, end, expert, level,
+        tokens)], the end of the decision path). `stretch`: what each read gains on the main thread's
+        work (None: nothing)."""
+        fmt = self.w.fmt
+        # the decision path's own cost (0 without measured tables): each load leaves as it is
+        # issued, the computes wait for the whole path
+        per_load = self.decide_per_load
+        issue_at = now + self.decide_base
+        ready, prefetched, reads, tasks = {}, {}, [], []
+        for i, (item, kind, _) in enumerate(d.loads):
+            issue_at += per_load
+            issue, done = self.io.reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
+            reads.append((issue, done))
+            key = item.key
             if item.decompress_bytes:
-                tasks.append((item, kind, done))
+                tasks.append((i, item, done))
             elif kind is PLAN:
                 ready[key.expert, key.part] = done
             else:
-                pending[key] = done
-        if tasks:
-            self._decompress(tasks, d.decompress_order, ready, s)
-        if pending:                             # prefetched earlier: ready when its load is
+                prefetched[key] = done
+        decs = self._decompress(tasks, d.decompress_order) if tasks else []
+        for i, _, done, _ in decs:
+            item, kind, _ = d.loads[i]
+            if kind is PLAN:
+                ready[item.key.expert, item.key.part] = done
+            else:
+                prefetched[item.key] = done
+        pending = self.pending
+        if pending or prefetched:               # prefetched: ready when its load is
             for key in d.keys:
-                t = pending.pop(key, None)
+                t = prefetched.get(key, pending.get(key))
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
-        assert self.p.cache.used <= self.p.cache.capacity, "budget exceeded"
-        parts, level_sizes, seconds = fmt.level_parts, fmt.level_sizes, self.cost.expert_seconds
+        parts, seconds = fmt.level_parts, self.cost.expert_seconds
         counts = d.demand.counts()
         if d.compute_order is not None:         # the scheduler's order, each once it is ready
             tasks = []
@@ -161,48 +237,49 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        free = now + self.decide_base + per_load * len(d.loads)
-        if new_spans is not None:              # reads and decompressions not past yet
-            self.in_flight = [x for x in self.in_flight if x[1] > now] + new_spans
-        gap, first, contends, call = self.gap, True, self.contends, self.contention.call
+        path_end = free = now + self.decide_base + per_load * len(d.loads)
+        spans = None
+        if self.contends:                       # reads and decompressions in flight meanwhile
+            spans = ([x for x in self.in_flight if x[1] > now] + [(a, b, False) for a, b in reads]
+                     + [(a, b, True) for _, a, b, _ in decs])
+        computes, gap, first, call = [], self.gap, True, self.contention.call
         for t_ready, _, expert, level, n in tasks:
             if not first:
                 free += gap
             first = False
             start = t_ready if t_ready > free else free
-            free = self._main_thread(start, seconds(level, n) + call) if contends else start + seconds(level, n)
-            add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
-        for k in self.p.finish(layer):
-            pending.pop(k, None)
-            add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
-        return free
+            free = self._main_thread(start, seconds(level, n) + call, spans) if spans is not None \
+                else start + seconds(level, n)
+            computes.append((start, free, expert, level, n))
+        return reads, decs, computes, path_end
 
-    def _decompress(self, tasks, order, ready: dict, s: int) -> None:
-        """Decompression tasks go to the workers in `order` (default: load order), each once its
-        read is done and the tasks before it have started: one FIFO queue."""
+    def _decompress(self, tasks, order) -> list[tuple[int, float, float, int]]:
+        """Decompression tasks [(load index, item, read done)] go to the workers in `order` (default:
+        load order), each once its read is done and the tasks before it have started: one FIFO
+        queue. Returns [(load index, start, done, worker)]."""
         if order is not None:
             rank = {key: i for i, key in enumerate(order)}
-            tasks = sorted(tasks, key=lambda t: rank.get(t[0].key, len(rank)))
-        add, last_start = self.timeline.events.append, 0.0
-        for item, kind, read_done in tasks:
-            key = item.key
+            tasks = sorted(tasks, key=lambda t: rank.get(t[1].key, len(rank)))
+        out, last_start = [], 0.0
+        for i, item, read_done in tasks:
             start, done, worker = self.decomp.reserve(max(read_done, last_start),
                                                       item.decompress_bytes / self.decompress_rate)
             last_start = start
-            if self.new_spans is not None:
-                self.new_spans.append((start, done, True))
-            add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
-                        item.decompress_bytes, s, 0)))
-            if kind is PLAN:
-                ready[key.expert, key.part] = done
-            else:
-                self.pending[key] = done
+            out.append((i, start, done, worker))
+        return out
 
-    def _main_thread(self, start: float, work: float) -> float:
+    def _servers(self, state=None):
+        """The storage's and decompression workers' state (free times), or restore it from `state`."""
+        io, dec = self.io, self.decomp
+        if state is None:
+            return io.slots.free[:], io.wire.free[:], dec.free[:]
+        io.slots.free[:], io.wire.free[:], dec.free[:] = state
+
+    def _main_thread(self, start: float, work: float, spans=None) -> float:
         """When `work` seconds of the main thread's work (at full speed) begun at `start` end: it runs
         at the measured contention's rate while reads / decompressions are in flight (the executor's
         worker threads share the cores with it), its speed changing at each of their starts and ends."""
-        spans = [x for x in self.in_flight if x[1] > start]
+        spans = [x for x in (self.in_flight if spans is None else spans) if x[1] > start]
         rate_of, t = self.contention.rate, start
         while True:
             reading = decompressing = False

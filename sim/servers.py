@@ -36,11 +36,14 @@ class StorageChannel:
         self.slots = FifoServer(queue_depth)
         self.wire = FifoServer(1)
 
-    def reserve(self, arrival: float, nbytes: int) -> tuple[float, float]:
-        """Issue a read at `arrival`: returns (issue time, completion time)."""
+    def reserve(self, arrival: float, nbytes: int, stall: float = 0.0) -> tuple[float, float]:
+        """Issue a read at `arrival`: returns (issue time, completion time). `stall`: seconds the
+        read takes beyond its transfer (its thread is held up on the host); it keeps its slot, not
+        the wire."""
         issue = self.slots.free[min(range(len(self.slots.free)), key=self.slots.free.__getitem__)]
         issue = max(arrival, issue)
         _, end, _ = self.wire.reserve(issue + self.latency, nbytes / self.bandwidth)
-        # the slot is held until the transfer completes
+        end += stall
+        # the slot is held until the read completes
         self.slots.reserve(arrival, end - issue)
         return issue, end

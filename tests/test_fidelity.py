@@ -175,6 +175,41 @@ def test_validate_quick_writes_three_outputs_with_identical_decisions(host_profi
     assert len(read_rows(out / "validation.csv")) == n
 
 
+def test_validate_runs_repeats_in_passes_and_keeps_every_run(host_profile, tmp_path, monkeypatch):
+    """Repeats come in passes over the matrix (a configuration's runs lie apart in time); each run
+    is kept in runs.jsonl as it ends, so a crash loses at most the run in progress: the rerun
+    executes only what is missing and the rows take the kept runs (here a fake executor whose
+    TPOT is the call's number)."""
+    from experiments.validate import Validator, read_rows, read_runs, row_key
+    device, root = host_profile
+    out = tmp_path / "val"
+    calls = []
+
+    def fake(self, cfg, trace, decisions):
+        calls.append(row_key(dict(cfg, throttle="")))
+        n = len(calls)
+        if n == 5:                                  # the host dies during the 5th run
+            raise KeyboardInterrupt
+        return {"metrics": {"ttft_s": 0.01, "tpot_s_mean": n * 1e-3, "throughput_tok_s": 1.0, "hit_ratio": 0.5},
+                "busy": {"io": 0.0, "decompress": 0.0, "compute": 0.0}, "same": True}
+    monkeypatch.setattr(Validator, "execute_once", fake)
+    v = dict(quick=True, repeats=2, store_root=root / "stores", quiet=True, tokens=4)
+    with pytest.raises(KeyboardInterrupt):
+        Validator(out, device.path, **v).run()
+    first_pass = calls[:4]
+    assert len(read_runs(out / "runs.jsonl")) == 4 and not (out / "validation.csv").exists()
+    rows = Validator(out, device.path, **v).run()
+    n_cfg = len(rows)
+    assert len(set(first_pass)) == 4                          # pass 1: every configuration once...
+    assert calls[4] == calls[5]                                # ... the crashed run redone first
+    assert calls[5 + n_cfg - 4:] == first_pass + calls[5:5 + n_cfg - 4]   # pass 2: the same order again
+    assert len(calls) == 2 * n_cfg + 1
+    by_key = {row_key(r): r for r in read_rows(out / "validation.csv")}
+    k0 = first_pass[0]
+    # config 0's runs: call 1 (pass 1) and call n_cfg + 2 (pass 2, after the crash's redo)
+    assert by_key[k0]["runs_tpot_s_mean"] == f"{1e-3:.6g};{(n_cfg + 2) * 1e-3:.6g}"
+
+
 def test_pick_prints_the_validated_error_of_its_class(tmp_path):
     from experiments.cli import fidelity_line
     from experiments.validate import append_row
@@ -211,6 +246,23 @@ def test_an_expert_call_runs_slower_while_a_read_is_in_flight_by_hand(tmp_path):
     assert ev == [("dense", 0, dense0), ("io", dense0 + 750, plan_done), ("io", plan_done, prefetch_done),
                   ("compute", plan_done, call_end), ("dense", call_end, call_end + 2200),
                   ("compute", call_end + 2700, call_end + 2700 + 10100)]
+
+
+def test_reads_run_slower_while_the_main_thread_works_by_hand(tmp_path):
+    """Two loads, queue depth 1, each read 1,192 us alone; a read runs at half speed (stall 0.5)
+    while the main thread works. Read 0 (issued at 2,750) spends 250 us inside the decision path
+    (ends at 3,000): 125 us done there, so it ends at 3,000 + 1,067 = 4,067. Read 1 then starts and
+    runs entirely inside expert 0's call (4,067 - 14,067): 2 x 1,192 us."""
+    path = tmp_path / "m.yaml"
+    path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n"
+                                     "    contention:\n      bf16: {stall: 0.5}"))
+    trace = make_trace([[[0, 1]]], prompt=[True], request_ids=[0])
+    arch = dataclasses.replace(TINY, top_k=2, layers=1)
+    w = Workload(arch, trace, make_format("bf16", arch.expert_shapes), batch=1)
+    tl = Simulator(load_device(str(path)), w, build_policies(w, 10 ** 6, cache="lru")).run()
+    ev = [(e.resource, round(e.start * 1e6), round(e.end * 1e6)) for e in tl.events if e.resource != "cache"]
+    assert ev == [("dense", 0, 2000), ("io", 2750, 4067), ("io", 4067, 4067 + 2 * 1192),
+                  ("compute", 4067, 14067), ("compute", 14067, 24067)]
 
 
 def test_the_main_thread_fluid_model_by_hand():
