@@ -72,6 +72,10 @@ class Simulator:
         # device's times, whatever the main thread does
         own = device.storage.get(self.storage.name) == self.storage
         self.stall = self.contention.stall if own else 0.0
+        # likewise a throttled read contends for the cores only while the host reads it (then its
+        # thread sleeps to its device's time): as long as a read of the host's own storage takes
+        host = device.storage_option(None)
+        self.host_read = None if own else (host.latency, host.read_bandwidth)
         self.in_flight: list[tuple[float, float, bool]] = []   # (start, end, is decompression) not yet past
         # the executor's own costs (measured host profiles; all 0 for roofline profiles), per layer
         self.decide_base = self.cost.decision_seconds(0)
@@ -171,8 +175,7 @@ class Simulator:
             for key in d.keys:
                 pending.pop(key, None)
         if self.contends:                       # reads and decompressions not past yet
-            self.in_flight = ([x for x in self.in_flight if x[1] > now] + [(a, b, False) for a, b in reads]
-                              + [(a, b, True) for _, a, b, _ in decs])
+            self.in_flight = [x for x in self.in_flight if x[1] > now] + self._spans(d, reads, decs)
         level_sizes, free = fmt.level_sizes, now
         for start, free, expert, level, n in computes:
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
@@ -240,8 +243,7 @@ class Simulator:
         path_end = free = now + self.decide_base + per_load * len(d.loads)
         spans = None
         if self.contends:                       # reads and decompressions in flight meanwhile
-            spans = ([x for x in self.in_flight if x[1] > now] + [(a, b, False) for a, b in reads]
-                     + [(a, b, True) for _, a, b, _ in decs])
+            spans = [x for x in self.in_flight if x[1] > now] + self._spans(d, reads, decs)
         computes, gap, first, call = [], self.gap, True, self.contention.call
         for t_ready, _, expert, level, n in tasks:
             if not first:
@@ -267,6 +269,17 @@ class Simulator:
             last_start = start
             out.append((i, start, done, worker))
         return out
+
+    def _spans(self, d, reads, decs) -> list[tuple[float, float, bool]]:
+        """(start, end, is decompression) of the decision's reads and decompressions, as long as
+        each takes the host's cores (a throttled read: only its host read, see __init__)."""
+        if self.host_read is None:
+            spans = [(a, b, False) for a, b in reads]
+        else:
+            latency, bandwidth = self.host_read
+            spans = [(a, min(b, a + latency + item.nbytes / bandwidth), False)
+                     for (a, b), (item, _, _) in zip(reads, d.loads)]
+        return spans + [(a, b, True) for _, a, b, _ in decs]
 
     def _servers(self, state=None):
         """The storage's and decompression workers' state (free times), or restore it from `state`."""

@@ -248,6 +248,27 @@ def test_an_expert_call_runs_slower_while_a_read_is_in_flight_by_hand(tmp_path):
                   ("compute", call_end + 2700, call_end + 2700 + 10100)]
 
 
+def test_a_throttled_read_contends_only_while_the_host_reads_it_by_hand(tmp_path):
+    """Under a throttle (another device's storage) the executor reads at the host's speed and then
+    sleeps to the device's time: the main thread is slowed (read 0.5) only for as long as the host's
+    own storage takes (1,192 us here), not for the throttled read's 10,192 us; reads do not stall."""
+    from devices.profile import StorageProfile
+    path = tmp_path / "m.yaml"
+    path.write_text(MEASURED.replace("    load_overhead: 0.25ms", "    load_overhead: 0.25ms\n"
+                                     "    contention:\n      bf16: {read: 0.5, stall: 0.5}"))
+    slow = StorageProfile(name="sd", read_bandwidth=1e6, latency=0.01, queue_depth=1)
+    trace = make_trace([[[0], [1]]], prompt=[True], request_ids=[0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    tl = Simulator(load_device(str(path)), w, build_policies(w, 10 ** 6, cache="lru", prefetch="oracle"),
+                   storage=slow).run()
+    ev = [(e.resource, round(e.start * 1e6), round(e.end * 1e6)) for e in tl.events if e.resource != "cache"]
+    read = 10000 + 192
+    plan_done = 2000 + 750 + read
+    call_end = plan_done + 10000 + 1192 // 2          # half speed for the prefetch's host read
+    assert ev[:4] == [("dense", 0, 2000), ("io", 2750, plan_done), ("io", plan_done, plan_done + read),
+                      ("compute", plan_done, call_end)]
+
+
 def test_reads_run_slower_while_the_main_thread_works_by_hand(tmp_path):
     """Two loads, queue depth 1, each read 1,192 us alone; a read runs at half speed (stall 0.5)
     while the main thread works. Read 0 (issued at 2,750) spends 250 us inside the decision path
