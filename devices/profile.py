@@ -73,7 +73,8 @@ import yaml
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
 DEVICES_DIR = Path(__file__).resolve().parent
-STORAGE_KINDS = ("nvme", "microsd", "usb-ssd", "emmc", "disk")   # disk: a host's own, as measured
+STORAGE_KINDS = ("nvme", "microsd", "usb-ssd", "emmc", "disk", "host-ram")   # disk: a host's own, as measured;
+# host-ram: experts already in RAM (the page cache), copied where they compute
 CODECS = ("lz4", "lz4hc", "zstd")
 
 
@@ -209,7 +210,8 @@ class DeviceProfile:
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
             rows.append(("file", self.path))
-        return "\n".join([f"{self.name}: {self.description}"] + [f"  {k:<16}{v}" for k, v in rows])
+        width = max(16, *(len(k) + 2 for k, _ in rows))      # labels then values, in two columns
+        return "\n".join([f"{self.name}: {self.description}"] + [f"  {k:<{width}}{v}" for k, v in rows])
 
     def _storage_list(self) -> str:
         return ", ".join(k + (" (default)" if k == self.default_storage else "") for k in self.storage)

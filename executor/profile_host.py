@@ -582,16 +582,16 @@ def profile_yaml(m: dict, command: str) -> str:
         "  measured:",
         f"    model: {m['model']}   # the model these tables time",
         f"    tokens: {list(m['tokens'])}",
-        f"    experts:   # {src}: ExpertRuntime._compute, median over the model's experts",
+        f"    experts:   # {src}: ExpertRuntime._compute, mean over the model's experts (the simulator adds them up)",
     ]
     for key, rows in m["experts"].items():
         lines.append(f"      {key}:")
         for row in rows:
             lines.append(f"        - [{', '.join(_us(t) for t in row)}]")
-    lines.append(f"    dense:   # {src}: forced executor runs, median dense event (prefill batch 1; decode batch n)")
+    lines.append(f"    dense:   # {src}: forced executor runs, mean dense event (prefill batch 1; decode batch n)")
     for phase in ("prefill", "decode"):
         lines.append(f"      {phase}: [{', '.join(_us(t) for t in m['dense'][phase])}]")
-    lines.append(f"    step:   # {src}: forced executor runs, median gap between steps")
+    lines.append(f"    step:   # {src}: forced executor runs, mean gap between steps")
     for phase in ("prefill", "decode"):
         lines.append(f"      {phase}: [{', '.join(_us(t) for t in m['step'][phase])}]")
     lines += [

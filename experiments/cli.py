@@ -899,9 +899,24 @@ DEFAULT_HOST_PROFILE = "runs/host.yaml"
 def cmd_profile(args) -> None:
     from executor.profile_host import measure, write_profile
     out = check_out_file(args.out)
+    busy = busy_host_warning()
+    if busy:
+        print(busy, file=sys.stderr)
     m = measure(args.model_dir, quick=args.quick, quiet=args.quiet)
     device = write_profile(out, m, "moelab " + " ".join(args.argv))
     print(device.describe())
+
+
+def busy_host_warning(load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when other work already keeps the host's cores busy: the executor's runs would
+    then measure that work too (a quick validation beside a 2-process sweep measured 2-3x the
+    profile's times)."""
+    load = os.getloadavg()[0] if load is None else load
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if load < 0.5 * cores:
+        return None
+    return (f"warning: the host is busy (load average {load:.1f} on {cores} cores): the executor's runs will "
+            f"measure that work too; validate (and profile) on a quiet host")
 
 
 def cmd_validate(args) -> None:
@@ -916,6 +931,9 @@ def cmd_validate(args) -> None:
               file=sys.stderr)
         write_profile(args.profile, measure(args.model_dir, quick=args.quick, quiet=args.quiet),
                       f"moelab profile --out {args.profile}" + (" --quick" if args.quick else ""))
+    busy = busy_host_warning()
+    if busy:
+        print(busy, file=sys.stderr)
     rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
                      model_dir=args.model_dir, quiet=args.quiet).run()
     for s in summary(rows):

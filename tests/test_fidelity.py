@@ -324,3 +324,10 @@ def test_the_gap_between_expert_calls_by_hand(tmp_path):
     second_ready = first_ready + 1192                           # queue depth 1: one read after the other
     assert calls == [(first_ready, first_ready + 10000), (first_ready + 10100, first_ready + 20100)]
     assert second_ready < first_ready + 10100
+
+
+def test_profile_and_validate_warn_on_a_busy_host():
+    from experiments.cli import busy_host_warning
+    assert busy_host_warning(load=0.3, cores=2) is None
+    w = busy_host_warning(load=2.3, cores=2)
+    assert "busy" in w and "2.3" in w and "quiet host" in w

@@ -503,3 +503,14 @@ def test_levels_round_trip_and_validation(tmp_path):
     np.savez(tmp_path / "badlv.npz", experts=ex, scores=sc, levels=np.zeros((5, 3, 1), np.uint8))
     with pytest.raises(ConfigError, match=r"badlv\.npz: levels shape"):
         RoutingTrace.load(tmp_path / "badlv.npz")
+
+
+def test_the_bundled_trained_model_is_found_by_name_and_listed_when_a_name_is_wrong():
+    """A host profile names its model (tiny-moe): `--model tiny-moe` must find the bundled one."""
+    from devices.units import ConfigError
+    from workloads.catalog import get_model
+    arch = get_model("tiny-moe")
+    assert (arch.name, arch.layers, arch.experts) == ("tiny-moe", 4, 16)
+    with pytest.raises(ConfigError) as e:
+        get_model("tiny")
+    assert "mixtral-8x7b" in str(e.value) and "bundled trained tiny-moe" in str(e.value)

@@ -102,6 +102,10 @@ CATALOG: dict[str, ModelArch] = {m.name: m for m in [
 ]}
 
 
+# the executor's trained models (executor/assets), found by name too: a host profile names its model
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "executor" / "assets"
+
+
 def get_model(name: str) -> ModelArch:
     """A catalog architecture by name, or the architecture of a local model folder (its config.json)."""
     if name in CATALOG:
@@ -109,7 +113,11 @@ def get_model(name: str) -> ModelArch:
     path = Path(name)
     if (path / "config.json").exists():
         return arch_from_config(path / "config.json")
-    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))} "
+    bundled = BUNDLED_MODELS / name                  # the executor's own trained models, by name
+    if path.name == name and (bundled / "config.json").exists():
+        return arch_from_config(bundled / "config.json")
+    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))}, and the bundled "
+                      f"trained {', '.join(sorted(p.parent.name for p in BUNDLED_MODELS.glob('*/config.json'))) or '-'} "
                       f"(or a folder with a config.json: a `moelab train` output or a Hugging Face checkpoint)")
 
 
