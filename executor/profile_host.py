@@ -71,7 +71,7 @@ def _mean(xs) -> float:
 
 class HostProfiler:
     def __init__(self, model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
-                 io_concurrency: int = 2, decompress_workers: int = 2):
+                 io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None):
         from executor.execute import default_torch_threads, model_arch
         from executor.train import DEFAULT_MODEL, load_trained
         self.model_dir = Path(model_dir or DEFAULT_MODEL)
@@ -86,6 +86,13 @@ class HostProfiler:
         self.threads = default_torch_threads("cpu")
         self.stores = {}
         self.read_runs: dict = {}     # format key -> [(run config, measured (call, read, run) seconds)] (calibrate)
+        # the forced runs' reads held to a device's storage (profile --throttle): the runs' figures
+        # (dense, steps, decision path, contention) are then measured in that regime
+        self.throttle = throttle
+        self.throttled = None
+        if throttle:
+            dev, _, opt = throttle.partition(":")
+            self.throttled = load_device(dev).storage_option(opt or None)
 
     # -- stores -----------------------------------------------------------------------
     def store(self, fmt_name: str):
@@ -317,8 +324,8 @@ class HostProfiler:
                 total = 0.0
                 for (w, budget, prefetch), target in zip(workloads, targets):
                     pol = build_policies(w, budget, cache="lru", prefetch=prefetch,
-                                         cost=CostModel.build(dev, self.arch, w.fmt))
-                    got = _run_times(Simulator(dev, w, pol).run())
+                                         cost=CostModel.build(dev, self.arch, w.fmt, self.throttled))
+                    got = _run_times(Simulator(dev, w, pol, self.throttled).run())
                     total += float(np.sum(CALIBRATION_WEIGHTS * (got / target - 1) ** 2))
                 return total
             grid = [round(0.1 * i, 1) for i in range(9)]
@@ -331,6 +338,7 @@ class HostProfiler:
     def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
              fmt_name: str = "bf16", prefetch: str = "none"):
         from executor.execute import execute, strip_experts
+        from executor.io import StorageThrottle
         from executor.train import load_trained
         from policies import build_policies
         from workloads.synthetic import synthetic_trace
@@ -343,8 +351,9 @@ class HostProfiler:
         total = self.arch.layers * self.arch.experts * store.format.level_bytes(store.format.levels - 1)
         budget = int(total * budget_share)
         pol = build_policies(w, budget, cache="lru", prefetch=prefetch)
+        throttle = StorageThrottle.from_profile(self.throttled) if self.throttled else None
         return execute(model, store, pol, torch.zeros(requests, prompt, dtype=torch.long), 0, trace=trace,
-                       batch=requests, quiet=True).timeline
+                       batch=requests, quiet=True, throttle=throttle).timeline
 
     def dense_and_steps(self, bar=None) -> dict:
         from sim.metrics import step_spans
@@ -495,9 +504,9 @@ def _best(fn, repeats: int) -> float:
 
 
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
-            io_concurrency: int = 2, decompress_workers: int = 2) -> dict:
+            io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None) -> dict:
     """Every figure of the profile (the dict profile_yaml writes)."""
-    p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers)
+    p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
               unit="task") as bar:
@@ -534,7 +543,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
             dense["decision_points"] = len(decisions)
     m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
          "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
-         **dense, "torch_threads": p.threads}
+         **dense, "torch_threads": p.threads, "throttle": throttle}
     p.calibrate(m)              # read and stall: by simulation, given every other figure
     return m
 
@@ -562,7 +571,8 @@ def profile_yaml(m: dict, command: str) -> str:
         f"# {host_name()}: measured by `moelab profile` (executor/profile_host.py) for model {m['model']},",
         f"# torch threads {m['torch_threads']}, {os.cpu_count()} CPUs. Every figure: {src}",
         f"name: host-{host_name()}",
-        f'description: "{host_name()}: {os.cpu_count()} CPUs, measured host (executor on CPU)"',
+        f'description: "{host_name()}: {os.cpu_count()} CPUs, measured host (executor on CPU)'
+        + (f"; forced runs with reads throttled to {m['throttle']}" if m.get("throttle") else "") + '"',
         f"memory: {mem}B          # {src} (physical pages)",
         f"expert_budget: {mem // 2}B   # estimate: half of the measured memory",
         "default_storage: disk",

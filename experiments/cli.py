@@ -897,12 +897,16 @@ DEFAULT_HOST_PROFILE = "runs/host.yaml"
 
 
 def cmd_profile(args) -> None:
+    from devices.profile import load_device
     from executor.profile_host import measure, write_profile
     out = check_out_file(args.out)
     busy = busy_host_warning()
     if busy:
         print(busy, file=sys.stderr)
-    m = measure(args.model_dir, quick=args.quick, quiet=args.quiet)
+    if args.throttle:
+        dev_name, _, storage = args.throttle.partition(":")
+        load_device(dev_name).storage_option(storage or None)       # a wrong name fails before measuring
+    m = measure(args.model_dir, quick=args.quick, quiet=args.quiet, throttle=args.throttle)
     device = write_profile(out, m, "moelab " + " ".join(args.argv))
     print(device.describe())
 
@@ -1267,6 +1271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="a folder written by `moelab train` (default: the bundled tiny-moe)")
     p.add_argument("--out", default=DEFAULT_HOST_PROFILE, help="profile YAML to write")
     p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (tests)")
+    p.add_argument("--throttle", metavar="DEVICE[:STORAGE]",
+                   help="hold the forced runs' reads to a device's storage: the run figures (dense, decision path, "
+                        "contention) measured in that regime, for `validate --throttle` with the same storage")
     p.set_defaults(func=cmd_profile)
 
     p = add(sub, "validate", help="the simulator's prediction against the executor's measurement on this host")

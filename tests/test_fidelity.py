@@ -331,3 +331,21 @@ def test_profile_and_validate_warn_on_a_busy_host():
     assert busy_host_warning(load=0.3, cores=2) is None
     w = busy_host_warning(load=2.3, cores=2)
     assert "busy" in w and "2.3" in w and "quiet host" in w
+
+
+def test_profile_throttle_holds_the_forced_runs_reads_to_the_device(host_profile):
+    """profile --throttle: the forced runs read at the throttled device's speed (each read at least
+    its latency + size / bandwidth), so their figures are measured in that regime."""
+    from executor.profile_host import HostProfiler
+    _, root = host_profile
+    p = HostProfiler(None, root / "stores", quick=True, quiet=True, throttle="raspberry-pi-5-8gb:microsd")
+    sd = p.throttled
+    assert sd.name == "microsd"
+    reads = list(p._run(1, 2, 2, budget_share=0.3).of("io"))
+    assert reads and all(e.end - e.start >= 0.99 * (sd.latency + e.bytes / sd.read_bandwidth) for e in reads)
+
+
+def test_profile_refuses_a_wrong_throttle_before_measuring(capsys):
+    from experiments.cli import main
+    assert main(["profile", "--quick", "--throttle", "raspberry-pi-5-8gb:floppy", "--out", "/tmp/never.yaml"]) == 2
+    assert "floppy" in capsys.readouterr().err
