@@ -50,9 +50,6 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_TOKENS = (1, 4, 16, 64)
 FORMATS = ("bf16", "mwq", "zip")
 CODECS = ("lz4", "lz4hc", "zstd")
-# calibrate: weights of each run's relative errors of (expert-call time, read time, run time); the run
-# time, what the simulator is used to predict, counts twice
-CALIBRATION_WEIGHTS = np.array([1.0, 1.0, 2.0])
 
 
 def _us(seconds: float) -> str:
@@ -85,7 +82,9 @@ class HostProfiler:
         self.io_concurrency, self.decompress_workers = io_concurrency, decompress_workers
         self.threads = default_torch_threads("cpu")
         self.stores = {}
-        self.read_runs: dict = {}     # format key -> [(run config, measured (call, read, run) seconds)] (calibrate)
+        # format key -> [(format, run config, measured (call, read, run) seconds)]: what
+        # experiments/calibrate.py reproduces by simulation (the executor does not simulate)
+        self.calibration_runs: dict = {}
         # the forced runs' reads held to a device's storage (profile --throttle): the runs' figures
         # (dense, steps, decision path, contention) are then measured in that regime
         self.throttle = throttle
@@ -267,7 +266,7 @@ class HostProfiler:
                     tl = self._run(**cfg)
                     reads = [(e.start, e.end) for e in tl.of("io")]
                     decs = [(e.start, e.end) for e in tl.events if e.resource.startswith("decompress")]
-                    self.read_runs.setdefault(measured_key(fmt), []).append((cfg, _run_times(tl)))   # calibrate
+                    self.calibration_runs.setdefault(measured_key(fmt), []).append((fmt, cfg, _run_times(tl)))
                     prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
                     for e in tl.events:
                         if e.resource == "compute":
@@ -286,53 +285,6 @@ class HostProfiler:
             out[measured_key(fmt)] = {"read": read, "decompress": dec, "call": max(0.0, call),
                                       "dense": max(0.0, dense_x), "stall": 0.0, "samples": len(extra)}
         return out
-
-    def calibrate(self, m: dict) -> None:
-        """contention.read and .stall per format, found by simulation. The main thread and a reader
-        thread slow each other down (they share the cores and the interpreter), and the two effects
-        cannot be told apart from one run's timeline: a read that overlaps a call looks the same
-        whichever of the two waited. So both are the pair (0 to 0.8 in steps of 0.1) with which
-        the simulator, given every other measured figure, best reproduces the contention runs (same
-        traces, same policies), run by run: their expert-call time, read time and run time (least
-        squares of the relative errors, CALIBRATION_WEIGHTS). The validation (`moelab validate`)
-        runs another trace and other policies."""
-        import itertools
-        import tempfile
-        from dataclasses import replace
-        from policies import build_policies
-        from policies.cost import CostModel
-        from sim.engine import Simulator
-        from workloads.synthetic import synthetic_trace
-        from workloads.workload import Workload
-        with tempfile.TemporaryDirectory() as tmp:
-            device = write_profile(Path(tmp) / "host.yaml", m, "moelab profile (calibration)")
-        measured = device.compute.measured
-        for key, runs in self.read_runs.items():
-            workloads = []
-            for cfg, _ in runs:
-                fmt = self.store(cfg["fmt_name"]).format
-                trace = synthetic_trace(self.arch, requests=cfg["requests"], prompt_len=cfg["prompt"],
-                                        output_len=cfg["output"], seed=cfg["seed"])
-                budget = int(self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
-                             * cfg["budget_share"])
-                workloads.append((Workload(self.arch, trace, fmt, batch=cfg["requests"]), budget, cfg["prefetch"]))
-            targets = [t for _, t in runs]
-
-            def error(read: float, stall: float) -> float:
-                cont = dict(measured.contention, **{key: replace(measured.contention[key], read=read, stall=stall)})
-                dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont)))
-                total = 0.0
-                for (w, budget, prefetch), target in zip(workloads, targets):
-                    pol = build_policies(w, budget, cache="lru", prefetch=prefetch,
-                                         cost=CostModel.build(dev, self.arch, w.fmt, self.throttled))
-                    got = _run_times(Simulator(dev, w, pol, self.throttled).run())
-                    total += float(np.sum(CALIBRATION_WEIGHTS * (got / target - 1) ** 2))
-                return total
-            grid = [round(0.1 * i, 1) for i in range(9)]
-            dec = measured.contention[key].decompress          # read + decompress < 1: the main thread runs
-            read, stall = min(((r, st) for r, st in itertools.product(grid, grid) if r + dec < 0.95),
-                              key=lambda rs: error(*rs))
-            m["contention"][key].update(read=read, stall=stall)
 
     # -- dense, steps and the decision path: real forced runs ---------------------------
     def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
@@ -428,7 +380,8 @@ class HostProfiler:
 
 
 def _run_times(tl) -> np.ndarray:
-    """(expert-call seconds, read seconds, run seconds) of a timeline: what calibrate matches."""
+    """(expert-call seconds, read seconds, run seconds) of a timeline: what the calibration matches
+    (experiments/calibrate.py)."""
     ev = [e for e in tl.events if e.resource in ("compute", "io", "dense")]
     return np.array([sum(e.end - e.start for e in ev if e.resource == "compute"),
                      sum(e.end - e.start for e in ev if e.resource == "io"),
@@ -505,7 +458,8 @@ def _best(fn, repeats: int) -> float:
 
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None) -> dict:
-    """Every figure of the profile (the dict profile_yaml writes)."""
+    """Every figure the executor measures (the dict profile_yaml writes), contention.read and .stall
+    still 0: experiments/calibrate.py measure_host calibrates them by simulation."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
@@ -544,7 +498,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
          "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
          **dense, "torch_threads": p.threads, "throttle": throttle}
-    p.calibrate(m)              # read and stall: by simulation, given every other figure
+    # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
+    m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs}
     return m
 
 

@@ -898,7 +898,8 @@ DEFAULT_HOST_PROFILE = "runs/host.yaml"
 
 def cmd_profile(args) -> None:
     from devices.profile import load_device
-    from executor.profile_host import measure, write_profile
+    from executor.profile_host import write_profile
+    from experiments.calibrate import measure_host
     out = check_out_file(args.out)
     busy = busy_host_warning()
     if busy:
@@ -906,7 +907,7 @@ def cmd_profile(args) -> None:
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")
         load_device(dev_name).storage_option(storage or None)       # a wrong name fails before measuring
-    m = measure(args.model_dir, quick=args.quick, quiet=args.quiet, throttle=args.throttle)
+    m = measure_host(args.model_dir, quick=args.quick, quiet=args.quiet, throttle=args.throttle)
     device = write_profile(out, m, "moelab " + " ".join(args.argv))
     print(device.describe())
 
@@ -929,15 +930,16 @@ def cmd_validate(args) -> None:
     if args.throttle:
         dev_name, _, storage = args.throttle.partition(":")
         load_device(dev_name).storage_option(storage or None)
-    if not Path(args.profile).exists():
-        from executor.profile_host import measure, write_profile
-        print(f"no host profile at {args.profile}: measuring it first (`moelab profile --out {args.profile}`)",
-              file=sys.stderr)
-        write_profile(args.profile, measure(args.model_dir, quick=args.quick, quiet=args.quiet),
-                      f"moelab profile --out {args.profile}" + (" --quick" if args.quick else ""))
     busy = busy_host_warning()
     if busy:
         print(busy, file=sys.stderr)
+    if not Path(args.profile).exists():
+        from executor.profile_host import write_profile
+        from experiments.calibrate import measure_host
+        print(f"no host profile at {args.profile}: measuring it first (`moelab profile --out {args.profile}`)",
+              file=sys.stderr)
+        write_profile(args.profile, measure_host(args.model_dir, quick=args.quick, quiet=args.quiet),
+                      f"moelab profile --out {args.profile}" + (" --quick" if args.quick else ""))
     rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
                      model_dir=args.model_dir, quiet=args.quiet).run()
     for s in summary(rows):

@@ -265,6 +265,11 @@ def test_the_executor_never_imports_simpy():
     code = ("import sys, executor.runtime, executor.execute, policies.bundle; "
             "assert 'simpy' not in sys.modules and 'sim.engine' not in sys.modules, 'simpy imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    # nor lazily, inside a function (the profile's calibration simulates: experiments/calibrate.py)
+    root = __import__("pathlib").Path(__file__).parents[1] / "executor"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "sim.engine" not in text and "import simpy" not in text, path
 
 
 # -- replay: every registered policy, the same decisions -----------------------------------------

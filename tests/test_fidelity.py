@@ -137,9 +137,10 @@ def test_roofline_profiles_are_unchanged():
 @pytest.fixture(scope="module")
 def host_profile(tmp_path_factory):
     """`moelab profile --quick` on the bundled model, loaded back by the strict loader."""
-    from executor.profile_host import measure, write_profile
+    from executor.profile_host import write_profile
+    from experiments.calibrate import measure_host
     root = tmp_path_factory.mktemp("profile")
-    m = measure(store_root=root / "stores", quick=True, quiet=True)
+    m = measure_host(store_root=root / "stores", quick=True, quiet=True)
     return write_profile(root / "host.yaml", m, "moelab profile --quick"), root
 
 

@@ -1,0 +1,72 @@
+"""Calibrate a host profile's contention by simulation: what `moelab profile` runs after the
+executor's measurements (executor/profile_host.py), which cannot simulate (the executor never
+imports the simulator's engine, DESIGN.md).
+
+The main thread and a reader thread slow each other down (they share the cores and the
+interpreter), and the two effects cannot be told apart from one run's timeline: a read that
+overlaps a call looks the same whichever of the two waited. So contention.read and .stall are,
+per format, the pair (0 to 0.8 in steps of 0.1) with which the simulator, given every other
+measured figure, best reproduces the profile's contention runs (same traces, same policies), run
+by run: their expert-call time, read time and run time (least squares of the relative errors,
+WEIGHTS). The validation (`moelab validate`) runs another trace and other policies.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+# weights of each run's relative errors of (expert-call time, read time, run time); the run time,
+# what the simulator is used to predict, counts twice
+WEIGHTS = np.array([1.0, 1.0, 2.0])
+GRID = [round(0.1 * i, 1) for i in range(9)]
+
+
+def measure_host(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
+                 throttle: str | None = None) -> dict:
+    """Every figure of a host profile: the executor's measurements, then the calibration."""
+    from executor.profile_host import measure
+    m = measure(model_dir, store_root, quick=quick, quiet=quiet, throttle=throttle)
+    calibrate(m)
+    return m
+
+
+def calibrate(m: dict) -> None:
+    """Set contention.read and .stall of each format in `m` (measure's dict) by simulation."""
+    from executor.profile_host import _run_times, write_profile
+    from policies import build_policies
+    from policies.cost import CostModel
+    from sim.engine import Simulator
+    from workloads.synthetic import synthetic_trace
+    from workloads.workload import Workload
+    cal = m["calibration"]
+    arch, storage = cal["arch"], cal["storage"]
+    with tempfile.TemporaryDirectory() as tmp:
+        device = write_profile(Path(tmp) / "host.yaml", m, "moelab profile (calibration)")
+    measured = device.compute.measured
+    for key, runs in cal["runs"].items():
+        workloads = []
+        for fmt, cfg, _ in runs:
+            trace = synthetic_trace(arch, requests=cfg["requests"], prompt_len=cfg["prompt"],
+                                    output_len=cfg["output"], seed=cfg["seed"])
+            budget = int(arch.layers * arch.experts * fmt.level_bytes(fmt.levels - 1) * cfg["budget_share"])
+            workloads.append((Workload(arch, trace, fmt, batch=cfg["requests"]), budget, cfg["prefetch"]))
+        targets = [t for _, _, t in runs]
+
+        def error(read: float, stall: float) -> float:
+            cont = dict(measured.contention, **{key: replace(measured.contention[key], read=read, stall=stall)})
+            dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont)))
+            total = 0.0
+            for (w, budget, prefetch), target in zip(workloads, targets):
+                pol = build_policies(w, budget, cache="lru", prefetch=prefetch,
+                                     cost=CostModel.build(dev, arch, w.fmt, storage))
+                got = _run_times(Simulator(dev, w, pol, storage).run())
+                total += float(np.sum(WEIGHTS * (got / target - 1) ** 2))
+            return total
+        dec = measured.contention[key].decompress          # read + decompress < 1: the main thread runs
+        read, stall = min(((r, st) for r, st in itertools.product(GRID, GRID) if r + dec < 0.95),
+                          key=lambda rs: error(*rs))
+        m["contention"][key].update(read=read, stall=stall)
