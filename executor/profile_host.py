@@ -16,7 +16,9 @@ the profile predicts what `moelab execute` does here:
   the executor's torch threads, cycling over the model's experts (means: the simulator adds
   them up). contention, per format: from forced executor runs with loads, how much slower the
   main thread's expert calls and dense parts run while reads / decompressions are in flight,
-  and what a call / dense part costs in runs beyond its table (least squares); compute_gap:
+  and what a call / dense part costs in runs beyond its table (least squares; the share lost
+  while reading and the reads' stall are then calibrated by simulation, experiments/calibrate.py,
+  since the executor does not simulate); compute_gap:
   the mean gap between consecutive expert calls of a layer that loaded nothing.
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
@@ -45,6 +47,7 @@ from tqdm import tqdm
 from devices.atomic import atomic_write
 from devices.profile import StorageProfile, load_device, measured_key
 from devices.units import format_size
+from sim.metrics import busy_time
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_TOKENS = (1, 4, 16, 64)
@@ -251,7 +254,6 @@ class HostProfiler:
         extra = call or dense + read x (time reading) + decompress x (time decompressing), the fluid
         model the simulator runs (sim/engine.py _main_thread)."""
         from devices.profile import interpolate
-        from sim.metrics import busy_time
         out = {}
         for fmt_name, share in (("bf16", 0.3), ("mwq", 0.5), ("zip", 0.5)):
             fmt = self.store(fmt_name).format
@@ -276,8 +278,8 @@ class HostProfiler:
                             kind = (0.0, 1.0)
                         else:
                             continue
-                        rows.append([*kind, _overlap(e.start, e.end, reads, busy_time),
-                                     _overlap(e.start, e.end, decs, busy_time)])
+                        rows.append([*kind, _overlap(e.start, e.end, reads),
+                                     _overlap(e.start, e.end, decs)])
                         extra.append(e.end - e.start - base)
                 if bar is not None:
                     bar.update(1)
@@ -401,7 +403,7 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     return call, dense, read, dec
 
 
-def _overlap(start: float, end: float, spans, busy_time) -> float:
+def _overlap(start: float, end: float, spans) -> float:
     """Seconds of [start, end] during which at least one of `spans` was in progress."""
     return busy_time((max(a, start), min(b, end)) for a, b in spans if a < end and b > start)
 

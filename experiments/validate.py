@@ -115,6 +115,7 @@ class Validator:
                               f"run `moelab profile --out {profile}` first")
         self.store_root = Path(store_root)
         self.stores: dict = {}
+        self.setups: dict = {}           # configuration key -> setup()
         # the executor runs with the profile's decompression workers and read concurrency (its
         # storage option's queue depth can be lower than the concurrency that measured it)
         self.io_concurrency = io_concurrency
@@ -141,15 +142,24 @@ class Validator:
         return self.stores[fmt_name]
 
     # -- one configuration ---------------------------------------------------------------
+    def key(self, cfg: dict) -> tuple:
+        return row_key(dict(cfg, throttle=self.throttle or ""))
+
     def setup(self, cfg: dict, trace):
-        """(row so far, workload, budget, store) of a configuration."""
+        """(row so far, workload, budget, store) of a configuration, built once (a workload batches
+        the trace into steps; its policies are built afresh for every run)."""
         from workloads.workload import Workload
-        store = self.store(cfg["format"])
-        fmt = store.format
-        w = Workload(self.arch, trace, fmt, batch=cfg["batch"])
-        total = self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
-        budget = int(total * cfg["budget_share"])
-        return dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats), w, budget, store
+        key = self.key(cfg)
+        if key not in self.setups:
+            store = self.store(cfg["format"])
+            fmt = store.format
+            w = Workload(self.arch, trace, fmt, batch=cfg["batch"])
+            total = self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
+            budget = int(total * cfg["budget_share"])
+            self.setups[key] = (dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats),
+                                w, budget, store)
+        row, w, budget, store = self.setups[key]
+        return dict(row), w, budget, store
 
     def policies(self, cfg: dict, w, budget: int):
         from policies import build_policies
@@ -225,7 +235,7 @@ class Validator:
         csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
         trace = self.trace()
-        todo = [c for c in matrix(self.quick) if row_key(dict(c, throttle=self.throttle or "")) not in done]
+        todo = [c for c in matrix(self.quick) if self.key(c) not in done]
         for fmt in {c["format"] for c in todo}:
             self.store(fmt)
         kept = read_runs(runs_path)
@@ -233,7 +243,7 @@ class Validator:
         with tqdm(total=len(todo) * self.repeats, disable=self.quiet, desc="validate", unit="run") as bar:
             for rep in range(self.repeats):
                 for cfg in todo:
-                    key = row_key(dict(cfg, throttle=self.throttle or ""))
+                    key = self.key(cfg)
                     if key not in sims:
                         sims[key] = self.simulate(cfg, trace)
                     if "status" not in sims[key] and len(kept.get(key, [])) <= rep:
@@ -242,8 +252,7 @@ class Validator:
                         kept.setdefault(key, []).append(run)
                     bar.update(1)
         for cfg in todo:
-            key = row_key(dict(cfg, throttle=self.throttle or ""))
-            sim = sims[key]
+            sim = sims[key := self.key(cfg)]
             row = (dict(self.setup(cfg, trace)[0], status=sim["status"]) if "status" in sim
                    else self.row(cfg, trace, sim, kept[key][:self.repeats]))
             append_row(csv_path, row)

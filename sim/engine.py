@@ -32,7 +32,7 @@ from sim.servers import FifoServer, StorageChannel
 from sim.timeline import Event, Timeline
 from workloads.workload import Workload
 
-_event = partial(tuple.__new__, Event)
+_event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost
 STALL_ROUNDS = 3        # fixed-point rounds of read stall <-> compute timing (measured hosts only)
 
 
@@ -153,12 +153,12 @@ class Simulator:
             state = self._servers()
             stretch = [0.0] * len(d.loads)
             for _ in range(STALL_ROUNDS):
-                reads, _, computes, path_end = self._plan(now, d, stretch)
+                reads, _, computes, path_end, _ = self._plan(now, d, stretch)
                 busy = [(now, path_end)] + [(a, b) for a, b, *_ in computes]
                 stretch = [_stalled_end(a, b - x - a, busy, self.stall) - (b - x)
                            for (a, b), x in zip(reads, stretch)]
                 self._servers(state)
-        reads, decs, computes, _ = self._plan(now, d, stretch)
+        reads, decs, computes, _, spans = self._plan(now, d, stretch)
         for (item, kind, _), (issue, done) in zip(d.loads, reads):
             key = item.key
             add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
@@ -174,8 +174,8 @@ class Simulator:
         if pending:                             # prefetched earlier: used now
             for key in d.keys:
                 pending.pop(key, None)
-        if self.contends:                       # reads and decompressions not past yet
-            self.in_flight = [x for x in self.in_flight if x[1] > now] + self._spans(d, reads, decs)
+        if spans is not None:                   # reads and decompressions not past yet
+            self.in_flight = spans
         level_sizes, free = fmt.level_sizes, now
         for start, free, expert, level, n in computes:
             add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
@@ -188,8 +188,9 @@ class Simulator:
         """When the decision's reads, decompressions and computes happen if carried out at `now`
         (reserving the storage and the decompression workers): (reads [(issue, done)] in load order,
         decompressions [(load index, start, done, worker)], computes [(start, end, expert, level,
-        tokens)], the end of the decision path). `stretch`: what each read gains on the main thread's
-        work (None: nothing)."""
+        tokens)], the end of the decision path, the reads and decompressions in flight from `now` on
+        as _main_thread takes them, None without contention). `stretch`: what each read gains on the
+        main thread's work (None: nothing)."""
         fmt = self.w.fmt
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
@@ -253,7 +254,7 @@ class Simulator:
             free = self._main_thread(start, seconds(level, n) + call, spans) if spans is not None \
                 else start + seconds(level, n)
             computes.append((start, free, expert, level, n))
-        return reads, decs, computes, path_end
+        return reads, decs, computes, path_end, spans
 
     def _decompress(self, tasks, order) -> list[tuple[int, float, float, int]]:
         """Decompression tasks [(load index, item, read done)] go to the workers in `order` (default:
