@@ -26,7 +26,7 @@ from executor.record import record_routing
 from executor.train import load_trained
 from policies import build_online_policies, build_policies
 from workloads.workload import Workload
-from sim.metrics import busy_time, compute_metrics
+from timeline.metrics import busy_time, compute_metrics
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 

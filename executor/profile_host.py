@@ -47,7 +47,7 @@ from tqdm import tqdm
 from devices.atomic import atomic_write
 from devices.profile import StorageProfile, load_device, measured_key
 from devices.units import format_size
-from sim.metrics import busy_time
+from timeline.metrics import busy_time
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_TOKENS = (1, 4, 16, 64)
@@ -310,7 +310,7 @@ class HostProfiler:
                        batch=requests, quiet=True, throttle=throttle).timeline
 
     def dense_and_steps(self, bar=None) -> dict:
-        from sim.metrics import step_spans
+        from timeline.metrics import step_spans
         dense = {"prefill": [], "decode": []}
         step = {"prefill": [], "decode": []}
         decisions = []                                  # (loads issued, gap to a first compute that hit)

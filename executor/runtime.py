@@ -28,7 +28,7 @@ from executor.io import BufferPool, DecompressPool, IOWorkers
 from executor.model import accumulate_expert
 from executor.store import Store, get_encoder
 from policies import Key, Policies, Routing
-from sim.timeline import Event, Timeline
+from timeline.events import Event, Timeline
 
 
 class ExpertMemory:

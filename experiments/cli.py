@@ -343,7 +343,7 @@ def json_safe(value):
 def write_outputs(out: Path, timeline, metrics: dict, quiet: bool = False) -> None:
     """metrics.json, timeline.json and gantt.png as one unit: written into a temporary folder
     beside `out`, renamed into place; a previous run's folder is replaced only then."""
-    from sim.plot import gantt
+    from timeline.gantt import gantt
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -381,7 +381,7 @@ def cmd_simulate(args) -> None:
     from policies.cost import CostModel
     from sim.engine import Simulator
     from workloads.workload import Workload
-    from sim.metrics import compute_metrics
+    from timeline.metrics import compute_metrics
 
     apply_preset(args)
     check_codec(args)
@@ -824,7 +824,7 @@ def cmd_execute(args) -> None:
     from executor.io import StorageThrottle
     from policies import build_online_policies, build_policies
     from policies.cost import CostModel
-    from sim.metrics import compute_metrics
+    from timeline.metrics import compute_metrics
     from workloads.workload import Workload
 
     # every check before a store build, not after

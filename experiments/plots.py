@@ -182,7 +182,7 @@ def _speedup(rows, baseline):
 def _gantt(rows, row_hash):
     import matplotlib.pyplot as plt
     from experiments.sweep import CONFIG_FIELDS, run_config
-    from sim.plot import layer_gantt
+    from timeline.gantt import layer_gantt
     row = next((r for r in rows if r["config_hash"] == row_hash), None) if row_hash else rows[0]
     if row is None:
         raise ConfigError(f"--row {row_hash}: no row with that config_hash")

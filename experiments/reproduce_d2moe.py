@@ -152,7 +152,7 @@ def simulate(run: Run, keep_timeline: bool = False):
     from policies.cost import CostModel
     from policies.presets import get_preset
     from sim.engine import Simulator
-    from sim.metrics import compute_metrics
+    from timeline.metrics import compute_metrics
     from workloads.catalog import get_model
     from workloads.formats import make_format
 
@@ -218,7 +218,7 @@ def flow_shop_bound(events, level_parts, latency: float, bandwidth: float) -> tu
         read one compute's parts (latency + bytes / bandwidth): none can start before.
     actual / bound is how far any load order could shorten the layers; the bound need not be
     reachable."""
-    from sim.metrics import busy_time
+    from timeline.metrics import busy_time
     points = defaultdict(lambda: ([], []))
     for e in events:
         if e.resource == "io" or e.resource == "compute":
@@ -546,10 +546,10 @@ def figures(results: dict, out: Path) -> list[Path]:
 def layer_gantt(out: Path, results: dict, env: str = "env2", model: str = SCALED_MODEL,
                 budget_mb: int = SCALED_BUDGET_MB, step: int = 5, layer: int = 3) -> list[Path]:
     """One decode layer's loads and computes under FIFO in expert-ID order (+MWQ) and HEBF
-    (+HEBF), compute bubbles shaded (sim/plot.py layer_gantt); below them the same two on the
+    (+HEBF), compute bubbles shaded (timeline/gantt.py layer_gantt); below them the same two on the
     compute-scaled device, where the what-if ran."""
     import matplotlib.pyplot as plt
-    from sim.plot import layer_gantt as draw
+    from timeline.gantt import layer_gantt as draw
     runs = [Run(env, model, system, REQUESTS, budget_mb) for system in SCALED_SYSTEMS]
     runs += [r for r in scaled_runs(results) if r.env == env and r.model == model and r.requests == REQUESTS]
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.1 * len(runs)), squeeze=False)

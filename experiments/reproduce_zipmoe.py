@@ -99,7 +99,7 @@ def simulate(run: Run, keep_timeline: bool = False, scheduler=None):
     from policies.cost import CostModel
     from policies.presets import get_preset
     from sim.engine import Simulator
-    from sim.metrics import compute_metrics
+    from timeline.metrics import compute_metrics
     from workloads.catalog import get_model
     from workloads.formats import make_format
     from workloads.workload import Workload

@@ -286,7 +286,7 @@ def run_config(cfg: dict, keep_timeline: bool = False):
     workload's minimum is a row with status "below minimum", not an error."""
     from policies import BudgetError
     from sim.engine import Simulator
-    from sim.metrics import compute_metrics
+    from timeline.metrics import compute_metrics
     t0 = time.perf_counter()
     row = {k: cfg[k] for k in CONFIG_FIELDS} | {"moelab_version": _version(), "commit": _commit()}
     try:

@@ -80,7 +80,7 @@ def rel_err(pred, meas):
 def busy(tl) -> dict:
     """Seconds each resource was busy: I/O as the union of reads (they overlap at queue depth > 1),
     decompression and compute (experts and dense parts) as their summed task time."""
-    from sim.metrics import busy_time
+    from timeline.metrics import busy_time
     ev = [e for e in tl.events if e.resource != "cache"]
     return {"io": busy_time((e.start, e.end) for e in ev if e.resource == "io"),
             "decompress": sum(e.end - e.start for e in ev if e.resource.startswith("decompress")),
@@ -171,7 +171,7 @@ class Validator:
         """The simulator's prediction: {"metrics", "busy", "decisions"}, or {"status"} when the
         configuration cannot run (e.g. a budget below one decision point's demand)."""
         from sim.engine import Simulator
-        from sim.metrics import compute_metrics
+        from timeline.metrics import compute_metrics
         _, w, budget, _ = self.setup(cfg, trace)
         try:
             pol = self.policies(cfg, w, budget)
@@ -185,7 +185,7 @@ class Validator:
         from executor.execute import execute, strip_experts
         from executor.io import StorageThrottle
         from executor.train import load_trained
-        from sim.metrics import compute_metrics
+        from timeline.metrics import compute_metrics
         _, w, budget, store = self.setup(cfg, trace)
         model, _, _ = load_trained(self.model_dir)
         throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None

@@ -29,7 +29,7 @@ from policies.bundle import step_predictions
 from policies.bundle import PLAN
 from policies.cost import CostModel
 from sim.servers import FifoServer, StorageChannel
-from sim.timeline import Event, Timeline
+from timeline.events import Event, Timeline
 from workloads.workload import Workload
 
 _event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost

@@ -37,7 +37,7 @@ def test_every_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
 
     from executor.store import build_store
     from executor.train import atomic_write_text, save_safetensors_atomic
-    from sim.timeline import write_json_atomic
+    from timeline.events import write_json_atomic
     from workloads.formats import make_format
     from workloads.trace import RoutingTrace
 

@@ -265,11 +265,11 @@ def test_outputs_replace_a_previous_run_only_when_complete(tmp_path, monkeypatch
     out = tmp_path / "run"
     assert main(["simulate", *SMALL, "--quiet", "--budget", "2GB", "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import sim.plot
+    import timeline.gantt
 
     def broken(*a, **k):
         raise KeyboardInterrupt                      # killed while drawing the chart
-    monkeypatch.setattr(sim.plot, "gantt", broken)
+    monkeypatch.setattr(timeline.gantt, "gantt", broken)
     assert main(["simulate", *SMALL, "--quiet", "--budget", "3GB", "--out", str(out)]) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # the old run, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]          # no temporary folder left

@@ -95,7 +95,7 @@ def test_fifo_bad_order_and_the_presets_that_load_in_expert_id_order():
 # -- the flow-shop bound of reproduce d2moe ------------------------------------------------------------
 def test_flow_shop_bound_by_hand():
     from experiments.reproduce_d2moe import compute_scale_for, flow_shop_bound
-    from sim.timeline import Event
+    from timeline.events import Event
 
     def io(t0, t1, layer, expert, part, nbytes):
         return Event("io", "load", t0, t1, layer, expert, part, nbytes, 0)

@@ -18,7 +18,7 @@ from policies.cache import LFU, LRU, _LazyHeap
 from policies.cost import CostModel
 from policies.schedulers import FifoScheduler
 from sim.engine import Simulator
-from sim.metrics import compute_metrics
+from timeline.metrics import compute_metrics
 from sim.replay import FAST, replay_capacities, replay_policies, unit_groups
 from test_executor import tiny_model
 from workloads.catalog import ModelArch

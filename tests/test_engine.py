@@ -9,7 +9,7 @@ from policies.cost import CostModel
 from policies import build_policies
 from sim.engine import Simulator
 from workloads.workload import Workload
-from sim.metrics import compute_metrics
+from timeline.metrics import compute_metrics
 from workloads.catalog import ModelArch
 from workloads.formats import make_format
 

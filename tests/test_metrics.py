@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from sim.metrics import compute_metrics
-from sim.timeline import Event, Timeline
+from timeline.metrics import compute_metrics
+from timeline.events import Event, Timeline
 
 B = 10     # bytes of one (single-part) expert
 
@@ -81,7 +81,7 @@ def test_empty_run_has_no_nan():
 
 
 def test_busy_share_per_bin():
-    from sim.plot import busy_share
+    from timeline.gantt import busy_share
     edges = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     share = busy_share(np.array([0.5, 1.0, 3.0]), np.array([1.5, 1.25, 3.5]), edges)
     assert share.tolist() == pytest.approx([0.5, 0.75, 0.0, 0.5])
@@ -93,8 +93,8 @@ def test_gantt_of_a_long_run_keeps_every_event(tmp_path, monkeypatch):
     events += [Event("compute", "expert", (i + 1) * 1e-2 - 1e-4, (i + 1) * 1e-2, 0, 0, 0, B, i, 1)
                for i in range(3000)]
     seen = {}
-    import sim.plot as plot
-    from sim.plot import gantt
+    import timeline.gantt as plot
+    from timeline.gantt import gantt
     real = plot.busy_share
 
     def spy(starts, ends, edges):

@@ -10,7 +10,7 @@ from policies import caches_for
 from policies import build_policies
 from sim.engine import Simulator
 from workloads.workload import Workload
-from sim.metrics import compute_metrics
+from timeline.metrics import compute_metrics
 from sim.replay import replay_policies, replay_units, unit_groups
 from workloads.batching import batch_steps
 from workloads.catalog import ModelArch

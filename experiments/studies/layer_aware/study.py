@@ -23,7 +23,7 @@ from policies import build_policies                              # noqa: E402
 from policies.bundle import workload_routings                    # noqa: E402
 from policies.lookahead import prediction_accuracy               # noqa: E402
 from sim.engine import Simulator                                 # noqa: E402
-from sim.metrics import compute_metrics                          # noqa: E402
+from timeline.metrics import compute_metrics                          # noqa: E402
 from sim.mrc import miss_ratio_curves, plot_mrc                  # noqa: E402
 from workloads.catalog import ModelArch, get_model               # noqa: E402
 from workloads.formats import make_format                        # noqa: E402

@@ -37,7 +37,7 @@ from bisect import bisect_left
 
 import numpy as np
 
-from sim.timeline import Timeline
+from timeline.events import Timeline
 
 
 def busy_time(intervals) -> float:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sim.timeline import Timeline  # noqa: E402
+from timeline.events import Timeline  # noqa: E402
 
 COLORS = {"load": "tab:blue", "decompress": "tab:purple", "expert": "tab:orange", "dense": "tab:gray"}
 ORDER = ("io", "decompress", "dense", "compute")
