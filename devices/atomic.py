@@ -10,7 +10,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, Optional, Union
 
 
 def fsync_dir(path) -> None:
@@ -47,3 +47,10 @@ def atomic_write(path, data: Union[bytes, str]) -> Path:
     with atomic_open(path, "w" if isinstance(data, str) else "wb") as f:
         f.write(data)
     return Path(path)
+
+
+def save_safetensors_atomic(tensors: dict, path, metadata: Optional[dict] = None) -> Path:
+    """Write torch tensors as a safetensors file, atomically (in memory first: the files the
+    executor writes this way, models and bit routers, are small)."""
+    from safetensors.torch import save  # imported here: devices/ stays torch-free for the simulator
+    return atomic_write(path, save(tensors, metadata=metadata))

@@ -20,9 +20,11 @@ import torch
 
 from devices.profile import load_device
 from executor import benchmark_io
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
 from executor.io import StorageThrottle
+from executor.model import model_arch
 from executor.record import record_routing
+from executor.store_build import ensure_store
 from executor.train import load_trained
 from policies import build_online_policies, build_policies
 from workloads.workload import Workload

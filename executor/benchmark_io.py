@@ -30,7 +30,9 @@ import torch
 
 from devices.units import parse_size
 from executor.io import BlobReader, IOWorkers, aligned_buffer, drop_cache
-from executor.store import Store, align_up, build_store, matrix_names, pread_full
+from executor.store import Store, align_up, pread_full
+from executor.store_build import build_store
+from executor.weights import matrix_names
 from workloads.formats import make_format
 
 

@@ -12,7 +12,7 @@ of those logits; the token's score for that expert is its expected level sum_k k
 Loss (the paper's eq. 1): KL(full-precision model || model with the routed levels) on the LM
 head's next-byte distributions, plus alpha times the expected bits, sum_k p_k b_k, averaged over
 (token, slot) and layers. The full-precision model is the shipped one with its bf16 experts; the
-quantized experts are every MWQ level dequantized in memory (executor/evaluate.py mwq_levels).
+quantized experts are every MWQ level dequantized in memory (executor/levels.py mwq_levels).
 
 Capacities c_k (sum 1; V1 {0.3, 0.4, 0.3}, V2 0.25 each). The paper lets each token take its
 level and drops the tokens over c_k*T at random (they skip the expert). Here the capacities are
@@ -52,7 +52,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
+from devices.atomic import save_safetensors_atomic
 from devices.units import ConfigError
+from executor.corpus import eval_windows, sample_batch, stdlib_corpus
+from executor.levels import mwq_levels
 from executor.model import MoETransformer, run_expert
 from executor.mwq import DEFAULT_BASE_FIT
 from workloads.formats import MWQ_LADDERS
@@ -210,8 +213,6 @@ def train_bit_router(model: MoETransformer, ladder: str = "v1", *, minutes: floa
     """Train a BitRouter on `model` (its resident experts are the full-precision teacher) with the
     paper's loss (module doc) for `steps` steps or `minutes` of wall time; thresholds are then
     calibrated on `calib_windows` windows of the train split. router.meta holds the log."""
-    from executor.evaluate import mwq_levels
-    from executor.train import eval_windows, sample_batch, stdlib_corpus
     t0 = time.time()
     base_fit = base_fit or DEFAULT_BASE_FIT
     torch.manual_seed(seed)
@@ -272,7 +273,6 @@ def train_bit_router(model: MoETransformer, ladder: str = "v1", *, minutes: floa
 
 # -- files ------------------------------------------------------------------------------------
 def save_bit_router(router: BitRouter, path: Union[str, Path]) -> Path:
-    from executor.train import save_safetensors_atomic
     tensors = {f"layers.{i}.{n}": t.detach().contiguous() for i, p in enumerate(router.proj)
                for n, t in (("weight", p.weight), ("bias", p.bias))}
     tensors["thresholds"] = router.thresholds.contiguous()

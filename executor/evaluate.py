@@ -6,10 +6,11 @@ min/max reference), every MWQ level of ladders V1 (INT2-4) and V2 (INT5-8) for e
 (executor/mwq.py quantize base_fit: a level row is the `fixed` allocator at that level), and
 each bit allocator (gate-score, capacity, learned) at the average bits it ends up using.
 
-Everything runs in memory: every level of every expert is dequantized once and held, and an
-expert_fn (executor/model.py) computes each (token, slot) at the level chosen for it, with
-accumulate_expert's `rows`. The held-out text and the perplexity per byte are executor/train.py's
-(stdlib_corpus's held-out split, eval_windows, evaluate); `windows` of them, evenly spaced.
+Everything runs in memory: every level of every expert is dequantized once and held
+(executor/levels.py), and an expert_fn (executor/model.py) computes each (token, slot) at the
+level chosen for it, with accumulate_expert's `rows`. The held-out text is executor/corpus.py's
+(stdlib_corpus's held-out split, eval_windows) and the perplexity per byte executor/train.py's
+(evaluate); `windows` of them, evenly spaced.
 
 Quantization is the store's (executor/mwq.py, no calibration data: MwqEncoder), with the store's
 group size (workloads/formats.py default_group: 32 for tiny-moe). "avg bits" is token-weighted: the mean over every (token, layer, slot)
@@ -31,9 +32,13 @@ from tqdm import tqdm
 
 from devices.atomic import atomic_write
 from devices.units import ConfigError
-from executor.model import MoETransformer, accumulate_expert
-from executor.mwq import BASE_FITS, DEFAULT_BASE_FIT, dequantize, quantize, quantize_int
-from workloads.formats import MWQ_LADDERS, MwqFormat, default_group
+from executor.bit_router import default_path, load_bit_router
+from executor.corpus import eval_windows, stdlib_corpus
+from executor.levels import LevelWeights, bf16_levels, expert_shapes, int_levels, mwq_levels, store_group
+from executor.model import MoETransformer, accumulate_expert, model_arch
+from executor.mwq import BASE_FITS, DEFAULT_BASE_FIT
+from executor.train import DEFAULT_MODEL, evaluate, load_trained
+from workloads.formats import MWQ_LADDERS, make_format
 
 ALLOCATOR_ROWS = ("gate-score", "capacity", "learned")
 
@@ -46,97 +51,6 @@ def allocator_variants(name: str, levels: int) -> list[tuple[str, dict]]:
         return [(name, {}), (f"{name} (top-1 top, rest base)", {"thresholds": [0.6 + 0.1 * j for j in
                                                                                 range(levels - 1)]})]
     return [(name, {})]
-
-
-# -- every level of every expert, in memory --------------------------------------------------
-@dataclass
-class LevelWeights:
-    """weights[layer][expert][level] = {"w1", "w3", "w2"} float32; bits[level]; stored bits per weight."""
-    name: str
-    weights: list
-    bits: tuple[float, ...]
-    stored_bits: tuple[float, ...]
-
-    @property
-    def levels(self) -> int:
-        return len(self.bits)
-
-
-def expert_shapes(model: MoETransformer) -> list[tuple[int, int]]:
-    c = model.cfg
-    return [(c.d_ff, c.d_model)] * (c.expert_matrices - 1) + [(c.d_model, c.d_ff)]
-
-
-def store_group(model: MoETransformer) -> int:
-    """The group size the mwq stores of this model have (workloads/formats.py default_group)."""
-    return default_group(expert_shapes(model))
-
-
-def _stacked(model: MoETransformer):
-    """{(shape): (tensor [n*out, in], [(layer, expert, name)])}: same-shaped expert matrices stacked
-    by rows. Without calibration data quantization is per (row, group), so quantizing the stack is
-    quantizing each matrix, in one call."""
-    out: dict = {}
-    for i, layer in enumerate(model.moe_layers):
-        for j, ex in enumerate(layer.experts):
-            for name, w in ex.weights().items():
-                mats, keys = out.setdefault(tuple(w.shape), ([], []))
-                mats.append(w.detach().float())
-                keys.append((i, j, name))
-    return {shape: (torch.cat(mats), keys) for shape, (mats, keys) in out.items()}
-
-
-def _unstack(model: MoETransformer, per_shape: dict, levels: int) -> list:
-    """per_shape[shape] = [level][n*out, in] -> [layer][expert][level] {name: tensor}."""
-    W = [[[{} for _ in range(levels)] for _ in layer.experts] for layer in model.moe_layers]
-    for shape, (keys, lvls) in per_shape.items():
-        for lvl, stack in enumerate(lvls):
-            for n, (i, j, name) in enumerate(keys):
-                W[i][j][lvl][name] = stack[n * shape[0]:(n + 1) * shape[0]]
-    return W
-
-
-def _int_stored_bits(model: MoETransformer, bits: int, group: int) -> float:
-    shapes = expert_shapes(model)
-    fmt = MwqFormat(tuple(shapes), b1=bits, bK=bits, group=group)
-    return fmt.level_bytes(0) * 8 / sum(o * i for o, i in shapes)
-
-
-def mwq_levels(model: MoETransformer, ladder: str, base_fit: str = DEFAULT_BASE_FIT,
-               group: Optional[int] = None) -> LevelWeights:
-    """Every MWQ level of ladder `ladder` ("v1", "v2") of every expert, dequantized."""
-    if ladder not in MWQ_LADDERS:
-        raise ConfigError(f"eval: unknown mwq ladder {ladder!r}; known: {', '.join(MWQ_LADDERS)}")
-    b1, bK = MWQ_LADDERS[ladder]
-    group = group or store_group(model)
-    per_shape = {}
-    with torch.no_grad():
-        for shape, (stack, keys) in _stacked(model).items():
-            q = quantize(stack, b1, bK, group, base_fit=base_fit)
-            per_shape[shape] = (keys, [dequantize(q, k) for k in range(q.levels)])
-    shapes = expert_shapes(model)
-    fmt = MwqFormat(tuple(shapes), b1=b1, bK=bK, group=group)
-    n = sum(o * i for o, i in shapes)
-    return LevelWeights(f"MWQ {ladder.upper()} ({base_fit})", _unstack(model, per_shape, bK - b1 + 1),
-                        tuple(float(b) for b in range(b1, bK + 1)),
-                        tuple(fmt.level_bytes(k) * 8 / n for k in range(fmt.levels)))
-
-
-def int_levels(model: MoETransformer, bits: int, group: Optional[int] = None) -> LevelWeights:
-    """Plain per-group INT-`bits` (min/max) of every expert: one level."""
-    group = group or store_group(model)
-    with torch.no_grad():
-        per_shape = {shape: (keys, [quantize_int(stack, bits, group)]) for shape, (stack, keys) in
-                     _stacked(model).items()}
-    return LevelWeights(f"INT{bits}", _unstack(model, per_shape, 1), (float(bits),),
-                        (_int_stored_bits(model, bits, group),))
-
-
-def bf16_levels(model: MoETransformer) -> LevelWeights:
-    """The shipped (bf16) weights: one level."""
-    W = [[[{k: v.detach().float() for k, v in ex.weights().items()}] for ex in layer.experts]
-         for layer in model.moe_layers]
-    return LevelWeights("bf16", W, (16.0,), (16.0,))
 
 
 # -- the expert_fn --------------------------------------------------------------------------
@@ -195,14 +109,12 @@ def allocator_levels(policies, level_fn=None) -> Chooser:
 
 def perplexity(model: MoETransformer, windows: torch.Tensor, fn: LevelExperts, batch: int = 32) -> float:
     """Held-out loss (nats per byte) with the experts computed by fn (executor/train.py evaluate)."""
-    from executor.train import evaluate
     model.set_expert_fn(fn)            # evaluate() runs it and resets the hook
     return evaluate(model, windows, batch=batch)
 
 
 def heldout_windows(n: Optional[int] = 256, seq: Optional[int] = None, max_seq: int = 256) -> torch.Tensor:
-    """n evenly spaced windows of the held-out split the model was scored on (executor/train.py)."""
-    from executor.train import eval_windows, stdlib_corpus
+    """n evenly spaced windows of the held-out split the model was scored on (executor/corpus.py)."""
     return eval_windows(stdlib_corpus(max_bytes=1).heldout, seq or max_seq, n)
 
 
@@ -222,11 +134,9 @@ class Row:
 
 def allocator_bundle(model: MoETransformer, ladder: str, group: int, allocator: str, **options):
     """A policy bundle around `allocator` with room for every expert (nothing is loaded here)."""
-    from executor.execute import model_arch
     from policies import build_online_policies
-    from workloads.formats import make_format
     fmt = make_format("mwq", expert_shapes(model), ladder=ladder, group=group)
-    return build_online_policies(model_arch(model), fmt, 2 ** 62, allocator=allocator, **options)
+    return build_online_policies(model_arch(model), fmt, 2 ** 62, allocator=allocator, allocator_options=options)
 
 
 def eval_table(model: MoETransformer, windows: torch.Tensor, *, ladders: Sequence[str] = ("v1", "v2"),
@@ -337,8 +247,6 @@ def run_eval(model_dir=None, out_dir="runs/eval", *, windows: Optional[int] = 12
     """`moelab eval`: the table for the trained model in model_dir (default: the shipped tiny-moe),
     printed and written to out_dir (eval.csv, eval.md). bit_routers: router files for the learned
     rows (default: bit_router-LADDER.safetensors beside the model, where present)."""
-    from executor.bit_router import default_path, load_bit_router
-    from executor.train import DEFAULT_MODEL, load_trained
     base_fit = base_fit or DEFAULT_BASE_FIT
     for name, values, allowed in (("--ladder", ladders, MWQ_LADDERS), ("--base-fit", list(fits) + [base_fit],
                                                                        BASE_FITS)):
@@ -359,7 +267,7 @@ def run_eval(model_dir=None, out_dir="runs/eval", *, windows: Optional[int] = 12
     rows = eval_table(model, win, ladders=ladders, fits=fits, routers=routers, base_fit=base_fit, quiet=quiet,
                       notes=notes)
     notes.insert(0, f"model {model_dir.name}; held-out text: {win.shape[0]} windows of {win.shape[1] - 1} bytes "
-                    f"({win[:, 1:].numel()} bytes; executor/train.py split); group size {store_group(model)}; "
+                    f"({win[:, 1:].numel()} bytes; executor/corpus.py split); group size {store_group(model)}; "
                     f"allocator rows on base fit {base_fit!r}")
     title = f"Held-out perplexity per byte of {model_dir.name} by expert precision"
     paths = write_table(rows, out_dir, title, notes)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,27 +17,12 @@ from tqdm import tqdm
 from devices.units import ConfigError
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.model import MoETransformer
+from executor.record import gate_lookahead
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store import Store
 from policies import Policies
 from workloads.batching import batch_steps
-from workloads.catalog import ModelArch
-from workloads.formats import make_format
 from workloads.trace import RoutingTrace
-
-
-def model_arch(model: MoETransformer, name: str = "model") -> ModelArch:
-    c = model.cfg
-    return ModelArch(name, layers=c.n_layers, experts=c.experts, top_k=c.top_k, d_model=c.d_model, d_ff=c.d_ff,
-                     shared_experts=c.shared_experts, shared_d_ff=c.shared_d_ff, expert_matrices=c.expert_matrices,
-                     n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab=c.vocab)
-
-
-def model_experts(model: MoETransformer):
-    """(layer, expert, weights) of every resident expert, for build_store."""
-    for i, layer in enumerate(model.moe_layers):
-        for j, expert in enumerate(layer.experts):
-            yield i, j, expert.weights()
 
 
 def strip_experts(model: MoETransformer) -> MoETransformer:
@@ -46,98 +30,6 @@ def strip_experts(model: MoETransformer) -> MoETransformer:
     for layer in model.moe_layers:
         layer.experts = torch.nn.ModuleList()
     return model
-
-
-def ensure_store(model: MoETransformer, folder, fmt_name: str = "bf16", quiet: bool = False, *,
-                 verify: bool = False, experts=None, **fmt_options) -> Store:
-    """The store in `folder` of the model's experts in format `fmt_name`, built if needed.
-
-    `experts`: a zero-argument callable returning (layer, expert, weights or a loader of them)
-    for every expert; default: the model's resident experts (a checkpoint reader passes a lazy
-    one, so only one expert is in memory at a time). The store records a digest of those weights:
-    a store built from other weights is rebuilt; one of another format or options is refused.
-    Builds go to a sibling folder renamed into place, under a lock (a concurrent build waits).
-    verify=True (`moelab store build`) reads every blob and rewrites the bad ones.
-    The returned store's build_info says what happened (reused / built / rebuilt / repaired)."""
-    import sys
-    import time
-
-    from executor.store import (INDEX, JOURNAL, build_store_atomic, format_options, peak_rss_bytes, repair_store,
-                                reset_peak_rss, source_digest, store_lock)
-    reset_peak_rss()            # build_info's peak covers this call only
-    arch = model_arch(model)
-    experts = experts or (lambda: model_experts(model))
-    if fmt_name == "zip" and "exponent_ratio" not in fmt_options:
-        fmt_options["exponent_ratio"] = measured_exponent_ratio(model, fmt_options.get("chunks", 3),
-                                                                fmt_options.get("codec", "lz4hc"), experts=experts)
-    fmt = make_format(fmt_name, arch.expert_shapes, **fmt_options)
-    folder = Path(folder)
-    source = {"digest": source_digest(experts())}
-
-    def note(msg: str) -> None:
-        if not quiet:
-            print(f"store {folder}: {msg}", file=sys.stderr)
-
-    with store_lock(folder, quiet):
-        reason = "new"
-        if (folder / INDEX).exists() and not (folder / JOURNAL).exists():
-            try:
-                store = Store.open(folder)
-            except ConfigError as e:
-                store, reason = None, f"unreadable ({e})"
-            if store is not None and store.format != fmt:
-                raise ConfigError(f"{folder}: holds a {store.format.name} store with options "
-                                  f"{store.header['format']['options']} and shapes {store.header['format']['shapes']}; "
-                                  f"asked for {fmt.name} with {format_options(fmt)} and shapes "
-                                  f"{[list(x) for x in fmt.shapes]}: refusing to overwrite it; "
-                                  f"use another --store folder (or delete this one)")
-            if store is not None and store.header.get("source") == source:
-                if not verify:
-                    store.build_info = {"action": "reused"}
-                    return store
-                store, bad = repair_store(store, experts())
-                store.build_info = {"action": "repaired" if bad else "verified", "blobs": len(store.blobs),
-                                    "repaired": [list(b.key) for b in bad]}
-                note(f"verified {len(store.blobs)} blobs" + (f"; rewrote {len(bad)} bad ones: "
-                     + ", ".join(b.describe() for b in bad[:4]) + (" ..." if len(bad) > 4 else "") if bad else ""))
-                return store
-            if store is not None:
-                old = store.header.get("source", {}).get("digest")
-                store.close()
-                reason = (f"built from other weights (digest {old}, the model's is {source['digest']})" if old
-                          else "built before stores recorded their source weights")
-        elif folder.exists() and any(folder.iterdir()):
-            reason = "an unfinished build"
-        if reason != "new":
-            note(f"{reason}: rebuilding it")
-        info = {"layers": arch.layers, "experts": arch.experts, "d_model": arch.d_model, "d_ff": arch.d_ff}
-        t0 = time.perf_counter()
-        store = build_store_atomic(folder, experts(), fmt, arch_info=info, source=source, quiet=quiet,
-                                   total=arch.layers * arch.experts)
-        store.build_info = {"action": "built" if reason == "new" else "rebuilt", "reason": reason,
-                            "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
-        note(f"built {len(store.blobs)} blobs in {store.build_info['seconds']:.1f} s, peak RSS "
-             f"{store.build_info['peak_rss_bytes'] / 1e6:.0f} MB")
-        return store
-
-
-def measured_exponent_ratio(model: MoETransformer, chunks: int, codec: str, sample: int = 8,
-                            margin: float = 1.03, experts=None) -> float:
-    """ZipFormat's exponent_ratio for this model: the worst chunk's compressed/raw ratio over a
-    sample of experts, plus a margin (every chunk must fit its fixed-size part). `experts`: as
-    in ensure_store (default: the model's resident experts)."""
-    from executor.zipcodec import ZIP_HEADER_BYTES, encode_expert
-    worst = 0.0
-    for i, (_, _, w) in enumerate(model_experts(model) if experts is None else experts()):
-        if i >= sample:
-            break
-        w = w() if callable(w) else w
-        mats = [w[k].to(torch.bfloat16) for k in ("w1", "w3", "w2") if k in w]
-        parts = encode_expert(mats, chunks=chunks, codec=codec)
-        n = sum(m.numel() for m in mats)
-        raw = n / chunks
-        worst = max(worst, max((len(p) - ZIP_HEADER_BYTES) / raw for p in parts[1:]))
-    return min(1.1, worst * margin)
 
 
 def default_torch_threads(torch_device: str) -> int:
@@ -243,7 +135,6 @@ def _default_lookahead(model, policies):
     """The model's gate lookahead when the prefetcher reads predictions, else None."""
     if not getattr(policies.prefetcher, "needs_prediction", False):
         return None
-    from executor.record import gate_lookahead
     return gate_lookahead(model)
 
 

@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from devices.units import ConfigError
 from executor.model import MoEConfig, MoETransformer
+from executor.store_build import ensure_store
 
 INDEX = "model.safetensors.index.json"
 FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "moelab")
@@ -305,8 +306,7 @@ def build_hf_store(folder: Union[str, Path], out: Union[str, Path], fmt_name: st
                    quiet: bool = False, verify: bool = False, **fmt_options):
     """The expert store of a local checkpoint, built expert by expert: peak memory is the dense
     weights (float32) plus about one expert, not the whole checkpoint (store.build_info has the
-    peak RSS). Returns (dense-only model, store); see executor.execute.ensure_store."""
-    from executor.execute import ensure_store  # the executor imports this module's readers
+    peak RSS). Returns (dense-only model, store); see executor/store_build.py ensure_store."""
     model, _ = load_hf_moe(folder, resident_experts=False)
     store = ensure_store(model, out, fmt_name, quiet=quiet, verify=verify, experts=lazy_experts(folder),
                          **fmt_options)

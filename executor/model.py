@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from devices.units import ConfigError
+from workloads.catalog import ModelArch
 
 ExpertFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ForcedRouting = Callable[[int, torch.Tensor], tuple]
@@ -477,6 +478,14 @@ class MoETransformer(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, input_pos)
         return self.output(self.norm(x))
+
+
+def model_arch(model: MoETransformer, name: str = "model") -> ModelArch:
+    """The model's architecture as the policies and the simulator see it (workloads/catalog.py)."""
+    c = model.cfg
+    return ModelArch(name, layers=c.n_layers, experts=c.experts, top_k=c.top_k, d_model=c.d_model, d_ff=c.d_ff,
+                     shared_experts=c.shared_experts, shared_d_ff=c.shared_d_ff, expert_matrices=c.expert_matrices,
+                     n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab=c.vocab)
 
 
 def init_weights(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoETransformer:

@@ -527,7 +527,7 @@ def parse_expert(parts: Sequence[Any], fmt: MwqFormat) -> list[MwqPacked]:
 
 # -- store encoder ----------------------------------------------------------------------------------
 class MwqEncoder:
-    """executor/store.py's Encoder for the mwq format (no calibration data; dequantized to `dtype`)."""
+    """executor/encoders.py's Encoder for the mwq format (no calibration data; dequantized to `dtype`)."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype

@@ -7,7 +7,8 @@ the profile predicts what `moelab execute` does here:
   blobs, one at a time, timed as the I/O workers time them; latency and bandwidth are the
   least-squares line through (size, median seconds). queue_depth: the executor's read
   concurrency (its I/O workers keep that many reads in flight); the comment gives a burst of
-  reads on those workers against what the StorageChannel predicts for it.
+  reads on those workers against what the simulator's storage channel predicts for it (added
+  by experiments/calibrate.py: the executor does not simulate).
 - decompression: exponent chunks of the model's experts, per codec, on the executor's
   DecompressPool with its worker count while a thread computes (the executor's main thread
   computes while its workers decompress: they share the cores); raw bytes over task time.
@@ -37,6 +38,7 @@ import os
 import platform
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -45,9 +47,22 @@ import torch
 from tqdm import tqdm
 
 from devices.atomic import atomic_write
-from devices.profile import StorageProfile, load_device, measured_key
+from devices.profile import StorageProfile, interpolate, load_device, measured_key
 from devices.units import format_size
-from timeline.metrics import busy_time
+from executor.encoders import get_encoder, resident_part
+from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
+from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
+from executor.model import model_arch
+from executor.runtime import ExpertRuntime, StepInfo
+from executor.store_build import ensure_store
+from executor.train import DEFAULT_MODEL, load_trained
+from executor.zipcodec import ZipEncoder
+from policies import build_online_policies, build_policies
+from policies.base import Key
+from timeline.metrics import busy_time, step_spans
+from workloads.formats import make_format
+from workloads.synthetic import synthetic_trace
+from workloads.workload import Workload
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_TOKENS = (1, 4, 16, 64)
@@ -72,8 +87,6 @@ def _mean(xs) -> float:
 class HostProfiler:
     def __init__(self, model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
                  io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None):
-        from executor.execute import default_torch_threads, model_arch
-        from executor.train import DEFAULT_MODEL, load_trained
         self.model_dir = Path(model_dir or DEFAULT_MODEL)
         self.name = self.model_dir.name
         self.model, _, _ = load_trained(self.model_dir)
@@ -98,9 +111,7 @@ class HostProfiler:
 
     # -- stores -----------------------------------------------------------------------
     def store(self, fmt_name: str):
-        from executor.execute import ensure_store
         if fmt_name not in self.stores:
-            from executor.train import load_trained
             model, _, _ = load_trained(self.model_dir)
             self.stores[fmt_name] = ensure_store(model, self.store_root / f"{self.name}-{fmt_name}", fmt_name,
                                                  quiet=True)
@@ -109,7 +120,6 @@ class HostProfiler:
     # -- storage --------------------------------------------------------------------------
     def storage(self) -> dict:
         """Latency and bandwidth from single reads of every blob size the stores hold."""
-        from executor.io import BlobReader, IOWorkers
         samples: dict[int, list[float]] = {}
         burst = None
         for fmt_name in FORMATS:
@@ -131,13 +141,11 @@ class HostProfiler:
         # the executor keeps io_concurrency reads in flight: that is the depth the device sees (a fit
         # on a burst's makespan could not tell 1 from 2 here: they differ by a few latencies)
         qd = self.io_concurrency
-        burst["predicted"] = self._burst_prediction(burst, latency, bandwidth, qd)
         return {"read_bandwidth": bandwidth, "latency": latency, "queue_depth": qd, "mode": mode,
                 "table": list(zip(sizes, med)), "burst": burst}
 
     def _burst(self, store, keys) -> dict:
         """(bytes per read, reads, makespan) of a burst of reads on the executor's I/O workers."""
-        from executor.io import BlobReader, IOWorkers
         n = 16 if self.quick else 48
         spans = []
         with BlobReader(store) as reader, IOWorkers(reader, self.io_concurrency) as io:
@@ -147,20 +155,12 @@ class HostProfiler:
                 spans.append(max(r.t_end for r in rs) - min(r.t_start for r in rs))
         return {"bytes": store.format.expert_bytes, "reads": n, "seconds": _median(spans)}
 
-    def _burst_prediction(self, burst, latency, bandwidth, queue_depth: int) -> float:
-        """What the simulator's storage channel predicts for the burst."""
-        from sim.servers import StorageChannel
-        ch = StorageChannel(bandwidth, latency, queue_depth)
-        return max(ch.reserve(0.0, burst["bytes"])[1] for _ in range(burst["reads"]))
-
     # -- decompression -----------------------------------------------------------------
     def decompression(self) -> dict:
         """Raw bytes/s per worker per codec, on the executor's pool with its worker count."""
-        from executor.zipcodec import ZipEncoder
         enc = ZipEncoder()
         experts = [(i, j, e.weights()) for i, layer in enumerate(self.model.moe_layers)
                    for j, e in enumerate(layer.experts)][: 8 if self.quick else 24]
-        import threading
         stop = threading.Event()
         a = torch.randn(64, self.arch.d_model)
         b = torch.randn(self.arch.d_model, self.arch.d_ff)
@@ -178,8 +178,6 @@ class HostProfiler:
             busy.join()
 
     def _decompression(self, enc, experts) -> dict:
-        from executor.io import DecompressPool
-        from workloads.formats import make_format
         rates = {}
         for codec in CODECS:
             fmt = make_format("zip", self.arch.expert_shapes, codec=codec, exponent_ratio=1.1)
@@ -196,12 +194,6 @@ class HostProfiler:
     # -- expert compute ---------------------------------------------------------------------
     def experts(self, bar=None) -> dict:
         """Seconds of ExpertRuntime._compute per format key, level and token count."""
-        from executor.io import BlobReader
-        from executor.runtime import ExpertRuntime, StepInfo
-        from executor.store import get_encoder, resident_part
-        from policies import build_online_policies
-        from policies.base import Key
-        from executor.execute import _set_numba_threads
         tables = {}
         saved = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -253,7 +245,6 @@ class HostProfiler:
         beyond its table against the time reads / decompressions were in flight during it:
         extra = call or dense + read x (time reading) + decompress x (time decompressing), the fluid
         model the simulator runs (sim/engine.py _main_thread)."""
-        from devices.profile import interpolate
         out = {}
         for fmt_name, share in (("bf16", 0.3), ("mwq", 0.5), ("zip", 0.5)):
             fmt = self.store(fmt_name).format
@@ -291,12 +282,6 @@ class HostProfiler:
     # -- dense, steps and the decision path: real forced runs ---------------------------
     def _run(self, requests: int, prompt: int, output: int, budget_share: float = 1.0, seed: int = 0,
              fmt_name: str = "bf16", prefetch: str = "none"):
-        from executor.execute import execute, strip_experts
-        from executor.io import StorageThrottle
-        from executor.train import load_trained
-        from policies import build_policies
-        from workloads.synthetic import synthetic_trace
-        from workloads.workload import Workload
         store = self.store(fmt_name)
         model, _, _ = load_trained(self.model_dir)
         strip_experts(model)
@@ -310,7 +295,6 @@ class HostProfiler:
                        batch=requests, quiet=True, throttle=throttle).timeline
 
     def dense_and_steps(self, bar=None) -> dict:
-        from timeline.metrics import step_spans
         dense = {"prefill": [], "decode": []}
         step = {"prefill": [], "decode": []}
         decisions = []                                  # (loads issued, gap to a first compute that hit)
@@ -461,7 +445,8 @@ def _best(fn, repeats: int) -> float:
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None) -> dict:
     """Every figure the executor measures (the dict profile_yaml writes), contention.read and .stall
-    still 0: experiments/calibrate.py measure_host calibrates them by simulation."""
+    still 0 and no storage.burst.predicted: experiments/calibrate.py measure_host adds them by
+    simulation."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
@@ -540,8 +525,8 @@ def profile_yaml(m: dict, command: str) -> str:
         f"single-read times ({table})",
         f"    latency: {_us(s['latency'])}   # {src}: the same line's intercept",
         f"    queue_depth: {s['queue_depth']}   # {src}: the executor's read concurrency; a burst of "
-        f"{burst['reads']} {format_size(burst['bytes'])} reads on its I/O workers took {burst['seconds'] * 1e3:.2f} ms, "
-        f"this storage predicts {burst['predicted'] * 1e3:.2f} ms",
+        f"{burst['reads']} {format_size(burst['bytes'])} reads on its I/O workers took {burst['seconds'] * 1e3:.2f} ms"
+        + (f", this storage predicts {burst['predicted'] * 1e3:.2f} ms" if "predicted" in burst else ""),
         "compute:",
         f"  memory_bandwidth: {r['memory_bandwidth'] / 1e9:.2f}GB/s   # {src}: 32 MiB tensor copy, best run",
         f"  flops: {r['flops'] / 1e9:.2f}GFLOPS   # {src}: 512x512 float32 matmul, best run",

@@ -1,10 +1,12 @@
 """`moelab trace record`: a real model's routing, in the trace format the simulator replays."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import torch
 
-from executor.model import MoETransformer, generate
+from executor.model import MoETransformer, generate, model_arch
 from workloads.trace import RoutingTrace
 
 
@@ -61,9 +63,6 @@ def record_routing(model: MoETransformer, prompts: torch.Tensor, new_tokens: int
             request_ids += [r] * S
             prompt += [i == 0] * S
     # the architecture too, so `moelab simulate --trace` can rebuild the model without --model
-    from dataclasses import asdict
-
-    from executor.execute import model_arch
     meta = {"source": "moelab trace record", "model": model_name, "experts": model.cfg.experts,
             "requests": B, "prompt_len": P, "new_tokens": new_tokens,
             "arch": asdict(model_arch(model, model_name or "model"))}

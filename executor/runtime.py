@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from executor.encoders import get_encoder
 from executor.io import BufferPool, DecompressPool, IOWorkers
 from executor.model import accumulate_expert
-from executor.store import Store, get_encoder
+from executor.store import Store
 from policies import Key, Policies, Routing
 from timeline.events import Event, Timeline
 

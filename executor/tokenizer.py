@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Union
 
+from devices.atomic import atomic_write
 from devices.units import ConfigError
 
 EOT = "<|endoftext|>"
@@ -61,8 +62,7 @@ class ByteTokenizer:
         return tok
 
     def save(self, path: Union[str, Path]) -> None:
-        from executor.train import atomic_write_text  # one atomic writer for every artifact
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ByteTokenizer":

@@ -1,9 +1,5 @@
-"""Train a small byte-level MoE language model on the Python standard library's sources.
-
-The corpus is on every machine with Python: the stdlib's *.py files (test suites and
-site-packages left out), read in sorted path order; a file goes to the held-out split
-when crc32(its relative path) % 100 < heldout_pct, so the split is fixed. Files are
-joined with an end-of-text token.
+"""Train a small byte-level MoE language model on the Python standard library's sources
+(the corpus, its fixed held-out split and its windows: executor/corpus.py).
 
     train(out_dir, minutes=15)       # the default model -> executor/assets/tiny-moe/
     load_trained()                   # (model, tokenizer, config) of the committed default
@@ -22,14 +18,11 @@ is recorded in the log; pass `steps=` to repeat a run exactly).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
 import sys
-import sysconfig
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -37,81 +30,22 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
 from tqdm import tqdm
 
-from devices.atomic import atomic_write
+from devices.atomic import atomic_write, save_safetensors_atomic
 from devices.units import ConfigError
+from executor.corpus import Corpus, eval_windows, sample_batch, stdlib_corpus
 from executor.hf_checkpoint import load_hf_moe
 from executor.model import MoEConfig, MoETransformer, init_weights
 from executor.tokenizer import ByteTokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "tiny-moe"
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 # The committed default: 4 MoE layers x 16 experts, top-2; ~4.2M parameters (~8.4 MB in bf16)
 DEFAULT_CONFIG = MoEConfig(vocab=257, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, experts=16, top_k=2,
                            d_ff=160, max_seq=256, rope_theta=10000.0, norm_topk=True)
-
-
-# -- atomic writes -----------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
-def save_safetensors_atomic(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    atomic_write(path, save(tensors, metadata=metadata))  # in memory first: the model is small
-
-
-# -- corpus ------------------------------------------------------------------------
-
-@dataclass
-class Corpus:
-    train: np.ndarray        # int16 token ids
-    heldout: np.ndarray
-    description: dict = field(default_factory=dict)
-
-
-def stdlib_corpus(root: Optional[Union[str, Path]] = None, *, heldout_pct: int = 5,
-                  tokenizer: Optional[ByteTokenizer] = None, max_bytes: Optional[int] = None) -> Corpus:
-    """The stdlib's *.py sources as token streams (see module doc); max_bytes caps the train split."""
-    tok = tokenizer or ByteTokenizer()
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                   if not SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
-    if not files:
-        raise ConfigError(f"no *.py files under {root}")
-    parts = {"train": [], "heldout": []}
-    counts = {"train": [0, 0], "heldout": [0, 0]}  # files, bytes
-    digest = hashlib.sha256()
-    sep = np.array([tok.eot_id], np.int16)
-    for rel in files:
-        split = "heldout" if zlib.crc32(rel.encode()) % 100 < heldout_pct else "train"
-        if split == "train" and max_bytes is not None and counts["train"][1] >= max_bytes:
-            continue
-        data = (root / rel).read_bytes()
-        digest.update(rel.encode() + b"\0" + data)
-        parts[split] += [np.frombuffer(data, np.uint8).astype(np.int16), sep]
-        counts[split][0] += 1
-        counts[split][1] += len(data)
-    if not parts["heldout"] or not parts["train"]:
-        raise ConfigError(f"{root}: too few files for a train/held-out split")
-    desc = {
-        "source": "Python standard library *.py sources (test suites and site-packages excluded)",
-        "root": str(root), "python": platform.python_version(),
-        "split": f"held out: crc32(relative path) % 100 < {heldout_pct}",
-        "train_files": counts["train"][0], "train_bytes": counts["train"][1],
-        "heldout_files": counts["heldout"][0], "heldout_bytes": counts["heldout"][1],
-        "sha256": digest.hexdigest(), "tokenizer": tok.to_dict(),
-        "separator": "one end-of-text token after each file",
-    }
-    return Corpus(np.concatenate(parts["train"]), np.concatenate(parts["heldout"]), desc)
 
 
 # -- baselines ---------------------------------------------------------------------
@@ -137,21 +71,7 @@ def _metric(nats: float) -> dict:
             "bits_per_token": round(nats / math.log(2), 5)}
 
 
-# -- batches and evaluation ----------------------------------------------------------
-
-def sample_batch(data: np.ndarray, batch: int, seq: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen).numpy()
-    win = np.stack([data[s: s + seq + 1] for s in starts]).astype(np.int64)
-    t = torch.from_numpy(win)
-    return t[:, :-1], t[:, 1:]
-
-
-def eval_windows(data: np.ndarray, seq: int, n: Optional[int] = None) -> torch.Tensor:
-    """Non-overlapping windows of seq+1 tokens; n of them evenly spaced (None: all)."""
-    total = (len(data) - 1) // seq
-    idx = np.arange(total) if n is None or n >= total else np.linspace(0, total - 1, n).round().astype(int)
-    return torch.from_numpy(np.stack([data[i * seq: i * seq + seq + 1] for i in idx]).astype(np.int64))
-
+# -- evaluation ----------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, windows: torch.Tensor, batch: int = 32,
@@ -213,7 +133,7 @@ def save_checkpoint(model: MoETransformer, out_dir: Union[str, Path], tokenizer:
     if model.cfg.tie_embeddings:
         sd.pop("output.weight")  # safetensors refuses shared storage; the loader re-ties
     save_safetensors_atomic(sd, out / "model.safetensors", metadata={"format": "pt", "model_type": "moelab"})
-    atomic_write_text(out / "config.json", json.dumps({"model_type": "moelab", **model.cfg.to_dict()}, indent=1) + "\n")
+    atomic_write(out / "config.json", json.dumps({"model_type": "moelab", **model.cfg.to_dict()}, indent=1) + "\n")
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
     return out
@@ -247,26 +167,14 @@ def train(out_dir: Union[str, Path], *, minutes: float = 15.0, steps: Optional[i
     t_start = time.time()
     if threads:
         torch.set_num_threads(threads)
-    cfg = config if isinstance(config, MoEConfig) else \
-        MoEConfig.from_dict(config, "train config") if config is not None else MoEConfig(**DEFAULT_CONFIG.to_dict())
-    seq = seq_len or cfg.max_seq
-    if seq > cfg.max_seq:
-        raise ConfigError(f"seq_len={seq} exceeds the model's max_seq={cfg.max_seq}")
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    if save_dtype not in dtypes:
-        raise ConfigError(f"save_dtype {save_dtype!r} unknown; allowed: {', '.join(dtypes)}")
     tok = ByteTokenizer()
-    if cfg.vocab != tok.vocab_size:
-        raise ConfigError(f"config vocab={cfg.vocab} must equal the byte tokenizer's {tok.vocab_size}")
+    cfg, seq = _train_config(config, seq_len, save_dtype, tok)
     data = corpus or stdlib_corpus(tokenizer=tok)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = init_weights(MoETransformer(cfg), seed=seed).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = _optimizer(model, lr, weight_decay)
     small_eval = eval_windows(data.heldout, seq, eval_windows_n)
     final_windows = eval_windows(data.heldout, seq, final_eval_windows)
 
@@ -283,15 +191,94 @@ def train(out_dir: Union[str, Path], *, minutes: float = 15.0, steps: Optional[i
         opt.step()
         return ce.item(), aux.item()
 
-    history, evals = [], []
+    run = _run_steps(model, opt, one_step, small_eval, len(final_windows), steps=steps, minutes=minutes,
+                     t_start=t_start, eval_every=eval_every, quiet=quiet)
+    train_s = time.time() - t_start
+
+    # the numbers below belong to the shipped weights: round to the save dtype first
+    dt = DTYPES[save_dtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dt).to(p.dtype))
+    counts = torch.zeros(cfg.n_layers, cfg.experts, dtype=torch.long)
+    final = evaluate(model, final_windows, route_counts=counts)
+    uni = unigram_loss(data.train, data.heldout, cfg.vocab)
+    bi = bigram_loss(data.train, data.heldout, cfg.vocab)
+
+    out = Path(out_dir)
+    save_checkpoint(model, out, tok, dt)
+    log = {
+        "model": {"config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+                  "checkpoint_bytes": (out / "model.safetensors").stat().st_size, "dtype": save_dtype},
+        "training": _training_record(run, batch_size=batch_size, seq=seq, lr=lr, warmup=warmup,
+                                     weight_decay=weight_decay, aux_weight=aux_weight, seed=seed,
+                                     minutes=None if steps is not None else minutes, train_s=train_s),
+        "heldout": {**_metric(final), "tokens": int(final_windows[:, 1:].numel()), "windows": len(final_windows),
+                    "unit": "per token = per byte (plus one end-of-text token per file)",
+                    "context": f"non-overlapping {seq}-token windows, each starting without context"},
+        "baselines": {"unigram": _metric(uni), "bigram": _metric(bi),
+                      "note": "trained on the train split, add-one (unigram) / add-0.1 (bigram) smoothing, "
+                              "scored on the whole held-out split"},
+        "routing_heldout": routing_summary(counts),
+        "evals": run.evals, "history": run.history,
+        "corpus": data.description,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0], "numpy": np.__version__,
+                     "platform": platform.platform(), "threads": torch.get_num_threads()},
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    atomic_write(out / "train_log.json", json.dumps(log, indent=1) + "\n")
+    if not quiet:
+        print(f"held-out: {final:.4f} nats/byte, perplexity {math.exp(final):.3f} "
+              f"(unigram {math.exp(uni):.2f}, bigram {math.exp(bi):.2f}); wrote {out}")
+    return log
+
+
+def _train_config(config: Optional[Union[MoEConfig, dict]], seq_len: Optional[int], save_dtype: str,
+                  tok: ByteTokenizer) -> tuple[MoEConfig, int]:
+    """The model config (default: DEFAULT_CONFIG) and the training sequence length, checked."""
+    cfg = config if isinstance(config, MoEConfig) else \
+        MoEConfig.from_dict(config, "train config") if config is not None else MoEConfig(**DEFAULT_CONFIG.to_dict())
+    seq = seq_len or cfg.max_seq
+    if seq > cfg.max_seq:
+        raise ConfigError(f"seq_len={seq} exceeds the model's max_seq={cfg.max_seq}")
+    if save_dtype not in DTYPES:
+        raise ConfigError(f"save_dtype {save_dtype!r} unknown; allowed: {', '.join(DTYPES)}")
+    if cfg.vocab != tok.vocab_size:
+        raise ConfigError(f"config vocab={cfg.vocab} must equal the byte tokenizer's {tok.vocab_size}")
+    return cfg, seq
+
+
+def _optimizer(model: MoETransformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW(0.9, 0.95), weight decay on the matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+@dataclass
+class _Run:
+    """What the training loop did: steps taken and planned, its loss history and evaluations."""
+    step: int = 0
+    total: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+
+def _run_steps(model: MoETransformer, opt, one_step, small_eval: torch.Tensor, n_final: int, *,
+               steps: Optional[int], minutes: float, t_start: float, eval_every: int, quiet: bool) -> _Run:
+    """`steps` steps of one_step(step, total), or as many as fit `minutes` from t_start, with a
+    held-out evaluation on small_eval every eval_every steps (n_final: windows of the final one)."""
+    run = _Run()
     t_eval = time.time()
-    evals.append({"step": 0, "heldout_loss": round(evaluate(model, small_eval), 5)})
+    run.evals.append({"step": 0, "heldout_loss": round(evaluate(model, small_eval), 5)})
     eval_s = time.time() - t_eval
 
     # With a time budget: a few timed steps set the step count, and the pace measured at
     # each evaluation re-plans it while the cosine is still in its first half (another
     # process sharing the cores slows us down; the schedule then ends on time anyway).
-    final_eval_s = eval_s * len(final_windows) / max(1, len(small_eval)) * 1.2
+    final_eval_s = eval_s * n_final / max(1, len(small_eval)) * 1.2
 
     def plan(step_now: int, step_s: float) -> int:
         left = minutes * 60 - (time.time() - t_start) - final_eval_s - min(5.0, 0.02 * minutes * 60)
@@ -304,27 +291,27 @@ def train(out_dir: Union[str, Path], *, minutes: float = 15.0, steps: Optional[i
         t_cal = time.time()
         for step in range(calibrate):
             ce, aux = one_step(step, total)
-            history.append({"step": step, "loss": round(ce, 5), "aux": round(aux, 5)})
+            run.history.append({"step": step, "loss": round(ce, 5), "aux": round(aux, 5)})
         step = calibrate
         # each step also pays its share of the periodic evaluations
         total = plan(step, (time.time() - t_cal) / calibrate + eval_s / eval_every)
     bar = tqdm(total=total, initial=step, disable=quiet, desc="train", unit="step")
-    ema, stopped_early = None, False
+    ema = None
     t_loop, loop_first = time.time(), step
     while step < total:
         if steps is None and time.time() - t_start > minutes * 60 * 1.1:
-            stopped_early = True  # far slower than planned: stop rather than overrun
+            run.stopped_early = True  # far slower than planned: stop rather than overrun
             break
         ce, aux = one_step(step, total)
         ema = ce if ema is None else 0.98 * ema + 0.02 * ce
         if step % 10 == 0 or step == total - 1:
-            history.append({"step": step, "loss": round(ce, 5), "aux": round(aux, 5),
-                            "lr": round(opt.param_groups[0]["lr"], 7)})
+            run.history.append({"step": step, "loss": round(ce, 5), "aux": round(aux, 5),
+                                "lr": round(opt.param_groups[0]["lr"], 7)})
         step += 1
         bar.update(1)
         if step % eval_every == 0 and step < total:
-            evals.append({"step": step, "heldout_loss": round(evaluate(model, small_eval), 5)})
-            bar.set_postfix(loss=f"{ema:.3f}", heldout=f"{evals[-1]['heldout_loss']:.3f}")
+            run.evals.append({"step": step, "heldout_loss": round(evaluate(model, small_eval), 5)})
+            bar.set_postfix(loss=f"{ema:.3f}", heldout=f"{run.evals[-1]['heldout_loss']:.3f}")
             if steps is None and step < total // 2:
                 total = plan(step, (time.time() - t_loop) / (step - loop_first))
                 bar.total = total
@@ -332,49 +319,19 @@ def train(out_dir: Union[str, Path], *, minutes: float = 15.0, steps: Optional[i
         elif step % 10 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
     bar.close()
-    train_s = time.time() - t_start
+    run.step, run.total = step, total
+    return run
 
-    # the numbers below belong to the shipped weights: round to the save dtype first
-    dt = dtypes[save_dtype]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(dt).to(p.dtype))
-    counts = torch.zeros(cfg.n_layers, cfg.experts, dtype=torch.long)
-    final = evaluate(model, final_windows, route_counts=counts)
-    uni = unigram_loss(data.train, data.heldout, cfg.vocab)
-    bi = bigram_loss(data.train, data.heldout, cfg.vocab)
 
-    out = Path(out_dir)
-    save_checkpoint(model, out, tok, dt)
-    n_params = sum(p.numel() for p in model.parameters())
-    log = {
-        "model": {"config": cfg.to_dict(), "parameters": n_params,
-                  "checkpoint_bytes": (out / "model.safetensors").stat().st_size, "dtype": save_dtype},
-        "training": {"steps": step, "planned_steps": total, "stopped_early": stopped_early,
-                     "batch_size": batch_size, "seq_len": seq, "tokens_seen": step * batch_size * seq, "peak_lr": lr, "warmup": warmup,
-                     "schedule": "linear warmup, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.95)",
-                     "weight_decay": weight_decay, "aux_weight": aux_weight,
-                     "aux_loss": "Switch load balancing, E * sum(f_e * P_e), mean over layers",
-                     "seed": seed, "minutes_budget": None if steps is not None else minutes,
-                     "train_seconds": round(train_s, 1)},
-        "heldout": {**_metric(final), "tokens": int(final_windows[:, 1:].numel()), "windows": len(final_windows),
-                    "unit": "per token = per byte (plus one end-of-text token per file)",
-                    "context": f"non-overlapping {seq}-token windows, each starting without context"},
-        "baselines": {"unigram": _metric(uni), "bigram": _metric(bi),
-                      "note": "trained on the train split, add-one (unigram) / add-0.1 (bigram) smoothing, "
-                              "scored on the whole held-out split"},
-        "routing_heldout": routing_summary(counts),
-        "evals": evals, "history": history,
-        "corpus": data.description,
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0], "numpy": np.__version__,
-                     "platform": platform.platform(), "threads": torch.get_num_threads()},
-        "wall_seconds": round(time.time() - t_start, 1),
-    }
-    atomic_write_text(out / "train_log.json", json.dumps(log, indent=1) + "\n")
-    if not quiet:
-        print(f"held-out: {final:.4f} nats/byte, perplexity {math.exp(final):.3f} "
-              f"(unigram {math.exp(uni):.2f}, bigram {math.exp(bi):.2f}); wrote {out}")
-    return log
+def _training_record(run: _Run, *, batch_size: int, seq: int, lr: float, warmup: int, weight_decay: float,
+                     aux_weight: float, seed: int, minutes: Optional[float], train_s: float) -> dict:
+    """The log's "training" section: the run's settings and what the loop did."""
+    return {"steps": run.step, "planned_steps": run.total, "stopped_early": run.stopped_early,
+            "batch_size": batch_size, "seq_len": seq, "tokens_seen": run.step * batch_size * seq, "peak_lr": lr,
+            "warmup": warmup, "schedule": "linear warmup, cosine to 0.1 x peak", "optimizer": "AdamW(0.9, 0.95)",
+            "weight_decay": weight_decay, "aux_weight": aux_weight,
+            "aux_loss": "Switch load balancing, E * sum(f_e * P_e), mean over layers",
+            "seed": seed, "minutes_budget": minutes, "train_seconds": round(train_s, 1)}
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,6 @@
 """An expert's weight matrices: their names and the check every encoder runs first.
 
-Below executor/store.py and the formats (mwq, zipcodec): each of them imports this, and
+Below executor/encoders.py and the formats (mwq, zipcodec): each of them imports this, and
 this imports neither, so there is no import circle.
 """
 from __future__ import annotations

@@ -359,7 +359,7 @@ def expert_ratio(parts: Sequence[Any]) -> float:
 
 # -- store encoder --------------------------------------------------------------------------
 class ZipEncoder:
-    """executor/store.py's Encoder for the zip format. A store blob has exactly the format's
+    """executor/encoders.py's Encoder for the zip format. A store blob has exactly the format's
     part size, so each chunk is zero-padded to its slot; a chunk that does not fit (exponent_ratio
     set below what the weights compress to) is an error that states the ratio needed."""
 

@@ -1,6 +1,7 @@
 """Calibrate a host profile's contention by simulation: what `moelab profile` runs after the
 executor's measurements (executor/profile_host.py), which cannot simulate (the executor never
-imports the simulator's engine, DESIGN.md).
+imports the simulator, DESIGN.md). The storage channel's prediction of the measured burst of
+reads, which the profile's comments set beside the measurement, is simulated here too.
 
 The main thread and a reader thread slow each other down (they share the cores and the
 interpreter), and the two effects cannot be told apart from one run's timeline: a read that
@@ -30,8 +31,20 @@ def measure_host(model_dir=None, store_root="runs/stores", quick: bool = False, 
     """Every figure of a host profile: the executor's measurements, then the calibration."""
     from executor.profile_host import measure
     m = measure(model_dir, store_root, quick=quick, quiet=quiet, throttle=throttle)
+    predict_burst(m)
     calibrate(m)
     return m
+
+
+def predict_burst(m: dict) -> None:
+    """Set storage.burst.predicted of `m`: what the simulator's storage channel, with the measured
+    latency, bandwidth and queue depth, predicts for the burst of reads the executor timed (the
+    profile's comment on queue_depth sets the two side by side)."""
+    from sim.servers import StorageChannel
+    s = m["storage"]
+    burst = s["burst"]
+    ch = StorageChannel(s["read_bandwidth"], s["latency"], s["queue_depth"])
+    burst["predicted"] = max(ch.reserve(0.0, burst["bytes"])[1] for _ in range(burst["reads"]))
 
 
 def calibrate(m: dict) -> None:

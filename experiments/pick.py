@@ -1,9 +1,10 @@
-"""`moelab pick RESULTS`: the best policy bundle of a sweep under constraints, as a policy file.
+"""`moelab pick RESULTS`: the best run of a sweep under constraints, written as a run spec.
 
-`moelab simulate --policy FILE` and `moelab execute --policy FILE` take that file: study in
-the simulator, deploy on the device. The file is YAML: the format (and ladder, codec), the
-bundle (cache, scheduler, allocator, prefetch and their options), the budget, and where it
-was picked from.
+The file is the picked row's run spec (experiments/spec.py) plus where it was picked from:
+`moelab simulate --spec FILE` reruns exactly that row; `--policy FILE` takes its format, bundle
+and budget onto another workload (`moelab execute --policy FILE`: deploy on the device). Offline
+bounds (belady, the oracle prefetcher) read the run's future and cannot be deployed: refused
+unless asked for.
 """
 from __future__ import annotations
 
@@ -11,16 +12,13 @@ import operator
 import re
 from pathlib import Path
 
-import yaml
-
 from devices.units import ConfigError, parse_size
 
 METRICS = {"throughput": ("throughput_tok_s", max), "tpot": ("tpot_s_mean", min), "tpot_p99": ("tpot_s_p99", min),
            "ttft": ("ttft_s", min), "hit_ratio": ("hit_ratio", max), "bytes_read": ("bytes_read", min),
            "peak_memory": ("peak_expert_bytes", min)}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "=": operator.eq, "==": operator.eq}
-POLICY_FILE_KEYS = ("format", "ladder", "codec", "cache", "scheduler", "allocator", "prefetch", "allocator_options",
-                    "scheduler_options", "budget", "picked")
+OFFLINE = {"cache": ("belady", "static-hot"), "prefetch": ("oracle",)}    # they read the run's future
 
 
 def parse_constraint(text: str):
@@ -55,9 +53,14 @@ def _fits(row, budget: int | None) -> bool:
     return used <= budget
 
 
+def offline(row: dict) -> bool:
+    return any(row.get(role) in names for role, names in OFFLINE.items())
+
+
 def pick(rows: list[dict], metric: str = "throughput", device: str | None = None, budget: int | None = None,
-         constraints: list[str] = (), where: list[tuple[str, str]] = ()) -> dict:
-    """The best row that ran, on `device`, within `budget` bytes, meeting every constraint."""
+         constraints: list[str] = (), where: list[tuple[str, str]] = (), allow_offline: bool = False) -> dict:
+    """The best row that ran, on `device`, within `budget` bytes, meeting every constraint (online
+    bundles only, unless allow_offline)."""
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric}: unknown; metrics: {', '.join(METRICS)}")
     column, best = METRICS[metric]
@@ -65,9 +68,19 @@ def pick(rows: list[dict], metric: str = "throughput", device: str | None = None
     for key, _, _ in cons:
         if rows and key not in rows[0]:
             raise ConfigError(f"--constraint {key}: no column {key!r}; columns: {', '.join(rows[0])}")
+    for key, _ in where:
+        if rows and key not in rows[0]:
+            raise ConfigError(f"--where {key}: no column {key!r}; columns: {', '.join(rows[0])}")
     cands = [r for r in rows if r.get("status") == "ok" and (device is None or r["device"] == device)
              and _fits(r, budget) and all(str(r.get(k)) == v for k, v in where)]
     cands = [r for r in cands if all(r.get(k) not in ("", None) and op(_num(r[k]), v) for k, op, v in cons)]
+    if not allow_offline:
+        online = [r for r in cands if not offline(r)]
+        if cands and not online:
+            raise ConfigError("every run that meets the request uses an offline bound (belady, static-hot or the "
+                              "oracle prefetcher: they read the run's future, so no device can run them); give "
+                              "--allow-offline to pick one anyway")
+        cands = online
     if not cands:
         devices = sorted({r["device"] for r in rows})
         raise ConfigError(f"no run meets the request (device {device or 'any'}, budget "
@@ -76,53 +89,18 @@ def pick(rows: list[dict], metric: str = "throughput", device: str | None = None
     return best(cands, key=lambda r: (float(r[column]), r["config_hash"]))
 
 
-def policy_document(row: dict, metric: str, results: str) -> dict:
-    import json
-    budget = row["budget_bytes"]
-    return {"format": row["format"], "ladder": row["ladder"] or None, "codec": row["codec"] or None,
-            "cache": row["cache"], "scheduler": row["scheduler"], "allocator": row["allocator"],
-            "prefetch": row["prefetch"], "allocator_options": json.loads(row["allocator_options"] or "{}"),
-            "scheduler_options": json.loads(row["scheduler_options"] or "{}"),
-            "budget": "all" if budget == "all" else int(float(budget)),
-            "picked": {"results": str(results), "config_hash": row["config_hash"], "metric": METRICS[metric][0],
-                       "value": float(row[METRICS[metric][0]]), "device": row["device"], "model": row["model"],
-                       "policy": row["policy"], "batch": int(row["batch"])}}
+def picked_spec(row: dict):
+    """The run spec of the picked row."""
+    from experiments.spec import row_spec
+    return row_spec(row, f"row {row['config_hash']}")
 
 
-def write_policy(path, doc: dict) -> Path:
-    from devices.atomic import atomic_write
-    header = (f"# moelab policy bundle, picked from {doc['picked']['results']} ({doc['picked']['policy']}: "
-              f"{doc['picked']['metric']} = {doc['picked']['value']:.4g} on {doc['picked']['device']})\n"
-              f"# use it: moelab simulate --policy {path}   or   moelab execute --policy {path}\n")
-    return atomic_write(Path(path), header + yaml.safe_dump(doc, sort_keys=False))
-
-
-def load_policy(path) -> dict:
-    """A policy file, checked: unknown keys and names are errors naming the file and the key."""
-    from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS, lookup
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the policy file ({e})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: a policy file is a mapping of {', '.join(POLICY_FILE_KEYS)}")
-    for key in doc:
-        if key not in POLICY_FILE_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r}; keys: {', '.join(POLICY_FILE_KEYS)}")
-    for key, table in (("cache", CACHES), ("scheduler", SCHEDULERS), ("allocator", ALLOCATORS),
-                       ("prefetch", PREFETCHERS)):
-        if key in doc:
-            try:
-                lookup(table, key, str(doc[key]))
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {key}: {e}") from None
-    for key in ("allocator_options", "scheduler_options"):
-        if not isinstance(doc.get(key) or {}, dict):
-            raise ConfigError(f"{path}: {key}: must be a mapping")
-    if "budget" in doc and doc["budget"] != "all":
-        try:
-            doc["budget"] = parse_size(doc["budget"], "budget") if isinstance(doc["budget"], str) else int(doc["budget"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{path}: budget: a size (e.g. 2GB) or `all`, got {doc['budget']!r}") from None
-    return doc
+def write_policy(path, row: dict, metric: str, results) -> Path:
+    """The picked row's run spec, with where it came from, written atomically."""
+    spec = picked_spec(row)
+    picked = {"results": str(results), "config_hash": row["config_hash"], "metric": METRICS[metric][0],
+              "value": float(row[METRICS[metric][0]]), "policy": row["policy"]}
+    header = (f"# moelab run spec, picked from {results} ({row['policy']}: {picked['metric']} = "
+              f"{picked['value']:.4g} on {row['device']})\n"
+              f"# rerun it: moelab simulate --spec {path}; deploy its bundle: moelab execute --policy {path}\n")
+    return spec.save(path, header, extra={"picked": picked})

@@ -136,52 +136,47 @@ def scaled_runs(results: dict) -> list[Run]:
     return runs
 
 
-def _workload(model_name: str, fmt, requests: int):
-    from workloads.catalog import get_model
-    from workloads.synthetic import synthetic_trace
-    from workloads.workload import Workload
-    model = get_model(model_name)
-    trace = synthetic_trace(model, requests=requests, prompt_len=TOKENS, output_len=TOKENS, seed=0)
-    return Workload(model, trace, fmt, batch=requests)
+def run_spec(run: Run):
+    """The run spec of one reproduction run: the preset's format and bundle on the environment's
+    device, a seeded synthetic trace of `requests` requests of TOKENS prompt tokens and TOKENS
+    decode steps (TOKENS + 1 new tokens: the prefill makes the first), at the generator's Zipf 1.0
+    popularity and 0.6 locality."""
+    from experiments.spec import RunSpec
+    return RunSpec.from_doc({"device": ENVS[run.env], "storage": run.storage or None, "model": run.model,
+                             "policy": {"preset": run.system}, "skew": 1.0,
+                             "locality": 0.6, "requests": run.requests, "batch": run.requests,
+                             "prompt_tokens": TOKENS, "tokens": TOKENS + 1, "seed": 0,
+                             "budget": "all" if run.budget_mb is None else run.budget_mb * 10**6}, f"run {run}")
 
 
 def simulate(run: Run, keep_timeline: bool = False):
     """One run -> (row, timeline or None). A budget the run cannot fit in is a row, not an error."""
     from devices.profile import load_device
-    from policies import BudgetError, build_policies
-    from policies.cost import CostModel
-    from policies.presets import get_preset
-    from sim.engine import Simulator
-    from timeline.metrics import compute_metrics
+    from experiments.run import every_expert_bytes
+    from experiments.run import simulate as simulate_spec
+    from policies import BudgetError
     from workloads.catalog import get_model
-    from workloads.formats import make_format
 
-    device, model, preset = load_device(ENVS[run.env]), get_model(run.model), get_preset(run.system)
+    spec = run_spec(run)
+    device, model = load_device(ENVS[run.env]), get_model(run.model)
     if run.compute_scale != 1:
         device = scaled_device(device, run.compute_scale)
-    fmt = make_format(preset.format, model.expert_shapes, **preset.format_options())
+    fmt = spec.format.make(model.expert_shapes)
     storage = device.storage_option(run.storage or None)
     row = dict(zip(FIELDS, (VERSION, run.env, run.model, run.system, run.requests, run.budget_mb or "all",
                             scale_text(run.compute_scale), run.storage, "ok")))
-    if run.budget_mb is None:
-        budget = model.layers * model.experts * fmt.level_bytes(fmt.levels - 1)
-        if budget > device.expert_budget_bytes:
-            row.update(status="out of memory", peak_expert_mb=round(budget / 1e6),
-                       note=f"needs {budget / 1e9:.1f} GB resident; the device's expert budget is "
-                            f"{device.expert_budget_bytes / 1e9:.1f} GB")
-            return row, None
-    else:
-        budget = run.budget_mb * 10**6
-    w = _workload(run.model, fmt, run.requests)
+    if run.budget_mb is None and every_expert_bytes(model, fmt) > device.expert_budget_bytes:
+        budget = every_expert_bytes(model, fmt)
+        row.update(status="out of memory", peak_expert_mb=round(budget / 1e6),
+                   note=f"needs {budget / 1e9:.1f} GB resident; the device's expert budget is "
+                        f"{device.expert_budget_bytes / 1e9:.1f} GB")
+        return row, None
     try:
-        policies = build_policies(w, budget, cost=CostModel.build(device, model, fmt, storage),
-                                  **preset.policy_kwargs())
+        sim = simulate_spec(spec, timeline=True, device=device)
     except BudgetError as e:
         row.update(status="below minimum", note=str(e).split(" (")[0])
         return row, None
-    tl = Simulator(device, w, policies, storage).run()
-    bits = [fmt.b1 + i for i in range(fmt.levels)] if hasattr(fmt, "b1") else [16] * fmt.levels
-    m = compute_metrics(tl, level_bits=bits)
+    tl, m, fmt = sim.timeline, sim.metrics, sim.prepared.fmt
     row.update(throughput_tok_s=round(m["throughput_tok_s"], 3), tpot_ms=round(m["tpot_s_mean"] * 1e3, 3),
                peak_expert_mb=round(m["peak_expert_bytes"] / 1e6, 1), bytes_read_mb=round(m["bytes_read"] / 1e6),
                compute_bubble=round(m["compute_bubble_fraction"], 4), bits_per_weight=round(m["bits_per_weight"], 3))
@@ -190,7 +185,7 @@ def simulate(run: Run, keep_timeline: bool = False):
                io_busy_s=round(m["io_busy_fraction"] * m["makespan_s"], 6))
     # the bound models one read stream feeding one compute stream: no prefetch (its reads belong
     # to a later layer), no decompression stage
-    if preset.prefetch == "none" and preset.format in ("mwq", "copies", "bf16"):
+    if spec.policy.prefetch.name == "none" and fmt.name in ("mwq", "copies", "bf16"):
         layer_s, bound_s = flow_shop_bound(tl.events, fmt.level_parts, storage.latency, storage.read_bandwidth)
         row.update(layer_s=round(layer_s, 6), bound_s=round(bound_s, 6))
     return row, (tl if keep_timeline else None)
@@ -439,9 +434,8 @@ def roofline_note() -> str:
     from policies.cost import CostModel
     from policies.presets import get_preset
     from workloads.catalog import get_model
-    from workloads.formats import make_format
     model, preset = get_model(SCALED_MODEL), get_preset(SCALED_SYSTEMS[0])
-    fmt = make_format(preset.format, model.expert_shapes, **preset.format_options())
+    fmt = preset.format.make(model.expert_shapes)
     top = fmt.levels - 1
     cells = []
     for env, name in ENVS.items():

@@ -31,6 +31,7 @@ from experiments.plots import save
 from experiments.resumable import append_runs
 
 DEVICE = "jetson-agx-orin-64gb"
+TRACES = Path("runs") / "traces" / "zipmoe"      # the ShareGPT-like routing of each run
 MODELS = ("deepseek-v2-lite", "qwen1.5-moe-a2.7b", "switch-large-128")
 ABLATION = ("bf16-lru", "zipmoe-basic", "zipmoe-c", "zipmoe")
 SYSTEMS = ("zipmoe", "moe-infinity", "deepspeed", "accelerate")
@@ -92,32 +93,45 @@ def sharegpt_like_trace(model, requests: int, output_len: int, seed: int = 321):
                         dict(t.metadata, prompt_lengths="sharegpt-like lognormal(median 120, sigma 1), seed 321"))
 
 
-def simulate(run: Run, keep_timeline: bool = False, scheduler=None):
-    """One run -> (row, timeline or None). A budget the run cannot fit in is a row, not an error."""
-    from devices.profile import load_device
-    from policies import BudgetError, build_policies
-    from policies.cost import CostModel
-    from policies.presets import get_preset
-    from sim.engine import Simulator
-    from timeline.metrics import compute_metrics
+def trace_file(run: Run) -> Path:
+    """The run's routing, written once as a trace file under runs/ (the run spec names it, so a
+    user can inspect the routing each row ran on, or rerun a row with `moelab simulate --spec`)."""
     from workloads.catalog import get_model
-    from workloads.formats import make_format
-    from workloads.workload import Workload
+    path = TRACES / f"{run.model}-b{run.batch}-t{run.tokens}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # run.tokens new tokens per request: the prefill makes the first, then tokens - 1 decode steps
+        sharegpt_like_trace(get_model(run.model), run.batch, run.tokens - 1).save(path)
+    return path
 
-    device, model, preset = load_device(DEVICE), get_model(run.model), get_preset(run.system)
-    fmt = make_format(preset.format, model.expert_shapes, **preset.format_options())
+
+def run_spec(run: Run):
+    """The run spec of one reproduction run: the preset on the paper's device, its routing a
+    ShareGPT-like trace file (`sharegpt_like_trace`)."""
+    from experiments.spec import RunSpec
+    return RunSpec.from_doc({"device": DEVICE, "model": run.model, "trace": str(trace_file(run)),
+                             "policy": {"preset": run.system}, "batch": run.batch, "budget": run.budget_gb * 10**9},
+                            f"run {run}")
+
+
+def simulate(run: Run, keep_timeline: bool = False, scheduler=None):
+    """One run -> (row, timeline or None). A budget the run cannot fit in is a row, not an error.
+    `scheduler`: a scheduler class to run instead of the preset's (the bound's comparison)."""
+    from experiments.run import prepare, run_metrics
+    from policies import BudgetError
+    from sim.engine import Simulator
+
     row = dict(zip(FIELDS, (run.model, run.system, run.batch, run.tokens, run.budget_gb, "ok")))
-    w = Workload(model, sharegpt_like_trace(model, run.batch, run.tokens), fmt, batch=run.batch)
     try:
-        policies = build_policies(w, run.budget_gb * 10**9, cost=CostModel.build(device, model, fmt),
-                                  **preset.policy_kwargs())
+        p = prepare(run_spec(run), timeline=keep_timeline)
     except BudgetError as e:
         row.update(status="below minimum", note=str(e).split(" (")[0])
         return row, None
+    policies = p.policies
     if scheduler is not None:
         policies.scheduler = scheduler(policies.scheduler.ctx)
-    tl = Simulator(device, w, policies).run()
-    m = compute_metrics(tl)
+    tl = Simulator(p.device, p.workload, policies, p.storage, cost=p.cost).run()
+    m = run_metrics(p, tl)
     rep = policies.report()
     row.update(throughput_tok_s=round(m["throughput_tok_s"], 4), e2e_s=round(m["generated_tokens"] /
                m["throughput_tok_s"], 2), ttft_s=round(m["ttft_s"], 4), tpot_s=round(m["tpot_s_mean"] or 0, 5),

@@ -92,9 +92,10 @@ class Validator:
                  requests: int | None = None, prompt: int | None = None, tokens: int | None = None,
                  store_root="runs/stores", model_dir=None, quiet: bool = False, io_concurrency: int = 2):
         from devices.profile import load_device
-        from executor.execute import model_arch
+        from executor.model import model_arch
         from executor.train import DEFAULT_MODEL, load_trained
         self.out = Path(out)
+        self.trace_path = self.out / "trace.npz"          # the model's own routing, recorded once
         self.profile = load_device(str(profile))
         self.throttle = throttle
         self.storage = self.profile.storage_option(None)
@@ -124,7 +125,7 @@ class Validator:
     def trace(self):
         from executor.record import record_routing
         from workloads.trace import RoutingTrace
-        path = self.out / "trace.npz"
+        path = self.trace_path
         if path.exists():
             return RoutingTrace.load(path)
         ids = list(self.tok.encode(PROMPT_SOURCE)) if self.tok is not None else list(range(200))
@@ -135,7 +136,7 @@ class Validator:
         return trace
 
     def store(self, fmt_name: str):
-        from executor.execute import ensure_store
+        from executor.store_build import ensure_store
         if fmt_name not in self.stores:
             self.stores[fmt_name] = ensure_store(self.model, self.store_root / f"{self.name}-{fmt_name}", fmt_name,
                                                  quiet=True)
@@ -146,53 +147,51 @@ class Validator:
         return row_key(dict(cfg, throttle=self.throttle or ""))
 
     def setup(self, cfg: dict, trace):
-        """(row so far, workload, budget, store) of a configuration, built once (a workload batches
-        the trace into steps; its policies are built afresh for every run)."""
-        from workloads.workload import Workload
+        """(row so far, run spec) of a configuration, built once: the model's recorded trace, the
+        format's store (its part sizes), the cache and prefetcher, the budget as a share of every
+        expert's bytes, on the measured profile (with the throttled device's storage, if any)."""
+        from experiments.run import every_expert_bytes
+        from experiments.spec import RunSpec
         key = self.key(cfg)
         if key not in self.setups:
             store = self.store(cfg["format"])
-            fmt = store.format
-            w = Workload(self.arch, trace, fmt, batch=cfg["batch"])
-            total = self.arch.layers * self.arch.experts * fmt.level_bytes(fmt.levels - 1)
-            budget = int(total * cfg["budget_share"])
+            budget = int(every_expert_bytes(self.arch, store.format) * cfg["budget_share"])
+            spec = RunSpec.from_doc({"device": str(self.profile.path), "storage": self.storage.name,
+                                     "trace": str(self.trace_path), "format": cfg["format"],
+                                     "policy": {"cache": cfg["cache"], "prefetch": cfg["prefetch"]}, "budget": budget,
+                                     "batch": cfg["batch"], "store": str(store.path)}, f"validate {key}")
             self.setups[key] = (dict(cfg, throttle=self.throttle or "", budget_bytes=budget, repeats=self.repeats),
-                                w, budget, store)
-        row, w, budget, store = self.setups[key]
-        return dict(row), w, budget, store
+                                spec)
+        row, spec = self.setups[key]
+        return dict(row), spec
 
-    def policies(self, cfg: dict, w, budget: int):
-        from policies import build_policies
-        from policies.cost import CostModel
-        cost = CostModel.build(self.profile, self.arch, w.fmt, self.storage)
-        return build_policies(w, budget, cache=cfg["cache"], prefetch=cfg["prefetch"], cost=cost)
+    def sim_device(self):
+        """The measured profile, holding the throttled device's storage as one of its own options
+        (the simulator then reads at that storage's speed on this host's compute)."""
+        import dataclasses
+        if self.storage.name in self.profile.storage and self.profile.storage[self.storage.name] == self.storage:
+            return self.profile
+        return dataclasses.replace(self.profile, storage={**self.profile.storage, self.storage.name: self.storage})
 
     def simulate(self, cfg: dict, trace) -> dict:
         """The simulator's prediction: {"metrics", "busy", "decisions"}, or {"status"} when the
         configuration cannot run (e.g. a budget below one decision point's demand)."""
-        from sim.engine import Simulator
-        from timeline.metrics import compute_metrics
-        _, w, budget, _ = self.setup(cfg, trace)
+        from experiments.run import simulate
+        _, spec = self.setup(cfg, trace)
         try:
-            pol = self.policies(cfg, w, budget)
+            run = simulate(spec, device=self.sim_device())
         except ConfigError as e:
             return {"status": f"skipped: {e}"}
-        tl = Simulator(self.profile, w, pol, self.storage).run()
-        return {"metrics": compute_metrics(tl), "busy": busy(tl), "decisions": tl.decisions()}
+        return {"metrics": run.metrics, "busy": busy(run.timeline), "decisions": run.timeline.decisions()}
 
     def execute_once(self, cfg: dict, trace, decisions) -> dict:
         """One executor run: {"metrics", "busy", "same"} (same: it made the simulator's decisions)."""
-        from executor.execute import execute, strip_experts
-        from executor.io import StorageThrottle
-        from executor.train import load_trained
-        from timeline.metrics import compute_metrics
-        _, w, budget, store = self.setup(cfg, trace)
-        model, _, _ = load_trained(self.model_dir)
-        throttle = StorageThrottle.from_profile(self.storage) if self.throttle else None
-        run = execute(strip_experts(model), store, self.policies(cfg, w, budget), torch.zeros(1, 1, dtype=torch.long),
-                      0, trace=trace, batch=cfg["batch"], throttle=throttle, quiet=True,
-                      decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency)
-        m = compute_metrics(run.timeline)
+        from experiments.run_exec import HostOptions, execute
+        _, spec = self.setup(cfg, trace)
+        host = HostOptions(throttle=self.throttle, cost_device=self.sim_device(),
+                           decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency)
+        run = execute(spec.with_(model=str(self.model_dir)), host, quiet=True)
+        m = run.metrics
         return {"metrics": {k: m[k] for k in METRICS}, "busy": busy(run.timeline),
                 "same": run.timeline.decisions() == decisions}
 

@@ -5,11 +5,14 @@ import numpy as np
 
 from devices.units import ConfigError
 from policies.base import Allocator, BudgetError, Demand, NeedsFuture, PolicyContext, Routing
+from policies.options import Option, convert
 
 
 class FixedLevel(Allocator):
     """Every token at one level (default: the highest the format offers)."""
     name = "fixed"
+    options = (Option("level", "int", None, "the level every token gets (0 = the lowest; default: the format's "
+                                            "highest)"),)
 
     def __init__(self, ctx: PolicyContext, level: int | None = None):
         super().__init__(ctx)
@@ -64,6 +67,9 @@ class GateScore(Allocator):
     gets the top level too. Not the paper's rule (D²MoE learns its bit router; see `learned`):
     the cheap baseline it is compared with."""
     name = "gate-score"
+    options = (Option("thresholds", "floats", None, "K-1 normalised gate scores a non-top-1 expert must reach for "
+                                                    "each next level (default: evenly spaced in (0, 0.5])"),
+               Option("top1_highest", "bool", True, "a token's top-1 expert always at the highest level"))
 
     def __init__(self, ctx: PolicyContext, thresholds=None, top1_highest: bool = True):
         super().__init__(ctx)
@@ -96,6 +102,8 @@ class Capacity(Allocator):
     A lone token (batch-1 decode) lands where the cumulative share first reaches one half:
     INT3 on V1, INT7 on V2."""
     name = "capacity"
+    options = (Option("capacities", "floats", None, "each level's share of an expert's tokens, lowest level first, "
+                                                    "summing to 1 (default: V1 0.3,0.4,0.3; V2 0.25 each)"),)
     DEFAULTS = {3: (0.3, 0.4, 0.3), 4: (0.25, 0.25, 0.25, 0.25)}
 
     def __init__(self, ctx: PolicyContext, capacities=None):
@@ -135,13 +143,18 @@ class ResidentFirst(Allocator):
     such resident level instead (no load at all). `report()` says how often it did."""
     name = "resident-first"
     reads_cache = True
+    # its base allocator's options pass through to it (the base refuses one it does not take)
+    options = (Option("base", "str", "fixed", "the allocator whose level is asked for"),
+               Option("max_drop", "int", 1, "at most this many levels below the asked one"),
+               *FixedLevel.options, *GateScore.options, *Capacity.options)
 
     def __init__(self, ctx: PolicyContext, base: str = "fixed", max_drop: int = 1, **base_options):
         super().__init__(ctx)
-        from policies import make_allocator
-        if base == self.name:
-            raise ConfigError("resident-first: base must be another allocator")
-        self.base = make_allocator(base, ctx, **base_options)
+        if base not in ALLOCATOR_CLASSES or base == self.name:
+            raise ConfigError(f"resident-first: option base must be another allocator "
+                              f"({', '.join(n for n in ALLOCATOR_CLASSES if n != self.name)}), got {base!r}")
+        cls = ALLOCATOR_CLASSES[base]
+        self.base = cls(ctx, **convert(cls, base_options, f"resident-first (base {base})"))
         self.max_drop = int(max_drop)
         if self.max_drop < 0:
             raise ConfigError(f"resident-first: max_drop must be >= 0, got {max_drop}")
@@ -206,6 +219,8 @@ class StaticImportance(Allocator):
     by a profiled accuracy sensitivity; moelab uses activation frequency instead (the one
     importance signal a trace carries)."""
     name = "static-importance"
+    options = (Option("shares", "floats", None, "share of each layer's experts at each level, lowest level first, "
+                                                "summing to 1 (default: equal)"),)
 
     def __init__(self, ctx: PolicyContext, shares=None):
         super().__init__(ctx)
@@ -237,3 +252,7 @@ class Learned(TraceLevels):
     levels it chose from each token's hidden state reach the allocator as Routing.levels (the
     executor's level_fn, or a trace recorded with `trace record --bit-router`)."""
     name = "learned"
+
+
+ALLOCATOR_CLASSES = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance,
+                                         TraceLevels, Learned)}

@@ -23,12 +23,12 @@ from functools import partial
 from typing import Iterator, NamedTuple
 
 from devices.units import format_size
-from policies import make_allocator, make_cache, make_prefetcher, make_scheduler
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
                            Scheduler, largest_layer_demand, needed_keys)
 from policies.cache import CachePolicy
 from policies.cost import CostModel
 from policies.prefetch import Prefetcher
+from policies.registry import make_allocator, make_cache, make_prefetcher, make_scheduler
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
 from workloads.stats import popularity
@@ -137,14 +137,15 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
                    allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
                    scheduler_options: dict | None = None, cache_options: dict | None = None,
-                   prefetch_options: dict | None = None, future: list | None = None,
-                   **allocator_options) -> Policies:
+                   prefetch_options: dict | None = None, allocator_options: dict | None = None,
+                   future: list | None = None) -> Policies:
     """A bundle for a run whose routing is known in advance (a trace): offline policies
     (belady, static-hot, the oracle prefetcher) may read the whole access sequence. The
     budget must hold the largest single decision point's demand at the levels the allocator
     asks for; below it, the error states the minimum. `future`: that allocator's access
     sequence, when the caller already has it."""
     fmt, model = workload.fmt, workload.model
+    allocator_options = allocator_options or {}
     counts = popularity(workload.trace, model.experts)
     base = PolicyContext(fmt, model.layers, model.experts, budget, popularity=counts, cost=cost)
     probe = make_allocator(allocator, base, **allocator_options)
@@ -174,11 +175,11 @@ def build_online_policies(model: ModelArch, fmt: ExpertFormat, budget: int, cach
                           scheduler: str = "fifo", allocator: str = "fixed", prefetch: str = "none",
                           cost: CostModel | None = None, scheduler_options: dict | None = None,
                           cache_options: dict | None = None, prefetch_options: dict | None = None,
-                          **allocator_options) -> Policies:
+                          allocator_options: dict | None = None) -> Policies:
     """A bundle for routing not known in advance (a real router): no access sequence, so
     offline policies refuse. The budget must hold one decode step."""
     ctx = PolicyContext(fmt, model.layers, model.experts, budget, cost=cost)
-    alloc = make_allocator(allocator, ctx, **allocator_options)
+    alloc = make_allocator(allocator, ctx, **(allocator_options or {}))
     _check_online_minimum(alloc, model, fmt, budget)
     return Policies(alloc, make_scheduler(scheduler, ctx, **(scheduler_options or {})),
                     make_cache(cache, ctx, **(cache_options or {})),

@@ -28,6 +28,7 @@ import numpy as np
 from devices.units import ConfigError
 from policies.base import BudgetError, layer_demand_bytes
 from policies.cache import CachePolicy
+from policies.options import Option
 
 PAGE = 4096
 
@@ -212,6 +213,9 @@ class LayerLRU(CachePolicy):
     layer demand runs; where every share holds its layer's demand, the layers never overflow and
     this is exactly L independent LRU caches (tests/test_layered.py against libCacheSim)."""
     name = "layer-lru"
+    options = (Option("share", "str", "fixed", "how the budget beyond each layer's largest demand is split: equally, "
+                                               "or by each layer's effective number of experts",
+                      choices=("fixed", "proportional")),)
 
     def __init__(self, ctx, share: str = "fixed"):
         super().__init__(ctx)
@@ -300,6 +304,9 @@ class PageCache(CachePolicy):
     - PTE-young second chances at reclaim (page_check_references) and workingset refault
       activation (shadow entries) are not modelled."""
     name = "page-cache"
+    options = (Option("ratio", "float", None, "active/inactive list ratio (default: the kernel's inactive_ratio for "
+                                              "the budget, isqrt(10 x GiB))"),
+               Option("readahead_kb", "int", 128, "mmap read-around window", unit="KiB"))
 
     def __init__(self, ctx, ratio: float | None = None, readahead_kb: int = 128):
         super().__init__(ctx)
@@ -307,7 +314,8 @@ class PageCache(CachePolicy):
         self.ratio = float(ratio) if ratio is not None else float(math.isqrt(10 * gib) if gib else 1)
         if not self.ratio > 0:
             raise ConfigError(f"page-cache: option ratio must be a number > 0, got {ratio!r}")
-        self.readahead = int(readahead_kb) * 1024
+        self.readahead_kb = int(readahead_kb)
+        self.readahead = self.readahead_kb * 1024
         if self.readahead < 0:
             raise ConfigError(f"page-cache: option readahead_kb must be >= 0, got {readahead_kb!r}")
         self.inactive: OrderedDict = OrderedDict()     # front = tail (reclaimed first), end = head

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.base import Key
+from policies.options import Option
 from policies.prefetch import LastUse, Prefetcher
 
 
@@ -63,6 +64,8 @@ class GateTopK(GateLookahead):
     """Up to `width` predictions per token (default 2 x top-k), those with probability >=
     `threshold`, ranked over the batch by summed probability."""
     name = "gate-topk"
+    options = (Option("width", "int", None, "predictions per token (default: 2 x top-k)"),
+               Option("threshold", "float", 0.1, "lowest predicted probability prefetched"))
 
     def __init__(self, ctx, width: int | None = None, threshold: float = 0.1):
         super().__init__(ctx)

@@ -5,6 +5,7 @@ import heapq
 
 from devices.units import ConfigError
 from policies.base import Demand, Key, LoadItem, PolicyContext, Scheduler, load_item, needed_keys
+from policies.options import Option
 
 
 class FifoScheduler(Scheduler):
@@ -19,11 +20,14 @@ class FifoScheduler(Scheduler):
     (its Fig. 3), which knows nothing of how many tokens wait for an expert.
     """
     name = "fifo"
+    options = (Option("order", "str", "router", "experts as tokens first select them, or by ascending id "
+                                                "(D²MoE's FIFO baseline)", choices=("router", "expert-id")),)
 
     def __init__(self, ctx: PolicyContext, order: str = "router"):
         super().__init__(ctx)
         if order not in ("router", "expert-id"):
             raise ConfigError(f"fifo: order must be 'router' or 'expert-id', got {order!r}")
+        self.order_by = order
         self.by_id = order == "expert-id"
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
@@ -57,6 +61,8 @@ class HEBF(Scheduler):
     the item's parts (this level or higher).
     """
     name = "hebf"
+    options = (Option("count", "str", "exact", "tokens that ask for exactly this level, or for it or higher",
+                      choices=("exact", "cumulative")),)
 
     def __init__(self, ctx: PolicyContext, count: str = "exact"):
         super().__init__(ctx)

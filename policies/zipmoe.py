@@ -14,34 +14,26 @@ Pieces (each its own class or function below):
   the largest single-layer demand of the trace, or top-k experts online). At each use an
   expert's rank in its layer (by tokens so far) picks its tier (`proactive_decision`: the
   margin and the fall-backs of the released code); the tier is applied when the layer ends.
-  Victims by token-weighted LFU, or LRU / LFU / FIFO / Marking (`VICTIM_RULES`); with any rule
-  but ZipMoE's own the released code keeps every expert full (`tiers=False`).
+  Victims by token-weighted LFU, or LRU / LFU / FIFO / Marking (option `victim`); with any rule
+  but ZipMoE's own the released code keeps every expert full (option `tiers=false`).
 - `plan_split` (PlanCache): the full/SM split that minimises the expected max(decompression,
   I/O) of a layer, from a rank distribution of activations, conditional-Poisson weights and
   Poisson-binomial distributions. `RankStats` gathers the distribution: from the trace's access
   sequence when the run has one (planned once, at the start, as the released code plans from
   traces at init), else online from the first `plan_after` steps (planned once then).
-- `ZipMoEScheduler`: Type-I and Type-II tasks, each a max-heap on tokens, interleaved by a
-  balance meter (`dispatch`); each task's exponent chunks are read before its SM bytes, so
-  the decompression workers start while the raw bytes stream.
-- `bound_makespan`: the three-resource model of one layer (one I/O stream, L workers, one
-  GPU) in which the scheduler's makespan is at most (3 - 1/L) x OPT (tests/test_zipmoe.py
-  checks it against brute force).
-- Baselines of ZipMoE's evaluation: `LayerStream` (DeepSpeed-like: every expert of the layer
-  streamed whole) and `NextLayerAll` (its prefetch of the next layer's parameters).
+- The scheduler, its makespan bound and the evaluation's baselines: policies/zipmoe_schedule.py.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from typing import Callable, Sequence
 
 import numpy as np
 
 from devices.units import ConfigError
-from policies.base import Key, PolicyContext, Scheduler, largest_layer_demand, load_item
+from policies.base import Key, PolicyContext, largest_layer_demand
 from policies.cache import CachePolicy, _LazyHeap
-from policies.prefetch import Prefetcher
+from policies.options import Option
 from workloads.formats import ZipFormat
 
 NORMAL, SMCACHE, EVICT = "normal", "smcache", "evict"      # the released code's expert states
@@ -243,33 +235,42 @@ class ZipMoECache(CachePolicy):
     the dock; when the layer ends, each expert it used goes to the tier its decision named
     (`_move`: no bytes move), evicting victims where the decision said so, or is dropped.
 
-    Options: victim (VICTIM_RULES), tiers (False: every expert full, the released code with any
-    rule but its own), split ("plan": PlanCache; or the full pool's share, 0 < x < 1), margin
-    (0.1), thresholds ("pool": T_N = full slots + margin x experts, the pool-wide slot count as
-    the released code compares it with a rank in one layer; "layer": slots per layer), window
-    (decision points per statistics window), plan_after (online statistics: decode steps before
-    planning), dock (bytes kept for loads in flight; default: the largest layer demand)."""
+    Options (declared below): victim, tiers, split, margin, thresholds ("pool": T_N = full slots +
+    margin x experts, the pool-wide slot count as the released code compares it with a rank in one
+    layer; "layer": slots per layer), window, plan_after, dock."""
     name = "zipmoe"
     formats = ("zip",)
-    default_victim, default_tiers, default_split = "tw-lfu", True, "plan"
+    options = (
+        Option("victim", "str", "tw-lfu", "victim rule of both pools (token-weighted LFU is ZipMoE's own)",
+               choices=VICTIM_RULES),
+        Option("tiers", "bool", True, "keep SM-only experts (false: every expert full, as the released code "
+                                      "runs with any victim rule but its own)"),
+        Option("split", "float", "plan", "the full pool's share of the tiers' room, or plan (PlanCache)",
+               special=("plan",)),
+        Option("margin", "float", 0.1, "T_N = full slots + margin x experts"),
+        Option("thresholds", "str", "pool", "compare a rank with the pool-wide or the per-layer slot count",
+               choices=("pool", "layer")),
+        Option("window", "int", 64, "statistics window", unit="decision points"),
+        Option("plan_after", "int", 32, "online statistics: decode steps before planning", unit="steps"),
+        Option("dock", "int", None, "bytes kept for loads in flight (default: the largest layer demand)",
+               unit="bytes"))
 
-    def __init__(self, ctx: PolicyContext, victim: str | None = None, tiers: bool | None = None,
-                 split: str | float | None = None, margin: float = 0.1, thresholds: str = "pool",
+    def __init__(self, ctx: PolicyContext, victim: str = "tw-lfu", tiers: bool = True,
+                 split: str | float = "plan", margin: float = 0.1, thresholds: str = "pool",
                  window: int = 64, plan_after: int = 32, dock: int | None = None):
         super().__init__(ctx)
         fmt = ctx.fmt
         require_zip(fmt, f"the {self.name} cache")
-        self.victim = victim or self.default_victim
+        self.victim = victim
         if self.victim not in VICTIM_RULES:
             raise ConfigError(f"{self.name}: victim must be one of {', '.join(VICTIM_RULES)}; got {self.victim!r}")
         if thresholds not in ("pool", "layer"):
             raise ConfigError(f"{self.name}: thresholds must be 'pool' or 'layer'; got {thresholds!r}")
-        split = self.default_split if split is None else split
         if split != "plan" and not (isinstance(split, (int, float)) and 0 < float(split) < 1):
             raise ConfigError(f"{self.name}: split must be 'plan' or a share between 0 and 1; got {split!r}")
         if not 0 <= margin < 1:
             raise ConfigError(f"{self.name}: margin must be in [0, 1); got {margin!r}")
-        self.tiers = self.default_tiers if tiers is None else bool(tiers)
+        self.tiers, self.split, self.window, self.plan_after, self.dock = tiers, split, window, plan_after, dock
         self.margin, self.thresholds = float(margin), thresholds
         self.full_slot, self.sm_slot = sum(fmt.resident_bytes), fmt.resident_bytes[0]
         if dock is None:
@@ -515,137 +516,4 @@ class ZipMoECache(CachePolicy):
                 "zipmoe_decisions_evict": self.states[EVICT], "zipmoe_type2_hits": self.type2_hits}
 
 
-class ZipMoEFixedSplit(ZipMoECache):
-    """Ablation "+C": ZipMoE's tiers and token-weighted LFU with a fixed half/half split."""
-    name = "zipmoe-fixed"
-    default_split = FALLBACK_SPLIT
-
-
-def _plain(rule: str) -> type:
-    """The released code with another victim rule: one full pool, every expert kept full."""
-    return type(f"ZipMoE_{rule}", (ZipMoECache,), {
-        "name": f"zipmoe-{rule}", "default_victim": rule, "default_tiers": False,
-        "__doc__": f"ZipMoE's cache with the {rule} victim rule and no SM tier (every expert full)."})
-
-
-ZIPMOE_CACHES = (ZipMoECache, ZipMoEFixedSplit, *(_plain(r) for r in VICTIM_RULES))
-
-
-# -- the scheduler -------------------------------------------------------------------------------
-def dispatch(type1: Sequence[tuple[object, int]], type2: Sequence[tuple[object, int]], t_sm: float, t_dec: float,
-             workers: int, chunks: int) -> list:
-    """The released code's ZipMoESchedulerFunc. type1 / type2: (task, tokens) in arrival order.
-    Each type is a max-heap on tokens (ties: arrival). Balance meter: IO = Type-I dispatched x
-    t_sm; Compute = floor(ops / L) x t_dec, each task adding K ops. Loop: dispatch one Type-I;
-    while Compute <= IO, dispatch Type-II; when Type-I runs out, the rest of Type-II."""
-    h1 = [(-n, i, task) for i, (task, n) in enumerate(type1)]
-    h2 = [(-n, i, task) for i, (task, n) in enumerate(type2)]
-    heapq.heapify(h1)
-    heapq.heapify(h2)
-    out, io, ops = [], 0.0, 0
-    while h1 or h2:
-        if h1:
-            out.append(heapq.heappop(h1)[2])
-            io += t_sm
-            ops += chunks
-        while h2 and (not h1 or (ops // workers) * t_dec <= io):
-            out.append(heapq.heappop(h2)[2])
-            ops += chunks
-    return out
-
-
-class ZipMoEScheduler(Scheduler):
-    """ZipMoE's Type-I/Type-II interleaving (`dispatch`), timed by the cost model. Loads: per
-    task in dispatch order, its exponent chunks, then its SM bytes (Type-I); decompression tasks
-    go to the workers in the same order."""
-    name = "zipmoe"
-    formats = ("zip",)
-
-    def __init__(self, ctx: PolicyContext):
-        super().__init__(ctx)
-        require_zip(ctx.fmt, "the zipmoe scheduler")
-        cost, fmt = ctx.need_cost("the zipmoe scheduler"), ctx.fmt
-        self.t_sm = cost.read_seconds(fmt.part_bytes[0])
-        self.t_dec = cost.decompress_seconds(fmt.decompress_bytes[1])
-        self.workers = cost.decompress_workers
-
-    def order(self, layer, demand, resident):
-        fmt = self.fmt
-        tokens: dict[int, int] = {}
-        for (e, _), n in demand.counts().items():
-            tokens[e] = tokens.get(e, 0) + n
-        type1, type2 = [], []
-        for e, n in tokens.items():
-            missing = [p for p in range(fmt.n_parts) if Key(layer, e, p) not in resident]
-            if missing:
-                (type2 if missing[0] > 0 else type1).append((e, n))
-        plan = []
-        for e in dispatch(type1, type2, self.t_sm, self.t_dec, self.workers, fmt.chunks):
-            for p in (*range(1, fmt.n_parts), 0):
-                key = Key(layer, e, p)
-                if key not in resident:
-                    plan.append(load_item(key, fmt))
-        return plan
-
-    def decompress_order(self, layer, loads):
-        return [item.key for item in loads if item.decompress_bytes]
-
-
-# -- the bound -------------------------------------------------------------------------------------
-def bound_makespan(sm: Sequence[float], compute: Sequence[float], io_order: Sequence[int],
-                   op_order: Sequence[int], workers: int, t_dec: float, gpu_priority: Sequence[float]) -> float:
-    """Makespan of one layer in the model of ZipMoE's bound: task j's SM read (sm[j] seconds, 0
-    for Type-II) on the one I/O stream in io_order; its K exponent chunks (t_dec each, read by the
-    workers themselves, as in the released code) on `workers` workers taking op_order (task ids)
-    FIFO; then its compute (compute[j]) on the GPU once both are done, the ready task of lowest
-    gpu_priority first, never idle while one is ready."""
-    n = len(sm)
-    ready = [0.0] * n
-    t = 0.0
-    for j in io_order:
-        t += sm[j]
-        ready[j] = t
-    for i, j in enumerate(op_order):       # equal tasks, all released at 0: op i ends at slot i // L
-        ready[j] = max(ready[j], (i // workers + 1) * t_dec)
-    todo, t = set(range(n)), 0.0
-    while todo:
-        now = [j for j in todo if ready[j] <= t]
-        if not now:
-            t = min(ready[j] for j in todo)
-            continue
-        j = min(now, key=lambda j: (gpu_priority[j], j))
-        todo.discard(j)
-        t += compute[j]
-    return t
-
-
-def zipmoe_makespan(sm: Sequence[float], compute: Sequence[float], tokens: Sequence[int], workers: int,
-                    chunks: int, t_dec: float) -> float:
-    """The scheduler's makespan in the bound's model: dispatch order in every pool."""
-    t_sm = max(sm) if any(sm) else 0.0
-    order = dispatch([(j, tokens[j]) for j in range(len(sm)) if sm[j] > 0],
-                     [(j, tokens[j]) for j in range(len(sm)) if sm[j] == 0], t_sm, t_dec, workers, chunks)
-    rank = {j: i for i, j in enumerate(order)}
-    return bound_makespan(sm, compute, [j for j in order if sm[j] > 0], [j for j in order for _ in range(chunks)],
-                          workers, t_dec, [rank[j] for j in range(len(sm))])
-
-
-# -- baselines of ZipMoE's evaluation ------------------------------------------------------------------
-class LayerStream(Scheduler):
-    """DeepSpeed-like (ZeRO-3 offload, not MoE-aware): every expert of the layer is fetched, in
-    index order, whether or not a token routes to it."""
-    name = "layer-stream"
-
-    def order(self, layer, demand, resident):
-        fmt = self.fmt
-        return [load_item(Key(layer, e, p), fmt) for e in range(self.ctx.experts) for p in range(fmt.n_parts)
-                if Key(layer, e, p) not in resident]
-
-
-class NextLayerAll(Prefetcher):
-    """DeepSpeed-like parameter prefetch: every expert of the next layer, while this one computes."""
-    name = "next-layer-all"
-
-    def after_layer(self, layer, demand, routing=None):
-        nxt = (layer + 1) % self.ctx.layers
-        return [Key(nxt, e, p) for e in range(self.ctx.experts) for p in range(self.fmt.n_parts)]
+ZIPMOE_CACHES = (ZipMoECache,)

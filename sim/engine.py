@@ -57,13 +57,14 @@ def _stalled_end(start: float, work: float, busy, stall: float) -> float:
 
 class Simulator:
     def __init__(self, device: DeviceProfile, workload: Workload, policies: Policies,
-                 storage: StorageProfile | None = None):
+                 storage: StorageProfile | None = None, cost: CostModel | None = None):
         self.device = device
         self.storage = storage or device.storage_option(None)
         self.w = workload
         self.p = policies
-        # the simulator is timed by the same cost model the policies plan with
-        self.cost = CostModel.build(device, workload.model, workload.fmt, self.storage)
+        # the simulator is timed by the same cost model the policies plan with (the run function
+        # builds it once and hands it to both)
+        self.cost = cost or CostModel.build(device, workload.model, workload.fmt, self.storage)
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
         self.contention = self.cost.contention()

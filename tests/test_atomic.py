@@ -35,8 +35,9 @@ def test_every_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     """trace.save, the store's index, train's artifacts and write_json_atomic share the helper."""
     import torch
 
-    from executor.store import build_store
-    from executor.train import atomic_write_text, save_safetensors_atomic
+    from devices.atomic import save_safetensors_atomic
+    from executor.store_build import build_store
+    from executor.tokenizer import ByteTokenizer
     from timeline.events import write_json_atomic
     from workloads.formats import make_format
     from workloads.trace import RoutingTrace
@@ -47,7 +48,7 @@ def test_every_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
     writers = {
         "trace": lambda d: RoutingTrace(np.zeros((1, 1, 1)), np.ones((1, 1, 1)), None, None).save(d / "t.npz"),
         "timeline": lambda d: write_json_atomic(d / "m.json", {"a": 1}),
-        "train": lambda d: atomic_write_text(d / "config.json", "{}"),
+        "tokenizer": lambda d: ByteTokenizer().save(d / "tokenizer.json"),
         "safetensors": lambda d: save_safetensors_atomic({"w": torch.zeros(2)}, d / "model.safetensors"),
         "store": lambda d: build_store(d, [(0, 0, {"w1": torch.ones(4, 2), "w3": torch.ones(4, 2),
                                                    "w2": torch.ones(2, 4)})],
@@ -63,12 +64,12 @@ def test_every_writer_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
 
 
 def test_formats_do_not_import_the_store():
-    """executor/store.py imports the mwq and zip encoders; they take the weight checks from
+    """executor/encoders.py imports the mwq and zip encoders; they take the weight checks from
     executor/weights.py, below all three (no import circle)."""
     for name in ("mwq.py", "zipcodec.py", "weights.py"):
         tree = ast.parse((ROOT / "executor" / name).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "executor.store" not in imported, name
-    from executor import mwq, store, weights, zipcodec
-    assert mwq.check_weights is weights.check_weights is zipcodec.check_weights is store.check_weights
+        assert not imported & {"executor.store", "executor.encoders"}, name
+    from executor import encoders, mwq, weights, zipcodec
+    assert mwq.check_weights is weights.check_weights is zipcodec.check_weights is encoders.check_weights

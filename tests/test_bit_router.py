@@ -7,10 +7,12 @@ from conftest import make_device
 from devices.units import ConfigError
 from executor.bit_router import (BitRouter, check_ladder, kl_to_teacher, load_bit_router, rank_levels,
                                  save_bit_router, train_bit_router)
-from executor.evaluate import mwq_levels
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.corpus import Corpus
+from executor.execute import execute, strip_experts
+from executor.levels import mwq_levels
+from executor.model import model_arch
 from executor.record import record_routing
-from executor.train import Corpus
+from executor.store_build import ensure_store
 from policies import ALLOCATORS, build_online_policies, build_policies
 from policies.allocators import TraceLevels
 from sim.engine import Simulator

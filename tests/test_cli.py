@@ -155,7 +155,7 @@ def test_cuda_without_a_cuda_build_is_refused(tmp_path, capsys):
 def test_unknown_policy_names_are_refused_before_a_store_is_built(tmp_path, capsys, option):
     assert main(["execute", *option, "--store", str(tmp_path / "store"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert "invalid choice" in err or "is neither a cache policy (on-demand" in err
+    assert "invalid choice" in err or "unknown cache 'arc'; known: on-demand" in err
     assert not (tmp_path / "store").exists() and not (tmp_path / "e").exists()
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import make_device
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
+from executor.model import model_arch
+from executor.store_build import ensure_store
 from policies import Demand, Key, PolicyContext, Routing, build_policies, load_item
 from policies.allocators import Capacity, GateScore, ResidentFirst
 from policies.cache import BudgetRule
@@ -262,7 +264,7 @@ def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, alloc
 def test_a_non_numeric_option_is_a_clear_error():
     w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
     with pytest.raises(Exception, match=r"fixed: bad option value in \{'level': 'x'\}"):
-        build_policies(w, 10**9, allocator="fixed", level="x")
+        build_policies(w, 10**9, allocator="fixed", allocator_options={"level": "x"})
 
 
 def test_the_simulator_charges_the_dequantization_the_executor_does():

@@ -11,7 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import assert_within_budget, make_device, make_trace, requested
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
+from executor.model import model_arch
+from executor.store_build import ensure_store
 from policies import (ALLOCATORS, CACHES, SCHEDULERS, Allocator, BudgetError, Demand, build_policies, caches_for,
                       needed_keys)
 from policies.cache import LFU, LRU, _LazyHeap
@@ -235,7 +237,7 @@ def test_minimum_budget_is_what_the_allocator_demands():
         build_policies(w, minimum - 1)
     m = compute_metrics(Simulator(make_device(), w, build_policies(w, minimum)).run())
     assert m["peak_expert_bytes"] <= minimum
-    low = build_policies(w, 2 * fmt.level_bytes(0), allocator="fixed", level=0)   # INT2 fits in less
+    low = build_policies(w, 2 * fmt.level_bytes(0), allocator="fixed", allocator_options={"level": 0})   # INT2 fits in less
     assert low.cache.capacity == 2 * fmt.level_bytes(0)
 
 

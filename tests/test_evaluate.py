@@ -8,8 +8,9 @@ import torch
 
 from devices.units import ConfigError
 from executor import mwq
-from executor.evaluate import (LevelExperts, allocator_bundle, allocator_levels, bf16_levels, eval_table,
-                               fixed_level, int_levels, mwq_levels, perplexity, store_group, write_table)
+from executor.evaluate import (LevelExperts, allocator_bundle, allocator_levels, eval_table, fixed_level, perplexity,
+                               write_table)
+from executor.levels import bf16_levels, int_levels, mwq_levels, store_group
 from test_executor import tiny_model
 from test_mwq import level_errors, weights
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import make_device
-from executor.execute import ensure_store, execute, model_arch, strip_experts
-from executor.model import MoEConfig, MoETransformer, generate, init_weights
+from executor.execute import execute, strip_experts
+from executor.model import MoEConfig, MoETransformer, generate, init_weights, model_arch
 from executor.store import IntegrityError
+from executor.store_build import ensure_store
 from policies import build_online_policies, build_policies
 from sim.engine import Simulator
 from workloads.workload import Workload

@@ -212,7 +212,7 @@ def test_validate_runs_repeats_in_passes_and_keeps_every_run(host_profile, tmp_p
 
 
 def test_pick_prints_the_validated_error_of_its_class(tmp_path):
-    from experiments.cli import fidelity_line
+    from experiments.cli.study_cmds import fidelity_line
     from experiments.validate import append_row
     path = tmp_path / "validation.csv"
     assert "no host validation results yet" in fidelity_line({"format": "bf16", "policy": "lru", "batch": "1"}, path)
@@ -328,7 +328,7 @@ def test_the_gap_between_expert_calls_by_hand(tmp_path):
 
 
 def test_profile_and_validate_warn_on_a_busy_host():
-    from experiments.cli import busy_host_warning
+    from experiments.cli.host_cmds import busy_host_warning
     assert busy_host_warning(load=0.3, cores=2) is None
     w = busy_host_warning(load=2.3, cores=2)
     assert "busy" in w and "2.3" in w and "quiet host" in w

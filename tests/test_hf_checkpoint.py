@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from devices.units import ConfigError
-from executor.execute import ensure_store
 from executor.hf_checkpoint import (build_hf_store, checkpoint_name, expert_tensor_name, iter_experts, load_hf_moe,
                                     read_config)
 from executor.model import MoEConfig, MoETransformer, accumulate_expert
-from executor.store import peak_rss_bytes, reset_peak_rss
+from executor.store_build import ensure_store, peak_rss_bytes, reset_peak_rss
 
 V, D_MODEL, LAYERS = 50, 32, 2
 

@@ -9,7 +9,9 @@ import torch
 
 from executor.io import (MODES, BlobReader, DecompressPool, IOWorkers, StorageThrottle, aligned_buffer,
                          buffer_address, probe_o_direct)
-from executor.store import ALIGN, IntegrityError, build_store, matrix_names
+from executor.store import ALIGN, IntegrityError
+from executor.store_build import build_store
+from executor.weights import matrix_names
 from workloads.formats import make_format
 
 SHAPES = [(96, 40), (96, 40), (40, 96)]  # 23040 bytes per expert: not a multiple of 4096

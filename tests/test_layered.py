@@ -8,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import assert_within_budget, make_device, make_trace, requested
 from devices.units import ConfigError
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
+from executor.model import model_arch
+from executor.store_build import ensure_store
 from policies import Key, PolicyContext, build_policies
 from policies.layered import LAYERED_CACHES, layer_shares
 from sim.engine import Simulator

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import make_device
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
+from executor.model import model_arch
 from executor.record import gate_lookahead, lookahead_accuracy, record_routing
+from executor.store_build import ensure_store
 from policies import build_policies
 from policies.lookahead import prediction_accuracy
 from sim.engine import Simulator

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from devices.units import ConfigError
-from executor import store as store_mod
-from executor.execute import ensure_store, model_experts
+from executor import encoders
+from executor.encoders import get_encoder, register_encoder
 from executor.model import MoEConfig, MoETransformer, init_weights
-from executor.store import (ALIGN, INDEX, JOURNAL, IntegrityError, Store, build_store, get_encoder,
-                            matrix_names, register_encoder, store_lock)
+from executor.store import IntegrityError, Store
+from executor.store_build import build_store, ensure_store, model_experts, store_lock
+from executor.weights import check_weights, matrix_names
 from policies.base import Key
 from workloads.formats import make_format
+from workloads.store_index import ALIGN, INDEX, JOURNAL
 
 SHAPES = [(64, 32), (64, 32), (32, 64)]
 ARCH = {"name": "toy", "d_model": 32, "d_ff": 64}
@@ -50,7 +52,7 @@ class FakeZipEncoder:
     """A deterministic multi-part encoder with the zip format's exact part sizes (tests only)."""
 
     def encode(self, w, fmt):
-        seed = b"".join(t.view(torch.int16).numpy().tobytes() for t in store_mod.check_weights(w, fmt))
+        seed = b"".join(t.view(torch.int16).numpy().tobytes() for t in check_weights(w, fmt))
         out = []
         for p, n in enumerate(fmt.part_bytes):
             stream = b""
@@ -65,11 +67,11 @@ class FakeZipEncoder:
 
 @pytest.fixture
 def zip_fmt():
-    old = store_mod._ENCODERS.get("zip")
+    old = encoders._ENCODERS.get("zip")
     register_encoder("zip", FakeZipEncoder())
     yield make_format("zip", SHAPES, chunks=3)
     if old is None:
-        store_mod._ENCODERS.pop("zip", None)
+        encoders._ENCODERS.pop("zip", None)
     else:
         register_encoder("zip", old)
 

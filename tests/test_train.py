@@ -6,7 +6,8 @@ import torch
 
 from executor.model import MoEConfig, generate
 from executor.tokenizer import ByteTokenizer
-from executor.train import DEFAULT_MODEL, eval_windows, evaluate, load_trained, stdlib_corpus, train
+from executor.corpus import eval_windows, stdlib_corpus
+from executor.train import DEFAULT_MODEL, evaluate, load_trained, train
 
 TINY = MoEConfig(vocab=257, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, experts=4, top_k=2, d_ff=96, max_seq=64)
 

@@ -267,7 +267,7 @@ def test_altered_sub_block_table_is_an_error(codec):
 
 def test_numba_is_imported_by_the_first_decode_only():
     # numba costs ~55 MB of RSS: runs that never decode a zip expert must not import it
-    code = ("import sys, torch\nfrom executor import store, zipcodec as zc\n"
+    code = ("import sys, torch\nfrom executor import encoders, zipcodec as zc\n"
             "parts = zc.encode_expert([torch.ones(4, 4, dtype=torch.bfloat16)], 2, 'zstd')\n"
             "assert 'numba' not in sys.modules\nzc.decode_expert(parts, [(4, 4)])\nassert 'numba' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -13,15 +13,17 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import assert_within_budget, make_device, make_trace, requested
 from devices.units import ConfigError
-from executor.execute import ensure_store, execute, model_arch, strip_experts
+from executor.execute import execute, strip_experts
+from executor.model import model_arch
+from executor.store_build import ensure_store
 from policies import Policies, Routing, build_policies
 from policies.allocators import FixedLevel
 from policies.base import Key, PolicyContext
 from policies.cost import CostModel
 from policies.schedulers import FifoScheduler
-from policies.zipmoe import (EVICT, NORMAL, SMCACHE, RankStats, ZipMoECache, ZipMoEScheduler, bound_makespan,
-                             conditional_poisson_weights, cp_inclusion, dispatch, plan_split, poisson_binomial,
-                             proactive_decision, zipmoe_makespan)
+from policies.zipmoe import (EVICT, NORMAL, SMCACHE, RankStats, ZipMoECache, conditional_poisson_weights,
+                             cp_inclusion, plan_split, poisson_binomial, proactive_decision)
+from policies.zipmoe_schedule import ZipMoEScheduler, bound_makespan, dispatch, zipmoe_makespan
 from sim.engine import Simulator
 from test_executor import tiny_model
 from workloads.catalog import ModelArch, get_model
@@ -329,6 +331,12 @@ def zip_store(tmp_path_factory):
     return ensure_store(tiny_model(), tmp_path_factory.mktemp("zipstore"), "zip", quiet=True)
 
 
+# the released variants, as options of the one cache (no per-value registrations)
+VARIANTS = {"zipmoe": {}, "zipmoe-fixed": {"split": 0.5}, "zipmoe-tw-lfu": {"tiers": False},
+            "zipmoe-marking": {"victim": "marking", "tiers": False}, "zipmoe-lru": {"victim": "lru", "tiers": False},
+            "zipmoe-fifo": {"victim": "fifo", "tiers": False}}
+
+
 @pytest.mark.parametrize("cache", ["zipmoe", "zipmoe-fixed", "zipmoe-marking", "zipmoe-lru"])
 def test_both_engines_make_the_same_zipmoe_decisions(zip_store, cache):
     fmt, arch = zip_store.format, model_arch(tiny_model())
@@ -338,7 +346,7 @@ def test_both_engines_make_the_same_zipmoe_decisions(zip_store, cache):
     budget = 16 * sum(fmt.resident_bytes)       # room for the plan's pools beside a prefill's dock
 
     def bundle():
-        return build_policies(w, budget, cache=cache, scheduler="zipmoe", cost=cost)
+        return build_policies(w, budget, cache="zipmoe", scheduler="zipmoe", cost=cost, cache_options=VARIANTS[cache])
     sim_tl = Simulator(make_device(workers=2), w, bundle()).run()
     run = execute(strip_experts(tiny_model()), zip_store, bundle(), torch.tensor([[1, 2, 3]]), 0, trace=trace,
                   batch=2, decompress_workers=2, quiet=True)
@@ -408,8 +416,8 @@ def test_invariants(case):
     w = Workload(model, trace, fmt, batch=batch)
     budget = (experts + extra) * sum(fmt.resident_bytes)         # any layer's demand, and more
     cost = CostModel.build(make_device(workers=2), model, fmt)
-    p = build_policies(w, budget, cache=cache, scheduler=sched, prefetch=prefetch, cost=cost,
-                       cache_options={"thresholds": thresholds})
+    p = build_policies(w, budget, cache="zipmoe", scheduler=sched, prefetch=prefetch, cost=cost,
+                       cache_options={"thresholds": thresholds, **VARIANTS[cache]})
     c = p.cache
     finish = p.finish
 

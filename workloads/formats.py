@@ -22,10 +22,12 @@ these sizes (tests check it; the zip ratio is an input taken from a measurement)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from pathlib import Path
 
 from devices.units import ConfigError
+from workloads.store_index import INDEX, index_field, read_index
 
 SCALE_BYTES = 2  # scales and zero points are stored as float16
 ZIP_HEADER_BYTES = 16  # per compressed exponent chunk: magic, codec, raw/payload length, crc32 (executor/zipcodec.py)
@@ -231,17 +233,107 @@ def make_format(name: str, shapes, **options) -> ExpertFormat:
         raise ConfigError(f"format {name!r}: bad option ({e})") from None
 
 
+def format_options(fmt: ExpertFormat) -> dict:
+    """The constructor options that rebuild `fmt` with make_format (besides name and shapes)."""
+    return {f.name: getattr(fmt, f.name) for f in fields(fmt) if f.init and f.name not in ("shapes", "name")}
+
+
+def describe_format(fmt: ExpertFormat) -> dict:
+    """The format as a store's index records it (workloads/store_index.py); format_from_index reads it."""
+    return {"name": fmt.name, "options": format_options(fmt), "shapes": [list(s) for s in fmt.shapes]}
+
+
+def format_from_index(data: dict, path) -> ExpertFormat:
+    """The format recorded in a store index read by workloads/store_index.py read_index."""
+    f = index_field(data, "format", dict, "", path)
+    name = index_field(f, "name", str, "format.", path)
+    options = index_field(f, "options", dict, "format.", path)
+    shapes = index_field(f, "shapes", list, "format.", path)
+    if not shapes or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)
+                             for s in shapes):
+        raise ConfigError(f"{path}: field 'format.shapes' must be a list of [out, in] positive integers, got {shapes!r}")
+    try:
+        return make_format(name, shapes, **options)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: field 'format': {e}") from None
+
+
 def stored_format(folder) -> ExpertFormat | None:
-    """The format recorded in an expert store's index (executor/store.py writes it), read
-    without the executor: the simulator then uses the store's own part sizes (a zip store's
-    measured compression), so both engines read the same bytes. None if there is no store."""
-    import json
-    from pathlib import Path
-    path = Path(folder) / "index.json"
-    if not path.exists():
+    """The format recorded in an expert store's index, read without the executor: the simulator
+    then uses the store's own part sizes (a zip store's measured compression), so both engines
+    read the same bytes. None if there is no store."""
+    if not (Path(folder) / INDEX).exists():
         return None
     try:
-        f = json.loads(path.read_text())["format"]
-        return make_format(f["name"], f["shapes"], **f["options"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a readable store index ({e}); rebuild it with `moelab store build`") from None
+        return format_from_index(read_index(folder), Path(folder) / INDEX)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; rebuild it with `moelab store build`") from None
+
+
+LADDERS = MWQ_LADDERS | SINGLE_WIDTHS
+CODECS = ("lz4", "lz4hc", "zstd")
+LADDERED = ("mwq", "copies")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """A format as data (a run spec's `format:`): its name and the options that apply to it, the
+    defaults filled in (mwq/copies: ladder v1; zip: codec lz4hc), so equal runs compare equal. An
+    option the format does not have is refused, not ignored."""
+    name: str = "bf16"
+    ladder: str | None = None
+    codec: str | None = None
+    group: int | None = None
+
+    def __post_init__(self):
+        if self.name not in FORMATS:
+            raise ConfigError(f"unknown format {self.name!r}; known: {', '.join(FORMATS)}")
+        laddered = self.name in LADDERED
+        for key, applies in (("ladder", laddered), ("codec", self.name == "zip"), ("group", laddered)):
+            if getattr(self, key) is not None and not applies:
+                owners = "mwq and copies have" if key != "codec" else "zip has"
+                raise ConfigError(f"{key} {getattr(self, key)}: only {owners} a {key} (this format is "
+                                  f"{self.name}); drop it or change the format")
+        if laddered and self.ladder is None:
+            object.__setattr__(self, "ladder", "v1")
+        if self.name == "zip" and self.codec is None:
+            object.__setattr__(self, "codec", "lz4hc")
+        if self.ladder is not None and self.ladder not in LADDERS:
+            raise ConfigError(f"ladder: unknown ladder {self.ladder!r}; known: {', '.join(LADDERS)}")
+        if self.codec is not None and self.codec not in CODECS:
+            raise ConfigError(f"codec: unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
+        if self.group is not None and (not isinstance(self.group, int) or isinstance(self.group, bool)
+                                       or self.group < 1):
+            raise ConfigError(f"group: must be a whole number >= 1, got {self.group!r}")
+
+    @classmethod
+    def from_doc(cls, doc, where: str = "format") -> "FormatSpec":
+        """`bf16`, or {name: mwq, ladder: v2} / {name: zip, codec: zstd}."""
+        doc = {"name": doc} if isinstance(doc, str) else doc
+        if not isinstance(doc, dict) or "name" not in doc or set(doc) - {"name", "ladder", "codec", "group"}:
+            raise ConfigError(f"{where}: a format name ({', '.join(FORMATS)}) or a mapping of name, ladder, codec, "
+                              f"group; got {doc!r}")
+        try:
+            return cls(**doc)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_doc(self):
+        doc = {k: v for k, v in (("name", self.name), ("ladder", self.ladder), ("codec", self.codec),
+                                 ("group", self.group)) if v is not None}
+        return doc["name"] if len(doc) == 1 else doc
+
+    def options(self) -> dict:
+        """make_format's and the store builder's options."""
+        return {k: v for k, v in (("ladder", self.ladder), ("codec", self.codec), ("group", self.group))
+                if v is not None}
+
+    def make(self, shapes) -> ExpertFormat:
+        return make_format(self.name, shapes, **self.options())
+
+
+def level_bits(fmt: ExpertFormat) -> list[int]:
+    """Nominal bits per weight of each precision level (MWQ and copies: INT b1..bK; bf16/zip: 16)."""
+    if hasattr(fmt, "b1"):
+        return [fmt.b1 + i for i in range(fmt.levels)]
+    return [16] * fmt.levels

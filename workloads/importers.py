@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,55 @@ def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_
     num_experts = _opt_int(num_experts, "num_experts", str(path))
     if incomplete not in _INCOMPLETE:
         raise ConfigError(f"{path}: option incomplete must be one of {', '.join(_INCOMPLETE)}, got {incomplete!r}")
-    reqs, toks, lays, exps, scs, prms, lines = [], [], [], [], [], [], []
-    k = k_line = has_scores = None
+    fields = _JsonlFields(layer_field, token_field, experts_field, scores_field, request_field, prompt_field)
+    recs = _read_jsonl(path, fields, num_experts)
+    tokens = _index_tokens(path, recs, fields)
+    dropped = _drop_incomplete(path, recs, tokens, incomplete)
+    T, L, k = len(tokens.token_keys), len(tokens.layer_ids), recs.k
+    experts = np.empty((T, L, k), np.int32)
+    experts[tokens.ti, tokens.li] = np.array(recs.experts, np.int32)
+    scores = np.full((T, L, k), 1.0 / k, np.float32)
+    if recs.has_scores:
+        scores[tokens.ti, tokens.li] = np.array(recs.scores, np.float32)
+    prompt = np.zeros(T, bool)
+    if prompt_field is not None:
+        prompt[tokens.ti] = recs.prompts
+        if (prompt[tokens.ti] != np.array(recs.prompts)).any():
+            i = int(np.flatnonzero(prompt[tokens.ti] != np.array(recs.prompts))[0])
+            raise ConfigError(f"{path}, line {tokens.line[i]}: {prompt_field!r} disagrees with another record of "
+                              f"{tokens.token_name(tokens.ti[i])}")
+    meta = _jsonl_meta(path, fields, num_experts, recs, tokens, incomplete, dropped)
+    return RoutingTrace(experts, scores, tokens.token_keys[:, 0].astype(np.int32), prompt, meta)
+
+
+@dataclass(frozen=True)
+class _JsonlFields:
+    """The field names import_jsonl reads (its *_field options)."""
+    layer: str
+    token: str
+    experts: str
+    scores: str
+    request: str | None
+    prompt: str | None
+
+
+@dataclass
+class _JsonlRecords:
+    """A JSON Lines trace's records in file order, one per (token, layer)."""
+    lines: list = field(default_factory=list)      # the line number of each record
+    tokens: list = field(default_factory=list)
+    layers: list = field(default_factory=list)
+    experts: list = field(default_factory=list)
+    scores: list = field(default_factory=list)     # only with a scores field
+    requests: list = field(default_factory=list)   # only with a request field
+    prompts: list = field(default_factory=list)    # only with a prompt field
+    k: int | None = None                           # top-k, set by the first record
+    k_line: int | None = None
+    has_scores: bool | None = None
+
+
+def _read_jsonl(path: Path, fields: _JsonlFields, num_experts: int | None) -> _JsonlRecords:
+    recs = _JsonlRecords()
     with _open_text(path) as f:
         try:
             for n, text in enumerate(f, 1):
@@ -132,132 +180,152 @@ def import_jsonl(path, *, layer_field="layer", token_field="token_idx", experts_
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(rec, dict):
-                    raise ConfigError(f"{where}: expected a JSON object such as {{{layer_field!r}: 0, "
-                                      f"{token_field!r}: 0, {experts_field!r}: [1, 4]}}, got {text.strip()[:60]}")
-                layer = _int_field(rec, layer_field, "layer_field", where)
-                tok = _int_field(rec, token_field, "token_field", where)
-                ex = _list_field(rec, experts_field, "experts_field", where,
-                                 lambda x: _is_int(x) and x >= 0, "non-negative integer expert ids")
-                if k is None:
-                    k, k_line, has_scores = len(ex), n, scores_field in rec
-                if len(ex) != k:
-                    raise ConfigError(f"{where}: {len(ex)} experts, but line {k_line} has {k}; "
-                                      f"every record needs the same top-k")
-                if len(set(ex)) != k:
-                    raise ConfigError(f"{where}: expert ids {ex} repeat; a token selects {k} distinct experts")
-                if num_experts is not None and max(ex) >= num_experts:
-                    raise ConfigError(f"{where}: expert id {max(ex)} out of range 0..{num_experts - 1}")
-                if (scores_field in rec) != has_scores:
-                    raise ConfigError(f"{where}: field {scores_field!r} is "
-                                      f"{'missing' if has_scores else 'present'} here but "
-                                      f"{'present' if has_scores else 'missing'} on line {k_line}")
-                if has_scores:
-                    sc = _list_field(rec, scores_field, "scores_field", where, _is_number, "finite numbers")
-                    if len(sc) != k:
-                        raise ConfigError(f"{where}: {len(sc)} scores for {k} experts")
-                    scs.append(sc)
-                if request_field is not None:
-                    r = _field(rec, request_field, "request_field", where)
-                    if not (_is_int(r) or isinstance(r, str)):
-                        raise ConfigError(f"{where}: field {request_field!r} must be an integer or a string, "
-                                          f"got {r!r}")
-                    reqs.append(r)
-                if prompt_field is not None:
-                    p = _field(rec, prompt_field, "prompt_field", where)
-                    if not isinstance(p, bool) and p not in (0, 1):
-                        raise ConfigError(f"{where}: field {prompt_field!r} must be true/false, got {p!r}")
-                    prms.append(bool(p))
-                toks.append(tok)
-                lays.append(layer)
-                exps.append(ex)
-                lines.append(n)
+                    raise ConfigError(f"{where}: expected a JSON object such as {{{fields.layer!r}: 0, "
+                                      f"{fields.token!r}: 0, {fields.experts!r}: [1, 4]}}, got {text.strip()[:60]}")
+                _add_record(recs, rec, n, where, fields, num_experts)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
-    if not lines:
+    if not recs.lines:
         raise ConfigError(f"{path}: no records; expected one JSON object per line")
+    return recs
 
-    line = np.array(lines)
-    if request_field is not None:
-        req, names = _request_codes(reqs, lambda i: f"{path}, line {lines[i]}")
+
+def _add_record(recs: _JsonlRecords, rec: dict, n: int, where: str, fields: _JsonlFields,
+                num_experts: int | None) -> None:
+    """Check the record of line n and append it to recs."""
+    layer = _int_field(rec, fields.layer, "layer_field", where)
+    tok = _int_field(rec, fields.token, "token_field", where)
+    ex = _list_field(rec, fields.experts, "experts_field", where,
+                     lambda x: _is_int(x) and x >= 0, "non-negative integer expert ids")
+    if recs.k is None:
+        recs.k, recs.k_line, recs.has_scores = len(ex), n, fields.scores in rec
+    k, k_line, has_scores = recs.k, recs.k_line, recs.has_scores
+    if len(ex) != k:
+        raise ConfigError(f"{where}: {len(ex)} experts, but line {k_line} has {k}; every record needs the same top-k")
+    if len(set(ex)) != k:
+        raise ConfigError(f"{where}: expert ids {ex} repeat; a token selects {k} distinct experts")
+    if num_experts is not None and max(ex) >= num_experts:
+        raise ConfigError(f"{where}: expert id {max(ex)} out of range 0..{num_experts - 1}")
+    if (fields.scores in rec) != has_scores:
+        raise ConfigError(f"{where}: field {fields.scores!r} is {'missing' if has_scores else 'present'} here but "
+                          f"{'present' if has_scores else 'missing'} on line {k_line}")
+    if has_scores:
+        sc = _list_field(rec, fields.scores, "scores_field", where, _is_number, "finite numbers")
+        if len(sc) != k:
+            raise ConfigError(f"{where}: {len(sc)} scores for {k} experts")
+        recs.scores.append(sc)
+    if fields.request is not None:
+        r = _field(rec, fields.request, "request_field", where)
+        if not (_is_int(r) or isinstance(r, str)):
+            raise ConfigError(f"{where}: field {fields.request!r} must be an integer or a string, got {r!r}")
+        recs.requests.append(r)
+    if fields.prompt is not None:
+        p = _field(rec, fields.prompt, "prompt_field", where)
+        if not isinstance(p, bool) and p not in (0, 1):
+            raise ConfigError(f"{where}: field {fields.prompt!r} must be true/false, got {p!r}")
+        recs.prompts.append(bool(p))
+    recs.tokens.append(tok)
+    recs.layers.append(layer)
+    recs.experts.append(ex)
+    recs.lines.append(n)
+
+
+@dataclass
+class _JsonlTokens:
+    """Where each record goes: token ti (tokens sorted by (request code, token index)), layer li."""
+    token_keys: np.ndarray        # [T, 2]: (request code, token index)
+    names: list | None            # request names, when requests are strings
+    layer_ids: np.ndarray         # the input's layer ids, ascending
+    ti: np.ndarray
+    li: np.ndarray
+    line: np.ndarray              # the line of each record
+    request_field: str | None
+
+    def token_name(self, t: int) -> str:
+        r, tok = self.token_keys[t]
+        if self.request_field is None:
+            return f"token {tok}"
+        return f"token {tok} of request {self.names[r] if self.names else r!r}"
+
+
+def _index_tokens(path: Path, recs: _JsonlRecords, fields: _JsonlFields) -> _JsonlTokens:
+    """Token and layer of every record; a second record of a (token, layer) is an error."""
+    lines = recs.lines
+    if fields.request is not None:
+        req, names = _request_codes(recs.requests, lambda i: f"{path}, line {lines[i]}")
     else:
         req, names = np.zeros(len(lines), np.int32), None
-    layer_ids, li = np.unique(np.array(lays, np.int64), return_inverse=True)
+    layer_ids, li = np.unique(np.array(recs.layers, np.int64), return_inverse=True)
     li = li.ravel()
     L = len(layer_ids)
     # token order: sorted by (request code, token index)
-    token_keys, ti = np.unique(np.stack([req.astype(np.int64), np.array(toks, np.int64)], 1), axis=0,
+    token_keys, ti = np.unique(np.stack([req.astype(np.int64), np.array(recs.tokens, np.int64)], 1), axis=0,
                                return_inverse=True)
     ti = ti.ravel()
-    T = len(token_keys)
-
-    def token_name(t: int) -> str:
-        r, tok = token_keys[t]
-        if request_field is None:
-            return f"token {tok}"
-        return f"token {tok} of request {names[r] if names else r!r}"
-
+    tokens = _JsonlTokens(token_keys, names, layer_ids, ti, li, np.array(lines), fields.request)
     slot = ti * L + li
     order = np.argsort(slot, kind="stable")
     dup = np.flatnonzero(slot[order][1:] == slot[order][:-1])
     if len(dup):
         a, b = order[dup[0]], order[dup[0] + 1]
         hint = ("; records of several requests? name their request field with request_field=..."
-                if request_field is None else f" (request_field={request_field!r})")
-        raise ConfigError(f"{path}, line {line[b]}: duplicate record for {token_name(ti[b])}, layer "
-                          f"{layer_ids[li[b]]} (first on line {line[a]}){hint}")
-    have = np.bincount(ti, minlength=T)
-    dropped = {}
-    if (have < L).any() and incomplete == "strict":
+                if fields.request is None else f" (request_field={fields.request!r})")
+        raise ConfigError(f"{path}, line {tokens.line[b]}: duplicate record for {tokens.token_name(ti[b])}, layer "
+                          f"{layer_ids[li[b]]} (first on line {tokens.line[a]}){hint}")
+    return tokens
+
+
+def _drop_incomplete(path: Path, recs: _JsonlRecords, tokens: _JsonlTokens, incomplete: str) -> dict:
+    """Tokens without a record in every layer: an error (strict), or left out of recs and tokens
+    (drop). Returns the tokens left out per request."""
+    ti, li, line, layer_ids, L = tokens.ti, tokens.li, tokens.line, tokens.layer_ids, len(tokens.layer_ids)
+    have = np.bincount(ti, minlength=len(tokens.token_keys))
+    if not (have < L).any():
+        return {}
+    if incomplete == "strict":
         t = int(np.flatnonzero(have < L)[0])
         mine = ti == t
         missing = np.setdiff1d(layer_ids, layer_ids[li[mine]])
-        raise ConfigError(f"{path}: {token_name(t)} (first record on line {line[mine].min()}) has no record for "
+        raise ConfigError(f"{path}: {tokens.token_name(t)} (first record on line {line[mine].min()}) has no record for "
                           f"layer {missing[0]}; every token needs one record per layer {layer_ids.tolist()} "
                           f"(option incomplete=strict); to leave such tokens out, give incomplete=drop")
-    if (have < L).any():
-        keep = have == L
-        if not keep.any():
-            raise ConfigError(f"{path}: no token has a record in every layer {layer_ids.tolist()}; "
-                              f"incomplete=drop would leave nothing")
-        lost, counts = np.unique(token_keys[~keep, 0], return_counts=True)
-        dropped = {str(names[r] if names else r): int(n) for r, n in zip(lost, counts)}
-        rec = keep[ti]                      # records of the kept tokens
-        new_id = np.cumsum(keep) - 1
-        ti, li, line = new_id[ti[rec]], li[rec], line[rec]
-        exps = [x for x, r in zip(exps, rec) if r]
-        scs = [x for x, r in zip(scs, rec) if r] if has_scores else scs
-        prms = [x for x, r in zip(prms, rec) if r] if prompt_field is not None else prms
-        token_keys, T = token_keys[keep], int(keep.sum())
-        print(f"{path}: incomplete=drop left out {sum(dropped.values())} token(s) lacking a layer: "
-              + ", ".join(f"request {r}: {n}" for r, n in dropped.items()), file=sys.stderr)
+    keep = have == L
+    if not keep.any():
+        raise ConfigError(f"{path}: no token has a record in every layer {layer_ids.tolist()}; "
+                          f"incomplete=drop would leave nothing")
+    names = tokens.names
+    lost, counts = np.unique(tokens.token_keys[~keep, 0], return_counts=True)
+    dropped = {str(names[r] if names else r): int(n) for r, n in zip(lost, counts)}
+    rec = keep[ti]                      # records of the kept tokens
+    new_id = np.cumsum(keep) - 1
+    tokens.ti, tokens.li, tokens.line = new_id[ti[rec]], li[rec], line[rec]
+    recs.experts = [x for x, r in zip(recs.experts, rec) if r]
+    recs.scores = [x for x, r in zip(recs.scores, rec) if r]       # empty without a scores field
+    recs.prompts = [x for x, r in zip(recs.prompts, rec) if r]     # empty without a prompt field
+    tokens.token_keys = tokens.token_keys[keep]
+    print(f"{path}: incomplete=drop left out {sum(dropped.values())} token(s) lacking a layer: "
+          + ", ".join(f"request {r}: {n}" for r, n in dropped.items()), file=sys.stderr)
+    return dropped
 
-    experts = np.empty((T, L, k), np.int32)
-    experts[ti, li] = np.array(exps, np.int32)
-    scores = np.full((T, L, k), 1.0 / k, np.float32)
-    if has_scores:
-        scores[ti, li] = np.array(scs, np.float32)
-    prompt = np.zeros(T, bool)
-    if prompt_field is not None:
-        prompt[ti] = prms
-        if (prompt[ti] != np.array(prms)).any():
-            i = int(np.flatnonzero(prompt[ti] != np.array(prms))[0])
-            raise ConfigError(f"{path}, line {line[i]}: {prompt_field!r} disagrees with another record of "
-                              f"{token_name(ti[i])}")
+
+def _jsonl_meta(path: Path, fields: _JsonlFields, num_experts: int | None, recs: _JsonlRecords,
+                tokens: _JsonlTokens, incomplete: str, dropped: dict) -> dict:
     meta = {"format": "jsonl", "path": str(path),
-            "fields": {"layer": layer_field, "token": token_field, "experts": experts_field,
-                       "scores": scores_field, "request": request_field, "prompt": prompt_field}}
+            "fields": {"layer": fields.layer, "token": fields.token, "experts": fields.experts,
+                       "scores": fields.scores, "request": fields.request, "prompt": fields.prompt}}
     if num_experts is not None:
         meta["experts"] = num_experts
-    if not has_scores:
-        meta["scores"] = f"field {scores_field!r} absent: every score filled with 1/k"
-    if not np.array_equal(layer_ids, np.arange(L)):
+    if not recs.has_scores:
+        meta["scores"] = f"field {fields.scores!r} absent: every score filled with 1/k"
+    layer_ids = tokens.layer_ids
+    if not np.array_equal(layer_ids, np.arange(len(layer_ids))):
         meta["layer_ids"] = layer_ids.tolist()          # trace layer i is input layer layer_ids[i]
-    if names is not None:
-        meta["request_names"] = names
+    if tokens.names is not None:
+        meta["request_names"] = tokens.names
     if incomplete == "drop":
         meta["incomplete"] = "drop"
         meta["dropped_tokens"] = dropped    # per request: tokens left out for lacking a layer
-    return RoutingTrace(experts, scores, token_keys[:, 0].astype(np.int32), prompt, meta)
+    return meta
 
 
 # -- CSV: one file per layer ----------------------------------------------------------------

@@ -109,9 +109,15 @@ def _gate_scores(rng, shape: tuple) -> np.ndarray:
 
 
 def synthetic_trace(model: ModelArch, *, requests=1, prompt_len=16, output_len=64, skew=1.0, locality=0.6,
-                    seed=0) -> RoutingTrace:
+                    seed=0, fit=None) -> RoutingTrace:
     """A seeded trace: `requests` requests of prompt_len prompt tokens then output_len generated
-    tokens each, request after request."""
+    tokens each, request after request.
+
+    fit: route like a fit instead (workloads/fit.py's fit_trace dict, a catalog default, or
+    "catalog" for the model's own catalog default; workloads/fitted.py): skew and locality
+    are then ignored. Without a fit this generator is unchanged, bit for bit."""
+    if fit is not None:
+        return _from_fit(model, fit, requests, prompt_len, output_len, seed)
     _check(requests, prompt_len, output_len, skew, locality)
     L, E, k = model.layers, model.experts, model.top_k
     if not 1 <= k <= E:
@@ -134,3 +140,21 @@ def synthetic_trace(model: ModelArch, *, requests=1, prompt_len=16, output_len=6
             "locality": float(locality), "seed": None if seed is None else int(seed)}
     return RoutingTrace(experts, scores, np.repeat(np.arange(requests, dtype=np.int32), P),
                         np.tile(np.arange(P) < prompt_len, requests), meta)
+
+
+def _from_fit(model: ModelArch, fit, requests, prompt_len, output_len, seed) -> RoutingTrace:
+    """synthetic_trace(fit=...): the fit's generator, checked against the model's shape."""
+    from workloads.catalog import synthetic_default
+    from workloads.fitted import synth_from_fit
+    if isinstance(fit, str):
+        if fit != "catalog":
+            raise ConfigError(f"synthetic trace: fit must be a fit dict or 'catalog', got {fit!r}")
+        fit = synthetic_default(model.name)
+        if fit is None:
+            raise ConfigError(f"synthetic trace: the catalog has no synthetic default for {model.name!r}")
+    shape = {"layers": model.layers, "experts": model.experts, "top_k": model.top_k}
+    given = fit.get("model") or {}
+    if any(key in given and int(given[key]) != v for key, v in shape.items()):
+        raise ConfigError(f"synthetic trace: the fit is for {given}, the model {model.name} has {shape}")
+    fit = dict(fit, model=dict({"name": model.name}, **given, **shape))
+    return synth_from_fit(fit, requests, prompt_len, output_len, seed)

@@ -10,7 +10,9 @@ lookahead predictions), mrc-*.png and results.json (every number the README quot
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from devices.profile import load_device                          # noqa: E402
 from policies import build_policies                              # noqa: E402
 from policies.bundle import workload_routings                    # noqa: E402
 from policies.lookahead import prediction_accuracy               # noqa: E402
-from sim.engine import Simulator                                 # noqa: E402
-from timeline.metrics import compute_metrics                          # noqa: E402
 from sim.mrc import miss_ratio_curves, plot_mrc                  # noqa: E402
 from workloads.catalog import ModelArch, get_model               # noqa: E402
 from workloads.formats import make_format                        # noqa: E402
@@ -42,7 +41,7 @@ def record_real(path: Path) -> RoutingTrace:
     import torch
     from executor.record import lookahead_accuracy, record_routing
     from executor.train import DEFAULT_MODEL, load_trained
-    from experiments.cli import prompt_texts
+    from experiments.prompts import prompt_texts
     model, tok, _ = load_trained(DEFAULT_MODEL)
     ids = [tok.encode(t) for t in prompt_texts(8, 0)]
     width = min(map(len, ids))
@@ -79,11 +78,14 @@ def per_layer_hits(w: Workload, policy: str, cap: int) -> list[float]:
     return [round(float(h / a), 4) if a else None for h, a in zip(hits, acc)]
 
 
-def tpot(model_name: str, trace, device: str, policy: str, cap: int, prefetch: str = "none") -> dict:
-    model = get_model(model_name) if model_name else ModelArch(**trace.metadata["arch"])
-    w = Workload(model, trace, make_format("bf16", model.expert_shapes))
-    p = build_policies(w, cap * model.expert_bytes, cache=policy, prefetch=prefetch)
-    m = compute_metrics(Simulator(load_device(device), w, p).run(quiet=True))
+def tpot(model_name: str | None, trace_path: Path, device: str, policy: str, cap: int, prefetch: str = "none") -> dict:
+    """One simulator run through the run function: the trace file on `device`, `cap` experts of room."""
+    from experiments.run import simulate
+    from experiments.spec import RunSpec
+    model = get_model(model_name) if model_name else ModelArch(**RoutingTrace.load(trace_path).metadata["arch"])
+    spec = RunSpec.from_doc({"device": device, "model": model_name, "trace": str(trace_path),
+                             "policy": {"cache": policy, "prefetch": prefetch}, "budget": cap * model.expert_bytes})
+    m = simulate(spec, timeline=False).metrics
     return {"tpot_s": m["tpot_s_mean"], "hit_ratio": m["hit_ratio"], "coverage": m.get("prefetch_coverage")}
 
 
@@ -100,6 +102,7 @@ def main() -> None:
     for name, tokens in (("mixtral-8x7b", 200), ("olmoe-1b-7b", 100)):
         traces[f"{name} (synthetic)"] = (name, synthetic_trace(get_model(name), requests=2, prompt_len=0,
                                                                output_len=tokens, seed=0))
+    scratch = tempfile.mkdtemp(prefix="layer-aware-")
     for label, (model_name, trace) in traces.items():
         w = unit_workload(trace)
         keys, ws = trace.layers * trace.num_experts, trace.layers * trace.top_k
@@ -113,13 +116,15 @@ def main() -> None:
                  "at_three_quarters": {p: curves[p][at] for p in POLICIES},
                  "per_layer_at_three_quarters": {p: per_layer_hits(w, p, at)
                                                  for p in ("lru", "least-stale", "layered-lru", "layer-lru")}}
+        path = trace.save(Path(scratch) / f"{slug}.npz")       # a run spec names its routing by file
         if model_name:                      # TPOT on the devices, experts of the real model's size
-            entry["tpot"] = {dev: {p: tpot(model_name, trace, dev, p, at) for p in POLICIES} for dev in DEVICES}
+            entry["tpot"] = {dev: {p: tpot(model_name, path, dev, p, at) for p in POLICIES} for dev in DEVICES}
         else:                               # the recorded trace: prefetchers, with their predictions
-            entry["prefetch"] = {dev: {pf: tpot(None, trace, dev, "least-stale", at, pf) for pf in PREFETCHERS}
+            entry["prefetch"] = {dev: {pf: tpot(None, path, dev, "least-stale", at, pf) for pf in PREFETCHERS}
                                  for dev in DEVICES}
         out[label] = entry
         print(label, json.dumps({k: entry[k] for k in ("at_working_set", "at_three_quarters")}), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(out, indent=1, default=str))
 
 

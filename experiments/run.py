@@ -1,0 +1,227 @@
+"""The simulator's run function: `simulate(spec)` turns a run spec into a run, and is the only
+place that does (the CLI, sweeps, the reproductions, validation, calibration, the studies and
+the benchmark all call it). Here, once: the token convention, the model a trace names, part
+sizes from the model's store, the budget ("all", the device's default), the cost model (built
+once, handed to the policies and the engine), and the check that a timeline fits in memory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from devices.units import ConfigError, format_size
+from experiments.spec import (DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PROMPT_TOKENS, DEFAULT_TOKENS, RunSpec,
+                             trace_model)
+
+# one Event in memory (~0.2 KB), its Chrome-trace dict (~0.9 KB) and its JSON text (~0.3 KB),
+# measured on `simulate` runs with tracemalloc; a run holds them all at once when it writes
+BYTES_PER_EVENT = 1400
+MEMORY_FRACTION = 0.5
+
+
+@dataclass
+class Prepared:
+    """Everything a run is built from, resolved: what both engines and the row need."""
+    spec: RunSpec            # resolved: every default explicit
+    device: object
+    storage: object
+    model: object
+    fmt: object
+    trace: object
+    workload: object
+    budget: int
+    cost: object
+    policies: object
+
+
+@dataclass
+class SimRun:
+    prepared: Prepared
+    metrics: dict
+    timeline: object | None
+
+
+# -- resolution -------------------------------------------------------------------------------------
+def read_trace(spec: RunSpec):
+    """The spec's trace file, read with its importer options (named as this spec gives them)."""
+    from workloads.importers import import_trace
+    trace = import_trace(spec.trace, **dict(spec.trace_options))
+    trace.metadata.setdefault("path", str(spec.trace))
+    return trace
+
+
+def model_of(spec: RunSpec, trace=None):
+    """The spec's model, else the one its trace names, else the default."""
+    from workloads.catalog import get_model, model_of_trace
+    if spec.model is not None:
+        return get_model(spec.model)
+    named = model_of_trace(trace.metadata, spec.trace) if trace is not None else None
+    if named is None and trace is not None and trace.metadata.get("model"):
+        raise ConfigError(f"{spec.trace}: names model {trace.metadata['model']!r}, which is not in the catalog; "
+                          f"give model:")
+    return named or get_model(DEFAULT_MODEL)
+
+
+def synthetic_for(spec: RunSpec, model):
+    """The seeded synthetic trace: `tokens` new tokens per request, the prefill making the first
+    (prompt tokens + tokens - 1 decode tokens; with no prompt every token is decoded)."""
+    from workloads.synthetic import synthetic_trace
+    decode = spec.tokens - 1 if spec.prompt_tokens > 0 else spec.tokens
+    return synthetic_trace(model, requests=spec.requests or spec.batch, prompt_len=spec.prompt_tokens,
+                           output_len=decode, skew=spec.skew, locality=spec.locality, seed=spec.seed)
+
+
+def store_format(spec: RunSpec, model, fmt, quiet: bool = True):
+    """The format of the model's expert store (spec.store, or the folder `execute` builds) when
+    one exists for this format: its part sizes are the executor's, byte for byte."""
+    from workloads.formats import stored_format
+    folder = Path(spec.store) if spec.store else default_store(model.name, fmt.name)
+    found = stored_format(folder)
+    if found is None:
+        if spec.store:
+            raise ConfigError(f"store {spec.store}: no store there (build one with `moelab store build`)")
+        if fmt.name == "zip" and not quiet:
+            print(f"note: no zip store in {folder}: part sizes assume an exponent ratio of {fmt.exponent_ratio}; "
+                  f"for a real model's measured sizes (what `execute` reads), build its store first "
+                  f"(`moelab store build --format zip`) or give --store", file=sys.stderr)
+        return fmt
+    if found.name != fmt.name or found.shapes != fmt.shapes or not _same_options(found, fmt):
+        if spec.store:
+            raise ConfigError(f"store {spec.store} holds {found.name} experts of shapes {list(found.shapes)}; "
+                              f"the run asks for {fmt.name} experts of shapes {list(fmt.shapes)}")
+        return fmt
+    if not quiet:
+        print(f"part sizes from the store {folder} ({format_size(found.expert_bytes)} per expert)", file=sys.stderr)
+    return found
+
+
+def _same_options(a, b) -> bool:
+    """Whether two formats of one name agree on what the spec chose (codec, ladder, group)."""
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in ("codec", "b1", "bK", "group"))
+
+
+def default_store(model_name: str, fmt_name: str) -> Path:
+    return Path("runs") / "stores" / f"{Path(model_name).name}-{fmt_name}"
+
+
+def every_expert_bytes(model, fmt) -> int:
+    """The budget "all": every expert resident at the format's top level."""
+    return model.layers * model.experts * fmt.level_bytes(fmt.levels - 1)
+
+
+def resolve(spec: RunSpec, device=None) -> RunSpec:
+    """The spec with the simulator's defaults made explicit (equal runs hash equal)."""
+    from devices.profile import load_device
+    device = device or load_device(spec.device or DEFAULT_DEVICE)
+    name = device.name if not device.path or Path(device.path).stem == device.name else str(device.path)
+    out = spec.with_(device=name, storage=device.storage_option(spec.storage).name)
+    if spec.synthetic:
+        out = out.with_(model=spec.model or DEFAULT_MODEL, tokens=spec.tokens or DEFAULT_TOKENS,
+                        prompt_tokens=DEFAULT_PROMPT_TOKENS if spec.prompt_tokens is None else spec.prompt_tokens)
+    if out.budget is None:
+        out = out.with_(budget=device.expert_budget_bytes)
+    return out
+
+
+def check_spec(spec: RunSpec) -> RunSpec:
+    """The checks a run makes before it runs, without running it (`sweep --check`, a grid's load):
+    the device and storage, the model, the format for it, the cost model (a codec the device has no
+    decompression figure for), the budget. Returns the spec resolved."""
+    from devices.profile import load_device
+    from policies.cost import CostModel
+    device = load_device(spec.device or DEFAULT_DEVICE)
+    spec = resolve(spec, device)
+    model = trace_model(spec.trace) if spec.model is None else model_of(spec)
+    fmt = spec.format.make(model.expert_shapes)
+    CostModel.build(device, model, fmt, device.storage_option(spec.storage))
+    if spec.budget not in ("all",) and int(spec.budget) > device.memory_bytes:
+        raise ConfigError(f"budget: {format_size(int(spec.budget))} is more than {device.name}'s memory "
+                          f"({format_size(device.memory_bytes)})")
+    return spec
+
+
+def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None) -> Prepared:
+    """Build a run: device, model, routing, format (from the store where there is one), budget,
+    the cost model once, and the policies planning with it. `device`: a profile object to use
+    instead of loading spec.device (a what-if variant of it, e.g. slower compute)."""
+    from devices.profile import load_device
+    from policies import build_policies
+    from policies.cost import CostModel
+    from workloads.workload import Workload
+    device = device or load_device(spec.device or DEFAULT_DEVICE)
+    spec = resolve(spec, device)
+    storage = device.storage_option(spec.storage)
+    trace = None if spec.synthetic else read_trace(spec)
+    model = model_of(spec, trace)
+    fmt = store_format(spec, model, spec.format.make(model.expert_shapes), quiet)
+    if trace is None:
+        if timeline:
+            check_run_fits(model, fmt, spec.batch * (spec.prompt_tokens + spec.tokens), spec.tokens,
+                           "tokens or batch")
+        trace = synthetic_for(spec, model)
+    elif timeline:
+        check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
+    budget = every_expert_bytes(model, fmt) if spec.budget == "all" else int(spec.budget)
+    if budget > device.memory_bytes and spec.budget != "all":
+        raise ConfigError(f"budget {format_size(budget)} is more than {device.name}'s memory "
+                          f"({format_size(device.memory_bytes)}); give a smaller budget or another device")
+    workload = Workload(model, trace, fmt, batch=spec.batch)
+    cost = CostModel.build(device, model, fmt, storage)
+    policies = build_policies(workload, budget, cost=cost, **spec.policy.kwargs())
+    return Prepared(spec, device, storage, model, fmt, trace, workload, budget, cost, policies)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None) -> SimRun:
+    """One simulator run of `spec`: its metrics (and timeline, unless timeline=False). `device`:
+    as in `prepare`."""
+    from sim.engine import Simulator
+    p = prepare(spec, timeline, quiet, device)
+    tl = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost).run(quiet=quiet)
+    return SimRun(p, run_metrics(p, tl), tl if timeline else None)
+
+
+def run_metrics(p: Prepared, tl) -> dict:
+    """A run's metrics (timeline/metrics.py), the policies' own counters, and what was run."""
+    from timeline.metrics import compute_metrics
+    from workloads.formats import level_bits
+    m = compute_metrics(tl, level_bits=level_bits(p.fmt))
+    m.update(tl.meta.get("policy_report", {}))
+    b = p.spec.policy
+    m.update(device=p.device.name, storage=p.storage.name, model=p.model.name, format=p.fmt.name,
+             policy=b.label(), cache=b.cache.name, scheduler=b.scheduler.name, allocator=b.allocator.name,
+             prefetch=b.prefetch.name, budget_bytes=p.budget, batch=p.spec.batch, config_hash=p.spec.config_hash())
+    return m
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimated_events(model, fmt, tokens: int, steps: int) -> int:
+    """An upper bound on the timeline's events: every (token, layer, expert) a miss that is
+    admitted, loaded (and decompressed) and evicted, computed once; a dense part per step and layer."""
+    per_part = 3 + (1 if any(fmt.decompress_bytes) else 0)
+    return model.layers * (tokens * model.top_k * (1 + per_part * fmt.n_parts) + steps)
+
+
+def check_run_fits(model, fmt, tokens: int, steps: int, reduce: str) -> None:
+    """Refuse, before running, a run whose timeline would not fit in memory."""
+    need = estimated_events(model, fmt, tokens, steps) * BYTES_PER_EVENT
+    avail = available_memory()
+    if avail is not None and need > MEMORY_FRACTION * avail:
+        raise ConfigError(f"this run's timeline would need about {format_size(need)} of memory ({tokens} tokens "
+                          f"x {model.layers} layers; ~{BYTES_PER_EVENT} B per event), more than "
+                          f"{MEMORY_FRACTION:.0%} of the {format_size(avail)} available; reduce {reduce}")
