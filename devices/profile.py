@@ -17,6 +17,8 @@ YAML schema (every key is required unless marked optional; no other keys are all
       memory_bandwidth: 152.8GB/s       # effective, for reading expert weights (bandwidth)
       flops: 33.4TFLOPS                 # effective bf16/fp16 matmul rate (GFLOPS / TFLOPS)
       overhead: 30us                    # fixed cost per expert call: launch, dispatch (duration)
+      kernels:                          # optional: per format, the expert call's kernel (devices/kernels.py:
+        mwq: {tokens_per_call: 1}       #   tokens per call, dequantization per call / once / fused, rates)
       measured:                         # optional: what `moelab profile` measured on a host (see below)
     decompress:
       workers: 6                        # CPU threads usable for decompression (integer >= 1)
@@ -70,6 +72,7 @@ from pathlib import Path
 
 import yaml
 
+from devices.kernels import DEQUANT_MODES, FIELDS as KERNEL_FIELDS, Kernel
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
 DEVICES_DIR = Path(__file__).resolve().parent
@@ -93,6 +96,7 @@ class ComputeProfile:
     flops: float             # FLOP/s effective for expert matmuls at bf16/fp16
     overhead: float          # seconds, fixed per expert call (kernel launch, dispatch)
     measured: "MeasuredTables | None" = None   # host tables (compute.measured), if profiled
+    kernels: dict = field(default_factory=dict)  # format name -> Kernel (compute.kernels); others: the roofline
 
 
 def measured_key(fmt) -> str:
@@ -189,6 +193,7 @@ class DeviceProfile:
                            f"{format_size(self.expert_budget_bytes)})"),
                 ("compute", f"{format_size(c.memory_bandwidth)}/s weight reads, {_format_flops(c.flops)}, "
                             f"{_format_duration(c.overhead)} per expert call")]
+        rows += [(f"kernel {fmt}", k.describe()) for fmt, k in c.kernels.items()]
         for s in self.storage.values():
             rows.append((f"storage {s.name}",
                          f"{format_size(s.read_bandwidth)}/s, {_format_duration(s.latency)} latency, queue depth "
@@ -248,6 +253,7 @@ def load_device(name_or_path: str) -> DeviceProfile:
 _TOP = {"name", "description", "memory", "expert_budget", "default_storage", "storage", "compute", "decompress"}
 _STORAGE = {"read_bandwidth", "latency", "queue_depth"}
 _COMPUTE = {"memory_bandwidth", "flops", "overhead"}
+KERNEL_FORMATS = ("bf16", "mwq", "copies", "zip")
 _MEASURED = {"model", "tokens", "experts", "dense", "step", "decision_overhead", "load_overhead"}
 _PHASES = {"prefill", "decode"}
 _DECOMPRESS = {"workers", "throughput"}
@@ -362,6 +368,30 @@ class _Reader:
                                       positive=False),
             contention=self.contention(m.get("contention", {}), f"{key}.contention"))
 
+    def kernels(self, value, key: str) -> dict[str, Kernel]:
+        """compute.kernels: format name -> its expert-call kernel (devices/kernels.py)."""
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of format ({', '.join(KERNEL_FORMATS)}) -> kernel, got {value!r}")
+        out = {}
+        for fmt, v in value.items():
+            where = f"{key}.{fmt}"
+            if fmt not in KERNEL_FORMATS:
+                raise self.fail(where, f"unknown format; allowed: {', '.join(KERNEL_FORMATS)}")
+            v = self.mapping(v if v is not None else {}, where, set(), frozenset(KERNEL_FIELDS))
+            m = v.get("tokens_per_call")
+            if m is not None:
+                m = self.count(m, f"{where}.tokens_per_call")
+            dequant = v.get("dequant", "per-call")
+            if dequant not in DEQUANT_MODES:
+                raise self.fail(f"{where}.dequant", f"must be one of {', '.join(DEQUANT_MODES)}, got {dequant!r}")
+            rates = {k: self.quantity(v[k], f"{where}.{k}", parse_bandwidth, "20GB/s")
+                     for k in ("weight_bandwidth", "dequant_bandwidth") if k in v}
+            overhead = (self.quantity(v["overhead"], f"{where}.overhead", parse_duration, "20us", positive=False)
+                        if "overhead" in v else None)
+            gemm = self.count(v["gemm_from"], f"{where}.gemm_from") if "gemm_from" in v else None
+            out[str(fmt)] = Kernel(tokens_per_call=m, dequant=dequant, overhead=overhead, gemm_from=gemm, **rates)
+        return out
+
     def contention(self, value, key: str) -> dict[str, Contention]:
         if not isinstance(value, dict):
             raise self.fail(key, f"expected a mapping of format key -> {{read, decompress, call, dense}}, got {value!r}")
@@ -402,13 +432,14 @@ class _Reader:
             raise self.fail("default_storage", f"{default!r} is not one of the storage options here: "
                                                f"{', '.join(storage)}")
 
-        c = self.mapping(d["compute"], "compute", _COMPUTE, frozenset({"measured"}))
+        c = self.mapping(d["compute"], "compute", _COMPUTE, frozenset({"measured", "kernels"}))
         compute = ComputeProfile(
             memory_bandwidth=self.quantity(c["memory_bandwidth"], "compute.memory_bandwidth", parse_bandwidth,
                                            "150GB/s"),
             flops=self.quantity(c["flops"], "compute.flops", self.flops, "33.4TFLOPS"),
             overhead=self.quantity(c["overhead"], "compute.overhead", parse_duration, "30us", positive=False),
             measured=self.measured(c["measured"], "compute.measured") if "measured" in c else None,
+            kernels=self.kernels(c.get("kernels", {}), "compute.kernels"),
         )
 
         z = self.mapping(d["decompress"], "decompress", _DECOMPRESS)

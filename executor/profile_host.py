@@ -486,7 +486,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
          "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
          **dense, "torch_threads": p.threads, "throttle": throttle}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
-    m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs}
+    m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
+                        "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}
     return m
 
 

@@ -47,36 +47,42 @@ def predict_burst(m: dict) -> None:
     burst["predicted"] = max(ch.reserve(0.0, burst["bytes"])[1] for _ in range(burst["reads"]))
 
 
+def calibration_spec(cal: dict, fmt, cfg: dict, storage_name: str):
+    """The run spec of one of the profiler's forced runs: its model and store, LRU with its prefetcher
+    at its share of every expert's bytes, on the generator's routing the profiler ran (Zipf 1.0, 0.6
+    locality; `output` decode steps after the prompt)."""
+    from experiments.run import every_expert_bytes
+    from experiments.spec import RunSpec
+    budget = int(every_expert_bytes(cal["arch"], fmt) * cfg["budget_share"])
+    return RunSpec.from_doc({"device": "host (calibration)", "storage": storage_name, "model": cal["model_dir"],
+                             "format": fmt.name, "store": cal["stores"][fmt.name],
+                             "policy": {"cache": "lru", "prefetch": cfg["prefetch"]}, "budget": budget,
+                             "batch": cfg["requests"], "requests": cfg["requests"], "prompt_tokens": cfg["prompt"],
+                             "tokens": cfg["output"] + (1 if cfg["prompt"] > 0 else 0), "skew": 1.0,
+                             "locality": 0.6, "seed": cfg["seed"]}, "calibration run")
+
+
 def calibrate(m: dict) -> None:
-    """Set contention.read and .stall of each format in `m` (measure's dict) by simulation."""
+    """Set contention.read and .stall of each format in `m` (measure's dict) by simulation: each
+    of the profiler's forced runs simulated again (experiments.run.simulate) on the profile with a
+    trial (read, stall), the pair that best matches the measured times kept."""
     from executor.profile_host import _run_times, write_profile
-    from policies import build_policies
-    from policies.cost import CostModel
-    from sim.engine import Simulator
-    from workloads.synthetic import synthetic_trace
-    from workloads.workload import Workload
+    from experiments.run import simulate
     cal = m["calibration"]
-    arch, storage = cal["arch"], cal["storage"]
     with tempfile.TemporaryDirectory() as tmp:
         device = write_profile(Path(tmp) / "host.yaml", m, "moelab profile (calibration)")
+    storage = cal["storage"] or device.storage_option(None)        # a throttled run: that storage
     measured = device.compute.measured
     for key, runs in cal["runs"].items():
-        workloads = []
-        for fmt, cfg, _ in runs:
-            trace = synthetic_trace(arch, requests=cfg["requests"], prompt_len=cfg["prompt"],
-                                    output_len=cfg["output"], seed=cfg["seed"])
-            budget = int(arch.layers * arch.experts * fmt.level_bytes(fmt.levels - 1) * cfg["budget_share"])
-            workloads.append((Workload(arch, trace, fmt, batch=cfg["requests"]), budget, cfg["prefetch"]))
+        specs = [calibration_spec(cal, fmt, cfg, storage.name) for fmt, cfg, _ in runs]
         targets = [t for _, _, t in runs]
 
         def error(read: float, stall: float) -> float:
             cont = dict(measured.contention, **{key: replace(measured.contention[key], read=read, stall=stall)})
             dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont)))
             total = 0.0
-            for (w, budget, prefetch), target in zip(workloads, targets):
-                pol = build_policies(w, budget, cache="lru", prefetch=prefetch,
-                                     cost=CostModel.build(dev, arch, w.fmt, storage))
-                got = _run_times(Simulator(dev, w, pol, storage).run())
+            for spec, target in zip(specs, targets):
+                got = _run_times(simulate(spec, device=dev, storage=storage).timeline)
                 total += float(np.sum(WEIGHTS * (got / target - 1) ** 2))
             return total
         dec = measured.contention[key].decompress          # read + decompress < 1: the main thread runs

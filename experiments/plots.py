@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from devices.units import ConfigError
+from devices.units import ConfigError, format_size
 
 KINDS = ("throughput", "mrc", "tpot", "speedup", "gantt")
 
@@ -109,16 +109,23 @@ def _by_policy(rows):
     return out
 
 
+def budget_unit(rows) -> tuple[str, float]:
+    """The size unit that fits the budgets on the axis (a few MB read as MB, not 0.0010 GB)."""
+    top = max((float(r["budget_bytes"]) for r in rows if r["budget_bytes"] not in ("all", "")), default=1e9)
+    return next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if top >= s), ("B", 1.0))
+
+
 def _lines(ax, rows, y):
+    unit, scale = budget_unit(rows)
     for policy, prs in sorted(_by_policy(rows).items()):
         pts = {}
         for r in prs:            # several rows at one budget (other axes): their mean
             v = y(r)
-            if v is not None:
-                pts.setdefault(float(r["budget_bytes"]) / 1e9, []).append(v)
+            if v is not None and r["budget_bytes"] != "all":
+                pts.setdefault(float(r["budget_bytes"]) / scale, []).append(v)
         xs = sorted(pts)
         ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", ms=3, label=policy)
-    ax.set_xlabel("expert memory budget (GB)")
+    ax.set_xlabel(f"expert memory budget ({unit})")
     ax.grid(alpha=0.3)
 
 
@@ -181,25 +188,25 @@ def _speedup(rows, baseline):
 
 def _gantt(rows, row_hash):
     import matplotlib.pyplot as plt
-    from experiments.sweep import CONFIG_FIELDS, run_config
+    from experiments.spec import row_spec
+    from experiments.sweep import run_config
     from timeline.gantt import layer_gantt
-    row = next((r for r in rows if r["config_hash"] == row_hash), None) if row_hash else rows[0]
-    if row is None:
-        raise ConfigError(f"--row {row_hash}: no row with that config_hash")
-    cfg = {k: row[k] for k in CONFIG_FIELDS}
-    for k in ("batch", "tokens", "prompt", "seed"):
-        cfg[k] = int(cfg[k])
-    cfg["requests"] = int(cfg["requests"]) if cfg["requests"] not in ("", "None") else None
-    for k in ("skew", "locality"):
-        cfg[k] = float(cfg[k])
-    _, tl = run_config(cfg, keep_timeline=True)
+    if row_hash:
+        row = next((r for r in rows if r["config_hash"] == row_hash), None)
+        if row is None:
+            raise ConfigError(f"--row {row_hash}: no row with that config_hash")
+    else:                                 # the first run that ran: a row below the minimum has no timeline
+        row = next((r for r in rows if r.get("status") == "ok"), None)
+        if row is None:
+            raise ConfigError("no row ran (every status is below minimum or failed): nothing to draw")
+    _, tl = run_config(row_spec(row, f"row {row['config_hash']}"), keep_timeline=True)
     if tl is None:
         raise ConfigError(f"row {row['config_hash']} did not run ({row.get('status')})")
     fig, ax = plt.subplots(figsize=(10, 2.6))
     steps = tl.meta["steps"]
     step = next((s["step"] for s in steps if not s["prefill"]), steps[0]["step"])
     layer_gantt(ax, tl, step, layer=min(1, tl.meta.get("layers", 2) - 1))
-    ax.set_title(f"{row['policy']} on {row['device']}, {row['model']}, budget {float(row['budget_bytes']) / 1e9:g} GB, "
+    ax.set_title(f"{row['policy']} on {row['device']}, {row['model']}, budget {format_size(float(row['budget_bytes']))}, "
                  f"batch {row['batch']}: " + ax.get_title(), fontsize=9)
     fig.tight_layout()
     return fig

@@ -60,11 +60,10 @@ def _held() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def execute(fn: Callable[[dict], dict], todo: list[dict], jobs: int | None = None,
-            cluster: str | None = None) -> Iterator[dict]:
-    """fn(config) for every config of `todo`, as each finishes: on a Dask cluster, in local
-    processes, or here (one job). Close the iterator (or let an exception through) to stop
-    every run still going."""
+def execute(fn: Callable, todo: list, jobs: int | None = None, cluster: str | None = None) -> Iterator:
+    """fn(config) for every config of `todo` (picklable), as each finishes: on a Dask cluster,
+    in local processes, or here (one job). Close the iterator (or let an exception through)
+    to stop every run still going."""
     if not todo:
         return
     if cluster:
@@ -78,7 +77,7 @@ def execute(fn: Callable[[dict], dict], todo: list[dict], jobs: int | None = Non
 
 
 # -- local processes ------------------------------------------------------------------------------
-def _in_processes(fn, todo: list[dict], jobs: int) -> Iterator[dict]:
+def _in_processes(fn, todo: list, jobs: int) -> Iterator:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     pool = ProcessPoolExecutor(jobs, initializer=_worker_start, initargs=(os.getpid(),))
     try:
@@ -123,7 +122,7 @@ def _stop(pool) -> None:
 
 
 # -- Dask ---------------------------------------------------------------------------------------------
-def _on_dask(fn, todo: list[dict], cluster: str) -> Iterator[dict]:
+def _on_dask(fn, todo: list, cluster: str) -> Iterator:
     try:
         from dask.distributed import Client, as_completed
     except ImportError:

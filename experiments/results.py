@@ -135,9 +135,9 @@ def open_results(path, fields: Sequence[str]):
 
 @contextlib.contextmanager
 def results_lock(path) -> Iterator[None]:
-    """An exclusive flock on `.NAME.lock` beside the results file (as the store's build lock,
-    executor/store.py), held while a sweep writes it. A second writer is refused at once: one
-    waiting would then run nothing new, and a refusal names the holder to wait for."""
+    """An exclusive flock on `.NAME.lock` beside the results file (as the store's build lock in
+    executor/store_build.py), held while a sweep writes it. A second writer is refused at once:
+    one that waited would then find nothing new to run, and a refusal names whom to wait for."""
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
     try:

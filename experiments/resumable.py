@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,15 +13,19 @@ from tqdm import tqdm
 def append_runs(path: Path, fields: Sequence[str], todo: list, simulate_row: Callable, *, jobs: int | None,
                 quiet: bool, desc: str) -> None:
     """Run simulate_row(run) for every run of `todo` in `jobs` processes (default: the cores),
-    appending each returned row to the CSV at `path` (with its header if the file is new)."""
+    appending each returned row to the CSV at `path` (with its header if the file is new). The
+    processes are the sweep's (experiments/pool.py): Ctrl-C or SIGTERM stops every run at once."""
+    from contextlib import closing
+
+    from experiments.pool import execute, stop_on_signals
     new_file = not path.exists()
-    with open(path, "a", newline="") as f:
+    with stop_on_signals(), open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fields)
         if new_file:
             writer.writeheader()
-        with ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool, \
+        with closing(execute(simulate_row, todo, jobs)) as rows, \
                 tqdm(total=len(todo), disable=quiet or not todo, desc=desc, unit="run") as bar:
-            for row in pool.map(simulate_row, todo):
+            for row in rows:
                 writer.writerow(row)
                 f.flush()
                 os.fsync(f.fileno())

@@ -7,6 +7,7 @@ once, handed to the policies and the engine), and the check that a timeline fits
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,32 @@ class SimRun:
 
 # -- resolution -------------------------------------------------------------------------------------
 def read_trace(spec: RunSpec):
-    """The spec's trace file, read with its importer options (named as this spec gives them)."""
+    """The spec's trace file, read with its importer options; an error that names an importer
+    option says how to give one."""
     from workloads.importers import import_trace
-    trace = import_trace(spec.trace, **dict(spec.trace_options))
-    trace.metadata.setdefault("path", str(spec.trace))
+    try:
+        trace = import_trace(spec.trace, **dict(spec.trace_options))
+    except ConfigError as e:
+        if Path(spec.trace).suffix.lower() == ".npz" or "--option" in str(e) or \
+                not any(re.search(rf"\b{n}\b", str(e)) for opts in importer_options().values() for n in opts):
+            raise
+        raise ConfigError(f"{e} (give importer options as --option KEY=VALUE, or trace_options in a spec or "
+                          f"grid; `moelab trace import --help` lists them)") from None
+    if trace.metadata.get("path") not in (None, str(spec.trace)):     # errors name the file given
+        trace.metadata["imported_from"] = trace.metadata["path"]
+    trace.metadata["path"] = str(spec.trace)
     return trace
+
+
+def importer_options() -> dict[str, list[str]]:
+    """The options each trace importer takes (`--option KEY=VALUE`, a spec's trace_options), read
+    from its signature."""
+    import inspect
+
+    from workloads import importers
+    return {name: [p.name for p in inspect.signature(getattr(importers, f"import_{name}")).parameters.values()
+                   if p.kind == p.KEYWORD_ONLY or (p.default is not p.empty and p.kind != p.VAR_KEYWORD)]
+            for name in ("jsonl", "csv", "numpy")}
 
 
 def model_of(spec: RunSpec, trace=None):
@@ -111,12 +133,12 @@ def every_expert_bytes(model, fmt) -> int:
     return model.layers * model.experts * fmt.level_bytes(fmt.levels - 1)
 
 
-def resolve(spec: RunSpec, device=None) -> RunSpec:
+def resolve(spec: RunSpec, device=None, storage=None) -> RunSpec:
     """The spec with the simulator's defaults made explicit (equal runs hash equal)."""
     from devices.profile import load_device
     device = device or load_device(spec.device or DEFAULT_DEVICE)
     name = device.name if not device.path or Path(device.path).stem == device.name else str(device.path)
-    out = spec.with_(device=name, storage=device.storage_option(spec.storage).name)
+    out = spec.with_(device=name, storage=(storage or device.storage_option(spec.storage)).name)
     if spec.synthetic:
         out = out.with_(model=spec.model or DEFAULT_MODEL, tokens=spec.tokens or DEFAULT_TOKENS,
                         prompt_tokens=DEFAULT_PROMPT_TOKENS if spec.prompt_tokens is None else spec.prompt_tokens)
@@ -128,38 +150,47 @@ def resolve(spec: RunSpec, device=None) -> RunSpec:
 def check_spec(spec: RunSpec) -> RunSpec:
     """The checks a run makes before it runs, without running it (`sweep --check`, a grid's load):
     the device and storage, the model, the format for it, the cost model (a codec the device has no
-    decompression figure for), the budget. Returns the spec resolved."""
+    decompression figure for), the budget. Returns the spec resolved; errors name the key."""
     from devices.profile import load_device
     from policies.cost import CostModel
-    device = load_device(spec.device or DEFAULT_DEVICE)
-    spec = resolve(spec, device)
-    model = trace_model(spec.trace) if spec.model is None else model_of(spec)
-    fmt = spec.format.make(model.expert_shapes)
-    CostModel.build(device, model, fmt, device.storage_option(spec.storage))
+    device = _named("device", lambda: load_device(spec.device or DEFAULT_DEVICE))
+    spec = _named("storage", lambda: resolve(spec, device))
+    model = _named("model", lambda: trace_model(spec.trace) if spec.model is None else model_of(spec))
+    fmt = _named("format", lambda: spec.format.make(model.expert_shapes))
+    _named("format", lambda: CostModel.build(device, model, fmt, device.storage_option(spec.storage)))
     if spec.budget not in ("all",) and int(spec.budget) > device.memory_bytes:
         raise ConfigError(f"budget: {format_size(int(spec.budget))} is more than {device.name}'s memory "
                           f"({format_size(device.memory_bytes)})")
     return spec
 
 
-def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None) -> Prepared:
+def _named(key: str, fn):
+    try:
+        return fn()
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None, storage=None) -> Prepared:
     """Build a run: device, model, routing, format (from the store where there is one), budget,
     the cost model once, and the policies planning with it. `device`: a profile object to use
-    instead of loading spec.device (a what-if variant of it, e.g. slower compute)."""
+    instead of loading spec.device (a what-if variant of it, e.g. slower compute); `storage`: a
+    storage profile object instead of the device's own option (a measured host reading at a
+    throttled device's storage speed: validate, calibrate)."""
     from devices.profile import load_device
     from policies import build_policies
     from policies.cost import CostModel
     from workloads.workload import Workload
     device = device or load_device(spec.device or DEFAULT_DEVICE)
-    spec = resolve(spec, device)
-    storage = device.storage_option(spec.storage)
+    spec = resolve(spec, device, storage)
+    storage = storage or device.storage_option(spec.storage)
     trace = None if spec.synthetic else read_trace(spec)
     model = model_of(spec, trace)
     fmt = store_format(spec, model, spec.format.make(model.expert_shapes), quiet)
     if trace is None:
         if timeline:
             check_run_fits(model, fmt, spec.batch * (spec.prompt_tokens + spec.tokens), spec.tokens,
-                           "tokens or batch")
+                           "tokens or batch (--tokens, --batch)")
         trace = synthetic_for(spec, model)
     elif timeline:
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
@@ -174,11 +205,11 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None) -> SimRun:
-    """One simulator run of `spec`: its metrics (and timeline, unless timeline=False). `device`:
-    as in `prepare`."""
+def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None, storage=None) -> SimRun:
+    """One simulator run of `spec`: its metrics (and timeline, unless timeline=False). `device`,
+    `storage`: as in `prepare`."""
     from sim.engine import Simulator
-    p = prepare(spec, timeline, quiet, device)
+    p = prepare(spec, timeline, quiet, device, storage)
     tl = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost).run(quiet=quiet)
     return SimRun(p, run_metrics(p, tl), tl if timeline else None)
 

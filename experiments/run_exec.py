@@ -29,8 +29,8 @@ class HostOptions:
     torch_device: str = "cpu"
     torch_threads: int | None = None
     bit_router: str | None = None
-    cost_device: object = None            # a profile object planning policies read instead (validate's
-                                          #   measured host with a throttled storage), at spec.storage
+    cost_device: tuple | None = None      # (device, storage) profile objects planning policies read
+                                          #   instead (validate: the measured host, a throttled storage)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def cost_model(spec: RunSpec, host: HostOptions, arch, fmt):
     from devices.profile import load_device
     from policies.cost import CostModel
     if host.cost_device is not None:
-        return CostModel.build(host.cost_device, arch, fmt, host.cost_device.storage_option(spec.storage))
+        return CostModel.build(host.cost_device[0], arch, fmt, host.cost_device[1])
     source = host.cost_profile or host.throttle or spec.device
     if source is None:
         return None

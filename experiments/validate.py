@@ -165,21 +165,13 @@ class Validator:
         row, spec = self.setups[key]
         return dict(row), spec
 
-    def sim_device(self):
-        """The measured profile, holding the throttled device's storage as one of its own options
-        (the simulator then reads at that storage's speed on this host's compute)."""
-        import dataclasses
-        if self.storage.name in self.profile.storage and self.profile.storage[self.storage.name] == self.storage:
-            return self.profile
-        return dataclasses.replace(self.profile, storage={**self.profile.storage, self.storage.name: self.storage})
-
     def simulate(self, cfg: dict, trace) -> dict:
         """The simulator's prediction: {"metrics", "busy", "decisions"}, or {"status"} when the
         configuration cannot run (e.g. a budget below one decision point's demand)."""
         from experiments.run import simulate
         _, spec = self.setup(cfg, trace)
         try:
-            run = simulate(spec, device=self.sim_device())
+            run = simulate(spec, device=self.profile, storage=self.storage)
         except ConfigError as e:
             return {"status": f"skipped: {e}"}
         return {"metrics": run.metrics, "busy": busy(run.timeline), "decisions": run.timeline.decisions()}
@@ -188,7 +180,7 @@ class Validator:
         """One executor run: {"metrics", "busy", "same"} (same: it made the simulator's decisions)."""
         from experiments.run_exec import HostOptions, execute
         _, spec = self.setup(cfg, trace)
-        host = HostOptions(throttle=self.throttle, cost_device=self.sim_device(),
+        host = HostOptions(throttle=self.throttle, cost_device=(self.profile, self.storage),
                            decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency)
         run = execute(spec.with_(model=str(self.model_dir)), host, quiet=True)
         m = run.metrics

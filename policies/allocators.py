@@ -137,6 +137,59 @@ class Capacity(Allocator):
         return Demand(layer, tuple([tuple(zip(row, lv)) for row, lv in zip(rows, lvls)]))
 
 
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                 0xFF51AFD7ED558CCD], dtype=np.uint64)
+
+
+def _uniform(seed: int, step: int, rows: np.ndarray, layer: int, experts: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per (row, expert): splitmix64 of (seed, step, row, layer, expert)."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed) * _MIX[0] ^ np.uint64(step) * _MIX[1] ^ np.uint64(layer) * _MIX[3]
+             ^ rows.astype(np.uint64)[:, None] * _MIX[2] ^ experts.astype(np.uint64) * _MIX[4])
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+class Shares(Allocator):
+    """Each (token, expert) at a level drawn from given per-level shares: the level a learned
+    bit-width router gives, for routing that has no router (the synthetic traces of models moelab
+    cannot run). The draw is a seeded hash (splitmix64) of (seed, step, token row, layer, expert),
+    the step counted by the allocator itself (a new one whenever the layer does not increase): an
+    online policy that reads neither the future nor the cache, identical in both engines. Unlike
+    `capacity`, an expert's tokens are not ranked: a share is a probability, not a per-expert quota
+    (reproduce d2moe passes the learned router's measured shares, experiments/d2moe_levels.py)."""
+    name = "shares"
+    options = (Option("shares", "floats", None, "each level's probability, lowest level first, summing to 1 "
+                                                "(default: equal)"),
+               Option("seed", "int", 0, "the hash's seed"))
+
+    def __init__(self, ctx: PolicyContext, shares=None, seed: int = 0):
+        super().__init__(ctx)
+        K = ctx.fmt.levels
+        self.shares = _floats(shares, "shares shares") if shares is not None else [1.0 / K] * K
+        if len(self.shares) != K or abs(sum(self.shares) - 1) > 1e-6 or min(self.shares) < 0:
+            raise ConfigError(f"shares: shares must be {K} non-negative numbers summing to 1 (lowest level "
+                              f"first), got {self.shares}")
+        self.bounds = np.cumsum(self.shares)[:-1]
+        self.seed, self.step, self.last_layer = int(seed), -1, None
+
+    def levels_used(self):
+        return tuple(k for k, share in enumerate(self.shares) if share > 0)
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        if self.last_layer is None or layer <= self.last_layer:
+            self.step += 1
+        self.last_layer = layer
+        experts = np.asarray(routing.experts)
+        u = _uniform(self.seed, self.step, np.arange(len(experts)), layer, experts)
+        levels = np.searchsorted(self.bounds, u, side="right")
+        rows, lvls = experts.tolist(), levels.tolist()
+        return Demand(layer, tuple([tuple(zip(row, lv)) for row, lv in zip(rows, lvls)]))
+
+
 class ResidentFirst(Allocator):
     """What HOBBIT does and D²MoE does not: ask `base`'s level, but when it is not resident and
     a lower level of the same expert is, at most `max_drop` levels below, use the highest
@@ -254,5 +307,5 @@ class Learned(TraceLevels):
     name = "learned"
 
 
-ALLOCATOR_CLASSES = {a.name: a for a in (FixedLevel, GateScore, Capacity, ResidentFirst, StaticImportance,
-                                         TraceLevels, Learned)}
+ALLOCATOR_CLASSES = {a.name: a for a in (FixedLevel, GateScore, Capacity, Shares, ResidentFirst,
+                                         StaticImportance, TraceLevels, Learned)}

@@ -57,19 +57,24 @@ class Routing(NamedTuple):
 @dataclass(slots=True)
 class Demand:
     """What each token of the step needs at this layer: a tuple of (expert, level) per token.
-    Treat it as immutable; `_keys` memoises needed_keys (engines and schedulers both ask), and
-    an allocator that knows max_level() cheaply may pass it as `_max`."""
+    Treat it as immutable (a decision point routed like an earlier one may get the same Demand
+    back, policies/bundle.py); `_keys` memoises needed_keys (engines and schedulers both ask),
+    `_counts` counts(), and an allocator that knows max_level() cheaply may pass it as `_max`."""
     layer: int
     per_token: tuple[tuple[tuple[int, int], ...], ...]
     _keys: tuple | None = field(default=None, repr=False, compare=False)
     _max: dict | None = field(default=None, repr=False, compare=False)
+    _counts: dict | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[tuple[int, int], int]:
-        """Tokens needing each (expert, level), in order of first appearance."""
-        out: dict[tuple[int, int], int] = {}
-        for token in self.per_token:
-            for pair in token:
-                out[pair] = out.get(pair, 0) + 1
+        """Tokens needing each (expert, level), in order of first appearance (do not change it)."""
+        out = self._counts
+        if out is None:
+            out = {}
+            for token in self.per_token:
+                for pair in token:
+                    out[pair] = out.get(pair, 0) + 1
+            self._counts = out
         return out
 
     def rows(self) -> dict[tuple[int, int], list[int]]:

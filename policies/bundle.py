@@ -18,13 +18,15 @@ spells the sequence out itself. This module imports neither SimPy nor torch.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from devices.units import format_size
+from policies.allocators import FixedLevel, Learned, StaticImportance, TraceLevels
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
-                           Scheduler, largest_layer_demand, needed_keys)
+                           Scheduler, layer_demand_bytes, largest_layer_demand, needed_keys)
 from policies.cache import CachePolicy
 from policies.cost import CostModel
 from policies.prefetch import Prefetcher
@@ -64,20 +66,59 @@ class Decision:
         return self.demand.rows()
 
 
+# Allocators whose demand is a function of the layer and of these routing arrays alone (no state,
+# no cache, no scores): a decision point routed as one seen before gets the same Demand back, and
+# with it its needed keys and counts (memoised on it), instead of all of them built again.
+# Exact types: a subclass may change what its demand depends on.
+PURE_ALLOCATORS = {FixedLevel: ("experts",), StaticImportance: ("experts",), TraceLevels: ("experts", "levels"),
+                   Learned: ("experts", "levels")}
+MEMO_LIMIT = 1 << 14        # Demands kept at most (decode steps repeat a few thousand routings)
+
+
+class DemandMemo:
+    """`allocate` of a pure allocator (PURE_ALLOCATORS), each distinct routing of a layer once."""
+
+    def __init__(self, allocator: Allocator, table: dict | None = None):
+        self.allocator = allocator
+        self.fields = PURE_ALLOCATORS[type(allocator)]
+        self.table = {} if table is None else table
+
+    @classmethod
+    def of(cls, allocator: Allocator, table: dict | None = None):
+        """A memo of `allocator`'s demands, or the allocator itself where they cannot be reused."""
+        return cls(allocator, table) if type(allocator) in PURE_ALLOCATORS else allocator
+
+    def allocate(self, layer: int, routing: Routing) -> Demand:
+        arrays = [getattr(routing, f) for f in self.fields]
+        if any(a is None for a in arrays):
+            return self.allocator.allocate(layer, routing)      # (it says what is missing)
+        key = (layer, *[(a.shape, a.dtype.char, a.tobytes()) for a in arrays])
+        demand = self.table.get(key)
+        if demand is None:
+            demand = self.allocator.allocate(layer, routing)
+            if len(self.table) >= MEMO_LIMIT:
+                self.table.clear()
+            self.table[key] = demand
+        return demand
+
+
 @dataclass
 class Policies:
-    """A policy bundle: the run's allocator, scheduler, cache and (optional) prefetcher."""
+    """A policy bundle: the run's allocator, scheduler, cache and (optional) prefetcher. `demands`:
+    a table of demands to reuse (DemandMemo; build_policies shares its probe's)."""
     allocator: Allocator
     scheduler: Scheduler
     cache: CachePolicy
     prefetcher: Prefetcher | None = None
+    demands: dict | None = None
 
     def __post_init__(self):
         self.allocator.cache = self.cache         # an allocator may read residency and the budget
         self.fmt = self.cache.ctx.fmt
+        self.allocate = DemandMemo.of(self.allocator, self.demands).allocate
 
     def decide(self, layer: int, routing: Routing) -> Decision:
-        demand = self.allocator.allocate(layer, routing)
+        demand = self.allocate(layer, routing)
         cache, sched = self.cache, self.scheduler
         plan = sched.order(layer, demand, cache.resident(layer))
         keys = needed_keys(demand, self.fmt)
@@ -133,6 +174,35 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
             for _, layer, routing in workload_routings(workload)]
 
 
+def largest_demand(workload: Workload, allocator: Allocator) -> int:
+    """largest_layer_demand of the access sequence, without keeping the sequence."""
+    fmt = workload.fmt
+    return max((layer_demand_bytes(needed_keys(allocator.allocate(layer, routing), fmt), fmt)
+                for _, layer, routing in workload_routings(workload)), default=0)
+
+
+class LazyFuture(Sequence):
+    """The access sequence, computed when a policy first reads it: online policies never do, so a
+    run of one builds none (offline ones, belady and the oracle prefetcher, read it at once)."""
+
+    def __init__(self, compute: Callable[[], list]):
+        self._compute, self._items = compute, None
+
+    def _get(self) -> list:
+        if self._items is None:
+            self._items = self._compute()
+        return self._items
+
+    def __len__(self):
+        return len(self._get())
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __iter__(self):
+        return iter(self._get())
+
+
 # -- builders --------------------------------------------------------------------------------
 def build_policies(workload: Workload, budget: int, cache: str = "lru", scheduler: str = "fifo",
                    allocator: str = "fixed", prefetch: str = "none", cost: CostModel | None = None,
@@ -149,13 +219,21 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
     counts = popularity(workload.trace, model.experts)
     base = PolicyContext(fmt, model.layers, model.experts, budget, popularity=counts, cost=cost)
     probe = make_allocator(allocator, base, **allocator_options)
+    # a pure allocator's demands are reused: by the probe's walks and then by the run itself
+    memo = DemandMemo.of(probe)
+    demands = memo.table if memo is not probe else None
     if probe.reads_cache:              # its demand depends on the cache: no sequence in advance
         future = None
         _check_online_minimum(probe, model, fmt, budget)
     else:
-        if future is None:             # (a caller that builds many bundles computes it once)
+        if future is not None:         # (a caller that builds many bundles computes it once)
+            minimum = largest_layer_demand(future, fmt)
+        elif demands is not None:      # stateless: walk for the minimum now, for the sequence if asked
+            future = LazyFuture(partial(access_sequence, workload, memo))
+            minimum = largest_demand(workload, memo)
+        else:                          # one walk only: an allocator may count its calls
             future = access_sequence(workload, probe)
-        minimum = largest_layer_demand(future, fmt)
+            minimum = largest_layer_demand(future, fmt)
         if budget < minimum:
             raise BudgetError(f"budget {format_size(budget)} is below the minimum this workload can run with: "
                               f"{format_size(minimum)} ({minimum} B = the largest single-layer demand at the "
@@ -165,7 +243,7 @@ def build_policies(workload: Workload, budget: int, cache: str = "lru", schedule
         return Policies(make_allocator(allocator, ctx, **allocator_options),
                         make_scheduler(scheduler, ctx, **(scheduler_options or {})),
                         make_cache(cache, ctx, **(cache_options or {})),
-                        make_prefetcher(prefetch, ctx, **(prefetch_options or {})))
+                        make_prefetcher(prefetch, ctx, **(prefetch_options or {})), demands=demands)
     except NeedsFuture as e:
         raise BudgetError(f"{e.args[0]}, which the {allocator!r} allocator makes unknowable in advance (its "
                           f"choices read the cache): use an online policy with it") from None

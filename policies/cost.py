@@ -10,16 +10,20 @@ with the very same functions, so a policy plans with exactly the costs it is the
 charged. The executor builds it from the profile it is throttled to (or a measured
 profile of the host).
 
-A profile measured on a host (`moelab profile`: compute.measured) replaces the roofline
-where it applies: for the model it was measured with, the expert call per format and level
-and the dense part are read from its tables, and the executor's own costs appear as
+An expert call's time follows the kernel the profile names for the format (compute.kernels,
+devices/kernels.py: tokens per call, dequantization per call / once / fused, its rates); a format
+it does not name gets the roofline kernel: every token in one call, the dequantization pass per
+call. A profile measured on a host (`moelab profile`: compute.measured) has priority over both
+where it applies: for the model it was measured with, the expert call per format and level and
+the dense part are read from its tables, and the executor's own costs appear as
 decision_seconds (per decision point, plus per load issued) and step_seconds (per step,
-outside the layers). Without such tables those are 0 and everything is the roofline.
+outside the layers). Without such tables those are 0.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from devices import kernels
 from devices.profile import Contention, DeviceProfile, MeasuredTables, StorageProfile, measured_key
 from devices.units import ConfigError
 from workloads.catalog import ModelArch
@@ -77,10 +81,16 @@ class CostModel:
         return (m is not None and measured_key(self.fmt) in m.experts
                 and len(m.experts[measured_key(self.fmt)]) == self.fmt.levels)
 
+    @property
+    def kernel(self) -> kernels.Kernel | None:
+        """The kernel expert calls run (the profile's for this format, else the roofline); None when
+        a measured table times them instead."""
+        return None if self._expert_table() else self.device.compute.kernels.get(self.fmt.name, kernels.ROOFLINE)
+
     def expert_seconds(self, level: int, tokens: int) -> float:
         """One expert at `level` for `tokens` tokens: the measured table (it includes decoding,
-        dequantizing or re-assembling the weights), or the roofline of the device's compute
-        plus re-assembling its weights first where the format keeps them split (assemble_seconds)."""
+        dequantizing or re-assembling the weights), else the format's kernel on the device's compute
+        (devices/kernels.py), whose dequantization pass moves dequant_bytes(level)."""
         key = (level, tokens)
         t = self._expert.get(key)
         if t is None:
@@ -88,9 +98,15 @@ class CostModel:
             if self._expert_table():
                 t = self.measured.expert(measured_key(fmt), level, tokens)
             else:
-                t = self.device.expert_time(fmt.level_sizes[level], fmt.params, tokens) + self.assemble_seconds(level)
+                t = kernels.expert_seconds(self.kernel, self.device.compute, fmt.level_sizes[level], fmt.params,
+                                           self.dequant_bytes(level), tokens)
             self._expert[key] = t
         return t
+
+    def expert_calls(self, tokens: int) -> int:
+        """How many kernel calls serve one expert's `tokens` tokens (1 under a measured table)."""
+        k = self.kernel
+        return 1 if k is None else k.calls(tokens)
 
     def decision_seconds(self, loads: int) -> float:
         """The decision point's own cost: per layer, plus per load item it issues (measured; 0 without tables)."""
@@ -114,8 +130,8 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.step(tokens, prefill)
 
-    def assemble_seconds(self, level: int) -> float:
-        """What the executor does to a resident expert before its matmul, through memory:
+    def dequant_bytes(self, level: int) -> int:
+        """What the executor does to a resident expert before its matmul, in bytes moved through memory:
         - zip: it keeps an expert as SM bytes + raw exponent bytes and re-assembles the BF16
           weights at every compute (read both, write the BF16: twice the level's resident bytes;
           measured ~17 GB/s moved on a 2-core x86 host);
@@ -123,13 +139,21 @@ class CostModel:
           roofline already reads the packed bytes; add writing the BF16 weights and the matmul
           reading them back: 2 x 2 bytes per weight). D²MoE reports this overhead as 5-19% of
           latency (its Fig. 12) with kernels that overlap it; moelab's executor does not.
-        0 for bf16."""
-        fmt, bw = self.fmt, self.device.compute.memory_bandwidth
+        0 for bf16. The kernel says when the pass runs (per call, once, or fused away) and how fast."""
+        fmt = self.fmt
         if any(fmt.decompress_bytes):
-            return 2 * fmt.level_sizes[level] / bw
+            return 2 * fmt.level_sizes[level]
         if fmt.dequantizes:
-            return 2 * 2 * fmt.params / bw
-        return 0.0
+            return 2 * 2 * fmt.params
+        return 0
+
+    def assemble_seconds(self, level: int) -> float:
+        """The dequantization / re-assembly pass of one call at `level` (dequant_bytes) at the kernel's
+        rate; 0 where the kernel fuses it or a measured table includes it."""
+        k = self.kernel
+        if k is None or k.dequant == "fused":
+            return 0.0
+        return self.dequant_bytes(level) / (k.dequant_bandwidth or self.device.compute.memory_bandwidth)
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         """Attention, router and shared experts of one layer for `tokens` tokens (a prefill's

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from devices.units import ConfigError
 from policies.spec import BundleSpec
 from workloads.formats import FormatSpec
-from policies.zipmoe import FALLBACK_SPLIT
+from policies.zipmoe_released import CONFIG_SHARE, EVAL_SHARE
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,19 @@ PRESETS = {p.name: p for p in (
            budget="all"),
     preset("him-awq", "every expert INT4 and resident (AWQ in the paper; moelab: per-group RTN)", "copies",
            "int4", budget="all"),
-    # ZipMoE (policies/zipmoe.py) and the systems of its evaluation; Table 1's ablation is
-    # bf16-lru -> zipmoe-basic -> zipmoe-c -> zipmoe
+    # ZipMoE (policies/zipmoe.py; mode=released unless --cache-option mode=corrected) and the systems
+    # of its evaluation; Table 1's ablation is bf16-lru -> zipmoe-basic[-lfu|-fifo] -> zipmoe-c[95] -> zipmoe
     preset("zipmoe", "ZipMoE (+C+P): lossless zip experts, Type-I/II scheduler, full + SM-only tiers, "
-           "token-weighted LFU, PlanCache split", "zip", scheduler="zipmoe", cache="zipmoe"),
-    preset("zipmoe-c", "ablation +C: ZipMoE's tiers and token-weighted LFU at a fixed half/half split",
-           "zip", scheduler="zipmoe", cache="zipmoe", cache_options={"split": FALLBACK_SPLIT}),
-    preset("zipmoe-basic", "ablation Basic: zip experts and ZipMoE's scheduler, the baseline's LRU cache "
-           "(every expert full; the paper does not say which cache Basic has)", "zip", scheduler="zipmoe",
-           cache="zipmoe", cache_options={"victim": "lru", "tiers": False}),
+           "token-weighted LFU, PlanCache split from a plan trace", "zip", scheduler="zipmoe", cache="zipmoe"),
+    preset("zipmoe-c", f"ablation +C: ZipMoE's tiers and token-weighted LFU at the released config's full share "
+           f"{CONFIG_SHARE}", "zip", scheduler="zipmoe", cache="zipmoe", cache_options={"split": CONFIG_SHARE}),
+    preset("zipmoe-c95", f"ablation +C at the eval script's full share {EVAL_SHARE}", "zip", scheduler="zipmoe",
+           cache="zipmoe", cache_options={"split": EVAL_SHARE}),
+    *(preset(f"zipmoe-basic{suffix}", f"ablation Basic: zip experts and ZipMoE's scheduler, every expert full, "
+             f"{rule.upper()} victims (the released code has no Basic; its cache rules are ZipMoE, LFU, LRU, "
+             f"Marking, FIFO)", "zip", scheduler="zipmoe", cache="zipmoe",
+             cache_options={"victim": rule, "tiers": False})
+      for suffix, rule in (("", "lru"), ("-lfu", "lfu"), ("-fifo", "fifo"))),
     preset("bf16-lru", "plain BF16 experts on demand, LRU cache (ZipMoE's Table 1 baseline)", "bf16"),
     preset("moe-infinity", "MoE-Infinity-like: BF16, activation-aware cache (LFU on activation counts), "
            "prefetch of what the next layer used last time (moelab lacks its request-level activation "

@@ -1,4 +1,5 @@
-"""ZipMoE's policies (ICML'26), as its released code (HEAD 1d0a56a) makes them; papers.md, ZipMoE §2.
+"""ZipMoE's cache (ICML'26) in two modes: as its released code (HEAD 1d0a56a) runs it, and corrected
+where a released behaviour is a defect; papers.md, ZipMoE §2.
 
 An expert in the zip format is part 0 (sign+mantissa bytes, "SM", raw) and parts 1..K (the
 compressed exponent chunks, each a decompression task). ZipMoE keeps experts in two tiers:
@@ -7,38 +8,69 @@ compressed exponent chunks, each a decompression task). ZipMoE keeps experts in 
 - *SM-only*: the SM bytes alone (1 byte a weight); next time only the exponent chunks are read
   and decompressed (a Type-II task; an expert with nothing cached is Type-I).
 
-Pieces (each its own class or function below):
+`ZipMoECache` holds the two pools plus a *dock* for the current layer's loads (the released code's
+per-expert docks). At each use of an expert its rank in its layer (tokens so far this batch) picks
+its tier (`proactive_decision`); the tier is applied when the layer ends, in the order the tasks
+were dispatched (the order of their loads). Victims by token-weighted LFU, or LRU / LFU / FIFO /
+Marking (option `victim`); with any rule but ZipMoE's own every expert is full (`tiers=false`).
+The pools' split is fixed (`split`) or planned (PlanCache: policies/zipmoe_plan.py, the corrected
+planner; policies/zipmoe_released.py, the released one) from a plan trace, never from the run's own
+routing. The scheduler and its bound are in policies/zipmoe_schedule.py.
 
-- `ZipMoECache`: the two pools plus a *dock* for the current layer's loads (the released code's
-  per-expert docks; in moelab the budget covers them, so the pools share what the dock leaves:
-  the largest single-layer demand of the trace, or top-k experts online). At each use an
-  expert's rank in its layer (by tokens so far) picks its tier (`proactive_decision`: the
-  margin and the fall-backs of the released code); the tier is applied when the layer ends.
-  Victims by token-weighted LFU, or LRU / LFU / FIFO / Marking (option `victim`); with any rule
-  but ZipMoE's own the released code keeps every expert full (option `tiers=false`).
-- `plan_split` (PlanCache): the full/SM split that minimises the expected max(decompression,
-  I/O) of a layer, from a rank distribution of activations, conditional-Poisson weights and
-  Poisson-binomial distributions. `RankStats` gathers the distribution: from the trace's access
-  sequence when the run has one (planned once, at the start, as the released code plans from
-  traces at init), else online from the first `plan_after` steps (planned once then).
-- The scheduler, its makespan bound and the evaluation's baselines: policies/zipmoe_schedule.py.
+`mode=released` does what the released code does (memory/cache.cpp, dispatcher/expert_dispatcher.cpp,
+tensor_engine/tensor_engine.cpp):
+
+1. the free-slot test is made once per layer, when the layer's experts are enqueued: every expert
+   of the layer sees the pools as the previous layer left them, and an expert's own slot is not
+   free, so an SM-only expert whose rank asks for a full slot is promoted;
+2. a full-pool hit is always NORMAL (stays full; its rank still counts);
+3. a hit credits the victim rule (tokens for ZipMoE's LFU, +1 for LFU, the time for LRU) only in
+   the full pool: an SM-only expert keeps the count it was registered with;
+4. every registration in a pool, a promotion included, starts the count at 1 (and the time now);
+5. victims tie-break on the lowest slot index (a pool's free slots are taken from the top);
+6. the rank counts restart with every batch (evaluate.py resets them after each one);
+7. T_N and T_S are truncated to whole slots, the pools' slot counts rounded up; with any victim
+   rule but ZipMoE's own the full pool is `split` (the eval script's 0.95) of the pools and the SM
+   pool, unused, the rest; the docks hold one expert per expert of a layer.
+
+`mode=corrected` keeps 1 (promotion), 2, 6 and the rank rule, and corrects the defects:
+
+- 1: a stale free-slot test lets every expert of a layer claim the same free slot, so all but one
+  evict a victim the rule only meant for a full pool, and a cold expert (rank >= T_S), whose rule
+  says "not cached", evicts. Corrected: the test counts the slots the layer's earlier decisions
+  took (and the SM slots its promotions gave back).
+- 3: with no credit in the SM pool its victims are chosen by slot index, not use: ZipMoE's LFU does
+  not act in the tier it was built for. Corrected: a hit credits its expert in either pool.
+- 4: the count follows the slot, not the expert: a promoted expert, just proven hot, becomes the
+  full pool's first victim. Corrected: an expert keeps its count across tiers.
+- 5: among equal counts (every newcomer starts at 1) the lowest slots are reclaimed again and
+  again, so a tie evicts whatever sits there, often the newest. Corrected: ties go to the least
+  recently used.
+- 7: an SM pool that no decision ever uses is memory taken from the full pool. Corrected: every
+  byte full when there are no tiers; exact thresholds; the dock one token's experts (a larger layer
+  borrows from the pools).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import os
 
 import numpy as np
 
 from devices.units import ConfigError
-from policies.base import Key, PolicyContext, largest_layer_demand
+from policies import zipmoe_released as rel
+from policies.base import Key, PolicyContext
 from policies.cache import CachePolicy, _LazyHeap
 from policies.options import Option
+from policies.zipmoe_plan import (RankStats, conditional_poisson_weights, cp_inclusion, layer_delay,  # noqa: F401
+                                  plan_split, plan_statistics, poisson_binomial, scale_to)
 from workloads.formats import ZipFormat
 
 NORMAL, SMCACHE, EVICT = "normal", "smcache", "evict"      # the released code's expert states
 VICTIM_RULES = ("tw-lfu", "lru", "lfu", "fifo", "marking")
-FALLBACK_SPLIT = 0.5         # the full share when not planned (the released config's default is not known)
+MODES = ("released", "corrected")
+FALLBACK_SPLIT = 0.5         # corrected mode: the full share before a plan
+ONLINE = "online"
 
 
 def require_zip(fmt, who: str) -> None:
@@ -61,183 +93,20 @@ def proactive_decision(rank: int, t_normal: float, t_sm: float, full_free: bool,
     return (SMCACHE, None) if sm_free else (NORMAL, None) if full_free else (EVICT, None)
 
 
-# -- PlanCache: statistics, conditional Poisson, Poisson binomial ------------------------------
-class RankStats:
-    """Activation statistics by rank: over windows of `window` decision points of a layer, how
-    often the window's r-th most used expert was needed. `inclusion()` is p[r], the chance that
-    the rank-r expert is needed at a decision point (it sums to the experts a layer needs)."""
-
-    def __init__(self, layers: int, experts: int, window: int):
-        self.counts = np.zeros((layers, experts))
-        self.points = np.zeros(layers, dtype=np.int64)
-        self.acc = np.zeros(experts)
-        self.windows = 0
-        self.window = window
-
-    def add(self, layer: int, experts: Sequence[int]) -> None:
-        self.counts[layer, list(experts)] += 1
-        self.points[layer] += 1
-        if self.points[layer] == self.window:
-            self._close(layer)
-
-    def _close(self, layer: int) -> None:
-        self.acc += np.sort(self.counts[layer])[::-1] / self.points[layer]
-        self.windows += 1
-        self.counts[layer] = 0
-        self.points[layer] = 0
-
-    def inclusion(self) -> np.ndarray | None:
-        acc, windows = self.acc.copy(), self.windows
-        for layer in np.flatnonzero(self.points):            # partial windows count too
-            acc += np.sort(self.counts[layer])[::-1] / self.points[layer]
-            windows += 1
-        return acc / windows if windows else None
-
-
-def _esp(v: np.ndarray, k: int) -> np.ndarray:
-    """Elementary symmetric polynomials e_0..e_k of v."""
-    e = np.zeros(k + 1)
-    e[0] = 1.0
-    for x in v:
-        e[1:] += x * e[:-1].copy()
-    return e
-
-
-def cp_inclusion(w: np.ndarray, k: int) -> np.ndarray:
-    """Inclusion probabilities of conditional Poisson sampling of size k with weights w (odds):
-    pi_i = w_i e_{k-1}(w without i) / e_k(w), by prefix and suffix polynomials."""
-    n = len(w)
-    pre = np.zeros((n + 1, k + 1))
-    suf = np.zeros((n + 1, k + 1))
-    pre[0, 0] = suf[n, 0] = 1.0
-    for i in range(n):
-        pre[i + 1] = pre[i]
-        pre[i + 1, 1:] += w[i] * pre[i, :-1]
-    for i in range(n - 1, -1, -1):
-        suf[i] = suf[i + 1]
-        suf[i, 1:] += w[i] * suf[i + 1, :-1]
-    without = (pre[:n, :k] * suf[1:, k - 1::-1]).sum(1)       # e_{k-1} of w without i
-    return w * without / pre[n, k]
-
-
-def conditional_poisson_weights(pi: np.ndarray, k: int, iters: int = 500, tol: float = 1e-10) -> np.ndarray:
-    """Odds w whose conditional-Poisson design of size k has inclusion probabilities pi (the fixed
-    point of Chen, Dempster & Liu 1994, which the released code cites). pi sums to k; ranks with
-    pi = 1 are certain (w = inf), pi = 0 never drawn (w = 0)."""
-    pi = np.asarray(pi, float)
-    w = np.zeros_like(pi)
-    sure, free = pi >= 1 - 1e-9, (pi > 1e-12) & (pi < 1 - 1e-9)
-    w[sure] = np.inf
-    kf = k - int(sure.sum())
-    if kf <= 0 or not free.any():
-        return w
-    x = pi[free]
-    v = x / (1 - x)
-    for _ in range(iters):
-        got = cp_inclusion(v, kf)
-        if np.max(np.abs(got - x)) < tol:
-            break
-        v = v * x / got
-        v /= v.max()
-    w[free] = v
-    return w
-
-
-def poisson_binomial(p: np.ndarray) -> np.ndarray:
-    """pmf of the number of successes of independent Bernoulli(p_i)."""
-    f = np.ones(1)
-    for q in p:
-        g = np.zeros(len(f) + 1)
-        g[:-1] += f * (1 - q)
-        g[1:] += f * q
-        f = g
-    return f
-
-
-def scale_to(p: np.ndarray, k: int) -> np.ndarray:
-    """p scaled to sum to k, each value capped at 1 (the capped mass goes to the others)."""
-    p = np.asarray(p, float).copy()
-    for _ in range(len(p) + 1):
-        cap = p >= 1
-        rest = k - cap.sum()
-        free = p[~cap].sum()
-        if free <= 0:
-            break
-        p[~cap] *= rest / free
-        p[cap] = 1.0
-        if not (p > 1 + 1e-12).any():
-            break
-    return np.minimum(p, 1.0)
-
-
-def layer_delay(fmt: ZipFormat, cost) -> Callable[[int, int, int], float]:
-    """delay(full hits, SM hits, misses) of one layer: max(decompression, I/O). Decompression:
-    ceil(tasks * K / L) chunk tasks on L workers; I/O (one storage queue in moelab, which also
-    carries the exponent chunks the released code's workers read themselves): the SM bytes of
-    every miss plus the chunks of every task."""
-    K, L = fmt.chunks, cost.decompress_workers
-    t_dec = cost.decompress_seconds(fmt.decompress_bytes[1])
-    t_sm, t_chunk = cost.read_seconds(fmt.part_bytes[0]), cost.read_seconds(fmt.part_bytes[1])
-
-    def delay(full: int, sm: int, miss: int) -> float:
-        tasks = sm + miss
-        return max(math.ceil(tasks * K / L) * t_dec, miss * t_sm + tasks * K * t_chunk)
-    return delay
-
-
-def plan_split(p_rank: np.ndarray, layers: int, experts: int, pool_bytes: int, full_slot: int, sm_slot: int,
-               delay: Callable[[int, int, int], float], smooth: int = 5) -> tuple[float | None, dict]:
-    """PlanCache: the full pool's share of `pool_bytes` that minimises the expected layer delay.
-
-    p_rank[r]: the chance that the rank-r expert is needed (RankStats). It is scaled to sum to
-    k (the experts a layer needs, rounded), fitted with conditional-Poisson odds w, p = w/(1+w).
-    For each share 0.01..0.99 the top F/layers ranks are full, the next S/layers SM-only; the
-    hits of each group are Poisson-binomial, conditioned on k in all; E[delay] is taken over
-    them. Shares whose slots exceed the experts of a layer, or with fewer than `experts` slots
-    in either pool, are skipped. The curve is smoothed (window `smooth`); its arg-min is returned,
-    or None if no share is feasible (the caller falls back to LFU). Also returns the curve."""
-    k = max(1, int(round(float(np.sum(p_rank)))))
-    w = conditional_poisson_weights(scale_to(np.sort(p_rank)[::-1], k), k)
-    q = np.where(np.isinf(w), 1.0, w / (1 + np.where(np.isinf(w), 0, w)))
-    shares, curve = [], []
-    for share in np.round(np.arange(1, 100) / 100, 2):
-        full = int(share * pool_bytes // full_slot)
-        sm = int((pool_bytes - full * full_slot) // sm_slot)
-        fl, sl = full // layers, sm // layers
-        if fl + sl > experts or full < experts or sm < experts:
-            continue
-        pf, ps, po = poisson_binomial(q[:fl]), poisson_binomial(q[fl:fl + sl]), poisson_binomial(q[fl + sl:])
-        num = den = 0.0
-        for f in range(min(k, fl) + 1):
-            for s in range(min(k - f, sl) + 1):
-                o = k - f - s
-                if o < len(po):
-                    pr = pf[f] * ps[s] * po[o]
-                    num += pr * delay(f, s, o)
-                    den += pr
-        if den > 0:
-            shares.append(float(share))
-            curve.append(num / den)
-    if not shares:
-        return None, {"shares": [], "delay": [], "k": k}
-    c = np.asarray(curve)
-    h = smooth // 2
-    smoothed = np.array([c[max(0, i - h):i + h + 1].mean() for i in range(len(c))])
-    return shares[int(np.argmin(smoothed))], {"shares": shares, "delay": curve, "k": k}
-
-
 # -- the cache ------------------------------------------------------------------------------------
 class ZipMoECache(CachePolicy):
-    """Full and SM-only tiers under one budget, ZipMoE's way (module docstring).
+    """Full and SM-only tiers under one budget, ZipMoE's way, released or corrected (module docstring).
 
     Pools: "full" (F slots of a whole expert), "sm" (S slots of SM bytes) and "dock" (this
     layer's loads and prefetches; bounded by the budget only). A layer's parts are loaded into
     the dock; when the layer ends, each expert it used goes to the tier its decision named
-    (`_move`: no bytes move), evicting victims where the decision said so, or is dropped.
+    (`_move`: no bytes move), evicting victims where needed, or is dropped.
 
-    Options (declared below): victim, tiers, split, margin, thresholds ("pool": T_N = full slots +
-    margin x experts, the pool-wide slot count as the released code compares it with a rank in one
-    layer; "layer": slots per layer), window, plan_after, dock."""
+    A plan (split=plan) is made at the run's second step, whose tokens say the batch (a decode step
+    has one token per request), from `plan_trace`: a trace file, the default (the same model
+    synthesised separately, policies/zipmoe_plan.py), or `online` (the run's first plan_after steps,
+    corrected planner only). Until then the full share is the released config's 0.6 (corrected:
+    0.5). No statistic is ever read from the run's own future."""
     name = "zipmoe"
     formats = ("zip",)
     options = (
@@ -250,96 +119,148 @@ class ZipMoECache(CachePolicy):
         Option("margin", "float", 0.1, "T_N = full slots + margin x experts"),
         Option("thresholds", "str", "pool", "compare a rank with the pool-wide or the per-layer slot count",
                choices=("pool", "layer")),
-        Option("window", "int", 64, "statistics window", unit="decision points"),
-        Option("plan_after", "int", 32, "online statistics: decode steps before planning", unit="steps"),
-        Option("dock", "int", None, "bytes kept for loads in flight (default: the largest layer demand)",
-               unit="bytes"))
+        Option("window", "int", 64, "statistics window of the corrected planner", unit="decision points"),
+        Option("plan_after", "int", 32, "plan_trace=online: steps before planning", unit="steps"),
+        Option("dock", "int", None, "bytes kept for loads in flight (default: released, one expert per expert "
+                                    "of a layer; corrected, one token's experts)", unit="bytes"),
+        Option("mode", "str", "released", "the released code's tier rules, or corrected where they are "
+                                          "defects (`moelab policies zipmoe`, policies/zipmoe.py)", choices=MODES),
+        Option("planner", "str", None, "PlanCache's math: released or corrected (default: the mode's)",
+               choices=MODES),
+        Option("plan_trace", "str", None, "the plan's statistics: a trace file, or online (the run's first "
+                                          "plan_after steps); default: the model synthesised with another seed",
+               special=(ONLINE,)))
 
     def __init__(self, ctx: PolicyContext, victim: str = "tw-lfu", tiers: bool = True,
                  split: str | float = "plan", margin: float = 0.1, thresholds: str = "pool",
-                 window: int = 64, plan_after: int = 32, dock: int | None = None):
+                 window: int = 64, plan_after: int = 32, dock: int | None = None, mode: str = "released",
+                 planner: str | None = None, plan_trace: str | None = None):
         super().__init__(ctx)
-        fmt = ctx.fmt
-        require_zip(fmt, f"the {self.name} cache")
-        self.victim = victim
-        if self.victim not in VICTIM_RULES:
-            raise ConfigError(f"{self.name}: victim must be one of {', '.join(VICTIM_RULES)}; got {self.victim!r}")
-        if thresholds not in ("pool", "layer"):
-            raise ConfigError(f"{self.name}: thresholds must be 'pool' or 'layer'; got {thresholds!r}")
-        if split != "plan" and not (isinstance(split, (int, float)) and 0 < float(split) < 1):
-            raise ConfigError(f"{self.name}: split must be 'plan' or a share between 0 and 1; got {split!r}")
-        if not 0 <= margin < 1:
-            raise ConfigError(f"{self.name}: margin must be in [0, 1); got {margin!r}")
-        self.tiers, self.split, self.window, self.plan_after, self.dock = tiers, split, window, plan_after, dock
-        self.margin, self.thresholds = float(margin), thresholds
-        self.full_slot, self.sm_slot = sum(fmt.resident_bytes), fmt.resident_bytes[0]
+        require_zip(ctx.fmt, f"the {self.name} cache")
+        self._check(victim, thresholds, split, margin, mode, planner, plan_trace)
+        self.victim, self.tiers, self.split, self.window, self.plan_after = victim, tiers, split, window, plan_after
+        self.margin, self.thresholds, self.mode = float(margin), thresholds, mode
+        self.released = mode == "released"
+        self.planner, self.plan_trace = planner or mode, plan_trace
+        self.full_slot, self.sm_slot = sum(ctx.fmt.resident_bytes), ctx.fmt.resident_bytes[0]
         if dock is None:
-            if ctx.future is not None:
-                dock = largest_layer_demand(ctx.future, fmt)
-            else:
-                top_k = ctx.cost.model.top_k if ctx.cost is not None else 1
-                dock = min(ctx.experts, top_k) * self.full_slot
-        self.room = max(0, self.capacity - int(dock))      # what the two tiers share
+            top_k = ctx.cost.model.top_k if ctx.cost is not None else 1
+            dock = (ctx.experts if self.released else min(ctx.experts, top_k)) * self.full_slot
+        self.dock = int(dock)
+        self.room = max(0, self.capacity - self.dock)      # what the two tiers share
         self.pools = {"full": 0, "sm": 0, "dock": self.capacity}
         self.pool_used = {"full": 0, "sm": 0, "dock": 0}
+        self.hold = {"full": 0, "sm": 0}                   # bytes freed late (released promotions)
+        self.deferred: list[int] = []                      # their SM slots, freed with them
         self.tier: dict[tuple[int, int], str] = {}         # cached expert -> "full" | "sm"
         self.n_in = {"full": 0, "sm": 0}
         self.heaps = {"full": _LazyHeap(), "sm": _LazyHeap()}
         self.meta: dict[tuple[int, int], list] = {}        # expert -> [count, last use, inserted, marked]
-        self.rank_count = np.zeros((ctx.layers, ctx.experts))   # tokens so far: the decision's rank
+        self.slot: dict[tuple[int, int], int] = {}         # cached expert -> its slot in its pool
+        self.free = {"full": [], "sm": []}                 # free slots, taken from the end
+        self.rank_count = np.zeros((ctx.layers, ctx.experts))   # tokens this batch: the decision's rank
         self.decisions: list[tuple[int, str]] = []
+        self.dispatched: dict[int, None] = {}              # this layer's experts in the order of their loads
+        self.layer = -1
         self.states = {NORMAL: 0, SMCACHE: 0, EVICT: 0}
-        self.type2_hits = 0
-        self.stats = None
-        self.plan_at = None
+        self.type2_hits, self.batches, self.steps, self.last_tokens = 0, 0, 0, 0
+        self.stats, self.plan_info, self.pending = None, {}, False
         self.source = "fixed"
         if not self.tiers:
-            self._set_split(1.0)
+            self._set_split(float(split) if self.released and split != "plan" else
+                            rel.EVAL_SHARE if self.released else 1.0)
         elif split != "plan":
             self._set_split(float(split))
         else:
-            self.stats = RankStats(ctx.layers, ctx.experts, window)
-            self._set_split(FALLBACK_SPLIT)
-            if ctx.future is not None:                      # statistics from the trace: plan now
-                for keys in ctx.future:
-                    if keys:
-                        self.stats.add(keys[0].layer, sorted({k.expert for k in keys}))
-                self._plan("trace")
-            else:                                           # learned online: plan once, later
-                self.plan_at = plan_after * ctx.layers
-                self.source = f"online (planned after {plan_after} steps)"
+            self.pending = True
+            self._set_split(rel.CONFIG_SHARE if self.released else FALLBACK_SPLIT)
+            self.source = "not planned yet (the run ended first)"
+            if plan_trace == ONLINE:
+                self.stats = RankStats(ctx.layers, ctx.experts, window)
 
-    # -- pools and the plan ------------------------------------------------------
+    def _check(self, victim, thresholds, split, margin, mode, planner, plan_trace) -> None:
+        """The options' values a direct construction may get wrong (the factory checks the choices)."""
+        n = self.name
+        for label, value, allowed in (("victim", victim, VICTIM_RULES), ("thresholds", thresholds, ("pool", "layer")),
+                                      ("mode", mode, MODES), ("planner", planner, (None, *MODES))):
+            if value not in allowed:
+                raise ConfigError(f"{n}: {label} must be one of {', '.join(a for a in allowed if a)}; got {value!r}")
+        if split != "plan" and not (isinstance(split, (int, float)) and 0 < float(split) < 1):
+            raise ConfigError(f"{n}: split must be 'plan' or a share between 0 and 1; got {split!r}")
+        if not 0 <= margin < 1:
+            raise ConfigError(f"{n}: margin must be in [0, 1); got {margin!r}")
+        if plan_trace == ONLINE and (planner or mode) == "released":
+            raise ConfigError(f"{n}: plan_trace=online gathers per-decision-point statistics, which only the "
+                              f"corrected planner reads; add planner=corrected, or give a plan trace file")
+        if plan_trace not in (None, ONLINE) and not os.path.exists(plan_trace):
+            raise ConfigError(f"{n}: plan_trace {plan_trace}: no such file (a trace file `moelab trace import` "
+                              f"reads, or online)")
+
+    # -- pools, slots and the plan ----------------------------------------------------------
     def _set_split(self, share: float) -> None:
         self.share = share
-        full = int(share * self.room // self.full_slot) * self.full_slot
-        self.pools["full"] = full
-        self.pools["sm"] = int((self.room - full) // self.sm_slot) * self.sm_slot if self.tiers else 0
-        self.full_slots, self.sm_slots = full // self.full_slot, self.pools["sm"] // self.sm_slot
-
-    def _plan(self, source: str) -> None:
-        p = self.stats.inclusion()
-        model = self.ctx.cost.model if self.ctx.cost is not None else None
-        share, _ = (None, None) if p is None else plan_split(
-            p, self.ctx.layers, self.ctx.experts, self.room, self.full_slot, self.sm_slot,
-            layer_delay(self.fmt, self.ctx.need_cost("the zipmoe cache's pool plan (PlanCache)")))
-        if model is not None and model.name.startswith("switch"):
-            share, why = None, "a Switch model"
+        fs, ss = self.full_slot, self.sm_slot
+        if self.released:
+            full, sm = rel.released_slots(self.room, share, fs, ss)
+            if full * fs + sm * ss > self.capacity:        # a budget too tight to round up in
+                full, sm = int(share * self.room) // fs, (self.room - int(share * self.room)) // ss
         else:
+            full = int(share * self.room // fs)
+            sm = int((self.room - full * fs) // ss) if self.tiers else 0
+        self.pools["full"], self.pools["sm"] = full * fs, sm * ss
+        self.full_slots, self.sm_slots = full, sm
+        self._renumber()
+
+    def _renumber(self) -> None:
+        """Slots 0.. to the cached experts of each pool in their slot order, the rest free."""
+        for pool, n in (("full", self.full_slots), ("sm", self.sm_slots)):
+            held = sorted((self.slot[x], x) for x, t in self.tier.items() if t == pool)
+            for i, (_, x) in enumerate(held):
+                self.slot[x] = i
+            self.free[pool] = list(range(len(held), n))
+        self._repush()
+
+    def _plan(self, batch: int) -> None:
+        """PlanCache at `batch` requests a step (module docstring; the planners' modules)."""
+        self.pending = False
+        cost = self.ctx.need_cost("the zipmoe cache's pool plan (PlanCache)")
+        model, fmt, L, E = cost.model, self.fmt, self.ctx.layers, self.ctx.experts
+        where = "online" if self.plan_trace == ONLINE else self.plan_trace or "default plan trace"
+        source = f"{self.planner} planner, {where}, batch {batch}"
+        share = None
+        if model.name.startswith("switch"):
+            why = "a Switch model"
+        elif self.planner == "released":
+            dist = rel.released_rank_dist(plan_statistics(self.plan_trace, model, batch, self.window, "counts"),
+                                          batch)
+            why = "fewer plan prompts than the batch"
+            if dist is not None:
+                share, feasible, self.plan_info = rel.released_plan(dist, model.top_k, L, E, self.room, self.full_slot,
+                                                                    self.sm_slot, rel.released_delay(fmt, cost))
+                share, why = (share, "") if feasible else (None, "no feasible split")
+        else:
+            p = self.stats.inclusion() if self.stats is not None else \
+                plan_statistics(self.plan_trace, model, batch, self.window, "inclusion")
+            if p is not None:
+                share, self.plan_info = plan_split(p, L, E, self.room, self.full_slot, self.sm_slot,
+                                                   layer_delay(fmt, cost))
             why = "no feasible split"
         if share is None:                                   # the released code falls back to LFU
             self.tiers, self.victim = False, "lfu"
-            self._set_split(1.0)
-            self._repush()
+            self._set_split(rel.FALLBACK_SHARE if self.released else 1.0)
             self.source = f"{source}: LFU fall-back ({why})"
         else:
             self._set_split(share)
             self.source = source
 
+    # -- the victim rules ---------------------------------------------------------------------
     def _priority(self, x) -> tuple:
         count, last, inserted, marked = self.meta[x]
-        return {"tw-lfu": (count,), "lfu": (count,), "lru": (last,), "fifo": (inserted,),
-                "marking": (marked, inserted)}[self.victim]
+        key = {"tw-lfu": (count,), "lfu": (count,), "lru": (last,), "fifo": (inserted,),
+               "marking": (marked, inserted)}[self.victim]
+        if self.released:
+            return (*key, self.slot[x])                     # ties: the lowest slot
+        return (count, last) if self.victim in ("tw-lfu", "lfu") else key     # ties: least recently used
 
     def _push(self, x) -> None:
         self.heaps[self.tier[x]].push(Key(x[0], x[1], 0), *self._priority(x))
@@ -354,14 +275,25 @@ class ZipMoECache(CachePolicy):
         old = self.tier.get(x)
         if old == tier:
             return
-        if old is None:
-            self.meta[x] = [1, self.clock, self.clock, 1]    # a miss sets the count to 1
-        else:
+        if old is not None:                                 # a promotion or a demotion
             self.n_in[old] -= 1
             self.heaps[old].discard(Key(x[0], x[1], 0))
+            if self.released:                               # its SM slot is given back after the layer's
+                self.deferred.append(self.slot.pop(x))      # registrations (when its loads are done)
+            else:
+                self._free_slot(x, old)
+        if old is None or self.released:                    # a registration sets the count to 1
+            self.meta[x] = [1, self.clock, self.clock, 1]
         self.tier[x] = tier
         self.n_in[tier] += 1
+        free = self.free[tier]
+        self.slot[x] = free.pop() if free else self.full_slots + self.sm_slots + len(self.slot)
         self._push(x)
+
+    def _free_slot(self, x, pool: str) -> None:
+        i = self.slot.pop(x)
+        if i < (self.full_slots if pool == "full" else self.sm_slots):
+            self.free[pool].append(i)
 
     def _pick(self, pool: str) -> Key | None:
         """The best unlocked victim in `pool` (Marking: a new phase when every one is marked)."""
@@ -380,7 +312,7 @@ class ZipMoECache(CachePolicy):
         return None
 
     def _make_room(self, pool: str, need: int, dropped: list) -> bool:
-        while self.pool_used[pool] + need > self.pools[pool]:
+        while self.pool_used[pool] + self.hold[pool] + need > self.pools[pool]:
             victim = self._pick(pool)
             if victim is None:
                 return False
@@ -391,8 +323,14 @@ class ZipMoECache(CachePolicy):
     def pool(self, key):
         return "dock"
 
+    def admit(self, item):
+        if item.key.layer == self.layer:                    # the order tasks are dispatched in
+            self.dispatched.setdefault(item.key.expert, None)
+        return super().admit(item)
+
     def begin_layer(self, layer, keys, demand=None):
         self.clock += 1
+        self.layer, self.dispatched = layer, {}
         sizes = self.sizes
         hits = sum(k in sizes for k in keys)
         self.pinned = set(keys)
@@ -402,34 +340,51 @@ class ZipMoECache(CachePolicy):
                 tokens[e] = tokens.get(e, 0) + n
         else:
             tokens = {k.expert: 1 for k in keys}
-        if self.plan_at is not None:
+        if layer == 0:
+            self._new_step(len(demand.per_token) if demand is not None else len(tokens))
+        if self.stats is not None and self.pending:
             self.stats.add(layer, sorted(tokens))
-            if self.clock == self.plan_at:
-                self._plan(self.source)
-                self.plan_at = None
-        for e, n in tokens.items():                         # token-weighted hits
+        for e, n in tokens.items():                         # hits credit the victim rule
             x = (layer, e)
-            if x in self.tier:
-                if self.tier[x] == "sm":
-                    self.type2_hits += 1
-                m = self.meta[x]
-                m[0] += n if self.victim == "tw-lfu" else 1
-                m[1], m[3] = self.clock, 1
-                self._push(x)
+            tier = self.tier.get(x)
+            if tier is None:
+                continue
+            if tier == "sm":
+                self.type2_hits += 1
+                if self.released:                           # the released code credits full hits only
+                    continue
+            m = self.meta[x]
+            m[0] += n if self.victim == "tw-lfu" else 1
+            m[1], m[3] = self.clock, 1
+            self._push(x)
         self.decisions = self._decide(layer, tokens)
         return hits
 
+    def _new_step(self, tokens: int) -> None:
+        """A step begins (its first layer). A batch begins where a step has more tokens than the one
+        before (requests only leave a batch decoded in lockstep; a new one starts with its prefill):
+        the rank counts restart. The second step says the batch (one token per request): plan then."""
+        self.steps += 1
+        if tokens > self.last_tokens:
+            self.rank_count[:] = 0
+            self.batches += 1
+        self.last_tokens = tokens
+        if self.pending and self.steps == (2 if self.stats is None else self.plan_after + 1):
+            self._plan(tokens)
+
     def _decide(self, layer: int, tokens: dict[int, int]) -> list[tuple[int, str]]:
-        """ProactiveDecision at each use of an expert, in router order: its rank (experts of the
-        layer with more tokens so far) against T_N and T_S, and the slots free after the earlier
-        decisions. The expert's own slot is up for decision (it counts as free in its own pool),
-        so a cached expert stays where it is unless its rank sends it elsewhere and there is room.
-        A victim is only promised while an unlocked expert is in that pool; with none, the
-        expert is not cached."""
+        """ProactiveDecision for each expert of the layer, in router order: its rank (experts of the
+        layer with more tokens this batch) against T_N and T_S, and the free slots. A full hit stays
+        full. An expert's own slot is not free. Released: the free slots as the layer began (victims
+        are found when the layer's tiers are applied). Corrected: less the slots earlier decisions
+        took, plus the SM slots promotions give back, and a victim promised only while an unlocked
+        expert is in that pool (else not cached)."""
         E = self.ctx.experts
         per = self.ctx.layers if self.thresholds == "layer" else 1
         t_n = self.full_slots / per + self.margin * E
         t_s = t_n + self.sm_slots / per + self.margin * E
+        if self.released:
+            t_n, t_s = math.floor(t_n), math.floor(t_s)
         free = {"full": self.full_slots - self.n_in["full"], "sm": self.sm_slots - self.n_in["sm"]}
         claimable = dict(self.n_in)
         for e in tokens:
@@ -441,56 +396,86 @@ class ZipMoECache(CachePolicy):
         for e, n in tokens.items():
             counts[e] += n
             t = self.tier.get((layer, e))
-            if t is not None:
-                free[t] += 1
-            rank = int((counts > counts[e]).sum())
-            if self.tiers:
+            if t == "full":
+                state, victim_pool = NORMAL, None
+            elif self.tiers:
+                rank = int((counts > counts[e]).sum())
                 state, victim_pool = proactive_decision(rank, t_n, t_s, free["full"] > 0, free["sm"] > 0)
+                if state == SMCACHE and t == "sm":
+                    victim_pool = None                      # it holds its SM slot already
             else:
                 state, victim_pool = (NORMAL, None) if free["full"] > 0 else (NORMAL, "full")
-            if victim_pool is not None:
-                if claimable[victim_pool] > 0:
-                    claimable[victim_pool] -= 1
-                else:
-                    state = EVICT                           # nothing unlocked to evict: not cached
-            elif state != EVICT:
-                free["full" if state == NORMAL else "sm"] -= 1
+            if not self.released and t != "full":
+                state = self._claim(state, victim_pool, t, free, claimable)
             self.states[state] += 1
             out.append((e, state))
         return out
 
+    @staticmethod
+    def _claim(state: str, victim_pool: str | None, tier: str | None, free: dict, claimable: dict) -> str:
+        """Corrected mode: what one decision takes from the layer's free slots (and victims)."""
+        if victim_pool is not None:
+            if claimable[victim_pool] > 0:
+                claimable[victim_pool] -= 1
+            else:
+                state = EVICT                               # nothing unlocked to evict: not cached
+        elif state == NORMAL:
+            free["full"] -= 1
+        elif state == SMCACHE and tier is None:
+            free["sm"] -= 1
+        if tier == "sm" and state != SMCACHE:               # a promotion or a drop gives its SM slot back
+            free["sm"] += 1
+        return state
+
     def end_layer(self, layer):
         dropped: list[Key] = []
-        n_parts, sizes, pool_of = self.fmt.n_parts, self.sizes, self.pool_of
-        decided = set()
-        for e, state in self.decisions:
-            decided.add(e)
-            x, k0 = (layer, e), Key(layer, e, 0)
-            if k0 not in sizes:
-                continue
-            if state == NORMAL:
-                parts = [Key(layer, e, p) for p in range(n_parts)]
-                need = sum(sizes[k] for k in parts if pool_of[k] != "full")
-                if self._make_room("full", need, dropped):
-                    for k in parts:
-                        self._move(k, "full")
-                    self._place(x, "full")
-                    continue
-            elif state == SMCACHE:
-                dropped.extend(self._evict(Key(layer, e, 1)))       # the exponent chunks go
-                if self._make_room("sm", 0 if pool_of[k0] == "sm" else sizes[k0], dropped):
-                    self._move(k0, "sm")
-                    self._place(x, "sm")
-                    continue
-            dropped.extend(self._evict(k0))                         # EVICT, or no room after all
-        for k in sorted(self.by_layer[layer]):                      # unused prefetches of this layer
-            if k in sizes and pool_of[k] == "dock" and k.expert not in decided:
+        state_of = dict(self.decisions)
+        order = [e for e in self.dispatched if e in state_of] if self.released else []
+        order += [e for e in state_of if e not in self.dispatched or not self.released]
+        for e in order:
+            self._apply(layer, e, state_of[e], dropped)
+        self.hold = {"full": 0, "sm": 0}                    # promotions' SM slots given back
+        for i in self.deferred:
+            if i < self.sm_slots:
+                self.free["sm"].append(i)
+        self.deferred = []
+        sizes, pool_of = self.sizes, self.pool_of
+        for k in sorted(self.by_layer[layer]):              # unused prefetches of this layer
+            if k in sizes and pool_of[k] == "dock" and k.expert not in state_of:
                 dropped.extend(self._evict(k))
         self.decisions = []
         self.pinned = set()
-        for pool in ("full", "sm"):                                 # a new plan may shrink a pool
+        shrunk = False
+        for pool in ("full", "sm"):                         # a new plan may shrink a pool
+            shrunk |= self.pool_used[pool] > self.pools[pool]
             self._make_room(pool, 0, dropped)
+        if shrunk:
+            self._renumber()
         return dropped
+
+    def _apply(self, layer: int, e: int, state: str, dropped: list) -> None:
+        """Expert e goes to the tier of its decision (its registration), evicting victims."""
+        x, k0 = (layer, e), Key(layer, e, 0)
+        sizes, pool_of = self.sizes, self.pool_of
+        if k0 not in sizes:
+            return
+        if state == NORMAL:
+            parts = [Key(layer, e, p) for p in range(self.fmt.n_parts)]
+            need = sum(sizes[k] for k in parts if pool_of[k] != "full")
+            if self._make_room("full", need, dropped):
+                if self.released and pool_of[k0] == "sm":
+                    self.hold["sm"] += sizes[k0]            # its SM slot stays taken this layer
+                for k in parts:
+                    self._move(k, "full")
+                self._place(x, "full")
+                return
+        elif state == SMCACHE:
+            dropped.extend(self._evict(Key(layer, e, 1)))   # the exponent chunks go
+            if self._make_room("sm", 0 if pool_of[k0] == "sm" else sizes[k0], dropped):
+                self._move(k0, "sm")
+                self._place(x, "sm")
+                return
+        dropped.extend(self._evict(k0))                     # EVICT, or no room after all
 
     # -- the base class's hooks (its budget loop falls back on these) ----------------
     def _forget(self, key):
@@ -500,7 +485,8 @@ class ZipMoECache(CachePolicy):
             if t is not None:
                 self.n_in[t] -= 1
                 self.heaps[t].discard(key)
-                del self.meta[x]                                    # eviction resets the count
+                self._free_slot(x, t)
+                del self.meta[x]                            # eviction resets the count
 
     def _order(self):
         """When loads outgrow the dock's reserve: prefetched parts not needed now go first
@@ -510,10 +496,13 @@ class ZipMoECache(CachePolicy):
             yield from self.heaps[pool]
 
     def report(self) -> dict:
-        return {"zipmoe_full_share": self.share if self.tiers else 1.0, "zipmoe_split_source": self.source,
-                "zipmoe_victim": self.victim, "zipmoe_full_slots": self.full_slots, "zipmoe_sm_slots": self.sm_slots,
-                "zipmoe_decisions_normal": self.states[NORMAL], "zipmoe_decisions_smcache": self.states[SMCACHE],
-                "zipmoe_decisions_evict": self.states[EVICT], "zipmoe_type2_hits": self.type2_hits}
+        info = self.plan_info
+        return {"zipmoe_mode": self.mode, "zipmoe_planner": self.planner,
+                "zipmoe_full_share": self.share, "zipmoe_split_source": self.source,
+                "zipmoe_plan_k": info.get("k"), "zipmoe_victim": self.victim, "zipmoe_full_slots": self.full_slots,
+                "zipmoe_sm_slots": self.sm_slots, "zipmoe_decisions_normal": self.states[NORMAL],
+                "zipmoe_decisions_smcache": self.states[SMCACHE], "zipmoe_decisions_evict": self.states[EVICT],
+                "zipmoe_type2_hits": self.type2_hits, "zipmoe_batches": self.batches}
 
 
 ZIPMOE_CACHES = (ZipMoECache,)

@@ -1,58 +1,55 @@
-"""The SimPy engine: one run = (device, workload, policy bundle) -> timeline.
+"""The SimPy engine: one run = (device, workload, policy bundle) -> timeline (or only its metrics).
 
 A SimPy process walks the batch steps and, in each, the MoE layers. At a layer it
 waits for the dense part (attention, router, shared experts), then asks the policies
 for their decisions, hands the plan to the storage channel, the decompression workers
 and the compute queue (FIFO servers, sim/servers.py), and sleeps until the layer's
-last expert is computed. Everything the engine did is an Event on the timeline.
+last expert is computed. What the engine did goes to a recorder (sim/record.py): every
+event (the timeline), or only what the metrics need (`run(events=False)`: sweeps and
+studies, which never read the events, pay for none).
 
 With a host's measured profile (compute.measured, `moelab profile`), the engine also charges
 what the executor's own code costs: the decision path at every decision point (its loads
 leave one by one as it issues them, and computes wait for it to end), the runtime's own gap
-between two expert calls of a layer, after each step's last layer the step's work outside the
-layers (output head, sampling), and the contention of the executor's threads for the cores: the
-main thread's work (expert calls, dense parts) runs slower while reads or decompressions are in
-flight (a fluid model: its speed changes at each read's or decompression's start and end;
-`_main_thread`). All are 0 for the bundled roofline profiles (policies/cost.py).
+between two expert calls of a layer, and after each step's last layer the step's work outside
+the layers (output head, sampling); all are 0 for the bundled roofline profiles
+(policies/cost.py). How the executor's threads contend for the host's cores is a separate host
+model (sim/host.py), None for roofline profiles.
+
+The common bundles also have fused loops (sim/fast.py) proven equal to this engine; the run
+function (experiments/run.py) picks one when it fits.
 """
 from __future__ import annotations
 
-from dataclasses import astuple
-from functools import partial
+import gc
+from contextlib import contextmanager
 
 import simpy
 from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from policies import Policies, Routing
-from policies.bundle import step_predictions
-from policies.bundle import PLAN
+from policies.bundle import PLAN, step_predictions
 from policies.cost import CostModel
+from sim.host import HostContention
+from sim.record import EventRecorder, FigureRecorder
 from sim.servers import FifoServer, StorageChannel
-from timeline.events import Event, Timeline
+from timeline.events import Timeline
 from workloads.workload import Workload
 
-_event = partial(tuple.__new__, Event)   # Event from a full 10-tuple: a third of Event(...)'s cost
-STALL_ROUNDS = 3        # fixed-point rounds of read stall <-> compute timing (measured hosts only)
 
-
-def _stalled_end(start: float, work: float, busy, stall: float) -> float:
-    """When a read of `work` seconds begun at `start` ends if it runs at 1 - stall of its speed
-    during the main thread's `busy` spans (disjoint) and at full speed outside them."""
-    t = start
-    for a, b in sorted(busy):
-        if b <= t:
-            continue
-        if a > t:
-            if t + work <= a:
-                return t + work
-            work -= a - t
-            t = a
-        if t + work / (1 - stall) <= b:
-            return t + work / (1 - stall)
-        work -= (b - t) * (1 - stall)
-        t = b
-    return t + work
+@contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for the run: a run allocates millions of short-lived
+    objects and no cycles worth collecting, and the collector's passes over them were a sixth of
+    its time. Reference counting still frees everything."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Simulator:
@@ -67,17 +64,7 @@ class Simulator:
         self.cost = cost or CostModel.build(device, workload.model, workload.fmt, self.storage)
         self.decompress_rate = self.cost.decompress_rate() if any(workload.fmt.decompress_bytes) else None
         self.pending: dict = {}          # prefetched key -> when its load is ready
-        self.contention = self.cost.contention()
-        self.contends = any(astuple(self.contention))
-        # a read's stall is the host's own read path: a throttled run's reads sleep to their
-        # device's times, whatever the main thread does
-        own = device.storage.get(self.storage.name) == self.storage
-        self.stall = self.contention.stall if own else 0.0
-        # likewise a throttled read contends for the cores only while the host reads it (then its
-        # thread sleeps to its device's time): as long as a read of the host's own storage takes
-        host = device.storage_option(None)
-        self.host_read = None if own else (host.latency, host.read_bandwidth)
-        self.in_flight: list[tuple[float, float, bool]] = []   # (start, end, is decompression) not yet past
+        self.host = HostContention.of(self.cost, device, self.storage)
         # the executor's own costs (measured host profiles; all 0 for roofline profiles), per layer
         self.decide_base = self.cost.decision_seconds(0)
         self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
@@ -89,19 +76,25 @@ class Simulator:
     def expert_seconds(self, level: int, tokens: int) -> float:
         return self.cost.expert_seconds(level, tokens)
 
-    def run(self, quiet: bool = True) -> Timeline:
+    def run(self, quiet: bool = True, events: bool = True) -> Timeline:
+        """The run's timeline; `events=False`: a metrics-only run, whose timeline holds no events but
+        the figures its metrics are computed from (timeline/metrics.py compute_metrics reads them)."""
         env = simpy.Environment()
-        self.timeline = Timeline(meta=self._meta())
+        fmt = self.w.fmt
+        self.rec = EventRecorder(fmt) if events else FigureRecorder(fmt)
         self.io = StorageChannel(self.storage.read_bandwidth, self.storage.latency, self.storage.queue_depth)
         self.decomp = FifoServer(self.device.decompress_workers)
-        with tqdm(total=len(self.w.steps), disable=quiet, desc="simulate", unit="step", mininterval=0.5) as bar:
+        with gc_paused(), tqdm(total=len(self.w.steps), disable=quiet, desc="simulate", unit="step",
+                                mininterval=0.5) as bar:
             env.process(self._decode(env, bar))
             env.run()
+        self.timeline = self.rec.timeline(self.meta())
         self.timeline.meta["peak_expert_bytes"] = self.p.cache.peak
         self.timeline.meta["policy_report"] = self.p.report()
         return self.timeline
 
-    def _meta(self) -> dict:
+    def meta(self) -> dict:
+        """The timeline's meta before the run (the fused loops share it)."""
         w = self.w
         return {"engine": "sim", "device": self.device.name, "storage": self.storage.name,
                 "model": w.model.name, "format": w.fmt.name,
@@ -112,7 +105,7 @@ class Simulator:
 
     def _decode(self, env: simpy.Environment, bar):
         layers = self.w.model.layers
-        add, layer_fn, timeout = self.timeline.events.append, self._layer, env.timeout
+        layer_fn, timeout, dense, host = self._layer, env.timeout, self.rec.dense, self.host
         for step in self.w.steps:
             experts, scores, levels = self.w.routing_arrays(step)
             pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
@@ -124,11 +117,11 @@ class Simulator:
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
             t = env.now
             for layer in range(layers):
-                end = self._main_thread(t, t_dense + self.contention.dense) if self.contends else t + t_dense
-                add(_event(("dense", "dense", t, end, layer, -1, -1, 0, s, n)))
+                end = host.dense_end(t, t_dense) if host is not None else t + t_dense
+                dense(s, layer, t, end, n)
                 t = layer_fn(end, s, layer, Routing(experts[layer], scores[layer],
-                                                            None if levels is None else levels[layer],
-                                                            None if pred is None else (pred[0][layer], pred[1][layer])))
+                                                    None if levels is None else levels[layer],
+                                                    None if pred is None else (pred[0][layer], pred[1][layer])))
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
             bar.update(1)
@@ -136,53 +129,36 @@ class Simulator:
     def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
         """Carry out one decision point at time `now`; returns when its last compute ends."""
         d = self.p.decide(layer, routing)
-        fmt, add, pending = self.w.fmt, self.timeline.events.append, self.pending
-        sizes = fmt.resident_bytes
-        for item, kind, evicted in d.loads:      # the cache's records, at the decision point
-            for k in evicted:
-                if pending:
+        pending = self.pending
+        if pending:                              # evicted before its prefetch was used
+            for _, _, evicted in d.loads:
+                for k in evicted:
                     pending.pop(k, None)
-                add(_event(("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
-            key = item.key
-            add(_event(("cache", kind, now, now, key.layer, key.expert, key.part, item.resident_bytes, s, 0)))
         assert self.p.cache.used <= self.p.cache.capacity, "budget exceeded"
         stretch = None
-        if self.stall and d.loads:
-            # a read runs slower while the main thread works (measured hosts): its end depends on
-            # the computes, which depend on when reads end. A few rounds from the same server state,
-            # each read's end taken from the main thread's work of the round before
-            state = self._servers()
-            stretch = [0.0] * len(d.loads)
-            for _ in range(STALL_ROUNDS):
-                reads, _, computes, path_end, _ = self._plan(now, d, stretch)
-                busy = [(now, path_end)] + [(a, b) for a, b, *_ in computes]
-                stretch = [_stalled_end(a, b - x - a, busy, self.stall) - (b - x)
-                           for (a, b), x in zip(reads, stretch)]
-                self._servers(state)
+        if self.host is not None:
+            # a read may run slower while the main thread works (measured hosts): its end depends on
+            # the computes, which depend on when reads end
+            stretch = self.host.stretch(now, len(d.loads), lambda x: self._plan(now, d, x)[:4],
+                                        (self.io, self.decomp))
         reads, decs, computes, _, spans = self._plan(now, d, stretch)
-        for (item, kind, _), (issue, done) in zip(d.loads, reads):
-            key = item.key
-            add(_event(("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
+        for (item, kind, _), (_, done) in zip(d.loads, reads):
             if kind is not PLAN and not item.decompress_bytes:
-                pending[key] = done
-        for i, start, done, worker in decs:
+                pending[item.key] = done
+        for i, _, done, _ in decs:
             item, kind, _ = d.loads[i]
-            key = item.key
-            add(_event((f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
-                        item.decompress_bytes, s, 0)))
             if kind is not PLAN:
-                pending[key] = done
+                pending[item.key] = done
         if pending:                             # prefetched earlier: used now
             for key in d.keys:
                 pending.pop(key, None)
         if spans is not None:                   # reads and decompressions not past yet
-            self.in_flight = spans
-        level_sizes, free = fmt.level_sizes, now
-        for start, free, expert, level, n in computes:
-            add(_event(("compute", "expert", start, free, layer, expert, level, level_sizes[level], s, n)))
-        for k in self.p.finish(layer):
+            self.host.commit(spans)
+        free = computes[-1][1] if computes else now
+        finished = self.p.finish(layer)
+        for k in finished:
             pending.pop(k, None)
-            add(_event(("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+        self.rec.decision(s, layer, now, d, reads, decs, computes, finished, free)
         return free
 
     def _plan(self, now: float, d, stretch: list[float] | None):
@@ -190,17 +166,17 @@ class Simulator:
         (reserving the storage and the decompression workers): (reads [(issue, done)] in load order,
         decompressions [(load index, start, done, worker)], computes [(start, end, expert, level,
         tokens)], the end of the decision path, the reads and decompressions in flight from `now` on
-        as _main_thread takes them, None without contention). `stretch`: what each read gains on the
-        main thread's work (None: nothing)."""
-        fmt = self.w.fmt
+        for the host model, None without one). `stretch`: what each read takes beyond its transfer
+        (None: nothing)."""
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
         per_load = self.decide_per_load
         issue_at = now + self.decide_base
+        reserve = self.io.reserve
         ready, prefetched, reads, tasks = {}, {}, [], []
         for i, (item, kind, _) in enumerate(d.loads):
             issue_at += per_load
-            issue, done = self.io.reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
+            issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
             reads.append((issue, done))
             key = item.key
             if item.decompress_bytes:
@@ -222,14 +198,22 @@ class Simulator:
                 t = prefetched.get(key, pending.get(key))
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
-        parts, seconds = fmt.level_parts, self.cost.expert_seconds
-        counts = d.demand.counts()
+        path_end = now + self.decide_base + per_load * len(d.loads)
+        spans = self.host.spans(now, d.loads, reads, decs) if self.host is not None else None
+        computes = self._computes(now, d, ready, path_end, spans)
+        return reads, decs, computes, path_end, spans
+
+    def _computes(self, now: float, d, ready: dict, free: float, spans) -> list[tuple]:
+        """The decision's computes [(start, end, expert, level, tokens)] on the compute queue, free
+        from `free` on: in the scheduler's order, else in order of readiness (each (expert, level)
+        once every part it needs is `ready`: (expert, part) -> time, absent: resident now)."""
+        parts, counts = self.w.fmt.level_parts, d.demand.counts()
         if d.compute_order is not None:         # the scheduler's order, each once it is ready
             tasks = []
             for pair in d.compute_order:
                 expert, level = pair
                 tasks.append((max([now, *(ready.get((expert, p), now) for p in parts[level])]), 0, expert, level,
-                               counts[pair]))
+                              counts[pair]))
         elif ready:                             # in order of readiness
             tasks = []
             for (expert, level), n in counts.items():
@@ -242,20 +226,16 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        path_end = free = now + self.decide_base + per_load * len(d.loads)
-        spans = None
-        if self.contends:                       # reads and decompressions in flight meanwhile
-            spans = [x for x in self.in_flight if x[1] > now] + self._spans(d, reads, decs)
-        computes, gap, first, call = [], self.gap, True, self.contention.call
+        seconds, gap, host = self.cost.expert_seconds, self.gap, self.host
+        computes, first = [], True
         for t_ready, _, expert, level, n in tasks:
             if not first:
                 free += gap
             first = False
             start = t_ready if t_ready > free else free
-            free = self._main_thread(start, seconds(level, n) + call, spans) if spans is not None \
-                else start + seconds(level, n)
+            free = host.call_end(start, seconds(level, n), spans) if host is not None else start + seconds(level, n)
             computes.append((start, free, expert, level, n))
-        return reads, decs, computes, path_end, spans
+        return computes
 
     def _decompress(self, tasks, order) -> list[tuple[int, float, float, int]]:
         """Decompression tasks [(load index, item, read done)] go to the workers in `order` (default:
@@ -271,46 +251,3 @@ class Simulator:
             last_start = start
             out.append((i, start, done, worker))
         return out
-
-    def _spans(self, d, reads, decs) -> list[tuple[float, float, bool]]:
-        """(start, end, is decompression) of the decision's reads and decompressions, as long as
-        each takes the host's cores (a throttled read: only its host read, see __init__)."""
-        if self.host_read is None:
-            spans = [(a, b, False) for a, b in reads]
-        else:
-            latency, bandwidth = self.host_read
-            spans = [(a, min(b, a + latency + item.nbytes / bandwidth), False)
-                     for (a, b), (item, _, _) in zip(reads, d.loads)]
-        return spans + [(a, b, True) for _, a, b, _ in decs]
-
-    def _servers(self, state=None):
-        """The storage's and decompression workers' state (free times), or restore it from `state`."""
-        io, dec = self.io, self.decomp
-        if state is None:
-            return io.slots.free[:], io.wire.free[:], dec.free[:]
-        io.slots.free[:], io.wire.free[:], dec.free[:] = state
-
-    def _main_thread(self, start: float, work: float, spans=None) -> float:
-        """When `work` seconds of the main thread's work (at full speed) begun at `start` end: it runs
-        at the measured contention's rate while reads / decompressions are in flight (the executor's
-        worker threads share the cores with it), its speed changing at each of their starts and ends."""
-        spans = [x for x in (self.in_flight if spans is None else spans) if x[1] > start]
-        rate_of, t = self.contention.rate, start
-        while True:
-            reading = decompressing = False
-            change = float("inf")               # the next start or end of a read / decompression
-            for b, e, is_dec in spans:
-                if b <= t < e:
-                    if is_dec:
-                        decompressing = True
-                    else:
-                        reading = True
-                    if e < change:
-                        change = e
-                elif t < b < change:
-                    change = b
-            rate = rate_of(reading, decompressing)
-            if t + work / rate <= change:
-                return t + work / rate
-            work -= (change - t) * rate
-            t = change

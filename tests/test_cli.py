@@ -186,7 +186,7 @@ def test_train_checks_its_out_folder_before_training(tmp_path, capsys, monkeypat
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    import experiments.cli as cli
+    import experiments.cli.info_cmds as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -280,8 +280,8 @@ def test_outputs_replace_a_previous_run_only_when_complete(tmp_path, monkeypatch
 
 
 def test_a_run_too_big_for_memory_is_refused_up_front(capsys, monkeypatch):
-    import experiments.cli as cli
-    monkeypatch.setattr(cli, "available_memory", lambda: 8 * 10**9)
+    import experiments.run as run
+    monkeypatch.setattr(run, "available_memory", lambda: 8 * 10**9)
     assert main(["simulate", "--tokens", "10000000", "--out", "/nonexistent/never"]) == 2
     err = capsys.readouterr().err
     assert "--tokens" in err and "GB" in err and "available" in err

@@ -58,4 +58,4 @@ def test_prefetch_options_reach_the_prefetcher(tmp_path, capsys):
     assert 0 < prefetched["1"] < prefetched["4"]          # a wider guess prefetches more
     assert main(["simulate", "--quiet", "--trace", str(trace), "--prefetch", "gate-topk", "--prefetch-option",
                  "depth=2", "--out", str(tmp_path / "x")]) == 2
-    assert "gate-topk: unknown option 'depth'; options: width, threshold" in capsys.readouterr().err
+    assert "gate-topk: unknown option 'depth'; options: width (int), threshold (float)" in capsys.readouterr().err

@@ -292,12 +292,19 @@ def test_the_main_thread_fluid_model_by_hand():
     half its speed to reads and a quarter to decompressions: 1.5 s of work begun at 0 gets
     0.25 s done by 0.5, 0.125 more by 1, 0.75 more by 2, and the last 0.375 s at full speed."""
     from devices.profile import Contention
-    sim = Simulator.__new__(Simulator)
-    sim.contention = Contention(read=0.5, decompress=0.25)
-    sim.in_flight = [(0.0, 1.0, False), (0.5, 2.0, True)]
-    assert sim._main_thread(0.0, 1.5) == pytest.approx(2.375)
-    assert sim._main_thread(2.5, 1.0) == pytest.approx(3.5)            # nothing in flight then
-    assert sim._main_thread(0.0, 0.2) == pytest.approx(0.4)            # ends inside the first span
+    from sim.host import HostContention
+    host = HostContention(Contention(read=0.5, decompress=0.25))
+    host.commit([(0.0, 1.0, False), (0.5, 2.0, True)])
+    assert host.main_thread(0.0, 1.5, host.in_flight) == pytest.approx(2.375)
+    assert host.main_thread(2.5, 1.0, host.in_flight) == pytest.approx(3.5)     # nothing in flight then
+    assert host.main_thread(0.0, 0.2, host.in_flight) == pytest.approx(0.4)     # ends inside the first span
+
+
+def test_roofline_profiles_have_no_host_model():
+    from sim.host import HostContention
+    d = load_device("raspberry-pi-5-8gb")
+    cost = CostModel.build(d, TINY, make_format("bf16", TINY.expert_shapes))
+    assert HostContention.of(cost, d, d.storage_option(None)) is None
 
 
 def test_old_interference_keys_and_bad_contention_are_refused_by_name(tmp_path):

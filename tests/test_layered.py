@@ -84,7 +84,7 @@ def test_shares_fixed_and_proportional():
     assert fixed == [5 * unit, 5 * unit]
     # each layer first gets its largest demand (1 expert), the other 8 go 1 : 8 by effective experts
     assert prop[1] == unit + 8 * 8 * unit // 9 and sum(prop) == 10 * unit
-    with pytest.raises(ConfigError, match="layer-lru: option share must be one of fixed, proportional, got 'half'"):
+    with pytest.raises(ConfigError, match="layer-lru: option share: must be one of fixed, proportional, got 'half'"):
         build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "half"})
     # the layer's share full: a miss evicts in its own layer, even with the other layer's room free
     p = build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "proportional"})

@@ -17,7 +17,7 @@ from experiments.sweep import FIELDS, load_grid, read_results, sweep
 ROOT = Path(__file__).resolve().parents[1]
 GRID = """
 tokens: 8
-prompt: 4
+prompt_tokens: 4
 grid:
   device: [jetson-orin-nano-8gb, raspberry-pi-5-8gb]
   model: [olmoe-1b-7b]
@@ -37,10 +37,13 @@ def write(path, text):
     ("grid: {policy: [lru, {cache: lruu}]}", "grid.policy[1]: policy.cache: unknown cache"),
     ("grid: {budget: [2GB, lots]}", "grid.budget[1]: budget:"),
     ("grid: {colour: [red]}", "grid.colour: unknown axis"),
-    ("runs: [{device: jetson-orin-nano-8gb, batch: 0}]", "runs[0]: batch: must be an integer >= 1"),
+    ("runs: [{device: jetson-orin-nano-8gb, batch: 0}]", "runs[0]: batch: must be a whole number >= 1"),
     ("grid: {format: [{name: mwq, ladder: v9}]}", "grid.format[0]: format:"),
-    ("grid: {policy: [{preset: d2moe, cache: lru}]}", "a preset sets the whole bundle"),
-    ("tokens: 0\ngrid: {batch: [1]}", "tokens: must be an integer >= 1"),
+    ("grid: {policy: [{preset: d2moe, cache: lru}]}", "preset d2moe sets the whole bundle"),
+    ("tokens: 0\ngrid: {batch: [1]}", "tokens: must be a whole number >= 1"),
+    ("grid: {format: [{name: zip, codec: nope}]}", "grid.format[0]: format: codec: unknown codec 'nope'"),
+    ("grid: {format: [{name: bf16, ladder: v2}]}", "ladder v2: only mwq and copies have a ladder"),
+    ("grid: {}", "an empty grid gives no runs"),
 ])
 def test_bad_grids_are_refused_with_the_key_path(tmp_path, text, where, capsys):
     grid = write(tmp_path / "g.yaml", text)
@@ -54,7 +57,7 @@ def test_grid_sample_and_list(tmp_path):
     full = load_grid(write(tmp_path / "g.yaml", GRID))
     assert len(full) == 2 * 4 * 2 * 2
     sample = load_grid(write(tmp_path / "s.yaml", GRID + "sample: {n: 5, seed: 3}\n"))
-    assert len(sample) == 5 and {c["config_hash"] for c in sample} <= {c["config_hash"] for c in full}
+    assert len(sample) == 5 and {c.config_hash() for c in sample} <= {c.config_hash() for c in full}
     listed = load_grid(write(tmp_path / "l.yaml", "runs:\n  - {model: olmoe-1b-7b, budget: 2GB}\n"
                                                  "  - {model: olmoe-1b-7b, budget: 2GB}\n"))
     assert len(listed) == 1                              # duplicates run once

@@ -1,5 +1,6 @@
 """`moelab sweep` under real signals, two writers on one results file, and files that are not
 a sweep's results (issue 19, items 1, 2 and 4)."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from experiments.sweep import read_results, sweep
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = """
 tokens: 32
-prompt: 4
+prompt_tokens: 4
 grid:
   device: [jetson-orin-nano-8gb]
   model: [olmoe-1b-7b]
@@ -24,6 +25,9 @@ grid:
 """
 SLOW = HEAD + f"  seed: [{', '.join(map(str, range(300)))}]\n"     # ~0.1 s a run: long enough to interrupt
 SMALL = HEAD + "  seed: [0, 1, 2]\n"
+# six runs of ~0.1 s, then six of several seconds: a signal after the first six finds both workers
+# mid-run, and a sweep that waited for its runs in flight would take seconds to stop
+STALL = HEAD.replace("tokens: 32\n", "") + "  tokens: [32, 1000]\n  seed: [0, 1, 2, 3, 4, 5]\n"
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
 
@@ -33,16 +37,35 @@ def write(path, text):
     return path
 
 
-def start_sweep(grid, out, *extra):
-    """A real `moelab sweep` in its own process group (pgid = its pid), as from a terminal."""
-    cmd = [sys.executable, "-m", "experiments.cli", "sweep", str(grid), "--out", str(out), "--quiet", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_sweep():
+    """start_sweep(grid, out, *args): a real `moelab sweep` in its own process group (pgid = its
+    pid), as from a terminal; every group started is killed at the end, whatever the test saw.
+    Its stderr goes to a file (`stderr_of`): a pipe would stay open while an orphaned worker holds it."""
+    started = []
+
+    def start(grid, out, *extra):
+        cmd = [sys.executable, "-m", "experiments.cli", "sweep", str(grid), "--out", str(out), "--quiet", *extra]
+        err = Path(f"{out}.{len(started)}.err")
+        with open(err, "w") as f:
+            started.append(subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stderr=f))
+        started[-1].err = err
+        return started[-1]
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stderr_of(proc) -> str:
+    return proc.err.read_text()
 
 
 def wait_for_rows(out, n, proc, limit=30):
     deadline = time.time() + limit
     while len(read_results(out)) < n:
-        assert proc.poll() is None and time.time() < deadline, f"no rows in time: {proc.poll()} {proc.stderr.read()}"
+        assert proc.poll() is None and time.time() < deadline, f"no rows in time: {proc.poll()} {stderr_of(proc)}"
         time.sleep(0.05)
 
 
@@ -80,63 +103,52 @@ def assert_whole_unique_rows(out):
 @pytest.mark.parametrize("sig,to_group", [(signal.SIGINT, True), (signal.SIGINT, False),
                                           (signal.SIGTERM, False), (signal.SIGTERM, True)],
                          ids=["ctrl-c-to-group", "sigint-to-main", "kill-main", "sigterm-to-group"])
-def test_a_signal_ends_the_sweep_and_its_workers_promptly(tmp_path, sig, to_group):
+def test_a_signal_ends_the_sweep_and_its_workers_promptly(tmp_path, start_sweep, sig, to_group):
     out = tmp_path / "r.csv"
-    proc = start_sweep(write(tmp_path / "g.yaml", SLOW), out, "--jobs", "2")
-    try:
-        wait_for_rows(out, 3, proc)
-        assert len(alive_in_group(proc.pid)) >= 3            # the sweep and its two workers
-        t0 = time.time()
-        (os.killpg if to_group else os.kill)(proc.pid, sig)
-        rc = proc.wait(timeout=10)
-        took = time.time() - t0
-        assert rc == 130 and took < 5, (rc, took, proc.stderr.read())
-        assert wait_group_gone(proc.pid) == []               # no worker outlives it
-        assert_whole_unique_rows(out)
-        assert len(read_results(out)) < 300
-    finally:
-        if proc.poll() is None or alive_in_group(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc = start_sweep(write(tmp_path / "g.yaml", STALL), out, "--jobs", "2")
+    wait_for_rows(out, 6, proc)
+    time.sleep(0.3)                                          # both workers well into a long run
+    assert len(alive_in_group(proc.pid)) >= 3                # the sweep and its two workers
+    t0 = time.time()
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    rc = proc.wait(timeout=15)
+    took = time.time() - t0
+    assert rc == 130 and took < 3, (rc, took, stderr_of(proc))
+    assert wait_group_gone(proc.pid) == []                   # no worker outlives it
+    assert_whole_unique_rows(out)
+    assert len(read_results(out)) == 6                       # every finished run kept, no long one
 
 
 @linux_only
-def test_workers_die_with_a_killed_sweep(tmp_path):
+def test_workers_die_with_a_killed_sweep(tmp_path, start_sweep):
     """Even `kill -9` of the sweep alone (no cleanup possible) leaves no worker running."""
     out = tmp_path / "r.csv"
     proc = start_sweep(write(tmp_path / "g.yaml", SLOW), out, "--jobs", "2")
-    try:
-        wait_for_rows(out, 3, proc)
-        assert len(alive_in_group(proc.pid)) >= 3
-        proc.kill()
-        proc.wait(timeout=10)
-        assert wait_group_gone(proc.pid) == []
-        assert_whole_unique_rows(out)
-    finally:
-        if alive_in_group(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+    wait_for_rows(out, 3, proc)
+    assert len(alive_in_group(proc.pid)) >= 3
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_group_gone(proc.pid) == []
+    assert_whole_unique_rows(out)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_cancels_a_dask_sweep(tmp_path, sig):
+def test_a_signal_cancels_a_dask_sweep(tmp_path, start_sweep, sig):
     """On a cluster: exit 130 promptly, and the scheduler is left with none of the sweep's tasks."""
     from dask.distributed import LocalCluster
     out = tmp_path / "r.csv"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
                       dashboard_address=None) as cluster:        # a worker thread here, reached over TCP
         proc = start_sweep(write(tmp_path / "g.yaml", SLOW), out, "--cluster", cluster.scheduler_address)
-        try:
-            wait_for_rows(out, 2, proc)
-            t0 = time.time()
-            proc.send_signal(sig)
-            rc = proc.wait(timeout=10)
-            assert rc == 130 and time.time() - t0 < 5, (rc, proc.stderr.read())
-            deadline = time.time() + 5
-            while cluster.scheduler.tasks and time.time() < deadline:
-                time.sleep(0.05)
-            assert not cluster.scheduler.tasks
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        wait_for_rows(out, 2, proc)
+        t0 = time.time()
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=10)
+        assert rc == 130 and time.time() - t0 < 5, (rc, stderr_of(proc))
+        deadline = time.time() + 5
+        while cluster.scheduler.tasks and time.time() < deadline:
+            time.sleep(0.05)
+        assert not cluster.scheduler.tasks
     assert_whole_unique_rows(out)
 
 
@@ -178,25 +190,21 @@ def test_an_interrupted_dask_sweep_cancels_its_futures(monkeypatch):
 
 
 # -- 2. one writer at a time; repeated rows read once --------------------------------------------------
-def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+def test_a_second_writer_is_refused_naming_the_first(tmp_path, start_sweep):
     grid, out = write(tmp_path / "g.yaml", SLOW), tmp_path / "same.csv"
     first = start_sweep(grid, out, "--jobs", "1")
-    try:
-        wait_for_rows(out, 2, first)
-        second = start_sweep(grid, out, "--jobs", "1")
-        _, err = second.communicate(timeout=20)
-        assert second.returncode == 2
-        assert err.strip() == (f"error: {out}: another sweep (pid {first.pid}) is writing it; wait for it to "
-                               f"finish or give another --out")
-        assert first.poll() is None                          # the first runs on, untouched
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=10) == 130
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+    wait_for_rows(out, 2, first)
+    second = start_sweep(grid, out, "--jobs", "1")
+    assert second.wait(timeout=20) == 2
+    assert stderr_of(second).strip() == (f"error: {out}: another sweep (pid {first.pid}) is writing it; wait for "
+                                         f"it to finish or give another --out")
+    assert first.poll() is None                              # the first runs on, untouched
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=10) == 130
     assert_whole_unique_rows(out)
     done = sweep(write(tmp_path / "small.yaml", SMALL), out, jobs=1, quiet=True)   # the lock was let go
-    assert done["ran"] == 0 and done["done_before"] == 3
+    assert done["done_before"] + done["ran"] == 3
+    assert_whole_unique_rows(out)
 
 
 def test_repeated_rows_are_read_once_saying_so(tmp_path, capsys):

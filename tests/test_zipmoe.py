@@ -36,7 +36,8 @@ ONE = ModelArch("z", layers=1, experts=5, top_k=1, d_model=8, d_ff=8, n_heads=1,
 
 def hand_bundle(slots_full: int, slots_sm: int, **options) -> Policies:
     """One layer, five experts, zip with 2 chunks; a dock of one expert and pools of exactly
-    the given slots (share 0.5 of the room, or 1.0 without tiers)."""
+    the given slots (without tiers: the full ones; the released mode's unused SM pool aside).
+    Loads in router order (FIFO), so the released mode registers tiers in router order too."""
     fmt = make_format("zip", ONE.expert_shapes, chunks=2)
     full, sm = sum(fmt.resident_bytes), fmt.resident_bytes[0]
     budget = full + slots_full * full + slots_sm * sm
@@ -46,7 +47,7 @@ def hand_bundle(slots_full: int, slots_sm: int, **options) -> Policies:
     if options.get("tiers") is False:
         options.pop("split")
     cache = ZipMoECache(ctx, **options)
-    assert (cache.full_slots, cache.sm_slots) == (slots_full, slots_sm)
+    assert cache.full_slots == slots_full and (options.get("tiers") is False or cache.sm_slots == slots_sm)
     return Policies(FixedLevel(ctx), FifoScheduler(ctx), cache)
 
 
@@ -72,46 +73,44 @@ def test_proactive_decision_follows_the_released_rule(rank, full_free, sm_free, 
 
 
 def test_tier_transitions_full_to_sm_only_to_dropped():
-    # one full slot, two SM slots, margin 0: T_N = 1, T_S = 3 (ranks by tokens so far)
-    p = hand_bundle(1, 2)
+    # corrected mode; one full slot, two SM slots, margin 0: T_N = 1, T_S = 3 (ranks: tokens this batch)
+    p = hand_bundle(1, 2, mode="corrected")
     c = p.cache
-    assert use(p, 0) == [] and tiers(p) == {0: "full"}                 # rank 0, a full slot free
-    use(p, 1, tokens=3)
-    assert tiers(p) == {0: "full", 1: "sm"}                              # rank 0, full taken: SM-only
+    assert use(p, 0, tokens=4) == [] and tiers(p) == {0: "full"}       # rank 0, a full slot free
+    use(p, 1)
+    assert tiers(p) == {0: "full", 1: "sm"}                              # rank 1: SM-only
     assert c.meta[0, 1][0] == 1                                          # a miss sets the count to 1
-    use(p, 1, tokens=2)
-    assert c.meta[0, 1][0] == 3                                          # a hit adds its tokens
-    dropped = use(p, 0)                                                  # e0: 2 tokens, e1: 5 -> rank 1
-    assert tiers(p) == {0: "sm", 1: "sm"} and dropped == [Key(0, 0, 1), Key(0, 0, 2)]   # demoted: chunks go
-    assert Key(0, 0, 0) in c.sizes and c.pool_of[Key(0, 0, 0)] == "sm"
-    use(p, 2)                                                            # rank 2: SM full, full free
-    assert tiers(p) == {0: "sm", 1: "sm", 2: "full"}
+    use(p, 1)
+    assert c.meta[0, 1][0] == 2 and tiers(p)[1] == "sm"                  # a hit adds its tokens; rank 1
+    use(p, 2)                                                            # rank 2: the last SM slot
+    assert tiers(p) == {0: "full", 1: "sm", 2: "sm"}
     dropped = use(p, 3)                                                  # rank 2, both full: evict SM's
-    assert tiers(p) == {1: "sm", 2: "full", 3: "sm"}                     # lowest count: e0 (2 < 3)
-    assert dropped == [Key(0, 3, 1), Key(0, 3, 2), Key(0, 0, 0)]         # e3's chunks; e0 dropped
-    assert c.states == {NORMAL: 2, SMCACHE: 4, EVICT: 0}
-    # rank >= T_S with both pools full: not cached at all
-    use(p, 4, tokens=1)          # e4: 1 token; e1 5, e0 2, e2 1... rank 2 -> SM victim (e3, count 1)
-    assert tiers(p) == {1: "sm", 2: "full", 4: "sm"}
-    for e in (0, 0, 3, 3, 3):
-        use(p, e, 4)
+    assert tiers(p) == {0: "full", 1: "sm", 3: "sm"}                     # lowest count: e2 (1 < 2)
+    assert dropped == [Key(0, 3, 1), Key(0, 3, 2), Key(0, 2, 0)]         # e3's chunks; e2 dropped
+    for e in (4, 4, 4, 4, 4):                                            # e4 climbs: rank 1, then 0
+        use(p, e)
+    assert tiers(p)[4] == "full" and 0 not in tiers(p)                   # promoted, evicting e0
+    assert c.states[EVICT] == 0
     assert c.pool_used["full"] <= c.pools["full"] and c.pool_used["sm"] <= c.pools["sm"]
     assert c.used == sum(c.sizes.values()) <= c.capacity and c.pool_used["dock"] == 0
 
 
-def test_a_layer_with_nothing_unlocked_to_evict_caches_nothing():
-    p = hand_bundle(1, 0, tiers=False)      # one full slot, every expert full
+@pytest.mark.parametrize("mode,states", [("released", [NORMAL, NORMAL]), ("corrected", [NORMAL, EVICT])])
+def test_a_layer_with_nothing_unlocked_to_evict_caches_nothing(mode, states):
+    p = hand_bundle(1, 0, tiers=False, mode=mode)      # one full slot, every expert full
     use(p, 0)
     p.decide(0, Routing(np.array([[1], [2]]), np.ones((2, 1), np.float32)))   # two new experts, one slot
-    assert [s for _, s in p.cache.decisions] == [NORMAL, EVICT]   # e1 evicts e0; e2 finds nothing unlocked
+    # e1 evicts e0; e2 finds nothing unlocked (corrected: at its decision; released: when it registers)
+    assert [s for _, s in p.cache.decisions] == states
     p.finish(0)
     assert tiers(p) == {1: "full"}
 
 
 @pytest.mark.parametrize("victim,want", [("lru", 2), ("lfu", 2), ("tw-lfu", 2), ("fifo", 1), ("marking", 2)])
 def test_victim_rules(victim, want):
-    # three full slots: e0 e1 e2, then e3 evicts e0 under every rule; e1 is used again; e4 evicts
-    p = hand_bundle(3, 0, tiers=False, victim=victim)
+    # corrected mode (ties: least recently used); three full slots: e0 e1 e2, then e3 evicts e0 under
+    # every rule; e1 is used again; e4 evicts
+    p = hand_bundle(3, 0, tiers=False, victim=victim, mode="corrected")
     for e in (0, 1, 2):
         use(p, e)
     assert use(p, 3) == [Key(0, 0, p) for p in range(3)]
@@ -197,33 +196,50 @@ def zip_workload(model, requests=3, batch=1, tokens=20, seed=0, prompt=4):
     return Workload(model, trace, fmt, batch=batch)
 
 
-def test_plan_from_the_trace_or_online():
-    # 4 layers of 8 experts; a prefill's dock of 8 experts beside pools of 24 expert-halves
-    # (16 + 8 per layer, 8 .. 24 full slots feasible)
+def test_plan_from_a_plan_trace_or_online(tmp_path):
+    # 4 layers of 8 experts; a dock of 8 experts beside pools of 24 expert-halves (16 + 8 per layer)
     model = ModelArch("m", layers=4, experts=8, top_k=2, d_model=64, d_ff=64, n_heads=1, n_kv_heads=1)
     w = zip_workload(model, tokens=40)
     cost = CostModel.build(make_device(workers=2), model, w.fmt)
     budget = 32 * sum(w.fmt.resident_bytes)
-    p = build_policies(w, budget, cache="zipmoe", scheduler="zipmoe", cost=cost)
-    assert p.report()["zipmoe_split_source"] == "trace"
-    assert 0 < p.report()["zipmoe_full_share"] < 1
+    for mode in ("released", "corrected"):
+        p = build_policies(w, budget, cache="zipmoe", scheduler="zipmoe", cost=cost,
+                           cache_options={"mode": mode, "dock": 8 * sum(w.fmt.resident_bytes)})
+        before = p.report()["zipmoe_full_share"]
+        assert before == (0.6 if mode == "released" else 0.5) and "not planned" in p.report()["zipmoe_split_source"]
+        from policies.bundle import workload_routings
+        for i, (step, layer, routing) in enumerate(workload_routings(w)):
+            p.decide(layer, routing)
+            p.finish(layer)
+            if step.index == 1:                                  # planned at the second step: batch 1
+                break
+        rep = p.report()
+        assert f"{mode} planner, default plan trace, batch 1" in rep["zipmoe_split_source"], rep
+        assert 0 < rep["zipmoe_full_share"] < 1 or "fall-back" in rep["zipmoe_split_source"]
     from policies import build_online_policies
-    on = build_online_policies(model, w.fmt, budget, cache="zipmoe", cost=cost, cache_options={"plan_after": 3})
-    assert on.report()["zipmoe_full_share"] == 0.5 and "online" in on.report()["zipmoe_split_source"]
+    on = build_online_policies(model, w.fmt, budget, cache="zipmoe", cost=cost,
+                               cache_options={"plan_after": 3, "plan_trace": "online", "planner": "corrected"})
+    assert on.report()["zipmoe_full_share"] == 0.6 and "not planned" in on.report()["zipmoe_split_source"]
     from policies.bundle import workload_routings
     for i, (_, layer, routing) in enumerate(workload_routings(w)):
         on.decide(layer, routing)
         on.finish(layer)
-        if i == 3 * model.layers - 2:
-            assert on.report()["zipmoe_full_share"] == 0.5       # not yet planned
-    assert on.cache.plan_at is None and on.report()["zipmoe_full_share"] != 0.5 or \
-        "fall-back" in on.report()["zipmoe_split_source"]
+        if i == 3 * model.layers - 1:
+            assert on.report()["zipmoe_full_share"] == 0.6       # not yet planned
+    assert not on.cache.pending and ("online" in on.report()["zipmoe_split_source"])
+    with pytest.raises(ConfigError, match="plan_trace=online .* only the corrected planner"):
+        ZipMoECache(PolicyContext(w.fmt, 4, 8, budget, cost=cost), plan_trace="online")
+    with pytest.raises(ConfigError, match="plan_trace nowhere.npz: no such file"):
+        ZipMoECache(PolicyContext(w.fmt, 4, 8, budget, cost=cost), plan_trace="nowhere.npz")
     # a Switch model falls back to LFU, every expert full (the released code)
     sw = get_model("switch-large-128")
     ws = zip_workload(sw, requests=1, tokens=3)
     ps = build_policies(ws, 4 * 10**9, cache="zipmoe", cost=CostModel.build(make_device(), sw, ws.fmt))
+    for _, layer, routing in workload_routings(ws):
+        ps.decide(layer, routing)
+        ps.finish(layer)
     assert "LFU fall-back (a Switch model)" in ps.report()["zipmoe_split_source"]
-    assert ps.cache.victim == "lfu" and ps.cache.sm_slots == 0
+    assert ps.cache.victim == "lfu" and not ps.cache.tiers and ps.report()["zipmoe_full_share"] == 0.99
 
 
 # -- the scheduler and its bound ----------------------------------------------------------------------
@@ -442,16 +458,16 @@ def test_invariants(case):
 
 
 # -- presets ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["zipmoe", "zipmoe-c", "zipmoe-basic", "bf16-lru", "moe-infinity", "deepspeed",
-                                  "accelerate"])
+@pytest.mark.parametrize("name", ["zipmoe", "zipmoe-c", "zipmoe-c95", "zipmoe-basic", "zipmoe-basic-lfu",
+                                  "zipmoe-basic-fifo", "bf16-lru", "moe-infinity", "deepspeed", "accelerate"])
 def test_zipmoe_presets_run(name):
     from policies.presets import get_preset
     model = ModelArch("m", layers=2, experts=8, top_k=2, d_model=16, d_ff=16, n_heads=1, n_kv_heads=1)
     preset = get_preset(name)
-    fmt = make_format(preset.format, model.expert_shapes, **preset.format_options())
+    fmt = preset.format.make(model.expert_shapes)
     w = Workload(model, synthetic_trace(model, requests=2, prompt_len=3, output_len=5, seed=1), fmt, batch=2)
-    p = build_policies(w, 8 * fmt.expert_bytes, cost=CostModel.build(make_device(), model, fmt),
-                       **preset.policy_kwargs())
+    p = build_policies(w, 16 * fmt.expert_bytes, cost=CostModel.build(make_device(), model, fmt),
+                       **preset.bundle.kwargs())
     tl = Simulator(make_device(), w, p).run()
     read = {(e.layer, e.expert) for e in tl.of("io")}
     if name == "deepspeed":          # every expert of every layer streamed

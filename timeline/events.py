@@ -34,6 +34,9 @@ class Event(NamedTuple):
 class Timeline:
     events: list[Event] = field(default_factory=list)
     meta: dict = field(default_factory=dict)   # engine, batch, steps (list of {"step", "prefill", "tokens"}), ...
+    # a metrics-only run records no events: what the metrics need, accumulated as it ran
+    # (timeline/metrics.py Figures; None: compute it from the events)
+    figures: object | None = field(default=None, repr=False, compare=False)
 
     def of(self, resource_prefix: str, kind: str | None = None) -> list[Event]:
         return [e for e in self.events

@@ -47,10 +47,15 @@ def window_span(tl: Timeline, timed, first_step: int, steps: int) -> tuple[float
     return min(e.start for e in chosen), max(e.end for e in chosen), shown
 
 
-def gantt(tl: Timeline, path, *, steps: int = 4, first_step: int = 0, max_events: int = 20000, bins: int = 400,
-          title: str | None = None) -> Path:
+def gantt(tl: Timeline, path, *, steps: int = 4, first_step: int | None = None, max_events: int = 20000,
+          bins: int = 400, title: str | None = None) -> Path:
     """Write the chart to `path` (PNG). The detail window shows `steps` steps from `first_step`,
-    cut at `max_events` bars (the chart says where); the summary lanes always cover every event."""
+    cut at `max_events` bars (the chart says where); the summary lanes always cover every event.
+    By default it starts at step 0, except on an executor's timeline with more steps than shown:
+    there its first step is warm-up (first calls pay one-off costs that would dwarf the rest), so
+    the window starts after it and says so."""
+    warmup = first_step is None and tl.meta.get("engine") == "executor" and len(tl.meta.get("steps", [])) > steps
+    first_step = (1 if warmup else 0) if first_step is None else first_step
     timed = [e for e in tl.events if e.resource != "cache" and e.end > e.start]
     rows = sorted({e.resource for e in timed}, key=_rank)
     fig, (ax, ax_sum) = plt.subplots(2, 1, figsize=(12, 2.2 + 0.9 * max(len(rows), 1)),
@@ -82,6 +87,7 @@ def gantt(tl: Timeline, path, *, steps: int = 4, first_step: int = 0, max_events
         ax.set_xlabel("time (s)")
         n_steps = len(tl.meta.get("steps", [])) or len({e.step for e in timed})
         step_text = f"steps {shown[0]}-{shown[-1]}" if shown else "all events"
+        step_text += " (after step 0, the warm-up)" if warmup else ""
         ax.set_title(f"{name}\ndetail: {step_text} of {n_steps} ({len(in_window)} of {len(timed)} timed events; "
                      f"bars widened to >= {min_width * 1e3:.2g} ms{note})", fontsize=9)
 
@@ -93,11 +99,12 @@ def gantt(tl: Timeline, path, *, steps: int = 4, first_step: int = 0, max_events
             share[y] = busy_share(np.array([e.start for e in mine]), np.array([e.end for e in mine]), edges)
         img = ax_sum.imshow(share, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
                             extent=(0.0, end, len(rows) - 0.5, -0.5))
-        ax_sum.axvspan(t0, t1, color="tab:red", alpha=0.25, lw=0)
+        for edge in (t0, t1):              # outlined, not tinted: a tint would change the lanes' colours
+            ax_sum.axvline(edge, color="tab:red", lw=1.2)
         ax_sum.set_yticks(range(len(rows)), rows)
         ax_sum.set_xlabel("time (s)")
         ax_sum.set_title(f"summary: the whole run, busy share per {end / bins:.3g} s bin (all {len(timed)} "
-                         f"events; red: the detail window)", fontsize=9)
+                         f"events; red lines: the detail window)", fontsize=9)
         fig.colorbar(img, ax=ax_sum, fraction=0.02, pad=0.01)
     fig.tight_layout()
     path = Path(path)

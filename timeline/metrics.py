@@ -34,6 +34,7 @@ never NaN, so metrics.json stays valid JSON):
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,28 +135,31 @@ def prefetch_outcomes(tl: Timeline, needed: dict[tuple[int, int], set]) -> tuple
     return admits, hits, waste
 
 
-def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict:
-    """The metrics of the module docstring. level_bits: bits per weight of each precision level."""
-    steps = tl.meta["steps"]
+@dataclass
+class Figures:
+    """What the metrics are computed from: gathered from a timeline's events (`figures_of`), or
+    accumulated by the simulator as it runs (a metrics-only run, sim/accumulate.py, records no
+    events). Both give the same values bit for bit (tests/test_metrics_only.py)."""
+    spans: dict[int, tuple[float, float]]     # step -> (first start, last end) of its work
+    makespan: float
+    peak: int                                 # the most resident expert bytes
+    prefetches: int
+    accesses: int
+    admits: int
+    prefetch_hits: int
+    waste: int
+    bytes_read: int
+    loads: int
+    io_busy: float                            # busy_time of the storage's reads
+    compute_busy: float                       # of the computes and dense parts
+    decompress_busy: float                    # of every decompression worker together
+    tokens_at: dict[int, int]                 # level -> tokens computed at it
+
+
+def figures_of(tl: Timeline) -> Figures:
+    """A timeline's figures, from its events."""
     spans = step_spans(tl)
     work = [e for e in tl.events if e.resource != "cache"]
-    makespan = max((e.end for e in work), default=0.0)
-    groups: list[tuple[float, int]] = []         # (TTFT, requests) per group
-    tpot = []
-    prev_end, group = None, None
-    for s in steps:
-        if s["step"] not in spans:
-            continue
-        start, end = spans[s["step"]]
-        if s["group"] != group:                  # a new group of requests starts here
-            group = s["group"]
-            groups.append((end - start, s["new_tokens"]))
-        else:
-            tpot.append(end - prev_end)
-        prev_end = end
-    ttft = [t for t, n in groups for _ in range(n)]
-    warm = [t for t, n in groups[1:] for _ in range(n)]
-    generated = sum(s["new_tokens"] for s in steps)
     mem, peak, prefetches = 0, 0, 0
     for e in tl.events:
         if e.resource == "cache":
@@ -166,15 +170,46 @@ def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict
             elif e.kind == "evict":
                 mem -= e.bytes
     needed = needed_parts(tl)
-    accesses = sum(len(parts) for parts in needed.values())
     admits, prefetch_hits, waste = prefetch_outcomes(tl, needed)
     io = [(e.start, e.end) for e in work if e.resource == "io"]
-    compute = [(e.start, e.end) for e in work if e.resource in ("compute", "dense")]
-    decomp = [(e.start, e.end) for e in work if e.resource.startswith("decompress")]
-    computes = [e for e in work if e.resource == "compute"]
-    weighted = sum(e.tokens for e in computes)
-    bits = (sum(level_bits[e.level] * e.tokens for e in computes) / weighted
+    tokens_at: dict[int, int] = {}
+    for e in work:
+        if e.resource == "compute":
+            tokens_at[e.level] = tokens_at.get(e.level, 0) + e.tokens
+    return Figures(spans, max((e.end for e in work), default=0.0), int(peak), prefetches,
+                   sum(len(parts) for parts in needed.values()), admits, prefetch_hits, int(waste),
+                   int(sum(e.bytes for e in work if e.resource == "io")), len(io), busy_time(io),
+                   busy_time((e.start, e.end) for e in work if e.resource in ("compute", "dense")),
+                   busy_time((e.start, e.end) for e in work if e.resource.startswith("decompress")), tokens_at)
+
+
+def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict:
+    """The metrics of the module docstring. level_bits: bits per weight of each precision level.
+    A metrics-only run's timeline carries its figures instead of events (tl.figures)."""
+    f = tl.figures if tl.figures is not None else figures_of(tl)
+    steps = tl.meta["steps"]
+    makespan = f.makespan
+    groups: list[tuple[float, int]] = []         # (TTFT, requests) per group
+    tpot = []
+    prev_end, group = None, None
+    for s in steps:
+        if s["step"] not in f.spans:
+            continue
+        start, end = f.spans[s["step"]]
+        if s["group"] != group:                  # a new group of requests starts here
+            group = s["group"]
+            groups.append((end - start, s["new_tokens"]))
+        else:
+            tpot.append(end - prev_end)
+        prev_end = end
+    ttft = [t for t, n in groups for _ in range(n)]
+    warm = [t for t, n in groups[1:] for _ in range(n)]
+    generated = sum(s["new_tokens"] for s in steps)
+    weighted = sum(f.tokens_at.values())
+    # (integer bits per level, as level_bits gives them, make this sum exact in any order)
+    bits = (sum(level_bits[level] * n for level, n in f.tokens_at.items()) / weighted
             if level_bits is not None and weighted else None)
+    accesses, prefetch_hits = f.accesses, f.prefetch_hits
 
     def share(x):
         return x / makespan if makespan > 0 else None
@@ -191,17 +226,17 @@ def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict
         "throughput_tok_s": share(generated),
         "makespan_s": makespan,
         "generated_tokens": generated,
-        "peak_expert_bytes": int(peak),
-        "bytes_read": int(sum(e.bytes for e in work if e.resource == "io")),
-        "loads": len(io),
-        "prefetches": prefetches,
+        "peak_expert_bytes": f.peak,
+        "bytes_read": f.bytes_read,
+        "loads": f.loads,
+        "prefetches": f.prefetches,
         "accesses": accesses,
-        "admits": admits,
-        "hit_ratio": (accesses - admits - prefetch_hits) / accesses if accesses else None,
+        "admits": f.admits,
+        "hit_ratio": (accesses - f.admits - prefetch_hits) / accesses if accesses else None,
         "prefetch_coverage": prefetch_hits / accesses if accesses else None,
-        "prefetch_waste_bytes": int(waste),
+        "prefetch_waste_bytes": f.waste,
         "bits_per_weight": bits,
-        "compute_bubble_fraction": 1.0 - busy_time(compute) / makespan if makespan > 0 else None,
-        "io_busy_fraction": share(busy_time(io)),
-        "decompress_busy_fraction": busy_time(decomp) / makespan if makespan > 0 else 0.0,
+        "compute_bubble_fraction": 1.0 - f.compute_busy / makespan if makespan > 0 else None,
+        "io_busy_fraction": share(f.io_busy),
+        "decompress_busy_fraction": f.decompress_busy / makespan if makespan > 0 else 0.0,
     }

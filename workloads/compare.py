@@ -36,11 +36,28 @@ def decision_groups(trace: RoutingTrace, batch: int | None = None) -> list[list[
 
 def lru_curve(trace: RoutingTrace, fractions=FRACTIONS, batch: int | None = None) -> dict[float, float | None]:
     """{fraction of the key space: LRU hit ratio}, None where the capacity cannot run."""
-    from sim.mrc import lru_mrc
     space = trace.layers * trace.num_experts
     caps = {f: max(1, int(round(f * space))) for f in fractions}
-    ratios = lru_mrc(decision_groups(trace, batch), sorted(set(caps.values())))
+    ratios = _token_mrc(trace, sorted(set(caps.values()))) if batch is None else _groups_mrc(trace, caps, batch)
     return {f: ratios[c] for f, c in caps.items()}
+
+
+def _groups_mrc(trace: RoutingTrace, caps: dict, batch: int) -> dict:
+    from sim.mrc import lru_mrc
+    return lru_mrc(decision_groups(trace, batch), sorted(set(caps.values())))
+
+
+def _token_mrc(trace: RoutingTrace, caps: list[int]) -> dict:
+    """lru_mrc for token decision points, straight from arrays: sim/mrc.py's one-pass kernel
+    (what lru_stack_hits runs) without building millions of Python lists."""
+    from sim.mrc import _stack_jit, _stack_kernel
+    order, _, _ = request_order(trace)
+    k = trace.top_k
+    keys = (trace.experts[order] + (np.arange(trace.layers) * trace.num_experts)[None, :, None]).ravel()
+    starts = np.arange(0, len(keys) + 1, k, dtype=np.int64)
+    kernel = _stack_jit if _stack_jit is not None else _stack_kernel
+    hits = kernel(keys.astype(np.int64), starts, np.array(caps, np.int64), trace.layers * trace.num_experts)
+    return {c: (None if c < k else int(h) / len(keys)) for c, h in zip(caps, hits)}
 
 
 def curve_distance(a: dict, b: dict) -> float:

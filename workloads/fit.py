@@ -7,7 +7,8 @@ The model is workloads/fitted.py's. What is fitted:
   sharpness of the topic profiles (to the trace's mean pair lift; cross-layer predictability
   when k = 1), temporal locality (per-slot reuse probability, to the trace's slot reuse),
   request-level drift (the Gamma concentration of a request's own expert weights, to the mean
-  share of a request's selections its own top-k take);
+  share of a request's selections its own top-k take above the pooled top-k share; one for all
+  layers: a request's drift is its own, and one figure from all layers is far less noisy);
 - the topic persistence: a token takes the topic of one of its request's last 8 tokens (to how
   concentrated a request's windows of 8 tokens are: 1 - distinct experts / min(E, 8 k)): real
   routing reuses experts a few tokens later, not only at the next token;
@@ -38,7 +39,8 @@ from workloads.trace import RoutingTrace
 
 MAX_TOPICS = 32
 # the knobs (rows of x), each steered by one target figure (row of _aligned): locality <- slot
-# reuse, drift u = 1 / sqrt(1 + concentration) <- own-top-k share, sharpness <- pair lift,
+# reuse, drift u = 1 / sqrt(1 + concentration) <- own-top-k share less the pooled top-k share,
+# sharpness <- pair lift,
 # shrink (of the popularity toward uniform) <- Gini, persistence <- window concentration
 _SLOPE0 = np.array([0.8, 0.3, 1.0, 0.3, 0.3])                 # first-step slopes d target / d knob
 _MAX = np.array([0.98, 0.95, 4.0, 1.0, 0.95])
@@ -67,14 +69,16 @@ def gini(counts: np.ndarray) -> np.ndarray:
     return 2 * (np.arange(1, E + 1) * asc).sum(1) / (E * np.maximum(asc.sum(1), 1)) - (E + 1) / E
 
 
-def fit_trace(trace: RoutingTrace, *, iterations: int = 12, calibration_tokens: int = 20_000,
-              max_tokens: int = 50_000, topic_count: int | None = None, seed: int = 0, progress=None) -> dict:
+def fit_trace(trace: RoutingTrace, *, iterations: int = 12, calibration_tokens: int = 10_000,
+              max_tokens: int = 10_000, em_tokens: int = 8_000, topic_count: int | None = None, seed: int = 0, progress=None) -> dict:
     """The fit of `trace` (module doc): a dict of plain lists and numbers (yaml.safe_dump-able)
     that workloads/fitted.py's synth_from_fit (or synthetic_trace(fit=...)) generates from.
-    topic_count: Z (default: one per ~30 tokens, at most MAX_TOPICS)."""
+    topic_count: Z (default: one per ~30 tokens, at most MAX_TOPICS), learnt from a seeded sample
+    of em_tokens tokens; the calibration synthesises the first requests up to max_tokens,
+    repeated to about calibration_tokens (so a long trace fits in about a minute)."""
     trace.check(trace.metadata.get("path", "trace"))
     lengths = _lengths(trace)
-    model = _structure(trace, topic_count, seed, max_tokens)
+    model = _structure(trace, topic_count, seed, em_tokens)
     goal = targets(trace)
     p_len, o_len, reps = _calibration_size(lengths, calibration_tokens, max_tokens)
     x, history = _initial(model, goal), None
@@ -89,14 +93,14 @@ def fit_trace(trace: RoutingTrace, *, iterations: int = 12, calibration_tokens: 
 
 
 # -- the pieces ---------------------------------------------------------------------------------
-def _structure(trace: RoutingTrace, topic_count, seed: int, max_tokens: int) -> RoutingModel:
+def _structure(trace: RoutingTrace, topic_count, seed: int, em_tokens: int) -> RoutingModel:
     """The model with what is read off the trace: topics, slot scores, lookahead."""
     L, E, k = trace.layers, trace.num_experts, trace.top_k
     Z = topic_count or int(np.clip(trace.tokens // 30, 1, MAX_TOPICS))
     sample = trace.experts
-    if len(sample) > max_tokens:                                  # EM on a seeded sample of tokens
-        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), max_tokens, replace=False))]
-    profiles, weights = topics.fit_topics(sample, E, Z, seed=seed) if Z > 1 else (None, None)
+    if len(sample) > em_tokens:                                   # EM on a seeded sample of tokens
+        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), em_tokens, replace=False))]
+    profiles, weights = topics.fit_topics(sample, E, Z, iterations=30, seed=seed) if Z > 1 else (None, None)
     hit = scores = None
     if trace.predicted is not None and L > 1:
         pred, nxt = trace.predicted[:, :-1], trace.experts[:, 1:]
@@ -188,7 +192,9 @@ def _aligned(figures: dict, k: int) -> np.ndarray:
     """[5, L] the target figure of each knob by layer (module doc); sharpness follows the pair
     lift, or for k = 1 the predictability of layer l from layer l - 1."""
     sharp = figures["pair"] if k > 1 else np.r_[np.nan, figures["cross"][:-1]]
-    return np.stack([figures["slot_reuse"], figures["own"], sharp, figures["gini"], figures["window"]])
+    # drift shows as a request's own top-k share above the pooled one (skew raises both alike)
+    excess = figures["own"] - np.sort(figures["freq"], axis=1)[:, -k:].sum(1) / k
+    return np.stack([figures["slot_reuse"], excess, sharp, figures["gini"], figures["window"]])
 
 
 def _step(model: RoutingModel, x: np.ndarray, goal: dict, got: dict, history):
@@ -212,6 +218,7 @@ def _step(model: RoutingModel, x: np.ndarray, goal: dict, got: dict, history):
         slope = np.where(ok, 0.5 * sec + 0.5 * s0, s0)
     step = np.clip(np.nan_to_num((y_goal - y) / slope), -0.25 * _MAX[:, None], 0.25 * _MAX[:, None])
     new = np.clip(x + step, 0, _MAX[:, None])
+    new[1] = new[1].mean()                                       # one drift: a request's, all layers alike
     new[4] = new[4].mean() if model.topics is not None else 0.0  # one persistence, and only with topics
     return new, (x, y, slope)
 

@@ -245,7 +245,8 @@ class _JsonlTokens:
         r, tok = self.token_keys[t]
         if self.request_field is None:
             return f"token {tok}"
-        return f"token {tok} of request {self.names[r] if self.names else r!r}"
+        name = self.names[r] if self.names else int(r)           # a numpy integer would show as np.int64(0)
+        return f"token {tok} of request {name!r}"
 
 
 def _index_tokens(path: Path, recs: _JsonlRecords, fields: _JsonlFields) -> _JsonlTokens:

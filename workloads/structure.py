@@ -97,11 +97,9 @@ def own_topk_share(trace: RoutingTrace) -> np.ndarray:
 
 def pair_counts(experts: np.ndarray, E: int) -> np.ndarray:
     """[E, E] symmetric counts of tokens selecting both experts (experts [tokens, k] distinct)."""
-    k = experts.shape[1]
-    i, j = np.triu_indices(k, 1)
-    a, b = experts[:, i].ravel(), experts[:, j].ravel()
-    c = np.bincount(np.minimum(a, b) * E + np.maximum(a, b), minlength=E * E).reshape(E, E)
-    return c + c.T
+    c = joint_counts(experts, experts, E)                     # ordered pairs, and (e, e) k times
+    np.fill_diagonal(c, 0)
+    return c
 
 
 def pair_lift(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +125,7 @@ def pair_lift(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
 
 def joint_counts(src: np.ndarray, dst: np.ndarray, E: int) -> np.ndarray:
     """[E, E] tokens selecting expert a in src and b in dst (src, dst [tokens, k])."""
-    k = src.shape[1]
-    codes = (np.repeat(src, dst.shape[1], axis=1) * E + np.tile(dst, (1, k))).ravel()
+    codes = (src[:, :, None].astype(np.int64) * E + dst[:, None, :]).ravel()
     return np.bincount(codes, minlength=E * E).reshape(E, E)
 
 
@@ -143,8 +140,10 @@ def cross_layer(trace: RoutingTrace) -> np.ndarray:
     (NaN at the last layer)."""
     E, L = trace.num_experts, trace.layers
     out = np.full(L, np.nan)
+    rows = np.arange(trace.tokens)[:, None]
     for layer in range(L - 1):
         src, dst = trace.experts[:, layer, :], trace.experts[:, layer + 1, :]
-        mapped = best_mapping(src, dst, E)[src]               # [tokens, k] predicted (may repeat)
-        out[layer] = (dst[:, :, None] == mapped[:, None, :]).any(-1).mean()
+        predicted = np.zeros((trace.tokens, E), bool)         # each token's mapped set
+        predicted[rows, best_mapping(src, dst, E)[src]] = True
+        out[layer] = predicted[rows, dst].mean()
     return out

@@ -5,9 +5,9 @@ ignoring that they are distinct) k draws from profile[l, z]. The topic is shared
 token's layers, so a mixture learnt from whole tokens carries the trace's cross-layer
 correlation and its within-layer co-activation (workloads/fitted.py generates from it).
 
-EM on [tokens, layers, k] expert ids, vectorised: the E-step sums log profile[l, :, e] over a
-token's (layer, slot) picks by gathering, the M-step adds posterior weights per (topic,
-expert) with one bincount per layer. O(iterations x tokens x layers x k x Z).
+EM on [tokens, layers, k] expert ids, vectorised: per layer, the tokens' one-hot picks times
+log profile (E-step) and the posterior times the picks (M-step), two matrix products each.
+O(iterations x tokens x layers x experts x Z) flops, BLAS-fast.
 """
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ import numpy as np
 PSEUDO = 0.1            # pseudo-count per (topic, layer, expert): no expert impossible in a topic
 
 
+def _one_hot(experts: np.ndarray, E: int) -> np.ndarray:
+    """[tokens, E] float32 selection indicators of one layer's picks [tokens, k]."""
+    x = np.zeros((experts.shape[0], E), np.float32)
+    np.put_along_axis(x, experts.astype(np.intp), 1.0, axis=1)
+    return x
+
+
 def log_likelihood(experts: np.ndarray, profiles: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """[tokens, Z] log P(token's picks, topic z) up to a constant."""
-    logp = np.log(profiles)                                           # [L, Z, E]
+    logp = np.log(profiles).astype(np.float32)                         # [L, Z, E]
     out = np.tile(np.log(np.maximum(weights, 1e-300)), (experts.shape[0], 1))
     for layer in range(experts.shape[1]):
-        out += logp[layer][:, experts[:, layer, :]].sum(-1).T
+        out += _one_hot(experts[:, layer, :], profiles.shape[2]) @ logp[layer].T
     return out
 
 
@@ -45,24 +52,9 @@ def fit_topics(experts: np.ndarray, E: int, Z: int, iterations: int = 40, seed: 
 
 
 def _m_step(experts: np.ndarray, post: np.ndarray, E: int):
-    T, L, k = experts.shape
-    Z = post.shape[1]
-    profiles = np.empty((L, Z, E))
-    w = np.repeat(post, k, axis=0).ravel()                            # [T * k * Z], token-major
-    for layer in range(L):
-        codes = (np.arange(Z)[None, :] * E + experts[:, layer, :].reshape(-1, 1)).ravel()
-        profiles[layer] = np.bincount(codes, weights=w, minlength=Z * E).reshape(Z, E) + PSEUDO
+    L = experts.shape[1]
+    pt = np.ascontiguousarray(np.where(post > 1e-12, post, 0.0).T, np.float32)   # no denormals: BLAS crawls on them
+    profiles = np.stack([pt @ _one_hot(experts[:, layer, :], E) for layer in range(L)]).astype(np.float64)
+    profiles += PSEUDO
     profiles /= profiles.sum(-1, keepdims=True)
     return profiles, post.mean(0)
-
-
-def same_topic_rate(experts: np.ndarray, request_ids: np.ndarray, profiles: np.ndarray,
-                    weights: np.ndarray) -> float:
-    """The share of consecutive tokens of one request whose most likely topics are equal (what
-    the topic persistence is calibrated to; NaN without such pairs)."""
-    order = np.argsort(request_ids, kind="stable")
-    same = request_ids[order[1:]] == request_ids[order[:-1]]
-    if not same.any():
-        return float("nan")
-    best = log_likelihood(experts[order], profiles, weights).argmax(1)
-    return float((best[1:] == best[:-1])[same].mean())

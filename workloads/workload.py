@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from devices.units import ConfigError
 from workloads.batching import Step, batch_steps
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
@@ -19,7 +20,11 @@ class Workload:
     steps: list[Step] = field(init=False)
 
     def __post_init__(self):
-        self.trace.validate(self.model.layers, self.model.experts, self.trace.metadata.get("path", "trace"))
+        source = self.trace.metadata.get("path", "trace")
+        self.trace.validate(self.model.layers, self.model.experts, source)
+        if self.trace.top_k != self.model.top_k:
+            raise ConfigError(f"{source}: the trace routes each token to {self.trace.top_k} experts, model "
+                              f"{self.model.name} to {self.model.top_k}; give the model the trace was recorded on")
         self.steps = batch_steps(self.trace, self.batch)
 
     def routing_arrays(self, step: Step):

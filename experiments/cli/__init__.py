@@ -40,6 +40,10 @@ def main(argv=None) -> int:
         negative = negative_value(argv)
         if negative:
             raise MoelabError(negative)
+        if argv[:1] == ["execute"] and any(a == "--device" or a.startswith("--device=") for a in argv):
+            raise MoelabError("execute runs on this host and has no --device: --throttle DEVICE[:STORAGE] makes "
+                              "the disk behave like a device's storage, --cost-profile DEVICE[:STORAGE] sets the "
+                              "costs planning policies read")
         args = build_parser().parse_args(argv)
         args.argv = argv
         if args.command == "devices" and args.action == "show" and not args.name:
@@ -49,8 +53,10 @@ def main(argv=None) -> int:
     except MoelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): nothing more was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from experiments.pool import Terminated
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        print(f"{what}: nothing more was written", file=sys.stderr)
         return 130
     except BrokenPipeError:          # `moelab ... | head`: the outputs are written; stop printing
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -136,17 +136,8 @@ def check_out_file(path, option: str = "--out") -> Path:
     return path
 
 
-def importer_options() -> dict[str, list[str]]:
-    """The options each trace importer takes (`--option KEY=VALUE`), read from its signature."""
-    import inspect
-
-    from workloads import importers
-    return {name: [p.name for p in inspect.signature(getattr(importers, f"import_{name}")).parameters.values()
-                   if p.kind == p.KEYWORD_ONLY or (p.default is not p.empty and p.kind != p.VAR_KEYWORD)]
-            for name in ("jsonl", "csv", "numpy")}
-
-
 def trace_import_epilog() -> str:
+    from experiments.run import importer_options
     lines = ["importer options (--option KEY=VALUE; also taken by `simulate` and `execute` with --trace):"]
     for fmt, names in importer_options().items():
         lines.append(f"  {fmt + ':':<7} {', '.join(names)}")
@@ -193,11 +184,11 @@ def add_format_args(p) -> None:
     """--format / --ladder / --codec: names from the format registry (workloads/formats.py)."""
     from workloads.formats import CODECS, FORMATS, LADDERS
     g = p.add_argument_group("format")
-    g.add_argument("--format", choices=list(FORMATS), help="expert storage format (default bf16; copies: one "
+    g.add_argument("--format", choices=list(FORMATS), help="expert storage format (default: bf16; copies: one "
                    "standalone INT copy per width, D²MoE's Matryoshka-Free)")
-    g.add_argument("--ladder", choices=list(LADDERS), help="bit-width ladder of mwq and copies (default v1): v1 = "
+    g.add_argument("--ladder", choices=list(LADDERS), help="bit-width ladder of mwq and copies (default: v1): v1 = "
                    "INT2-4, v2 = INT5-8 (D²MoE); int4, int8: one width")
-    g.add_argument("--codec", choices=list(CODECS), help="codec of --format zip (default lz4hc)")
+    g.add_argument("--codec", choices=list(CODECS), help="codec of --format zip (default: lz4hc)")
 
 
 def add_policy_args(p) -> None:
@@ -206,12 +197,15 @@ def add_policy_args(p) -> None:
     from policies import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
     from policies.spec import option_help
     g = p.add_argument_group("policy bundle (`moelab policies NAME` lists a policy's options)")
-    g.add_argument("--policy", metavar="NAME|FILE", help=f"cache policy (default lru): {', '.join(CACHES)}; or a run "
+    g.add_argument("--policy", metavar="NAME|FILE", help=f"cache policy (default: lru): {', '.join(CACHES)}; or a run "
                    f"spec file (YAML, `moelab pick` writes one), whose format, bundle and budget it takes")
+    notes = {"prefetch": "; oracle and belady read the run's routing ahead (bounds: the simulator knows it, "
+                         "execute needs --trace)",
+             "allocator": "; fixed: every token at the format's top level, trace-levels: the levels a trace carries"}
     for role, table, default in (("scheduler", SCHEDULERS, "fifo"), ("allocator", ALLOCATORS, "fixed"),
                                  ("prefetch", PREFETCHERS, "none")):
         g.add_argument(f"--{role}", choices=list(table), metavar="NAME",
-                       help=f"{role} (default {default}): {', '.join(table)}")
+                       help=f"{role} (default: {default}): {', '.join(table)}{notes.get(role, '')}")
     for role in ("cache", "scheduler", "allocator", "prefetch"):
         g.add_argument(f"--{role}-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                        help=f"{role} option, repeatable: {option_help(role)}")
@@ -234,15 +228,15 @@ def add_workload_args(p) -> None:
                                    f"model the --trace names, else {DEFAULT_MODEL})")
     g.add_argument("--trace", help="routing trace (.npz, .jsonl, .csv dir, .npy); default: synthetic")
     add_trace_option_arg(g)
-    g.add_argument("--batch", type=positive_int, help="requests decoded in lockstep (default 1)")
-    g.add_argument("--tokens", type=positive_int, help=f"{TOKENS_HELP} (synthetic; default {DEFAULT_TOKENS})")
+    g.add_argument("--batch", type=positive_int, help="requests decoded in lockstep (default: 1)")
+    g.add_argument("--tokens", type=positive_int, help=f"{TOKENS_HELP} (synthetic; default: {DEFAULT_TOKENS})")
     g.add_argument("--prompt-tokens", type=int, help=f"prompt tokens per request (synthetic; default "
                                                      f"{DEFAULT_PROMPT_TOKENS})")
     g.add_argument("--requests", type=positive_int, help="requests in the synthetic trace (default: the batch)")
-    g.add_argument("--skew", type=float, help=f"expert popularity skew (synthetic; 0 = uniform; default {d.skew})")
+    g.add_argument("--skew", type=float, help=f"expert popularity skew (synthetic; 0 = uniform; default: {d.skew})")
     g.add_argument("--locality", type=float, help=f"per-slot reuse probability at the next token (synthetic; "
-                                                  f"default {d.locality})")
-    g.add_argument("--seed", type=int, help=f"seed of the synthetic trace (default {d.seed})")
+                                                  f"default: {d.locality})")
+    g.add_argument("--seed", type=int, help=f"seed of the synthetic trace (default: {d.seed})")
 
 
 def add_spec_arg(p) -> None:

@@ -79,7 +79,7 @@ def check_torch_device(device: str) -> None:
 
 def add_parsers(sub, add) -> None:
     p = add(sub, "simulate", help="simulate a (device, workload, policy) run")
-    p.add_argument("--device", help="profile from `moelab devices` or a YAML path (default jetson-agx-orin-64gb)")
+    p.add_argument("--device", help="profile from `moelab devices` or a YAML path (default: jetson-agx-orin-64gb)")
     p.add_argument("--storage", help="storage option of the device (default: the profile's)")
     add_workload_args(p)
     add_policy_args(p)
@@ -103,7 +103,7 @@ def add_parsers(sub, add) -> None:
     add_policy_args(p)
     p.add_argument("--budget", type=budget_arg, metavar="SIZE|all",
                    help=f"expert memory budget ({SIZE_UNITS}), or all; default: a quarter of all experts' bytes")
-    p.add_argument("--batch", type=positive_int, help="requests decoded in lockstep (default 1)")
+    p.add_argument("--batch", type=positive_int, help="requests decoded in lockstep (default: 1)")
     p.add_argument("--tokens", type=positive_int, help=f"{TOKENS_HELP} (default: 64; with --trace, the trace's own)")
     p.add_argument("--prompt", help="prompt text of every request (default: distinct built-in prompts)")
     p.add_argument("--trace", help="force routing from this trace (as `moelab simulate --trace` replays it)")
@@ -117,7 +117,7 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--decompress-workers", type=positive_int, default=2, help="decompression threads (zip)")
     p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"], help="where experts compute")
     p.add_argument("--torch-threads", type=positive_int,
-                   help="torch intra-op threads (default on CPU: all cores but one, left to the I/O and "
+                   help="torch intra-op threads (default: on CPU: all cores but one, left to the I/O and "
                         "decompression workers)")
     p.add_argument("--out", default="runs/execute", help="output folder (replaced as a whole by each run)")
     p.add_argument("--bit-router", metavar="PATH", help="a bit-width router (`moelab train-bit-router`) choosing "

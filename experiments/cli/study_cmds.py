@@ -22,14 +22,9 @@ def cmd_sweep(args) -> None:
           f"{done['seconds']:.1f} s ({rate:.1f} runs/s); results: {out}")
 
 def results_rows(path) -> list[dict]:
-    """The rows of a sweep's results file, or a clear error."""
-    from experiments.sweep import read_results
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: no such results file (`moelab sweep GRID.yaml --out {path}` writes one)")
-    rows = read_results(path)
-    if not rows:
-        raise ConfigError(f"{path}: no result rows (run `moelab sweep` first)")
-    return rows
+    """The rows of a sweep's results file (each config once, saying so), or a one-line error."""
+    from experiments.results import load_results
+    return load_results(path)
 
 def cmd_plot(args) -> None:
     from experiments.plots import filter_rows, plot

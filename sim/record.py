@@ -1,0 +1,201 @@
+"""What a simulator run records: every event (EventRecorder, the timeline), or only what the
+metrics need (FigureRecorder, a metrics-only run: sweeps, reproductions, validation).
+
+The engine hands both the same thing once per dense part and once per decision point. The
+figures a FigureRecorder accumulates equal those timeline/metrics.py gathers from the full
+timeline, bit for bit (tests/test_metrics_only.py): the same sums in the same order, the same
+interval unions (Union), the same prefetch outcomes decided as the records come (Watches).
+"""
+from __future__ import annotations
+
+from policies.bundle import PLAN
+from timeline.events import Event, Timeline
+from timeline.metrics import Figures, busy_time
+
+_event = tuple.__new__          # an Event from a full 10-tuple: a third of Event(...)'s cost
+
+
+class EventRecorder:
+    """Every event of the run, in the order the engine carries them out."""
+
+    def __init__(self, fmt):
+        self.events: list[Event] = []
+        self.sizes, self.level_sizes = fmt.resident_bytes, fmt.level_sizes
+
+    def dense(self, s: int, layer: int, start: float, end: float, n: int) -> None:
+        self.events.append(_event(Event, ("dense", "dense", start, end, layer, -1, -1, 0, s, n)))
+
+    def decision(self, s, layer, now, d, reads, decs, computes, finished, free) -> None:
+        """A decision point at `now`: the cache's records, its reads, decompressions and computes
+        (as the engine timed them) and the evictions of its end (at `free`)."""
+        add, sizes = self.events.append, self.sizes
+        for item, kind, evicted in d.loads:
+            for k in evicted:
+                add(_event(Event, ("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+            key = item.key
+            add(_event(Event, ("cache", kind, now, now, key.layer, key.expert, key.part, item.resident_bytes, s, 0)))
+        for (item, _, _), (issue, done) in zip(d.loads, reads):
+            key = item.key
+            add(_event(Event, ("io", "load", issue, done, key.layer, key.expert, key.part, item.nbytes, s, 0)))
+        for i, start, done, worker in decs:
+            key, nbytes = d.loads[i][0].key, d.loads[i][0].decompress_bytes
+            add(_event(Event, (f"decompress[{worker}]", "decompress", start, done, key.layer, key.expert, key.part,
+                               nbytes, s, 0)))
+        level_sizes = self.level_sizes
+        for start, end, expert, level, n in computes:
+            add(_event(Event, ("compute", "expert", start, end, layer, expert, level, level_sizes[level], s, n)))
+        for k in finished:
+            add(_event(Event, ("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+
+    def timeline(self, meta: dict) -> Timeline:
+        return Timeline(self.events, meta)
+
+
+class Union:
+    """The length of a union of [start, end) intervals added one at a time, as busy_time computes
+    it: the same runs summed in the same order, hence the same float. Intervals come with
+    nondecreasing starts on the storage and the main thread (FIFO servers fed in time order); one
+    that does not (decompression workers fed out of order) is kept aside and the union merged
+    again at the end, which gives the same runs."""
+    __slots__ = ("start", "end", "total", "runs", "late")
+
+    def __init__(self):
+        self.start = self.end = None
+        self.total = 0.0
+        self.runs: list[tuple[float, float]] = []
+        self.late: list[tuple[float, float]] = []
+
+    def add(self, a: float, b: float) -> None:
+        if self.end is None:
+            self.start, self.end = a, b
+        elif a < self.start:
+            self.late.append((a, b))
+        elif a > self.end:                      # a gap: the current run is complete
+            self.total += self.end - self.start
+            self.runs.append((self.start, self.end))
+            self.start, self.end = a, b
+        elif b > self.end:
+            self.end = b
+
+    def length(self) -> float:
+        if self.end is None:
+            return 0.0
+        if self.late:
+            return busy_time(self.runs + [(self.start, self.end)] + self.late)
+        return self.total + (self.end - self.start)
+
+
+class Watches:
+    """Prefetch outcomes decided as the records come, as timeline/metrics.py prefetch_outcomes
+    decides them from the whole timeline. A prefetch (for the next decision point, as the
+    contract says) is used if a decision point needs the key before the key's next record after
+    it (skipping one eviction: a reload or a second eviction); used by the decision point it was
+    for, it is a prefetch hit; unused, its bytes are waste."""
+
+    def __init__(self):
+        self.open: dict = {}          # key -> [decision step it is for, bytes, evicted since]
+        self.hits = self.waste = 0
+
+    def record(self, key, kind: str, target: int = 0, nbytes: int = 0) -> None:
+        """A cache record of `key` ("admit", "prefetch", "evict"); a prefetch's `target` is the
+        batch step of the decision point it is for, `nbytes` its bytes."""
+        w = self.open.get(key)
+        if w is not None:
+            if kind == "evict" and not w[2]:
+                w[2] = True
+            else:                         # reloaded (or evicted twice) before any use
+                del self.open[key]
+                self.waste += w[1]
+        if kind == "prefetch":
+            self.open[key] = [target, nbytes, False]
+
+    def need(self, key, step: int) -> None:
+        w = self.open.get(key)
+        if w is not None and step >= w[0]:
+            del self.open[key]
+            self.hits += step == w[0]
+
+    def unused(self) -> int:
+        """Waste, the prefetches never used included (call once, at the end)."""
+        return self.waste + sum(w[1] for w in self.open.values())
+
+
+class FigureRecorder:
+    """Only what the metrics need (timeline/metrics.py Figures), accumulated as the run goes."""
+
+    def __init__(self, fmt):
+        self.sizes = fmt.resident_bytes
+        self.spans: dict[int, list[float]] = {}
+        self.mem = self.peak = self.prefetches = self.admits = self.accesses = 0
+        self.bytes_read = self.loads = 0
+        self.io, self.busy, self.decomp = Union(), Union(), Union()
+        self.tokens_at: dict[int, int] = {}
+        self.watches = Watches()
+
+    def _span(self, s: int, start: float) -> list[float]:
+        span = self.spans.get(s)
+        if span is None:
+            span = self.spans[s] = [start, start]
+        return span
+
+    def dense(self, s: int, layer: int, start: float, end: float, n: int) -> None:
+        span = self._span(s, start)
+        span[0] = min(span[0], start)
+        span[1] = max(span[1], end)
+        self.busy.add(start, end)
+
+    def decision(self, s, layer, now, d, reads, decs, computes, finished, free) -> None:
+        self._records(s, d.loads)
+        span = self._span(s, now)
+        lo, hi = span
+        add = self.io.add
+        for (item, _, _), (issue, done) in zip(d.loads, reads):
+            self.bytes_read += item.nbytes
+            add(issue, done)
+            lo, hi = min(lo, issue), max(hi, done)
+        self.loads += len(reads)
+        for _, start, done, _ in decs:
+            self.decomp.add(start, done)
+            lo, hi = min(lo, start), max(hi, done)
+        add, tokens_at = self.busy.add, self.tokens_at
+        for start, end, _, level, n in computes:
+            add(start, end)
+            tokens_at[level] = tokens_at.get(level, 0) + n
+            lo, hi = min(lo, start), max(hi, end)
+        span[0], span[1] = lo, hi
+        self.accesses += len(d.keys)     # the parts of the levels computed: the needed keys
+        watches = self.watches
+        if watches.open:
+            for key in d.keys:
+                watches.need(key, s)
+        for k in finished:
+            self._evict(k, s)
+
+    def _records(self, s: int, loads) -> None:
+        watches, open_ = self.watches, self.watches.open
+        for item, kind, evicted in loads:
+            for k in evicted:
+                self._evict(k, s)
+            self.mem += item.resident_bytes
+            if self.mem > self.peak:
+                self.peak = self.mem
+            if kind is PLAN:
+                self.admits += 1
+            else:
+                self.prefetches += 1
+            if open_ or kind is not PLAN:        # a prefetch is for (s, layer), or layer 0 of the next step
+                watches.record(item.key, kind, s + (item.key.layer == 0), item.resident_bytes)
+
+    def _evict(self, k, s: int) -> None:
+        self.mem -= self.sizes[k.part]
+        if self.watches.open:
+            self.watches.record(k, "evict")
+
+    def figures(self) -> Figures:
+        spans = {s: (a, b) for s, (a, b) in self.spans.items()}
+        return Figures(spans, max((b for _, b in spans.values()), default=0.0), self.peak, self.prefetches,
+                       self.accesses, self.admits, self.watches.hits, self.watches.unused(), self.bytes_read,
+                       self.loads, self.io.length(), self.busy.length(), self.decomp.length(), self.tokens_at)
+
+    def timeline(self, meta: dict) -> Timeline:
+        return Timeline([], meta, figures=self.figures())
