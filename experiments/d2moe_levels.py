@@ -39,6 +39,14 @@ def measure_router_shares(requests: int = 32, tokens: int = 64, seed: int = 0, r
     """The share of (token, layer, slot)s the learned router puts at each level when the shipped
     model greedily decodes `requests` built-in prompts for `tokens` new tokens (prefill included)."""
     import numpy as np
+    trace = record_router_trace(requests, tokens, seed, router, model_dir)
+    counts = np.bincount(trace.levels.ravel(), minlength=int(trace.levels.max()) + 1)
+    return tuple(round(float(c) / float(counts.sum()), 4) for c in counts)
+
+
+def record_router_trace(requests: int = 32, tokens: int = 64, seed: int = 0, router: Path = ROUTER,
+                        model_dir: Path | None = None):
+    """The shipped model's routing with the learned router's levels (`moelab trace record --bit-router`)."""
     from executor.bit_router import load_bit_router
     from executor.record import record_routing
     from executor.train import DEFAULT_MODEL, load_trained
@@ -46,9 +54,30 @@ def measure_router_shares(requests: int = 32, tokens: int = 64, seed: int = 0, r
     model, tok, _ = load_trained(model_dir or DEFAULT_MODEL)
     bit_router = load_bit_router(router, model)
     prompts = prompt_tokens(None, tok, model.cfg.vocab, requests, seed)
-    trace = record_routing(model, prompts, tokens, level_fn=bit_router)
-    counts = np.bincount(trace.levels.ravel(), minlength=bit_router.levels)
-    return tuple(round(float(c) / float(counts.sum()), 4) for c in counts)
+    return record_routing(model, prompts, tokens, level_fn=bit_router)
+
+
+def top_plane_need(trace, shares) -> tuple[float, float, int]:
+    """Over the decode steps' (layer, expert) groups of tokens: the share that needs the top level
+    for at least one token, as the router chose, and as independent draws at `shares` would give
+    (1 - (1 - top share)^n per group of n): (observed, independent, groups)."""
+    import numpy as np
+    order = np.argsort(trace.request_ids, kind="stable")
+    pos = np.empty(trace.tokens, np.int64)
+    first = np.r_[True, trace.request_ids[order][1:] != trace.request_ids[order][:-1]]
+    starts = np.maximum.accumulate(np.where(first, np.arange(trace.tokens), 0))
+    pos[order] = np.arange(trace.tokens) - starts
+    top, observed, model = len(shares) - 1, [], []
+    decode = ~trace.prompt
+    for p in np.unique(pos[decode]):
+        rows = np.flatnonzero(decode & (pos == p))
+        for layer in range(trace.layers):
+            e, lv = trace.experts[rows, layer].ravel(), trace.levels[rows, layer].ravel()
+            for x in np.unique(e):
+                m = lv[e == x]
+                observed.append(bool((m == top).any()))
+                model.append(1 - (1 - shares[top]) ** len(m))
+    return float(np.mean(observed)), float(np.mean(model)), len(observed)
 
 
 def shares_option(ladder: str = "v1") -> dict:

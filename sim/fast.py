@@ -26,10 +26,11 @@ from policies.cache import FIFO, LFU, LRU
 from policies.prefetch import NextLayerOracle
 from policies.schedulers import FifoScheduler
 from sim.record import Union, Watches
-from timeline.events import Timeline
+from timeline.events import Event, Timeline
 from timeline.metrics import Figures
 
 FORMATS = ("bf16", "mwq")
+_event = tuple.__new__          # an Event from a full 10-tuple (as sim/record.py builds them)
 
 
 def fused_for(sim) -> bool:
@@ -42,16 +43,15 @@ def fused_for(sim) -> bool:
             and not p.cache.sizes and p.cache.clock == 0 and getattr(p.prefetcher, "point", 0) == 0)
 
 
-def run_fused(sim, quiet: bool = True, log: list | None = None) -> Timeline:
-    """Sim.run(events=False), fused. `log`: a list to append the cache's decisions to, as
-    Timeline.decisions() lists them (the equality tests compare them)."""
+def run_fused(sim, quiet: bool = True, events: bool = False) -> Timeline:
+    """sim.run(quiet, events), fused: the same timeline (events=True) or the same figures."""
     from tqdm import tqdm
     from sim.engine import gc_paused
-    run = _Fused(sim, log)
+    run = _Fused(sim, events)
     with gc_paused(), tqdm(total=len(sim.w.steps), disable=quiet, desc="simulate", unit="step",
                             mininterval=0.5) as bar:
         run.steps(bar)
-    tl = Timeline([], sim.meta(), figures=run.figures())
+    tl = Timeline(run.ev, sim.meta()) if events else Timeline([], sim.meta(), figures=run.figures())
     tl.meta["peak_expert_bytes"] = run.cache.peak
     tl.meta["policy_report"] = sim.p.report()
     return tl
@@ -74,21 +74,12 @@ class _Cache:
         self.version: dict[int, int] = {}
         self.tick = 0
         self.pinned: set = set()
+        # what a hit does: LRU moves the key to the back, LFU counts it, FIFO nothing
+        self.touch = self.order.move_to_end if kind is LRU else self._touch_lfu if kind is LFU else None
 
-    def begin(self, keys) -> None:
-        """The hits of a decision point's keys (LRU: to the back; LFU: counted); pins the keys."""
-        sizes = self.sizes
-        if self.move:
-            move = self.order.move_to_end
-            for k in keys:
-                if k in sizes:
-                    move(k)
-        elif self.lfu:
-            for k in keys:
-                if k in sizes:
-                    self.freq[k] += 1
-                    self._push(k, self.freq[k])
-        self.pinned = set(keys)
+    def _touch_lfu(self, k: int) -> None:
+        self.freq[k] += 1
+        self._push(k, self.freq[k])
 
     def _push(self, k: int, freq: int) -> None:
         self.tick += 1
@@ -172,14 +163,15 @@ class _Fused:
     """One fused run: the engine's step loop and decision points (sim/engine.py) for the bundle of
     the module docstring, recording the figures as FigureRecorder would (sim/record.py)."""
 
-    def __init__(self, sim, log):
+    def __init__(self, sim, events: bool):
         w, p, fmt = sim.w, sim.p, sim.w.fmt
-        self.sim, self.w, self.log = sim, w, log
+        self.sim, self.w = sim, w
+        self.ev = [] if events else None                  # the events, as EventRecorder records them
         self.E, self.P = w.model.experts, fmt.n_parts
         self.level = p.allocator.level
         parts = fmt.level_parts[self.level]
         self.parts = tuple(parts) if fmt.nested else tuple(sorted(set(parts)))   # needed_keys' order
-        self.pbytes, self.rsize = fmt.part_bytes, fmt.resident_bytes
+        self.pbytes, self.rsize, self.level_bytes = fmt.part_bytes, fmt.resident_bytes, fmt.level_sizes[self.level]
         self.by_id = p.scheduler.by_id
         self.cache = _Cache(type(p.cache), p.cache.capacity, fmt, self.E, self.P)
         self.future = p.prefetcher.ctx.future if p.prefetcher is not None else None
@@ -188,35 +180,123 @@ class _Fused:
         io = sim.storage
         self.slots, self.wire = [0.0] * io.queue_depth, 0.0
         self.latency, self.bandwidth = io.latency, io.read_bandwidth
-        self.base, self.per_load, self.gap = sim.decide_base, sim.decide_per_load, sim.gap
-        self.seconds = {}                                  # tokens -> seconds of one expert at the level
+        self.seconds: dict[int, float] = {}                # tokens -> seconds of one expert at the level
         # the figures (timeline/metrics.py Figures), accumulated as FigureRecorder does
         self.spans: dict[int, list[float]] = {}
-        self.prefetches = self.admits = self.accesses = self.bytes_read = self.loads = 0
+        self.prefetches = self.admits = self.accesses = self.bytes_read = self.loads = self.tokens = 0
         self.io, self.busy = Union(), Union()
-        self.tokens = 0
         self.watches = Watches()
 
     def steps(self, bar) -> None:
-        w, sim = self.w, self.sim
-        cost, layers, layer_fn = sim.cost, w.model.layers, self.layer
+        w, cost = self.w, self.sim.cost
         clock = 0                                          # SimPy's clock: an int 0 until the first step ends
         for step in w.steps:
-            rows = w.routing_arrays(step)[0].tolist()      # [layer][token][k]
-            n, s = len(step.tokens), step.index
-            t_dense = cost.dense_seconds(n, step.prefill)
-            t = clock
-            span = self.spans[s] = [t, t]
-            busy_add = self.busy.add
-            for layer in range(layers):
-                end = t + t_dense
-                busy_add(t, end)
-                if end > span[1]:
-                    span[1] = end
-                t = layer_fn(end, s, layer, rows[layer], span)
+            n = len(step.tokens)
+            t = self._step(clock, step.index, w.routing_arrays(step)[0].tolist(), n,
+                           cost.dense_seconds(n, step.prefill))
             t += cost.step_seconds(n, step.prefill)
             clock = clock + (t - clock)                    # as SimPy's timeout(t - now) advances it
             bar.update(1)
+
+    def _step(self, t, s: int, rows: list, n_tokens: int, t_dense: float) -> float:
+        """The layers of step `s` from `t`: per layer its dense part, then its decision point
+        (Policies.decide, then Simulator._layer and _plan); returns when the last compute ends."""
+        P, E, parts, cache, sim = self.P, self.E, self.parts, self.cache, self.sim
+        sizes, touch, admit, oracle = cache.sizes, cache.touch, cache.admit, self.future is not None
+        slots, pbytes, latency, bandwidth = self.slots, self.pbytes, self.latency, self.bandwidth
+        base, per_load, gap, pending, seconds = sim.decide_base, sim.decide_per_load, sim.gap, self.pending, self.seconds
+        busy_add, io_add, watches, ev = self.busy.add, self.io.add, self.watches, self.ev
+        span = self.spans[s] = [t, t]
+        for layer, tokens in enumerate(rows):
+            now = t + t_dense
+            busy_add(t, now)
+            if ev is not None:
+                ev.append(_event(Event, ("dense", "dense", t, now, layer, -1, -1, 0, s, n_tokens)))
+            counts: dict[int, int] = {}                   # expert -> tokens, in first-appearance order
+            for row in tokens:
+                for e in row:
+                    counts[e] = counts.get(e, 0) + 1
+            first = layer * E
+            keys = [(first + e) * P + q for e in counts for q in parts] if P > 1 else [first + e for e in counts]
+            plan = [k for k in keys if k not in sizes]    # FifoScheduler.order (before the hits are touched)
+            if self.by_id and len(plan) > 1:
+                plan.sort(key=lambda k: k // P)           # (stable: parts stay ascending)
+            if touch is not None:
+                for k in keys:
+                    if k in sizes:
+                        touch(k)
+            cache.pinned = set(keys)
+            loads = [(k, True, admit(k)) for k in plan]
+            if oracle:                                    # the next decision point's keys
+                self.point += 1
+                loads += [(k, False, ev) for k, ev in cache.prefetch(self._wish())]
+            ready, prefetched, hi = {}, {}, span[1]
+            if loads:
+                self._records(now, s, loads)
+                issue_at, wire = now + base, self.wire
+                for k, is_plan, _ in loads:               # StorageChannel.reserve, inline
+                    issue_at += per_load
+                    i = slots.index(min(slots)) if len(slots) > 1 else 0
+                    issue = issue_at if issue_at > slots[i] else slots[i]
+                    start = issue + latency
+                    if wire > start:
+                        start = wire
+                    nbytes = pbytes[k % P]
+                    done = wire = start + nbytes / bandwidth
+                    slots[i] = issue + (done - issue)
+                    io_add(issue, done)
+                    self.bytes_read += nbytes
+                    if ev is not None:
+                        ev.append(_event(Event, ("io", "load", issue, done, *self._split(k), nbytes, s, 0)))
+                    if done > hi:
+                        hi = done
+                    (ready if is_plan else prefetched)[k] = done
+                self.wire, self.loads = wire, self.loads + len(loads)
+            if pending or prefetched:                     # prefetched: ready when its load is
+                for k in keys:
+                    r = prefetched.get(k, pending.get(k))
+                    if r is not None and r > now:
+                        ready[k] = r
+            if ready:                                     # computes in order of readiness
+                tasks = []
+                for e, n in counts.items():
+                    t_ready, k = now, (first + e) * P
+                    for q in parts:
+                        r = ready.get(k + q)
+                        if r is not None and r > t_ready:
+                            t_ready = r
+                    tasks.append((t_ready, len(tasks), n))
+                tasks.sort()
+            else:                                         # all resident: in first-appearance order
+                tasks = [(now, 0, n) for n in counts.values()]
+            free, started = now + base + per_load * len(loads), False
+            for t_ready, _, n in tasks:
+                if started:
+                    free += gap
+                started = True
+                start = t_ready if t_ready > free else free
+                secs = seconds.get(n)
+                if secs is None:
+                    secs = seconds[n] = sim.cost.expert_seconds(self.level, n)
+                free = start + secs
+                busy_add(start, free)
+                self.tokens += n
+                if ev is not None:
+                    ev.append(_event(Event, ("compute", "expert", start, free, layer, e, self.level, self.level_bytes,
+                                             s, n)))
+            t = free if tasks else now
+            span[1] = t if t > hi else hi
+            self.accesses += len(keys)
+            if watches.open:
+                for k in keys:
+                    watches.need(k, s)
+            if prefetched:
+                pending.update(prefetched)
+            if pending:                                   # prefetched earlier: used now
+                for k in keys:
+                    pending.pop(k, None)
+            cache.pinned = set()                          # end_layer: LRU, FIFO and LFU drop nothing
+        return t
 
     def figures(self) -> Figures:
         spans = {s: (a, b) for s, (a, b) in self.spans.items()}
@@ -225,30 +305,8 @@ class _Fused:
                        self.loads, self.io.length(), self.busy.length(), 0.0,
                        {self.level: self.tokens} if self.tokens else {})
 
-    def layer(self, now: float, s: int, layer: int, tokens: list, span: list) -> float:
-        """One decision point at `now` (Policies.decide, then Simulator._layer); returns when its
-        last compute ends."""
-        P, parts, cache = self.P, self.parts, self.cache
-        counts: dict[int, int] = {}                       # expert -> tokens, in first-appearance order
-        for row in tokens:
-            for e in row:
-                counts[e] = counts.get(e, 0) + 1
-        first = layer * self.E
-        keys = [(first + e) * P + q for e in counts for q in parts] if P > 1 else [first + e for e in counts]
-        sizes = cache.sizes
-        plan = [k for k in keys if k not in sizes]        # FifoScheduler.order
-        if self.by_id and len(plan) > 1:
-            plan.sort(key=lambda k: k // P)               # (stable: parts stay ascending)
-        cache.begin(keys)
-        loads = [(k, True, cache.admit(k)) for k in plan]
-        if self.future is not None:                       # the oracle: the next decision point's keys
-            self.point += 1
-            loads += [(k, False, ev) for k, ev in cache.prefetch(self._wish())]
-        free = self._carry(now, s, first, keys, counts, loads, span)
-        cache.pinned = set()                              # end_layer: LRU, FIFO and LFU drop nothing
-        return free
-
     def _wish(self) -> list[int]:
+        """The oracle's wish (NextLayerOracle.after_layer) as integer keys."""
         future, point = self.future, self.point
         if point >= len(future):
             return []
@@ -259,17 +317,18 @@ class _Fused:
             wish = self.wishes[id(keys)] = ([(k.layer * E + k.expert) * P + k.part for k in keys], keys)
         return wish[0]
 
-    def _records(self, s: int, loads) -> None:
-        """The cache's records of a decision point: pending prefetches evicted, the figures, the log."""
-        pending, watches, log, rsize, P = self.pending, self.watches, self.log, self.rsize, self.P
+    def _records(self, now: float, s: int, loads) -> None:
+        """The cache's records of a decision point at `now`: pending prefetches evicted, the figures,
+        the events."""
+        pending, watches, ev, rsize, P = self.pending, self.watches, self.ev, self.rsize, self.P
         for k, plan, evicted in loads:
             for v in evicted:
                 if pending:
                     pending.pop(v, None)
                 if watches.open:
                     watches.record(v, "evict")
-                if log is not None:
-                    log.append(("evict", s, *self._split(v)))
+                if ev is not None:
+                    ev.append(_event(Event, ("cache", "evict", now, now, *self._split(v), rsize[v % P], s, 0)))
             if plan:
                 self.admits += 1
                 if watches.open:
@@ -277,88 +336,11 @@ class _Fused:
             else:
                 self.prefetches += 1
                 watches.record(k, "prefetch", s + (k < self.E * P), rsize[k % P])
-            if log is not None:
-                log.append(("admit" if plan else "prefetch", s, *self._split(k)))
+            if ev is not None:
+                ev.append(_event(Event, ("cache", "admit" if plan else "prefetch", now, now, *self._split(k),
+                                         rsize[k % P], s, 0)))
 
     def _split(self, k: int) -> tuple[int, int, int]:
         """(layer, expert, part) of an integer key."""
         P, E = self.P, self.E
         return k // P // E, k // P % E, k % P
-
-    def _carry(self, now: float, s: int, first: int, keys, counts, loads, span) -> float:
-        """Simulator._layer and _plan for the decision: its reads on the storage (StorageChannel's
-        arithmetic), then its computes in order of readiness; the figures as it goes."""
-        if loads:
-            self._records(s, loads)
-        pending, hi = self.pending, span[1]
-        ready, prefetched = {}, {}
-        issue_at, per_load = now + self.base, self.per_load
-        slots, pbytes, P, io_add = self.slots, self.pbytes, self.P, self.io.add
-        latency, bandwidth, wire = self.latency, self.bandwidth, self.wire
-        for k, plan, _ in loads:
-            issue_at += per_load
-            i = slots.index(min(slots)) if len(slots) > 1 else 0
-            issue = issue_at if issue_at > slots[i] else slots[i]
-            start = issue + latency
-            if wire > start:
-                start = wire
-            nbytes = pbytes[k % P]
-            done = wire = start + nbytes / bandwidth
-            slots[i] = issue + (done - issue)
-            io_add(issue, done)
-            self.bytes_read += nbytes
-            if done > hi:
-                hi = done
-            if plan:
-                ready[k] = done
-            else:
-                prefetched[k] = done
-        self.wire, self.loads = wire, self.loads + len(loads)
-        if pending or prefetched:                         # prefetched: ready when its load is
-            for k in keys:
-                t = prefetched.get(k, pending.get(k))
-                if t is not None and t > now:
-                    ready[k] = t
-        free = self._computes(now, now + self.base + per_load * len(loads), first, counts, ready)
-        span[1] = free if free > hi else hi
-        self.accesses += len(keys)
-        if self.watches.open:
-            for k in keys:
-                self.watches.need(k, s)
-        if prefetched:
-            pending.update(prefetched)
-        if pending:                                       # prefetched earlier: used now
-            for k in keys:
-                pending.pop(k, None)
-        return free
-
-    def _computes(self, now: float, path_end: float, first: int, counts, ready) -> float:
-        """The computes of one (expert, level) each, in order of readiness (first appearance when
-        everything was resident), on the compute queue free from the end of the decision path;
-        `first`: the layer's first expert (layer * experts)."""
-        P, parts, busy_add, seconds = self.P, self.parts, self.busy.add, self.seconds
-        if ready:
-            tasks = []
-            for e, n in counts.items():
-                t_ready, k = now, (first + e) * P
-                for q in parts:
-                    t = ready.get(k + q)
-                    if t is not None and t > t_ready:
-                        t_ready = t
-                tasks.append((t_ready, len(tasks), n))
-            tasks.sort()
-        else:
-            tasks = [(now, 0, n) for n in counts.values()]
-        free, gap, started = path_end, self.gap, False
-        for t_ready, _, n in tasks:
-            if started:
-                free += gap
-            started = True
-            start = t_ready if t_ready > free else free
-            secs = seconds.get(n)
-            if secs is None:
-                secs = seconds[n] = self.sim.cost.expert_seconds(self.level, n)
-            free = start + secs
-            busy_add(start, free)
-            self.tokens += n
-        return free if tasks else now

@@ -130,3 +130,27 @@ def test_executor_gantt_window_starts_after_warm_up(tmp_path, monkeypatch):
     titles.clear()
     g.gantt(Timeline(events=events, meta={"engine": "sim", "steps": steps}), tmp_path / "s.png")
     assert "steps 0-3" in titles[0] and "warm-up" not in titles[0]
+
+
+def test_the_two_minute_tour_runs_verbatim(tmp_path, monkeypatch):
+    """Every command of the README's two-minute tour, as written (continued lines joined), exits 0."""
+    import shlex
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- tour:two-minute -->")[1].split("```bash")[1].split("```")[0]
+    lines = [line.split("  #")[0].rstrip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line.startswith("moelab ")]
+    assert len(commands) >= 12
+    (tmp_path / "experiments" / "examples").mkdir(parents=True)
+    (tmp_path / "experiments/examples/routing.jsonl").write_text((ROOT / "experiments/examples/routing.jsonl").read_text())
+    monkeypatch.chdir(tmp_path)
+    for cmd in commands:
+        assert main(shlex.split(cmd)[1:]) == 0, cmd
+
+
+def test_a_forced_format_the_file_contradicts_is_refused(tmp_path, capsys):
+    """`trace import routing.jsonl --format csv` read JSON lines as a CSV table (garbage, exit 0)."""
+    src = ROOT / "experiments/examples/routing.jsonl"
+    assert main(["trace", "import", str(src), "--format", "csv", "--option", "top_k=2",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    assert "a .jsonl file is jsonl, not csv" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()

@@ -212,27 +212,24 @@ def test_released_k_is_not_the_models_top_k():
 
 
 def test_released_gate_and_fall_back():
-    # one layer of 4 experts, slots of 1 byte (full 2): pool_bytes 6 -> share s gives int(6 s / 2) full
-    # and int(6 (1 - s)) SM slots; feasible while full + SM <= 4 and both >= 4 ... never with 1 layer
+    # one layer: no share has `experts` slots in both pools -> infeasible: 0.99 (and LFU, no tiers)
     p = np.array([0.4, 0.3, 0.2, 0.1])
     delay = lambda f, s, m: 1.0 * s + 3.0 * m        # noqa: E731
-    share, feasible, _ = released_plan(p, 1, 1, 4, 6, 2, 1, delay)
-    assert (share, feasible) == (0.99, False)
-    # 4 layers of 4 experts, 24 bytes a layer-pool: every share with >= 1 full slot a layer is
-    # feasible; full slots are cheaper, so the curve falls to the largest full share
-    share, feasible, info = released_plan(p, 1, 4, 4, 4 * 12, 4, 1, delay)
-    assert feasible and share >= 0.3 and min(info["shares"]) < 0.3
-    # only shares below 0.3 feasible (a pool too small for more full slots): the plan is 0.99
-    few = released_plan(p, 1, 4, 4, 4 * 12, 40, 1, lambda f, s, m: 1.0)
-    assert few[1] is True and few[0] == 0.99 or not few[1]
+    assert released_plan(p, 1, 1, 4, 6, 2, 1, delay)[:2] == (0.99, False)
+    # 3 layers of 3 experts, 10 bytes a layer, full slots of 1 byte and SM slots of 4: share s gives
+    # int(10 s) full and int(2.5 (1 - s)) SM slots a layer; feasible only for 0.1 <= s < 0.3 (at most
+    # 3 slots, at least one of each), so nothing may set the minimum: the plan is 0.99
+    share, feasible, info = released_plan(np.array([0.5, 0.3, 0.2]), 1, 3, 3, 30, 1, 4, delay)
+    assert feasible and share == 0.99 and info["shares"] and max(info["shares"]) < 0.3
 
 
 def test_released_arg_min_may_lie_below_the_gate():
-    # the gate only decides whether a minimum >= 0.3 exists; the smoothed arg-min is then taken
-    # over every feasible share (the released code), here one below 0.3 (SM slots cheaper)
-    p = np.array([0.4, 0.3, 0.2, 0.1])
-    share, feasible, info = released_plan(p, 1, 4, 4, 4 * 12, 4, 1, lambda f, s, m: 3.0 * f + 1.0 * m)
-    assert feasible and share < 0.3 and max(info["shares"]) >= 0.3
+    # 8 layers of 8 experts, 8 bytes a layer, full slots 2 and SM slots 1: shares 0.25 .. 0.87 feasible.
+    # Full hits dear, SM hits free: the curve rises with the share; some share >= 0.3 sets a minimum,
+    # so the smoothed arg-min over every feasible share is returned, one below 0.3
+    p = 1.0 / np.arange(1, 9)
+    share, feasible, info = released_plan(p / p.sum(), 2, 8, 8, 64, 2, 1, lambda f, s, m: 3.0 * f + 1.0 * m)
+    assert feasible and min(info["shares"]) == 0.25 and share < 0.3 <= max(info["shares"])
 
 
 def _write_trace(path, experts_of_request, layers=1):

@@ -565,6 +565,10 @@ def import_trace(path, fmt=None, **options) -> RoutingTrace:
                               f"use one of {', '.join(_BY_SUFFIX)} or a directory of CSVs, or give the format")
     elif fmt not in _ALIASES:
         raise ConfigError(f"{path}: unknown trace format {fmt!r}; known: {', '.join(_ALIASES)}")
+    by_suffix = _ALIASES.get(_BY_SUFFIX.get(path.suffix.lower()), None)
+    if by_suffix not in (None, _ALIASES[fmt]):        # a forced format the file's own name contradicts
+        raise ConfigError(f"{path}: a {path.suffix} file is {by_suffix}, not {fmt}; drop the format (the extension "
+                          f"picks the importer) or rename the file")
     fmt = _ALIASES[fmt]
     if fmt == "npz":
         if options:
