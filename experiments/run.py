@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devices.units import ConfigError, format_size
+from policies.base import BudgetError
 from experiments.spec import (DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PROMPT_TOKENS, DEFAULT_TOKENS, RunSpec,
                              trace_model)
 
@@ -20,6 +21,10 @@ from experiments.spec import (DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PROMPT_TOKE
 # measured on `simulate` runs with tracemalloc; a run holds them all at once when it writes
 BYTES_PER_EVENT = 1400
 MEMORY_FRACTION = 0.5
+
+
+class OverMemory(BudgetError):
+    """A budget larger than the device's memory: `simulate` refuses it; a sweep row says so."""
 
 
 @dataclass
@@ -158,10 +163,7 @@ def check_spec(spec: RunSpec) -> RunSpec:
     model = _named("model", lambda: trace_model(spec.trace) if spec.model is None else model_of(spec))
     fmt = _named("format", lambda: spec.format.make(model.expert_shapes))
     _named("format", lambda: CostModel.build(device, model, fmt, device.storage_option(spec.storage)))
-    if spec.budget not in ("all",) and int(spec.budget) > device.memory_bytes:
-        raise ConfigError(f"budget: {format_size(int(spec.budget))} is more than {device.name}'s memory "
-                          f"({format_size(device.memory_bytes)})")
-    return spec
+    return spec                  # a budget over the device's memory is the run's own outcome (OverMemory)
 
 
 def _named(key: str, fn):
@@ -196,8 +198,8 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
     budget = every_expert_bytes(model, fmt) if spec.budget == "all" else int(spec.budget)
     if budget > device.memory_bytes and spec.budget != "all":
-        raise ConfigError(f"budget {format_size(budget)} is more than {device.name}'s memory "
-                          f"({format_size(device.memory_bytes)}); give a smaller budget or another device")
+        raise OverMemory(f"budget {format_size(budget)} is more than {device.name}'s memory "
+                         f"({format_size(device.memory_bytes)}); give a smaller budget or another device")
     workload = Workload(model, trace, fmt, batch=spec.batch)
     cost = CostModel.build(device, model, fmt, storage)
     policies = build_policies(workload, budget, cost=cost, **spec.policy.kwargs())
@@ -205,12 +207,20 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None, storage=None) -> SimRun:
-    """One simulator run of `spec`: its metrics (and timeline, unless timeline=False). `device`,
-    `storage`: as in `prepare`."""
+def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=None, storage=None,
+             fast_path: bool = True) -> SimRun:
+    """One simulator run of `spec`: its metrics (and timeline, unless timeline=False: the run then
+    records no events, only what the metrics need). `device`, `storage`: as in `prepare`.
+    `fast_path`: a fused loop carries the run out where one is proven equal to the policy objects
+    for its bundle and device (sim/fast.py); False: the engine with the policy objects, always."""
     from sim.engine import Simulator
+    from sim.fast import fused_for, run_fused
     p = prepare(spec, timeline, quiet, device, storage)
-    tl = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost).run(quiet=quiet)
+    sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
+    if fast_path and fused_for(sim):
+        tl = run_fused(sim, quiet=quiet, events=timeline)
+    else:
+        tl = sim.run(quiet=quiet, events=timeline)
     return SimRun(p, run_metrics(p, tl), tl if timeline else None)
 
 

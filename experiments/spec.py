@@ -7,6 +7,7 @@ the same as one entry of a grid's `runs:` list:
 
     device: jetson-orin-nano-8gb    # a profile name or a YAML path (default: jetson-agx-orin-64gb)
     storage: nvme                   # the device's storage option (default: its own)
+    power_mode: 15W                 # the device's power mode (devices/power.py; default: its own)
     model: mixtral-8x7b             # a catalog name or a model folder (default: the trace's, else mixtral)
     trace: synthetic                # or a routing trace file, read with trace_options
     trace_options: {experts_field: topk_ids}
@@ -43,8 +44,8 @@ from workloads.formats import FormatSpec
 DEFAULT_DEVICE, DEFAULT_MODEL = "jetson-agx-orin-64gb", "mixtral-8x7b"
 DEFAULT_TOKENS, DEFAULT_PROMPT_TOKENS = 64, 16
 SYNTHETIC = "synthetic"
-KEYS = ("device", "storage", "model", "trace", "trace_options", "skew", "locality", "requests", "format", "policy",
-        "budget", "batch", "tokens", "prompt_tokens", "seed", "store")
+KEYS = ("device", "storage", "power_mode", "model", "trace", "trace_options", "skew", "locality", "requests", "format",
+        "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store")
 META_KEYS = ("picked", "description")          # a pick file's provenance; not part of the run
 
 
@@ -53,6 +54,7 @@ class RunSpec:
     """One run's configuration (module docstring); None: the default, made explicit by `resolve`."""
     device: str | None = None
     storage: str | None = None
+    power_mode: str | None = None     # a power mode of the device (devices/power.py); None: its default
     model: str | None = None
     trace: str = SYNTHETIC
     trace_options: tuple[tuple[str, str], ...] = ()
@@ -116,7 +118,8 @@ class RunSpec:
         return self
 
     def to_doc(self) -> dict:
-        doc = {"device": self.device, "storage": self.storage, "model": self.model, "trace": self.trace,
+        doc = {"device": self.device, "storage": self.storage, "power_mode": self.power_mode, "model": self.model,
+               "trace": self.trace,
                "trace_options": dict(self.trace_options), "skew": self.skew, "locality": self.locality,
                "requests": self.requests, "format": self.format.to_doc(), "policy": bundle_to_doc(self.policy),
                "budget": self.budget, "batch": self.batch, "tokens": self.tokens,
@@ -125,14 +128,7 @@ class RunSpec:
 
     @classmethod
     def load(cls, path) -> "RunSpec":
-        path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such run spec file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: not a readable YAML run spec ({e})") from None
-        return cls.from_doc(doc, str(path))
+        return cls.from_doc(read_yaml(path, "run spec"), str(path))
 
     def save(self, path, header: str = "", extra: dict | None = None) -> Path:
         from devices.atomic import atomic_write
@@ -149,6 +145,17 @@ class RunSpec:
         return hashlib.sha1(body.encode()).hexdigest()[:16]
 
 
+def read_yaml(path, what: str):
+    """A YAML file's document (safe_load), or a one-line error naming the file and what it should be."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable YAML {what} ({e})") from None
+
+
 def _preset(bundle):
     if not bundle.preset:
         return None
@@ -156,10 +163,10 @@ def _preset(bundle):
     return get_preset(bundle.preset)
 
 
-SCALAR_TYPES = {"device": str, "storage": str, "model": str, "trace": str, "store": str, "skew": float,
+SCALAR_TYPES = {"device": str, "storage": str, "power_mode": str, "model": str, "trace": str, "store": str, "skew": float,
                 "locality": float, "requests": int, "batch": int, "tokens": int, "prompt_tokens": int, "seed": int}
 MINIMUM = {"requests": 1, "batch": 1, "tokens": 1, "prompt_tokens": 0, "seed": 0, "skew": 0, "locality": 0}
-NULLABLE = ("device", "storage", "model", "requests", "tokens", "prompt_tokens", "store")
+NULLABLE = ("device", "storage", "power_mode", "model", "requests", "tokens", "prompt_tokens", "store")
 
 
 def _check_scalar(key: str, value, where: str):
@@ -202,7 +209,7 @@ def trace_model(path: str):
 
 
 # -- the rows of a sweep ---------------------------------------------------------------------------
-ROW_FIELDS = ("config_hash", "device", "storage", "model", "trace", "trace_options", "policy", "preset", "cache",
+ROW_FIELDS = ("config_hash", "device", "storage", "power_mode", "model", "trace", "trace_options", "policy", "preset", "cache",
               "cache_options", "scheduler", "scheduler_options", "allocator", "allocator_options", "prefetch",
               "prefetch_options", "budget_bytes", "batch", "format", "ladder", "codec", "tokens", "prompt_tokens",
               "requests", "skew", "locality", "seed", "store")
@@ -213,6 +220,7 @@ def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
     shows the model's name also where the spec leaves it to the trace (`row_spec` undoes that)."""
     b, f = spec.policy, spec.format
     row = {"config_hash": spec.config_hash(), "device": spec.device, "storage": spec.storage,
+           "power_mode": spec.power_mode or "",
            "model": spec.model or model_name,
            "trace": spec.trace, "trace_options": json.dumps(dict(spec.trace_options)), "policy": b.label(),
            "preset": b.preset, "budget_bytes": spec.budget, "batch": spec.batch, "format": f.name,
@@ -241,7 +249,8 @@ def row_spec(row: dict, where: str = "row") -> RunSpec:
     if row["trace"] != SYNTHETIC and model is not None:
         if trace_model(row["trace"]).name == model:     # the trace's own model, left to the trace
             model = None
-    doc = {"device": row["device"], "storage": row.get("storage") or None, "model": model,
+    doc = {"device": row["device"], "storage": row.get("storage") or None,
+           "power_mode": row.get("power_mode") or None, "model": model,
            "trace": row["trace"], "trace_options": json.loads(row.get("trace_options") or "{}"),
            "skew": num("skew", float), "locality": num("locality", float), "requests": num("requests", int),
            "format": fmt, "policy": policy, "budget": budget if budget == "all" else num("budget_bytes", int),

@@ -39,11 +39,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from devices.units import ConfigError
-from experiments.spec import KEYS, ROW_FIELDS, RunSpec, spec_row
+from experiments.spec import KEYS, ROW_FIELDS, RunSpec, read_yaml, spec_row
 
 METRIC_FIELDS = ("status", "ttft_s", "ttft_s_cold", "tpot_s_mean", "tpot_s_p10", "tpot_s_p25", "tpot_s_p50",
                  "tpot_s_p75", "tpot_s_p90", "tpot_s_p99", "throughput_tok_s", "makespan_s", "generated_tokens",
@@ -72,12 +71,7 @@ def load_grid(path) -> list[RunSpec]:
 
 
 def _read_grid(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such grid file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not a readable YAML grid ({e})") from None
+    doc = read_yaml(path, "grid")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a grid file is a mapping with `grid:` or `runs:`")
     for key in doc:
@@ -136,7 +130,7 @@ def _checked(entry: dict, where: str) -> RunSpec:
 def run_config(spec: RunSpec, keep_timeline: bool = False):
     """One simulator run -> its results row (and its timeline if asked). A budget below the
     workload's minimum is a row with status "below minimum", not an error."""
-    from experiments.run import simulate
+    from experiments.run import OverMemory, simulate
     from policies import BudgetError
     t0 = time.perf_counter()
     from experiments.spec import trace_model
@@ -145,7 +139,8 @@ def run_config(spec: RunSpec, keep_timeline: bool = False):
     try:
         run = simulate(spec, timeline=keep_timeline)
     except BudgetError as e:
-        row.update(status="below minimum", note=str(e), wall_s=round(time.perf_counter() - t0, 4))
+        status = "over memory" if isinstance(e, OverMemory) else "below minimum"
+        row.update(status=status, note=str(e), wall_s=round(time.perf_counter() - t0, 4))
         return (row, None) if keep_timeline else row
     m = run.metrics
     row.update({k: m.get(k) for k in METRIC_FIELDS if k != "status"}, status="ok",

@@ -156,23 +156,31 @@ def _uniform(seed: int, step: int, rows: np.ndarray, layer: int, experts: np.nda
 class Shares(Allocator):
     """Each (token, expert) at a level drawn from given per-level shares: the level a learned
     bit-width router gives, for routing that has no router (the synthetic traces of models moelab
-    cannot run). The draw is a seeded hash (splitmix64) of (seed, step, token row, layer, expert),
-    the step counted by the allocator itself (a new one whenever the layer does not increase): an
-    online policy that reads neither the future nor the cache, identical in both engines. Unlike
-    `capacity`, an expert's tokens are not ranked: a share is a probability, not a per-expert quota
-    (reproduce d2moe passes the learned router's measured shares, experiments/d2moe_levels.py)."""
+    cannot run). A token's draw is a number in [0, 1) from a seeded hash (splitmix64) of (seed, step,
+    token row, layer, expert), the step counted by the allocator itself (a new one whenever the layer
+    does not increase); its level is the share interval it falls in. With `group` g > 0, a token
+    takes instead, with probability g (another hash), its (step, layer, expert) group's common draw:
+    the shares stay the same, but tokens of one expert agree more (a learned router scores the
+    tokens an expert's router picked alike). Online: it reads neither the future nor the cache, and
+    is identical in both engines. Unlike `capacity`, an expert's tokens are not ranked: a share is a
+    probability, not a per-expert quota (reproduce d2moe passes the learned router's measured shares
+    and group, experiments/d2moe_levels.py)."""
     name = "shares"
     options = (Option("shares", "floats", None, "each level's probability, lowest level first, summing to 1 "
                                                 "(default: equal)"),
+               Option("group", "float", 0.0, "the probability a token takes its (step, layer, expert) group's draw"),
                Option("seed", "int", 0, "the hash's seed"))
 
-    def __init__(self, ctx: PolicyContext, shares=None, seed: int = 0):
+    def __init__(self, ctx: PolicyContext, shares=None, group: float = 0.0, seed: int = 0):
         super().__init__(ctx)
         K = ctx.fmt.levels
         self.shares = _floats(shares, "shares shares") if shares is not None else [1.0 / K] * K
         if len(self.shares) != K or abs(sum(self.shares) - 1) > 1e-6 or min(self.shares) < 0:
             raise ConfigError(f"shares: shares must be {K} non-negative numbers summing to 1 (lowest level "
                               f"first), got {self.shares}")
+        self.group = float(group)
+        if not 0 <= self.group <= 1:
+            raise ConfigError(f"shares: group must be a probability in [0, 1], got {group}")
         self.bounds = np.cumsum(self.shares)[:-1]
         self.seed, self.step, self.last_layer = int(seed), -1, None
 
@@ -184,7 +192,12 @@ class Shares(Allocator):
             self.step += 1
         self.last_layer = layer
         experts = np.asarray(routing.experts)
-        u = _uniform(self.seed, self.step, np.arange(len(experts)), layer, experts)
+        rows = np.arange(len(experts))
+        u = _uniform(self.seed, self.step, rows, layer, experts)
+        if self.group > 0:                  # row -1: the group's draw; seed + 1: whether to take it
+            common = _uniform(self.seed, self.step, np.array([-1]), layer, experts.ravel()).reshape(experts.shape)
+            take = _uniform(self.seed + 1, self.step, rows, layer, experts) < self.group
+            u = np.where(take, common, u)
         levels = np.searchsorted(self.bounds, u, side="right")
         rows, lvls = experts.tolist(), levels.tolist()
         return Demand(layer, tuple([tuple(zip(row, lv)) for row, lv in zip(rows, lvls)]))

@@ -104,8 +104,7 @@ class ZipMoECache(CachePolicy):
 
     A plan (split=plan) is made at the run's second step, whose tokens say the batch (a decode step
     has one token per request), from `plan_trace`: a trace file, the default (the same model
-    synthesised separately, policies/zipmoe_plan.py), or `online` (the run's first plan_after steps,
-    corrected planner only). Until then the full share is the released config's 0.6 (corrected:
+    synthesised separately, policies/zipmoe_plan.py), or `online` (the run's first plan_after steps). Until then the full share is the released config's 0.6 (corrected:
     0.5). No statistic is ever read from the run's own future."""
     name = "zipmoe"
     formats = ("zip",)
@@ -177,6 +176,7 @@ class ZipMoECache(CachePolicy):
             self.source = "not planned yet (the run ended first)"
             if plan_trace == ONLINE:
                 self.stats = RankStats(ctx.layers, ctx.experts, window)
+                self.counts = rel.BatchCounts(ctx.layers, ctx.experts)
 
     def _check(self, victim, thresholds, split, margin, mode, planner, plan_trace) -> None:
         """The options' values a direct construction may get wrong (the factory checks the choices)."""
@@ -189,9 +189,6 @@ class ZipMoECache(CachePolicy):
             raise ConfigError(f"{n}: split must be 'plan' or a share between 0 and 1; got {split!r}")
         if not 0 <= margin < 1:
             raise ConfigError(f"{n}: margin must be in [0, 1); got {margin!r}")
-        if plan_trace == ONLINE and (planner or mode) == "released":
-            raise ConfigError(f"{n}: plan_trace=online gathers per-decision-point statistics, which only the "
-                              f"corrected planner reads; add planner=corrected, or give a plan trace file")
         if plan_trace not in (None, ONLINE) and not os.path.exists(plan_trace):
             raise ConfigError(f"{n}: plan_trace {plan_trace}: no such file (a trace file `moelab trace import` "
                               f"reads, or online)")
@@ -231,8 +228,8 @@ class ZipMoECache(CachePolicy):
         if model.name.startswith("switch"):
             why = "a Switch model"
         elif self.planner == "released":
-            dist = rel.released_rank_dist(plan_statistics(self.plan_trace, model, batch, self.window, "counts"),
-                                          batch)
+            dist = self.counts.dist() if self.stats is not None else rel.released_rank_dist(
+                plan_statistics(self.plan_trace, model, batch, self.window, "counts"), batch)
             why = "fewer plan prompts than the batch"
             if dist is not None:
                 share, feasible, self.plan_info = rel.released_plan(dist, model.top_k, L, E, self.room, self.full_slot,
@@ -342,8 +339,9 @@ class ZipMoECache(CachePolicy):
             tokens = {k.expert: 1 for k in keys}
         if layer == 0:
             self._new_step(len(demand.per_token) if demand is not None else len(tokens))
-        if self.stats is not None and self.pending:
+        if self.stats is not None and self.pending:      # online statistics (both planners')
             self.stats.add(layer, sorted(tokens))
+            self.counts.add(layer, tokens)
         for e, n in tokens.items():                         # hits credit the victim rule
             x = (layer, e)
             tier = self.tier.get(x)
@@ -368,6 +366,8 @@ class ZipMoECache(CachePolicy):
         if tokens > self.last_tokens:
             self.rank_count[:] = 0
             self.batches += 1
+            if self.stats is not None:
+                self.counts.close()
         self.last_tokens = tokens
         if self.pending and self.steps == (2 if self.stats is None else self.plan_after + 1):
             self._plan(tokens)

@@ -69,6 +69,28 @@ def released_rank_dist(counts: np.ndarray, batch: int) -> np.ndarray | None:
     return acc / acc.sum() if acc.sum() > 0 else None
 
 
+class BatchCounts:
+    """The released statistic gathered online (plan_trace=online): per layer, the tokens each expert
+    got in each of the run's batches so far, each batch's counts sorted and accumulated."""
+
+    def __init__(self, layers: int, experts: int):
+        self.now = np.zeros((layers, experts))
+        self.acc = np.zeros(experts)
+
+    def add(self, layer: int, tokens: dict[int, int]) -> None:
+        for e, n in tokens.items():
+            self.now[layer, e] += n
+
+    def close(self) -> None:
+        """A batch ended."""
+        self.acc += -np.sort(-self.now, axis=-1).sum(0)
+        self.now[:] = 0
+
+    def dist(self) -> np.ndarray | None:
+        acc = self.acc - np.sort(-self.now, axis=-1).sum(0)
+        return acc / acc.sum() if acc.sum() > 0 else None
+
+
 def released_scale_to_k(p: np.ndarray, k: int, tol: float = 1e-9) -> np.ndarray:
     """scale_to_k: p scaled to sum to k; values reaching 1 - tol are capped there and the rest
     rescaled to the remaining mass, until none exceeds it."""

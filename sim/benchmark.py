@@ -1,16 +1,35 @@
-"""`python -m sim.benchmark`: the simulator's own speed, as one JSON line.
+"""`python -m sim.benchmark`: the simulator's own speed as users get it, as one JSON line.
 
-- sim_tokens_per_s: simulated decode tokens per wall-clock second, full timing
-  simulation of mixtral-8x7b (32 layers, top-2, batch 1, LRU, bf16) on the default device;
+- sim_metrics_tokens_per_s: simulated decode tokens per wall-clock second of a run and its
+  metrics (metrics.json) through the policy objects, as a sweep or a study runs it (no events):
+  mixtral-8x7b (32 layers, top-2, batch 1, LRU, bf16) on the default device;
+- sim_fused_tokens_per_s: the same run on its fused loop (sim/fast.py), as `simulate` picks it;
+- sim_timeline_tokens_per_s: the same run with its timeline (what `moelab simulate` writes) and
+  its metrics, through the policy objects; sim_tokens_per_s: that run alone, without its metrics
+  (the figure this benchmark reported before it measured what users get);
 - replay_accesses_per_s: cache-only LRU replay (the fast loop), expert accesses per second,
   beside libCacheSim's LRU on the same sequence (its own C loop via process_trace);
 - replay_objects_accesses_per_s: the same replay through the decision point and the LRU
-  policy object (the path of every policy without a fast loop).
+  policy object (the path of every policy without a fast loop), its set-up (building the
+  policies) not timed; replay_objects_with_setup_accesses_per_s: with it;
+- sweep_runs_per_s: short runs (128 tokens, the sweep benchmark's grid) one after another in
+  this process, each a whole run as a sweep makes it (spec to results row).
+Every figure is also given per million libCacheSim accesses/s (`*_per_libcachesim_maccess`): the
+machines here differ by 1.6x, libCacheSim's loop by as much.
+
+`--compare DIR` runs this benchmark here and on the checkout in DIR (e.g. a `git worktree` of an
+older commit) alternately, `--rounds` times each, and prints the medians and their ratios: the
+host is shared and its speed swings, so only figures measured side by side compare.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,37 +53,76 @@ def bench_spec(tokens: int):
                    locality=0.6, budget=120 * model.expert_bytes)
 
 
+def _fused():
+    """sim/fast.py's fused loop, or None in a checkout without one (--compare with an older one)."""
+    try:
+        from sim.fast import fused_for, run_fused
+    except ImportError:
+        return None
+    return fused_for, run_fused
+
+
+def _timed_run(tokens: int, mode: str) -> tuple[float, int]:
+    """Seconds of one prepared run in `mode` (metrics, fused, timeline, engine) and its events."""
+    from experiments.run import prepare, run_metrics
+    p = prepare(bench_spec(tokens), timeline=False)
+    sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
+    metrics_only = "events" in inspect.signature(sim.run).parameters
+    t0 = time.perf_counter()
+    if mode == "fused":
+        fused_for, run_fused = _fused()
+        assert fused_for(sim), "the benchmark's bundle has a fused loop"
+        tl = run_fused(sim)
+    elif mode == "metrics" and metrics_only:
+        tl = sim.run(events=False)
+    else:                                   # (an older engine records every event)
+        tl = sim.run()
+    if mode != "engine":
+        run_metrics(p, tl)
+    return time.perf_counter() - t0, len(tl.events)
+
+
 def bench_engine(tokens: int = 2000, repeats: int = 5) -> dict:
-    """Median and best of `repeats` runs: this benchmark's host is a shared VM whose speed swings.
-    Each run is prepared by the run function (experiments/run.py) and its engine run timed."""
-    from experiments.run import prepare
-    rates = []
+    """Median and best of `repeats` runs of each mode, interleaved: this benchmark's host is a shared
+    VM whose speed swings. Each run is prepared by the run function (experiments/run.py), untimed."""
+    modes = ["metrics", "timeline", "engine"] + (["fused"] if _fused() else [])
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    events = 0
     for _ in range(repeats):
-        p = prepare(bench_spec(tokens), timeline=False)
-        t0 = time.perf_counter()
-        tl = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost).run()
-        rates.append(tokens / (time.perf_counter() - t0))
-    return {"sim_tokens": tokens, "sim_events": len(tl.events), "sim_tokens_per_s": round(float(np.median(rates)), 1),
-            "sim_tokens_per_s_best": round(max(rates), 1), "sim_repeats": repeats}
+        for mode in modes:
+            seconds, n = _timed_run(tokens, mode)
+            rates[mode].append(tokens / seconds)
+            events = max(events, n)
+    out = {"sim_tokens": tokens, "sim_events": events, "sim_repeats": repeats}
+    for mode, name in (("metrics", "sim_metrics"), ("fused", "sim_fused"), ("timeline", "sim_timeline"),
+                       ("engine", "sim")):
+        r = rates.get(mode)
+        out[f"{name}_tokens_per_s"] = r and round(float(np.median(r)), 1)
+        out[f"{name}_tokens_per_s_best"] = r and round(max(r), 1)
+    return out
 
 
-def libcachesim_lru_rate(seq: list[int], capacity: int) -> float | None:
-    """Accesses per second of libCacheSim's LRU over `seq`, read from a text trace by its C reader."""
+def libcachesim_lru_rate(seq: list[int], capacity: int, repeats: int = 3) -> float | None:
+    """Accesses per second of libCacheSim's LRU over `seq`, read from a text trace by its C reader
+    (the median of `repeats`)."""
     try:
         import libcachesim as lcs
     except ImportError:
         return None
+    rates = []
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "seq.txt")
         np.savetxt(path, np.asarray(seq), fmt="%d")
-        reader = lcs.TraceReader(path, trace_type=lcs.TraceType.PLAIN_TXT_TRACE)
-        cache = lcs.LRU(cache_size=capacity)
-        t0 = time.perf_counter()
-        cache.process_trace(reader)
-        return len(seq) / (time.perf_counter() - t0)
+        for _ in range(repeats):
+            reader = lcs.TraceReader(path, trace_type=lcs.TraceType.PLAIN_TXT_TRACE)
+            cache = lcs.LRU(cache_size=capacity)
+            t0 = time.perf_counter()
+            cache.process_trace(reader)
+            rates.append(len(seq) / (time.perf_counter() - t0))
+    return float(np.median(rates))
 
 
-def bench_replay(tokens: int = 20000, capacity: int = 96) -> dict:
+def bench_replay(tokens: int = 20000, capacity: int = 96, repeats: int = 3) -> dict:
     model = get_model("mixtral-8x7b")
     trace = synthetic_trace(model, requests=1, prompt_len=0, output_len=tokens, seed=1)
     from workloads.batching import batch_steps
@@ -72,31 +130,90 @@ def bench_replay(tokens: int = 20000, capacity: int = 96) -> dict:
     accesses = sum(map(len, groups))
     t0 = time.perf_counter()
     hit = replay_units(groups, "lru", [capacity])[capacity]
-    wall = time.perf_counter() - t0
-    ours = accesses / wall
-    seq = [k for g in groups for k in g]
-    ref = libcachesim_lru_rate(seq, capacity)
+    ours = accesses / (time.perf_counter() - t0)
+    ref = libcachesim_lru_rate([k for g in groups for k in g], capacity)
     # the same accesses through the decision point and the policy objects (what every policy
     # without a proven fast loop replays with), on a fifth of the tokens
     w = Workload(model, synthetic_trace(model, requests=1, prompt_len=0, output_len=tokens // 5, seed=1),
                  make_format("bf16", model.expert_shapes))
-    t0 = time.perf_counter()
-    objects = replay_policies(w, build_policies(w, capacity * model.expert_bytes, cache="lru"))
-    objects_rate = objects["accesses"] / (time.perf_counter() - t0)
+    loop, whole = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policies = build_policies(w, capacity * model.expert_bytes, cache="lru")
+        t1 = time.perf_counter()
+        objects = replay_policies(w, policies)
+        t2 = time.perf_counter()
+        loop.append(objects["accesses"] / (t2 - t1))
+        whole.append(objects["accesses"] / (t2 - t0))
     return {"replay_accesses": accesses, "replay_hit_ratio": round(hit, 4),
             "replay_accesses_per_s": round(ours), "libcachesim_lru_accesses_per_s": ref and round(ref),
             "replay_vs_libcachesim": ref and round(ours / ref, 3),
-            "replay_objects_accesses_per_s": round(objects_rate)}
+            "replay_objects_accesses_per_s": round(float(np.median(loop))),
+            "replay_objects_with_setup_accesses_per_s": round(float(np.median(whole)))}
 
 
-def main() -> None:
+def bench_sweep(runs: int = 40) -> dict:
+    """Runs per second of a seeded sample of the sweep benchmark's grid (experiments/benchmark_sweep.py),
+    one after another here: each run as a sweep makes it, from its spec to its results row."""
+    from experiments.benchmark_sweep import GRID
+    from experiments.sweep import load_grid, run_config
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "grid.yaml")
+        with open(path, "w") as f:
+            f.write(GRID + f"sample: {{n: {runs}, seed: 0}}\n")
+        specs = load_grid(path)
+    t0 = time.perf_counter()
+    for spec in specs:
+        run_config(spec)
+    return {"sweep_runs": len(specs), "sweep_runs_per_s": round(len(specs) / (time.perf_counter() - t0), 2)}
+
+
+RATES = ("sim_metrics_tokens_per_s", "sim_fused_tokens_per_s", "sim_timeline_tokens_per_s", "sim_tokens_per_s",
+         "replay_objects_accesses_per_s", "replay_objects_with_setup_accesses_per_s", "sweep_runs_per_s")
+
+
+def measure() -> dict:
     out = {"benchmark": "sim"}
     out.update(bench_engine())
     out.update(bench_replay())
-    # machines here differ by 1.6x: the simulator's speed per million libCacheSim accesses/s
+    out.update(bench_sweep())
     ref = out["libcachesim_lru_accesses_per_s"]
-    out["sim_tokens_per_s_per_libcachesim_maccess"] = ref and round(out["sim_tokens_per_s"] / (ref / 1e6), 1)
-    print(json.dumps(out))
+    for key in RATES:                       # per million libCacheSim accesses/s
+        if ref and out.get(key):
+            out[key.replace("_per_s", "_per_libcachesim_maccess")] = round(out[key] / (ref / 1e6), 3)
+    return out
+
+
+def compare(script: str, other: str, rounds: int, args: tuple = ()) -> dict:
+    """A benchmark `script`'s JSON line here and in the checkout `other`, measured alternately
+    `rounds` times each: the medians and their ratios (here / other)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict]] = {"here": [], "other": []}
+    with tempfile.TemporaryDirectory() as d:
+        # the script, run from a folder of its own (nothing beside it to shadow a module) in each
+        # checkout, whose packages then come first on the path
+        copy = shutil.copy(os.path.abspath(script), os.path.join(d, "benchmark_script.py"))
+        for _ in range(rounds):
+            for name, root in (("here", here), ("other", os.path.abspath(other))):
+                out = subprocess.run([sys.executable, copy, *args], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                                     check=True, capture_output=True, text=True).stdout
+                runs[name].append(json.loads(out.splitlines()[-1]))
+    first = runs["here"][0]
+    keys = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    med = {name: {k: float(np.median([r[k] for r in rs if r.get(k) is not None] or [np.nan])) for k in keys}
+           for name, rs in runs.items()}
+    ratio = {k: round(med["here"][k] / med["other"][k], 2) for k in keys
+             if med["other"][k] == med["other"][k] and med["other"][k]}
+    return {"benchmark": f"{first.get('benchmark')}-compare", "other": other, "rounds": rounds,
+            "here": med["here"], "other_figures": med["other"], "ratio": ratio}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", metavar="DIR", help="also measure the checkout in DIR, alternately")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare: measurements of each")
+    args = ap.parse_args(argv)
+    print(json.dumps(compare(__file__, args.compare, args.rounds) if args.compare else measure()))
 
 
 if __name__ == "__main__":

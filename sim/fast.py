@@ -144,7 +144,8 @@ class _Cache:
 
     def prefetch(self, wish: list[int]) -> list[tuple[int, list[int]]]:
         """CachePolicy.prefetch: what fits without evicting a pinned key, wished keys pinned first."""
-        sizes, pinned = self.sizes, self.pinned
+        sizes = self.sizes
+        pinned = self.pinned = set(self.pinned)
         pinned.update(k for k in wish if k in sizes)
         items = [k for k in wish if k not in sizes]
         locked = sum(sizes[k] for k in pinned if k in sizes)
@@ -225,7 +226,7 @@ class _Fused:
                 for k in keys:
                     if k in sizes:
                         touch(k)
-            cache.pinned = set(keys)
+            cache.pinned = keys                           # (a list: as fast as a set for a layer's keys)
             loads = [(k, True, admit(k)) for k in plan]
             if oracle:                                    # the next decision point's keys
                 self.point += 1
@@ -265,12 +266,12 @@ class _Fused:
                         r = ready.get(k + q)
                         if r is not None and r > t_ready:
                             t_ready = r
-                    tasks.append((t_ready, len(tasks), n))
+                    tasks.append((t_ready, len(tasks), e, n))
                 tasks.sort()
             else:                                         # all resident: in first-appearance order
-                tasks = [(now, 0, n) for n in counts.values()]
+                tasks = [(now, 0, e, n) for e, n in counts.items()]
             free, started = now + base + per_load * len(loads), False
-            for t_ready, _, n in tasks:
+            for t_ready, _, e, n in tasks:
                 if started:
                     free += gap
                 started = True
@@ -295,7 +296,7 @@ class _Fused:
             if pending:                                   # prefetched earlier: used now
                 for k in keys:
                     pending.pop(k, None)
-            cache.pinned = set()                          # end_layer: LRU, FIFO and LFU drop nothing
+            # (end_layer: LRU, FIFO and LFU unpin and drop nothing; the next layer pins its own keys)
         return t
 
     def figures(self) -> Figures:

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import make_device
+from devices.kernels import Kernel
 from executor.execute import execute, strip_experts
 from executor.model import model_arch
 from executor.store_build import ensure_store
 from policies import Demand, Key, PolicyContext, Routing, build_policies, load_item
-from policies.allocators import Capacity, GateScore, ResidentFirst
+from policies.allocators import Capacity, GateScore, ResidentFirst, Shares
 from policies.cache import BudgetRule
 from policies.schedulers import HEBF, FifoScheduler
 from sim.engine import Simulator
@@ -88,15 +89,15 @@ def test_fifo_bad_order_and_the_presets_that_load_in_expert_id_order():
     with pytest.raises(ConfigError, match="fifo: order must be 'router' or 'expert-id', got 'hottest'"):
         FifoScheduler(ctx(), order="hottest")
     w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
-    with pytest.raises(ConfigError, match="order must be"):
+    with pytest.raises(ConfigError, match="order: must be one of router, expert-id"):
         build_policies(w, 10**9, scheduler_options={"order": "id"})
     for name in ("d2moe-mwq", "d2moe-router", "matryoshka-free"):
-        assert build_policies(w, 10**9, **get_preset(name).policy_kwargs()).scheduler.by_id
+        assert build_policies(w, 10**9, **get_preset(name).bundle.kwargs()).scheduler.by_id
 
 
 # -- the flow-shop bound of reproduce d2moe ------------------------------------------------------------
 def test_flow_shop_bound_by_hand():
-    from experiments.reproduce_d2moe import compute_scale_for, flow_shop_bound
+    from experiments.d2moe_bounds import flow_shop_bound
     from timeline.events import Event
 
     def io(t0, t1, layer, expert, part, nbytes):
@@ -121,18 +122,6 @@ def test_flow_shop_bound_by_hand():
     assert flow_shop_bound(events, parts, 0.0, 100.0) == pytest.approx((10.0, 9.0))
     # a 0.5 s latency: layer 0's second bound becomes 5 + 0.5 + 1 = 6.5 s
     assert flow_shop_bound(events, parts, 0.5, 100.0) == pytest.approx((10.0, 9.5))
-    # compute 3 s of which 100 calls x 10 ms overhead, I/O 10 s: (2.04 / 2.6 x 10 - 1) / (3 - 1)
-    row = {"status": "ok", "expert_calls": "100", "compute_busy_s": "3", "io_busy_s": "10"}
-    assert compute_scale_for(row, 0.01) == pytest.approx((2.04 / 2.6 * 10 - 1) / 2, rel=1e-3)
-
-
-def test_an_older_results_file_is_set_aside_not_mixed(tmp_path):
-    from experiments.reproduce_d2moe import FIELDS, VERSION, load_results, retire_old_results
-    path = tmp_path / "results.csv"
-    path.write_text("env,model,system,requests,budget_mb,status\nenv1,m,d2moe-mwq,32,800,ok\n")
-    assert retire_old_results(path) == tmp_path / "results.old-1.csv" and not path.exists()
-    path.write_text(",".join(FIELDS) + "\n" + ",".join(str(VERSION) if f == "version" else "1" for f in FIELDS) + "\n")
-    assert retire_old_results(path) is None and len(load_results(path)) == 1
 
 
 # -- the budget rule (Algorithm 2) -----------------------------------------------------------------
@@ -207,6 +196,63 @@ def test_capacity_ranks_an_experts_tokens_by_gate_score():
         Capacity(ctx(), capacities="0.5,0.4,0.3")
 
 
+def test_shares_draws_levels_from_a_seeded_hash_of_the_token_and_counts_steps():
+    rng = np.random.default_rng(0)
+    steps = [[rng.permuted(np.tile(np.arange(4), (64, 1)), axis=1)[:, :2] for _ in range(2)] for _ in range(40)]
+
+    def run(**options):
+        a, out = Shares(ctx(), **options), []
+        for layers in steps:
+            for layer, experts in enumerate(layers):
+                out.append(a.allocate(layer, routing(experts, np.ones(experts.shape))).per_token)
+        return a, out
+    a, first = run(shares="0.25,0.45,0.3")
+    assert a.step == len(steps) - 1 and run(shares="0.25,0.45,0.3")[1] == first       # deterministic
+    assert run(shares="0.25,0.45,0.3", seed=1)[1] != first
+    levels = np.array([lv for d in first for token in d for _, lv in token])
+    assert np.bincount(levels, minlength=3) / levels.size == pytest.approx([0.25, 0.45, 0.3], abs=0.02)
+    # a step is counted whenever the layer does not increase: the same routing at another step differs
+    b = Shares(ctx(), shares="0.25,0.45,0.3")
+    r = routing(steps[0][0], np.ones((64, 2)))
+    assert b.allocate(0, r).per_token != b.allocate(0, r).per_token
+    assert Shares(ctx(), shares="0.5,0.5,0").levels_used() == (0, 1)
+    for bad in ("0.5,0.6,0.3", "0.5,0.5"):
+        with pytest.raises(Exception, match="summing to 1"):
+            Shares(ctx(), shares=bad)
+    with pytest.raises(Exception, match="group must be a probability"):
+        Shares(ctx(), group=1.5)
+
+
+def test_shares_group_keeps_the_shares_and_needs_the_top_level_as_the_formula_says():
+    from experiments.d2moe_levels import top_need
+    rng = np.random.default_rng(1)
+    shares, group = (0.25, 0.45, 0.3), 0.75
+    a = Shares(PolicyContext(V1, 1, 16, 10**9), shares=list(shares), group=group)
+    levels, need, sizes = [], [], []
+    for _ in range(400):
+        experts = rng.integers(0, 16, size=(24, 1))            # 24 tokens over 16 experts, top-1
+        d = a.allocate(0, routing(experts, np.ones(experts.shape)))
+        lv = np.array([token[0][1] for token in d.per_token])
+        levels += lv.tolist()
+        for e in np.unique(experts):
+            g = lv[experts[:, 0] == e]
+            need.append((g == 2).any())
+            sizes.append(len(g))
+    assert np.bincount(levels, minlength=3) / len(levels) == pytest.approx(shares, abs=0.02)
+    assert np.mean(need) == pytest.approx(top_need(sizes, shares[2], group), abs=0.02)
+    assert top_need(sizes, shares[2], group) < top_need(sizes, shares[2], 0.0)
+    assert top_need([1, 5], 0.3, 0.0) == pytest.approx((0.3 + 1 - 0.7 ** 5) / 2)        # independent draws
+    assert top_need([5], 0.3, 1.0) == pytest.approx(0.3)                                # one draw per group
+
+
+def test_the_pinned_router_shares_are_the_shipped_routers():
+    """A small re-measurement (4 requests x 16 tokens) agrees with the pinned 32 x 64 one to sampling noise."""
+    from experiments.d2moe_levels import ROUTER_SHARES, measure_router_shares, shares_option
+    got = measure_router_shares(requests=4, tokens=16)
+    assert got == pytest.approx(ROUTER_SHARES["v1"], abs=0.05) and sum(got) == pytest.approx(1, abs=1e-3)
+    assert sum(shares_option()["shares"]) == pytest.approx(1, abs=1e-6)
+
+
 def test_resident_first_uses_a_resident_lower_level_and_counts_it():
     from policies.cache import LRU
     cache = LRU(ctx())
@@ -228,7 +274,7 @@ def test_resident_first_uses_a_resident_lower_level_and_counts_it():
 def test_unknown_allocator_option_names_the_known_ones():
     w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
     with pytest.raises(Exception, match="capacity: unknown option 'caps'; options: capacities"):
-        build_policies(w, 10**9, allocator="capacity", caps="1")
+        build_policies(w, 10**9, allocator="capacity", allocator_options={"caps": "1"})
 
 
 # -- both engines ----------------------------------------------------------------------------------
@@ -238,6 +284,7 @@ def mwq_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("allocator,options", [("gate-score", {}), ("capacity", {}),
+                                               ("shares", {"shares": "0.25,0.45,0.3", "group": 0.7}),
                                                ("resident-first", {"base": "capacity", "max_drop": 2})])
 @pytest.mark.parametrize("cache", ["d2moe-budget", "lru"])
 def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, allocator, options, cache):
@@ -247,7 +294,7 @@ def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, alloc
     budget = 6 * fmt.expert_bytes
 
     def bundle():
-        return build_policies(w, budget, cache=cache, scheduler="hebf", allocator=allocator, **options)
+        return build_policies(w, budget, cache=cache, scheduler="hebf", allocator=allocator, allocator_options=options)
     sim_tl = Simulator(make_device(), w, bundle()).run()
     p = bundle()
     run = execute(strip_experts(tiny_model()), mwq_store, p, torch.tensor([[1, 2, 3]]), 0, trace=trace, batch=4,
@@ -261,9 +308,37 @@ def test_d2moe_policies_make_the_same_decisions_in_both_engines(mwq_store, alloc
         assert sim_tl.meta["policy_report"]["resident_first_substituted"] > 0
 
 
+@pytest.mark.parametrize("kernel", [None, Kernel(tokens_per_call=1), Kernel(tokens_per_call=2, dequant="once"),
+                                    Kernel(tokens_per_call=1, dequant="fused", weight_bandwidth=100.0, gemm_from=3)])
+def test_both_engines_decide_alike_under_each_kernel_and_the_simulator_charges_it(mwq_store, kernel):
+    from dataclasses import replace
+    from policies.cost import CostModel
+    fmt, arch = mwq_store.format, model_arch(tiny_model())
+    trace = synthetic_trace(arch, requests=4, prompt_len=3, output_len=5, skew=1.0, locality=0.4, seed=7)
+    w = Workload(arch, trace, fmt, batch=4)
+    dev = make_device(overhead=1e-4)
+    dev = replace(dev, compute=replace(dev.compute, kernels={} if kernel is None else {"mwq": kernel}))
+    cost = CostModel.build(dev, arch, fmt)
+
+    def bundle():
+        return build_policies(w, 6 * fmt.expert_bytes, cache="d2moe-budget", scheduler="hebf", allocator="shares",
+                              allocator_options={"shares": "0.25,0.45,0.3"}, cost=cost)
+    sim_tl = Simulator(dev, w, bundle(), cost=cost).run()
+    run = execute(strip_experts(tiny_model()), mwq_store, bundle(), torch.tensor([[1, 2, 3]]), 0, trace=trace,
+                  batch=4, quiet=True)
+    assert len(sim_tl.decisions()) > 10 and run.timeline.decisions() == sim_tl.decisions()
+    computes = sim_tl.of("compute")
+    assert len({e.tokens for e in computes}) > 1
+    for e in computes:                          # every call timed by the kernel's cost
+        assert e.end - e.start == pytest.approx(cost.expert_seconds(e.level, e.tokens))
+    if kernel is not None and kernel.tokens_per_call == 1 and not kernel.gemm_from:
+        e = max(computes, key=lambda e: e.tokens)
+        assert cost.expert_seconds(e.level, e.tokens) == pytest.approx(e.tokens * cost.expert_seconds(e.level, 1))
+
+
 def test_a_non_numeric_option_is_a_clear_error():
     w = Workload(MODEL, synthetic_trace(MODEL, requests=1, prompt_len=0, output_len=2, seed=0), V1)
-    with pytest.raises(Exception, match=r"fixed: bad option value in \{'level': 'x'\}"):
+    with pytest.raises(Exception, match=r"fixed: option level: expected a whole number, got 'x'"):
         build_policies(w, 10**9, allocator="fixed", allocator_options={"level": "x"})
 
 

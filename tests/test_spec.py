@@ -51,11 +51,11 @@ def test_one_configuration_four_ways_gives_one_run(zip_store, monkeypatch):
     On the old main the grid took tokens as decode steps and assumed zip part sizes instead of the store's."""
     monkeypatch.chdir(zip_store)
     flags = ["--device", "jetson-orin-nano-8gb", "--trace", "real.npz", "--batch", "2", "--budget", "2500000",
-             "--format", "zip", "--policy", "zipmoe", "--scheduler", "zipmoe", "--cache-option", "split=0.5"]
+             "--format", "zip", "--policy", "zipmoe", "--scheduler", "zipmoe", "--cache-option", "split=0.6"]
     assert main(["simulate", *flags, "--out", "a", "--quiet"]) == 0
     grid = write(zip_store / "g.yaml", "runs:\n  - {device: jetson-orin-nano-8gb, trace: real.npz, batch: 2, "
                                        "budget: 2500000, format: zip, policy: {cache: zipmoe, scheduler: zipmoe, "
-                                       "cache_options: {split: 0.5}}}\n")
+                                       "cache_options: {split: 0.6}}}\n")
     assert main(["sweep", str(grid), "--out", "r.csv", "--jobs", "1", "--quiet"]) == 0
     assert main(["pick", "r.csv", "--out", "picked.yaml"]) == 0
     assert main(["simulate", "--spec", "picked.yaml", "--out", "b", "--quiet"]) == 0
@@ -122,7 +122,8 @@ VALUES = {"level": 0, "thresholds": (0.2, 0.6), "top1_highest": False, "capaciti
           "shares": (0.5, 0.25, 0.25), "max_drop": 2, "base": "capacity", "order": "expert-id",
           "count": "cumulative", "share": "proportional", "ratio": 2.5, "readahead_kb": 64, "victim": "lru",
           "tiers": False, "split": 0.6, "margin": 0.2, "thresholds_zip": "layer", "window": 16, "plan_after": 8,
-          "dock": 123456, "width": 3, "threshold": 0.25}
+          "dock": 123456, "width": 3, "threshold": 0.25,
+          "mode": "corrected", "planner": "corrected", "plan_trace": "online"}
 ATTRIBUTE = {"order": "order_by"}
 FORMAT = {"allocator": "mwq", "zipmoe": "zip"}
 ROLE_ATTR = {"cache": "cache", "scheduler": "scheduler", "allocator": "allocator", "prefetch": "prefetcher"}
@@ -140,7 +141,22 @@ def value_for(name, opt):
         return VALUES["thresholds_zip"]
     if name == "resident-first" and opt.name in ("thresholds", "top1_highest", "level"):
         return None                                  # these need base=gate-score / fixed: checked below
-    return VALUES[opt.name]
+    if opt.name in VALUES:
+        return VALUES[opt.name]
+    return generic_value(opt)
+
+
+def generic_value(opt):
+    """A valid value other than the default, from the declaration alone (a new option is covered too)."""
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
+    if opt.type == "bool":
+        return not opt.default
+    if opt.type == "int":
+        return (opt.default or 0) + 2
+    if opt.type == "float":
+        return round((opt.default or 0) / 2 + 0.25, 6) if (opt.default or 0) < 1 else opt.default * 2
+    pytest.skip(f"no generic value for {opt.type} option {opt.name}: add it to VALUES")
 
 
 def as_text(value):

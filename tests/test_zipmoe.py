@@ -227,8 +227,6 @@ def test_plan_from_a_plan_trace_or_online(tmp_path):
         if i == 3 * model.layers - 1:
             assert on.report()["zipmoe_full_share"] == 0.6       # not yet planned
     assert not on.cache.pending and ("online" in on.report()["zipmoe_split_source"])
-    with pytest.raises(ConfigError, match="plan_trace=online .* only the corrected planner"):
-        ZipMoECache(PolicyContext(w.fmt, 4, 8, budget, cost=cost), plan_trace="online")
     with pytest.raises(ConfigError, match="plan_trace nowhere.npz: no such file"):
         ZipMoECache(PolicyContext(w.fmt, 4, 8, budget, cost=cost), plan_trace="nowhere.npz")
     # a Switch model falls back to LFU, every expert full (the released code)

@@ -102,6 +102,41 @@ CATALOG: dict[str, ModelArch] = {m.name: m for m in [
 ]}
 
 
+# Synthetic routing defaults per model (workloads/fitted.py's parameters; a scalar means every
+# layer), fitted to published routing statistics. Used by synthetic_trace(model, fit="catalog")
+# and synthetic_default(name); the plain synthetic_trace(model) keeps its skew/locality defaults.
+SYNTHETIC: dict[str, dict] = {
+    # ZipMoE's released traces (ZipMoE-ICML26 trace/*.pt: per prompt, per layer, per-expert counts
+    # over ~19 tokens, 953 prompts; statistics computed in issue 22 item 5): distinct experts per
+    # layer in one prompt 41.6, in 4 prompts 61.3, in 16 prompts 63.9; a prompt's own top-6 take
+    # 0.350 of its selections; the top-6 over all prompts 0.199 per layer (0.156-0.243); Gini 0.246.
+    # Seeded fit at 953 x 19 tokens: 41.0 / 62.5 / 64.0, 0.365, 0.208, 0.234 (tests/test_trace_fit.py)
+    "deepseek-v2-lite": {"skew": 0.541, "skew_offset": 1.04, "locality": 0.082, "concentration": 1.21,
+                         "source": "ZipMoE-ICML26 released traces, issue 22 item 5"},
+    # the same for Qwen1.5-MoE (1,000 prompts, top-4 of 60): 37.4 / 58.0 / 60.0, own top-4 0.256,
+    # top-4 over all prompts 0.111 (0.086-0.145), Gini 0.150.
+    # Seeded fit at 1000 x 19 tokens: 37.7 / 58.6 / 60.0, 0.249, 0.114, 0.142
+    "qwen1.5-moe-a2.7b": {"skew": 0.371, "skew_offset": 3.21, "locality": 0.100, "concentration": 3.18,
+                          "source": "ZipMoE-ICML26 released traces, issue 22 item 5"},
+    # public traces of Mixtral-8x7B decode (HumanEval/GSM8K; ../shared/reference/peers.md "Observed on
+    # real routing"): an expert reused at the next token (at least one of 2) 59-65% of the time
+    # (random: 46%), the 2 most-used of 8 take 34-35% of a layer's selections, normalised per-layer
+    # entropy 0.94-0.99. Seeded fit at 16 x 256 decode tokens: 0.62, 0.347, 0.985
+    "mixtral-8x7b": {"skew": 0.405, "locality": 0.133,
+                     "source": "public Mixtral-8x7B decode traces (HumanEval/GSM8K), peers.md"},
+}
+
+
+def synthetic_default(name: str) -> dict | None:
+    """The catalog's synthetic routing default for a model (a fit dict for workloads/fitted.py,
+    with the model's shape), or None where no published statistics exist."""
+    fit = SYNTHETIC.get(name)
+    if fit is None:
+        return None
+    m = CATALOG[name]
+    return dict(fit, model={"name": name, "layers": m.layers, "experts": m.experts, "top_k": m.top_k})
+
+
 # the executor's trained models (executor/assets), found by name too: a host profile names its model
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "executor" / "assets"
 

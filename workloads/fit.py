@@ -109,7 +109,7 @@ def _structure(trace: RoutingTrace, topic_count, seed: int, em_tokens: int) -> R
     name = str(trace.metadata.get("model") or "fitted")
     ones = np.ones(L)
     repeats = repeat_rates(trace)
-    return RoutingModel(name, E, k, None, ones, ones * 0, np.full(L, np.inf), ones, topics=profiles, topic_count=Z,
+    return RoutingModel(name, E, k, None, ones, ones * 0, ones * 0, np.full(L, np.inf), ones, topics=profiles, topic_count=Z,
                         topic_weights=weights, slot_scores=trace.scores.reshape(-1, k).mean(0), hit=hit,
                         hit_scores=scores, repeats=repeats if any(repeats.values()) else None, recall=WINDOW)
 

@@ -10,7 +10,8 @@ A routing model (every per-layer figure may be a scalar in a fit: the same for a
   parametric model draws them at random (`topics: Z`, `topic_concentration`). Z = 1 (no
   topics): the draws follow the popularity alone, as in workloads/synthetic.py;
 - popularity_l: per-expert weights (or a Zipf `skew` over a seeded random ranking, as
-  workloads/synthetic.py builds it);
+  workloads/synthetic.py builds it; `skew_offset` q > 0 makes it Zipf-Mandelbrot, 1 / (rank +
+  q) ** skew: a flatter head for the same tail, so top-k share and Gini can be set apart);
 - request-level drift: each request scales every expert's weight by its own Gamma(concentration,
   1 / concentration) factor (mean 1, variance 1 / concentration); a small concentration makes
   requests differ (ZipMoE's traces: a prompt's own top-k take 0.350 of its selections where the
@@ -52,6 +53,7 @@ class RoutingModel:
     top_k: int
     popularity: np.ndarray | None          # [L, E] weights, or None: Zipf(skew) ranked at random
     skew: np.ndarray                       # [L] (used when popularity is None)
+    skew_offset: np.ndarray                # [L] Zipf-Mandelbrot offset q (0: Zipf)
     locality: np.ndarray                   # [L]
     concentration: np.ndarray              # [L], inf = no drift
     sharpness: np.ndarray                  # [L] exponent of the topic profiles
@@ -85,7 +87,7 @@ class RoutingModel:
         profiles = None if isinstance(topics, int) else _array(topics, (L, None, E), "topics", where)
         look = fit.get("lookahead") or {}
         m = cls(str(model.get("name", "fitted")), E, k, _array(fit.get("popularity"), (L, E), "popularity", where),
-                per("skew", 1.0), per("locality", 0.0), conc, per("sharpness", 1.0), profiles,
+                per("skew", 1.0), per("skew_offset", 0.0), per("locality", 0.0), conc, per("sharpness", 1.0), profiles,
                 topics if isinstance(topics, int) else profiles.shape[1], float(fit.get("topic_concentration", 1.0)),
                 _array(fit.get("topic_weights"), (None,), "topic_weights", where),
                 float(fit.get("persistence", 0.0)), int(fit.get("recall", 1)),
@@ -104,8 +106,9 @@ class RoutingModel:
         if not 0 <= self.persistence <= 1 or self.recall < 1:
             raise ConfigError(f"{where}: persistence must be in [0, 1] and recall >= 1, got "
                               f"{self.persistence}, {self.recall}")
-        if not (self.concentration > 0).all() or not (self.skew >= 0).all() or not (self.sharpness >= 0).all():
-            raise ConfigError(f"{where}: concentration must be > 0 (or null); skew and sharpness >= 0")
+        if not (self.concentration > 0).all() or not (self.skew >= 0).all() or not (self.sharpness >= 0).all() \
+                or not (self.skew_offset >= 0).all():
+            raise ConfigError(f"{where}: concentration must be > 0 (or null); skew, skew_offset and sharpness >= 0")
         if not 1 <= self.top_k <= self.experts:
             raise ConfigError(f"{where}: top_k {self.top_k} must be in 1..experts ({self.experts})")
         if self.topic_count < 1 or self.topic_concentration <= 0:
@@ -185,7 +188,7 @@ def generate(model: RoutingModel, prompt_lens: np.ndarray, output_lens: np.ndarr
     lengths = np.asarray(prompt_lens) + np.asarray(output_lens)
     R, P = len(lengths), int(lengths.max())
     pop = model.popularity if model.popularity is not None else np.concatenate(
-        [_popularity(rng, 1, E, float(s)) for s in model.skew])
+        [_ranked(rng, E, float(s), float(q)) for s, q in zip(model.skew, model.skew_offset)])
     profiles, weights = _topics(model, rng)
     Z = profiles.shape[1]
     topic = _topic_chains(rng, weights, model, R, P)                        # [R * P]
@@ -239,6 +242,18 @@ def _roots(src: np.ndarray) -> np.ndarray:
         if np.array_equal(nxt, src):
             return src
         src = nxt
+
+
+def _ranked(rng, E: int, skew: float, offset: float) -> np.ndarray:
+    """[1, E] synthetic.py's Zipf popularity over a random ranking, or with offset > 0 the
+    Zipf-Mandelbrot weights 1 / (rank + offset) ** skew on the same ranking."""
+    pop = _popularity(rng, 1, E, skew)
+    if offset == 0 or skew == 0:
+        return pop
+    by_rank = 1.0 / (np.arange(1, E + 1) + offset) ** skew
+    out = np.empty_like(pop)
+    out[0, np.argsort(-pop[0], kind="stable")] = by_rank / by_rank.sum()
+    return out
 
 
 def _topics(model: RoutingModel, rng) -> tuple[np.ndarray, np.ndarray]:

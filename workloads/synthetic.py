@@ -156,5 +156,5 @@ def _from_fit(model: ModelArch, fit, requests, prompt_len, output_len, seed) -> 
     given = fit.get("model") or {}
     if any(key in given and int(given[key]) != v for key, v in shape.items()):
         raise ConfigError(f"synthetic trace: the fit is for {given}, the model {model.name} has {shape}")
-    fit = dict(fit, model=dict({"name": model.name}, **given, **shape))
+    fit = dict(fit, model={"name": model.name, **given, **shape})
     return synth_from_fit(fit, requests, prompt_len, output_len, seed)

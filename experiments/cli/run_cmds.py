@@ -21,7 +21,7 @@ def cmd_simulate(args) -> None:
     from experiments.run import simulate
     spec = spec_from_args(args)
     check_out_dir(args.out)
-    run = simulate(spec, timeline=True, quiet=args.quiet)
+    run = simulate(spec, timeline=True, quiet=args.quiet, fast_path=not args.no_fast_path)
     m, p = run.metrics, run.prepared
     write_outputs(Path(args.out), run.timeline, m, quiet=True)
     b = p.spec.policy
@@ -89,6 +89,9 @@ def add_parsers(sub, add) -> None:
                         f"default: the device's expert budget")
     add_spec_arg(p)
     p.add_argument("--out", default="runs/simulate", help="output folder (replaced as a whole by each run)")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="run the policy objects even where a fused loop proven equal to them would (sim/fast.py): "
+                        "the same outputs, slower; to compare")
     p.add_argument("--store", help="an expert store whose part sizes to use (default: runs/stores/MODEL-FORMAT "
                                    "when it exists, as `moelab execute` builds it)")
     p.set_defaults(func=cmd_simulate)
