@@ -191,15 +191,20 @@ def load_prompts(path, field: str = "text") -> list[str]:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def tokenize(folder, prompts: list[str], vocab: int, max_tokens: int) -> tuple[list[list[int]], str]:
     """(token ids per prompt, the tokenizer's name): the checkpoint's own tokenizer, or, where the
     folder has none (a random-weight test model), UTF-8 bytes modulo the vocabulary."""
-    try:
+    ids, name = [[b % vocab for b in p.encode()] for p in prompts], "utf-8 bytes mod vocab"
+    if folder is not None and any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{folder}: cannot load its tokenizer ({e})") from None
         ids, name = [tok(p)["input_ids"] for p in prompts], type(tok).__name__
-    except (OSError, ValueError, TypeError, KeyError):
-        ids, name = [[b % vocab for b in p.encode()] for p in prompts], "utf-8 bytes mod vocab"
     ids = [x[:max_tokens] or [0] for x in ids]
     return ids, name
 
@@ -216,6 +221,9 @@ class _Capture:
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
+            if not (isinstance(output, tuple) and len(output) == 3):
+                raise ConfigError(f"{type(module).__name__} returned {type(output).__name__}, not (logits, weights, "
+                                  f"ids): the router API of transformers >= 5 is needed (pip install 'moelab[hf]')")
             _, weights, ids = output
             self.step[index] = (hidden.reshape(-1, hidden.shape[-1]).detach(), ids.detach(), weights.detach())
         return hook
@@ -256,6 +264,15 @@ def _next_token(logits: torch.Tensor, sample: bool, temperature: float, top_p: f
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _cache_kwargs(model, out) -> dict:
+    """The KV cache to pass back: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    import inspect
+    if "cache" in inspect.signature(model.forward).parameters:
+        cache = getattr(out, "cache", None)
+        return {"cache": cache if cache is not None else out.past_key_values}
+    return {"past_key_values": out.past_key_values}
+
+
 @torch.no_grad()
 def _record_group(model, capture, writer, ids: list[list[int]], first_request: int, new_tokens: int,
                   decode: dict, width: int, bar) -> None:
@@ -267,17 +284,17 @@ def _record_group(model, capture, writer, ids: list[list[int]], first_request: i
         tokens[b, S - len(x):], mask[b, S - len(x):] = torch.tensor(x, device=dev), 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     requests = np.arange(first_request, first_request + B, dtype=np.int32)
-    past, keep, prompt = None, mask.reshape(-1).bool(), True
+    past, keep, prompt = {}, mask.reshape(-1).bool(), True
     for step in range(new_tokens):
         capture.step = {}
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True, **past)
         rows = _rows(capture, keep, width)
         rid = np.repeat(requests, mask.sum(-1).cpu().numpy()) if prompt else requests
         writer.append(**rows, request_ids=rid, prompt=np.full(len(rid), prompt))
         bar.update(1)
         if step + 1 == new_tokens:
             return
-        past, prompt = out.past_key_values, False
+        past, prompt = _cache_kwargs(model, out), False
         tokens = _next_token(out.logits[:, -1], **decode)[:, None]
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
         pos = pos[:, -1:] + 1

@@ -86,7 +86,8 @@ def _mean(xs) -> float:
 
 class HostProfiler:
     def __init__(self, model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
-                 io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None):
+                 io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
+                 torch_device: str = "cpu"):
         self.model_dir = Path(model_dir or DEFAULT_MODEL)
         self.name = self.model_dir.name
         self.model, _, _ = load_trained(self.model_dir)
@@ -96,7 +97,8 @@ class HostProfiler:
         self.tokens = QUICK_TOKENS if quick else TOKENS
         self.repeats = 3 if quick else 9
         self.io_concurrency, self.decompress_workers = io_concurrency, decompress_workers
-        self.threads = default_torch_threads("cpu")
+        self.torch_device = torch_device
+        self.threads = host_torch_threads(torch_device)
         self.stores = {}
         # format key -> [(format, run config, measured (call, read, run) seconds)]: what
         # experiments/calibrate.py reproduces by simulation (the executor does not simulate)
@@ -204,7 +206,8 @@ class HostProfiler:
                 _set_numba_threads(fmt, self.threads)          # as execute() does
                 enc = get_encoder(fmt.name)
                 pol = build_online_policies(self.arch, fmt, 10 ** 12)
-                rt = ExpertRuntime(store, pol, activation=self.model.cfg.activation, io=None)
+                rt = ExpertRuntime(store, pol, activation=self.model.cfg.activation, io=None,
+                                   torch_device=self.torch_device)
                 rt.begin_step(StepInfo(0, 0, False, 1, 1))
                 n_experts = min(len(store.keys()) // fmt.n_parts, 16 if self.quick else 64)
                 with BlobReader(store) as reader:
@@ -292,7 +295,8 @@ class HostProfiler:
         pol = build_policies(w, budget, cache="lru", prefetch=prefetch)
         throttle = StorageThrottle.from_profile(self.throttled) if self.throttled else None
         return execute(model, store, pol, torch.zeros(requests, prompt, dtype=torch.long), 0, trace=trace,
-                       batch=requests, quiet=True, throttle=throttle).timeline
+                       batch=requests, quiet=True, throttle=throttle, torch_device=self.torch_device,
+                       torch_threads=self.threads).timeline
 
     def dense_and_steps(self, bar=None) -> dict:
         dense = {"prefill": [], "decode": []}
@@ -324,16 +328,7 @@ class HostProfiler:
             step["decode"].append(_mean([g for g, b in dec_s if b == n]))
             if bar is not None:
                 bar.update(1)
-        loads = np.array([n for n, _ in decisions], float)
-        gaps = np.array([g for _, g in decisions], float)
-        if len(set(loads)) > 1:
-            # line through the mean gap per load count, weighted by how often each occurs
-            xs = sorted(set(loads))
-            ys = [float(np.mean(gaps[loads == x])) for x in xs]
-            ws = [float(np.sqrt((loads == x).sum())) for x in xs]
-            b, a = np.polyfit(xs, ys, 1, w=ws)
-        else:
-            a, b = float(np.median(gaps)), 0.0
+        a, b = _decision_line(decisions) or (float(np.median([g for _, g in decisions])), 0.0)
         return {"dense": dense, "step": step, "compute_gap": _mean(call_gaps) if call_gaps else 0.0,
                 "decision_overhead": max(0.0, float(a)),
                 "load_overhead": max(0.0, float(b)), "decision_points": len(decisions)}
@@ -352,14 +347,16 @@ class HostProfiler:
     def roofline(self) -> dict:
         saved = torch.get_num_threads()
         torch.set_num_threads(self.threads)
+        dev = torch.device(self.torch_device)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         try:
-            a = torch.empty(32 * 2 ** 20 // 4)
+            a = torch.empty(32 * 2 ** 20 // 4, device=dev)
             b = torch.empty_like(a)
-            copy = _best(lambda: b.copy_(a), self.repeats)
-            m = torch.randn(512, 512)
-            mm = _best(lambda: m @ m, self.repeats)
-            x = torch.zeros(1)
-            call = _best(lambda: x.add_(0), self.repeats * 20)
+            copy = _best(lambda: (b.copy_(a), sync()), self.repeats)
+            m = torch.randn(512, 512, device=dev)
+            mm = _best(lambda: (m @ m, sync()), self.repeats)
+            x = torch.zeros(1, device=dev)
+            call = _best(lambda: (x.add_(0), sync()), self.repeats * 20)
         finally:
             torch.set_num_threads(saved)
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
@@ -432,6 +429,18 @@ def _compute_gaps(tl) -> list[float]:
     return out
 
 
+def _decision_line(decisions) -> tuple[float, float] | None:
+    """(a, b): the line a + b x loads through the mean gap per load count, weighted by its count."""
+    loads = np.array([n for n, _ in decisions], float)
+    gaps = np.array([g for _, g in decisions], float)
+    xs = sorted(set(loads))
+    if len(xs) < 2:
+        return None
+    ys = [float(np.mean(gaps[loads == x])) for x in xs]
+    b, a = np.polyfit(xs, ys, 1, w=[float(np.sqrt((loads == x).sum())) for x in xs])
+    return float(a), float(b)
+
+
 def _best(fn, repeats: int) -> float:
     fn()
     times = []
@@ -443,11 +452,12 @@ def _best(fn, repeats: int) -> float:
 
 
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
-            io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None) -> dict:
+            io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
+            torch_device: str = "cpu") -> dict:
     """Every figure the executor measures (the dict profile_yaml writes), contention.read and .stall
     still 0 and no storage.burst.predicted: experiments/calibrate.py measure_host adds them by
     simulation."""
-    p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle)
+    p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle, torch_device)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
               unit="task") as bar:
@@ -471,24 +481,27 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         roof = p.roofline()
         bar.update(1)
     # refit the decision path with the loaded runs' points too
-    decisions = extra
-    if decisions:
-        loads = np.array([n for n, _ in decisions], float)
-        gaps = np.array([g for _, g in decisions], float)
-        xs = sorted(set(loads))
-        if len(xs) > 1:
-            ys = [float(np.mean(gaps[loads == x])) for x in xs]
-            ws = [float(np.sqrt((loads == x).sum())) for x in xs]
-            b, a = np.polyfit(xs, ys, 1, w=ws)
-            dense["decision_overhead"], dense["load_overhead"] = max(0.0, float(a)), max(0.0, float(b))
-            dense["decision_points"] = len(decisions)
+    line = _decision_line(extra) if extra else None
+    if line:
+        dense["decision_overhead"], dense["load_overhead"] = max(0.0, line[0]), max(0.0, line[1])
+        dense["decision_points"] = len(extra)
     m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
          "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
-         **dense, "torch_threads": p.threads, "throttle": throttle}
+         **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
                         "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}
     return m
+
+
+def host_torch_threads(torch_device: str = "cpu") -> int:
+    """default_torch_threads's rule (all cores but one) on the cores this process may use (`--cores N`)."""
+    return max(1, usable_cpus() - 1) if torch_device == "cpu" else default_torch_threads(torch_device)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def host_name() -> str:
@@ -513,8 +526,10 @@ def profile_yaml(m: dict, command: str) -> str:
     lines = [
         f"# {host_name()}: measured by `moelab profile` (executor/profile_host.py) for model {m['model']},",
         f"# torch threads {m['torch_threads']}, {os.cpu_count()} CPUs. Every figure: {src}",
+        m.get("provenance", "# cores: not recorded"),   # the cores and the load (experiments/calibrate.py)
         f"name: host-{host_name()}",
-        f'description: "{host_name()}: {os.cpu_count()} CPUs, measured host (executor on CPU)'
+        f'description: "{host_name()}: {usable_cpus()} of {os.cpu_count()} CPUs, measured host '
+        f'(executor on {m.get("torch_device", "cpu")})'
         + (f"; forced runs with reads throttled to {m['throttle']}" if m.get("throttle") else "") + '"',
         f"memory: {mem}B          # {src} (physical pages)",
         f"expert_budget: {mem // 2}B   # estimate: half of the measured memory",

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: measurements of each")
     args = ap.parse_args(argv)
     if args.compare:
-        from sim.benchmark import compare
+        from sim.compare import compare
         print(json.dumps(compare(__file__, args.compare, args.rounds, ("--jobs", str(args.jobs), "--runs",
                                                                          str(args.runs)))))
         return

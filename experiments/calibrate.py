@@ -14,6 +14,7 @@ WEIGHTS). The validation (`moelab validate`) runs another trace and other polici
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -27,13 +28,29 @@ GRID = [round(0.1 * i, 1) for i in range(9)]
 
 
 def measure_host(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
-                 throttle: str | None = None) -> dict:
-    """Every figure of a host profile: the executor's measurements, then the calibration."""
+                 throttle: str | None = None, torch_device: str = "cpu") -> dict:
+    """Every figure of a host profile: the executor's measurements, then the calibration; with the
+    cores it ran on and the load average it saw as its provenance (m["host"], m["provenance"])."""
     from executor.profile_host import measure
-    m = measure(model_dir, store_root, quick=quick, quiet=quiet, throttle=throttle)
+    load = os.getloadavg()
+    m = measure(model_dir, store_root, quick=quick, quiet=quiet, throttle=throttle, torch_device=torch_device)
     predict_burst(m)
     calibrate(m)
+    m["host"] = {"cpus": sorted(os.sched_getaffinity(0)), "torch_device": torch_device, "load": load,
+                 "load_end": os.getloadavg()}
+    m["provenance"] = host_line(m["host"], m["torch_threads"])
     return m
+
+
+def host_line(host: dict, threads: int) -> str:
+    """The profile's comment line on the cores and the load (`moelab validate` reads the first
+    part back: experiments/validate.py profile_cores)."""
+    def avg(load):
+        return "/".join(f"{x:.2f}" for x in load)
+    return (f"# cores: {len(host['cpus'])} of {os.cpu_count()} (CPUs {','.join(map(str, host['cpus']))}; "
+            f"os.sched_setaffinity, the whole process), torch device {host['torch_device']}, torch threads "
+            f"{threads}; load average (1/5/15 min) at start {avg(host['load'])}, at end {avg(host['load_end'])} "
+            f"(the end's includes the profile's own threads)")
 
 
 def predict_burst(m: dict) -> None:

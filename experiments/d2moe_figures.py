@@ -77,7 +77,9 @@ def layer_gantt(out: Path, env: str = "env2", step: int = 5, layer: int = 3) -> 
     stem = out / "fig3_layer_gantt_fifo_vs_hebf"
     done = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     csv = out / "results.csv"
-    if all(p.exists() for p in done) and (not csv.exists() or min(p.stat().st_mtime for p in done) >= csv.stat().st_mtime):
+    fresh = all(p.exists() for p in done) and (not csv.exists() or
+                                                min(p.stat().st_mtime for p in done) >= csv.stat().st_mtime)
+    if fresh:
         return done
     runs = [Run(env, AXIS_MODEL, system, REQUESTS, AXIS_BUDGET_MB, profile) for profile in PROFILES
             for system in (FIFO, HEBF)]

@@ -27,6 +27,7 @@ SKEW, LOCALITY = 1.0, 0.6       # the reproduction's generator (top-2 share 49%,
 MATCHED = (0.4, 0.15)           # matched to real Mixtral decode (peers.md; RunSpec's default)
 GENERATORS = ((0.5, LOCALITY), (SKEW, LOCALITY), (2.0, LOCALITY), (3.0, LOCALITY), MATCHED)
 AXIS_MODEL, AXIS_BUDGET_MB = "llama-moe-3.5b", 800
+AXIS_ENVS = ("env2",)           # Fig. 10(c)'s env, and Fig. 3's calibration (one env keeps the grid's time)
 AXIS_SYSTEMS = ("d2moe-mwq", "d2moe-hebf", "d2moe", "edgemoe")
 FIFO, HEBF = "d2moe-mwq", "d2moe-hebf"          # +MWQ loads in expert-ID order (the paper's Fig. 3)
 CACHING = "layer-lru"           # a baseline cache that gets hits under cyclic layer order
@@ -91,11 +92,12 @@ def profile_grid(profile: str) -> list[Run]:
                 runs.append(Run(env, model, "d2moe", REQUESTS, b, profile, levels="capacity"))
                 runs.append(Run(env, model, HEBF, REQUESTS, b, profile, cache=CACHING))
             runs += [Run(env, model, s, REQUESTS, None, profile) for s in RESIDENT]
+        runs.append(Run(env, "mixtral-8x7b", "d2moe", 4, BUDGETS_MB[-1], profile))     # Fig. 12's 4 requests
+    for env in AXIS_ENVS:
         for skew, loc in GENERATORS:
             runs += [Run(env, AXIS_MODEL, s, n, AXIS_BUDGET_MB, profile, skew=skew, locality=loc)
                      for n in ABLATION_REQUESTS for s in AXIS_SYSTEMS]
         runs += [Run(env, AXIS_MODEL, "d2moe-router", n, AXIS_BUDGET_MB, profile) for n in ABLATION_REQUESTS]
-        runs.append(Run(env, "mixtral-8x7b", "d2moe", 4, BUDGETS_MB[-1], profile))     # Fig. 12's 4 requests
     # the published points again with the experts read from host RAM instead of the SSD (the
     # published Mixtral figure is above what the SSD can feed; see the report)
     runs += [Run(env, model, system, REQUESTS, budget, profile, storage=HOST_RAM)
@@ -248,6 +250,7 @@ def fig3_run(env: str = "env2"):
     from experiments.run import simulate as simulate_spec
 
     def run_fifo(device):
-        sim = simulate_spec(run_spec(Run(env, AXIS_MODEL, FIFO, REQUESTS, AXIS_BUDGET_MB)), timeline=True, device=device)
+        spec = run_spec(Run(env, AXIS_MODEL, FIFO, REQUESTS, AXIS_BUDGET_MB))
+        sim = simulate_spec(spec, timeline=True, device=device)
         return sim.timeline, sim.metrics, sim.prepared.fmt
     return run_fifo

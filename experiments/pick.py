@@ -16,7 +16,7 @@ from devices.units import ConfigError, parse_size
 
 METRICS = {"throughput": ("throughput_tok_s", max), "tpot": ("tpot_s_mean", min), "tpot_p99": ("tpot_s_p99", min),
            "ttft": ("ttft_s", min), "hit_ratio": ("hit_ratio", max), "bytes_read": ("bytes_read", min),
-           "peak_memory": ("peak_expert_bytes", min)}
+           "peak_memory": ("peak_expert_bytes", min), "energy_per_token": ("energy_per_token_j", min)}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "=": operator.eq, "==": operator.eq}
 OFFLINE = {"cache": ("belady", "static-hot"), "prefetch": ("oracle",)}    # they read the run's future
 
@@ -74,6 +74,13 @@ def pick(rows: list[dict], metric: str = "throughput", device: str | None = None
     cands = [r for r in rows if r.get("status") == "ok" and (device is None or r["device"] == device)
              and _fits(r, budget) and all(str(r.get(k)) == v for k, v in where)]
     cands = [r for r in cands if all(r.get(k) not in ("", None) and op(_num(r[k]), v) for k, op, v in cons)]
+    if metric == "energy_per_token":      # a device without power figures has no energy (its energy_reason says why)
+        measured = [r for r in cands if r.get(column) not in ("", None, "None")]
+        if cands and not measured:
+            reasons = sorted({r.get("energy_reason") or "no energy column" for r in cands})
+            raise ConfigError(f"--metric energy_per_token: none of the {len(cands)} runs that meet the request has "
+                              f"an energy per token ({'; '.join(reasons)[:300]})")
+        cands = measured
     if not allow_offline:
         online = [r for r in cands if not offline(r)]
         if cands and not online:

@@ -7,7 +7,10 @@ Kinds:
 - speedup: a heatmap of throughput over a named baseline policy, device x policy (the
   geometric mean over the other axes where both ran);
 - gantt: one run (the row of --row HASH, or the first) simulated again, one layer's loads
-  and computes with the compute bubbles shaded (the picture D²MoE uses to explain HEBF).
+  and computes with the compute bubbles shaded (the picture D²MoE uses to explain HEBF);
+- energy: throughput (tok/s) against energy per token (J), one point per configuration (colour:
+  power mode, marker: format), the Pareto front (no other run both faster and cheaper per token)
+  marked; rows without energy (a device with no power figures) are left out and counted.
 
 `--where KEY=VALUE` keeps matching rows; `--facet KEY` draws one panel per value of a third
 variable (default: device when there are several). Rows that did not run (status other
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from devices.units import ConfigError, format_size
 
-KINDS = ("throughput", "mrc", "tpot", "speedup", "gantt")
+KINDS = ("throughput", "mrc", "tpot", "speedup", "gantt", "energy")
 
 
 def _f(row, key) -> float | None:
@@ -75,6 +79,8 @@ def plot(rows: list[dict], kind: str, out_stem, *, facet: str | None = None, bas
         fig = _gantt(rows, row_hash)
         return save(fig, out_stem)
     ok = [r for r in rows if r.get("status") == "ok"]
+    if kind == "energy":                  # a device without power figures has no energy to plot
+        ok = [r for r in ok if _f(r, "energy_per_token_j") is not None and _f(r, "throughput_tok_s")]
     skipped = len(rows) - len(ok)
     if not ok:
         raise ConfigError(f"none of the {len(rows)} rows ran (status: {sorted({r.get('status') for r in rows})})")
@@ -85,7 +91,7 @@ def plot(rows: list[dict], kind: str, out_stem, *, facet: str | None = None, bas
         nr, nc = _grid(len(panels))
         fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, 3.9 * nr), squeeze=False)
         for ax, (value, prows) in zip(axes.ravel(), panels):
-            {"throughput": _throughput, "mrc": _mrc, "tpot": _tpot}[kind](ax, prows)
+            {"throughput": _throughput, "mrc": _mrc, "tpot": _tpot, "energy": _energy}[kind](ax, prows)
             if facet:
                 ax.set_title(f"{facet} = {value}", fontsize=9)
         for ax in axes.ravel()[len(panels):]:
@@ -97,7 +103,8 @@ def plot(rows: list[dict], kind: str, out_stem, *, facet: str | None = None, bas
         fig.tight_layout(rect=(0, 0.05 * rows_of_legend / nr, 1, 0.95))
     note = f" ({skipped} rows did not run)" if skipped else ""
     fig.suptitle((title or {"throughput": "Throughput against budget", "mrc": "Miss-ratio curves",
-                            "tpot": "TPOT per policy (box p25-p75, line p50, whiskers p10-p90, x p99)", "speedup": f"Speed-up over {baseline}"}[kind]) + note,
+                            "tpot": "TPOT per policy (box p25-p75, line p50, whiskers p10-p90, x p99)", "speedup": f"Speed-up over {baseline}",
+                            "energy": "Throughput against energy per token (ringed: the Pareto front)"}[kind]) + note,
                  fontsize=10, y=1.0)
     return save(fig, out_stem)
 
@@ -155,6 +162,56 @@ def _tpot(ax, rows):
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     ax.set_ylabel("TPOT (ms)")
     ax.grid(alpha=0.3, axis="y")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (J/token, tok/s) points no other point beats on both (cheaper and at least as
+    fast, or faster and at most as costly), by increasing energy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+MARKERS = "os^DvP*X<>"
+
+
+def _mode_order(mode: str):
+    """Power modes by their watts (7W < 15W < 25W), the uncapped ones (MAXN...) last."""
+    m = re.match(r"(\d+(?:\.\d+)?)W$", mode)
+    return (0, float(m.group(1)), "") if m else (1, 0.0, mode)
+
+
+def _energy(ax, rows):
+    from matplotlib.lines import Line2D
+    pts = [(_f(r, "energy_per_token_j"), _f(r, "throughput_tok_s")) for r in rows]
+    modes = sorted({r.get("power_mode") or "default" for r in rows}, key=_mode_order)
+    formats = sorted({r["format"] for r in rows})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(modes)}
+    marks = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(formats)}
+    for (x, y), r in zip(pts, rows):
+        ax.scatter(x, y, s=22, c=colors[r.get("power_mode") or "default"], marker=marks[r["format"]], alpha=0.8)
+    front = pareto_front(pts)
+    fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+    ax.step(fx, fy, where="post", color="k", lw=0.8, alpha=0.6)
+    ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="k", lw=1.0)
+    for k, i in enumerate(front):         # name the front's points: mode / format / cache
+        ax.annotate(f"{rows[i].get('power_mode') or 'default'} {rows[i]['format']} {rows[i].get('cache', '')}",
+                    pts[i], textcoords="offset points", xytext=(6, -10 - 7 * (k % 3)), fontsize=6)
+    if max(fx + [x for x, _ in pts]) > 8 * min(x for x, _ in pts):
+        ax.set_xscale("log")
+    ax.set_xlabel("energy per token (J)")
+    ax.set_ylabel("throughput (tok/s)")
+    ax.grid(alpha=0.3, which="both")
+    # a legend per panel (modes differ between devices), so none for the whole figure
+    handles = [Line2D([], [], ls="", marker="o", color=colors[m]) for m in modes]
+    handles += [Line2D([], [], ls="", marker=marks[f], color="0.4") for f in formats]
+    handles.append(Line2D([], [], color="k", lw=0.8))
+    ax.legend(handles, [f"mode {m}" for m in modes] + [f"format {f}" for f in formats] + ["Pareto front"],
+              fontsize=6, loc="best")
 
 
 def _speedup(rows, baseline):

@@ -16,7 +16,7 @@ Levels: D²MoE's systems (and the ablation's, and Matryoshka-Free) get each toke
 learned router's measured shares (experiments/d2moe_levels.py, the `shares` allocator); D²MoE
 also runs with the rank-capacity rule (`levels=capacity`) beside them. Fig. 10 and the published
 numbers run at 32 requests; the ablation (Fig. 14) at 32 requests on every env, model and budget,
-and at 4-32 requests on LLaMA-MoE at 800 MB, where routing skew is an axis too (Zipf 0.5, 1, 2, 3
+and at 4-32 requests on LLaMA-MoE at 800 MB in Env 2, where routing skew is an axis too (Zipf 0.5, 1, 2, 3
 at the reproduction's locality 0.6, and the generator matched to real Mixtral decode statistics,
 skew 0.4 / locality 0.15: top-2 of 8 take 34.4% of selections, an expert is reused at the next
 token 63.3% of the time). +HEBF also runs with a layer-aware cache (`layer-lru`) instead of LRU,

@@ -159,6 +159,9 @@ def check_spec(spec: RunSpec) -> RunSpec:
     from devices.profile import load_device
     from policies.cost import CostModel
     device = _named("device", lambda: load_device(spec.device or DEFAULT_DEVICE))
+    if spec.power_mode is not None:
+        from devices.power import with_mode
+        device = _named("power_mode", lambda: with_mode(device, spec.power_mode))
     spec = _named("storage", lambda: resolve(spec, device))
     model = _named("model", lambda: trace_model(spec.trace) if spec.model is None else model_of(spec))
     fmt = _named("format", lambda: spec.format.make(model.expert_shapes))
@@ -184,6 +187,9 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
     from policies.cost import CostModel
     from workloads.workload import Workload
     device = device or load_device(spec.device or DEFAULT_DEVICE)
+    if spec.power_mode is not None:        # the mode's caps scale the compute figures (devices/power.py)
+        from devices.power import with_mode
+        device = _named("power_mode", lambda: with_mode(device, spec.power_mode))
     spec = resolve(spec, device, storage)
     storage = storage or device.storage_option(spec.storage)
     trace = None if spec.synthetic else read_trace(spec)
@@ -230,6 +236,18 @@ def run_metrics(p: Prepared, tl) -> dict:
     from workloads.formats import level_bits
     m = compute_metrics(tl, level_bits=level_bits(p.fmt))
     m.update(tl.meta.get("policy_report", {}))
+    # energy in the run's power mode (devices/power.py, timeline/energy.py); null with the reason where the
+    # device has no power figures; a timeline with events also carries the power as a counter track
+    from devices.power import mode_powers
+    from timeline.energy import Powers, energy_metrics, power_track
+    try:
+        powers = Powers.of(mode_powers(p.device.name, p.spec.power_mode, p.storage.name, p.device.decompress_workers))
+    except ConfigError as e:
+        m.update(power_mode=p.spec.power_mode, **energy_metrics(tl, None, m["generated_tokens"], str(e)))
+    else:
+        if tl.events:
+            tl.meta["power_track"] = power_track(tl, powers)
+        m.update(power_mode=powers.mode, **energy_metrics(tl, powers, m["generated_tokens"]))
     b = p.spec.policy
     m.update(device=p.device.name, storage=p.storage.name, model=p.model.name, format=p.fmt.name,
              policy=b.label(), cache=b.cache.name, scheduler=b.scheduler.name, allocator=b.allocator.name,

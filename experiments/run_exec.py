@@ -100,14 +100,20 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     prompts = prompt_tokens(host.prompt, tok, model.cfg.vocab, spec.batch, spec.seed)
     tokens = spec.tokens or DEFAULT_TOKENS
     b = spec.policy
-    run = run_executor(model, store, policies, prompts, tokens, trace=forced, batch=spec.batch,
-                       io_concurrency=host.io_concurrency, throttle=throttle,
-                       decompress_workers=host.decompress_workers, torch_device=host.torch_device,
-                       torch_threads=host.torch_threads, quiet=quiet, level_fn=level_fn,
-                       meta={"model": name, "device": f"host ({host.torch_device})", "format": fmt.name,
-                             "budget_bytes": budget, "cache": b.cache.name, "scheduler": b.scheduler.name,
-                             "prefetcher": b.prefetch.name})
+    from executor.power import PowerMeter
+    meter = PowerMeter()                  # the host's power, sampled on a thread while the run runs
+    with meter:
+        run = run_executor(model, store, policies, prompts, tokens, trace=forced, batch=spec.batch,
+                           io_concurrency=host.io_concurrency, throttle=throttle,
+                           decompress_workers=host.decompress_workers, torch_device=host.torch_device,
+                           torch_threads=host.torch_threads, quiet=quiet, level_fn=level_fn,
+                           meta={"model": name, "device": f"host ({host.torch_device})", "format": fmt.name,
+                                 "budget_bytes": budget, "cache": b.cache.name, "scheduler": b.scheduler.name,
+                                 "prefetcher": b.prefetch.name})
     metrics = exec_metrics(spec, run, fmt, name, budget, total, host)
+    metrics.update(meter.reading.metrics(metrics["generated_tokens"]))     # null with the reason where unmeasured
+    if meter.reading.track() is not None:
+        run.timeline.meta["power_track"] = meter.reading.track()
     text = [tok.decode(row.tolist()) for row in run.tokens] if tok is not None else None
     if text is not None:
         metrics["text"] = text

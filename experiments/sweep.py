@@ -48,7 +48,9 @@ METRIC_FIELDS = ("status", "ttft_s", "ttft_s_cold", "tpot_s_mean", "tpot_s_p10",
                  "tpot_s_p75", "tpot_s_p90", "tpot_s_p99", "throughput_tok_s", "makespan_s", "generated_tokens",
                  "peak_expert_bytes", "bytes_read", "loads", "prefetches", "hit_ratio", "prefetch_coverage",
                  "prefetch_waste_bytes", "bits_per_weight", "compute_bubble_fraction", "io_busy_fraction",
-                 "decompress_busy_fraction")
+                 "decompress_busy_fraction", "energy_j", "energy_per_token_j", "average_power_w", "energy_idle_share",
+                 "energy_share_board", "energy_share_compute", "energy_share_memory", "energy_share_decompress",
+                 "energy_share_storage", "energy_reason")
 RUN_FIELDS = ("moelab_version", "commit", "wall_s", "note")
 FIELDS = ROW_FIELDS + METRIC_FIELDS + RUN_FIELDS
 GRID_KEYS = ("grid", "runs", "sample", "name", "description")

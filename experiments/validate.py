@@ -16,12 +16,24 @@ and compute: summed task time), and whether every repeat made the simulator's de
 "Measured" is the median over the repeats (one run stalled by the host does not move it);
 the spread is their standard deviation, each repeat's TPOT is in the row, and the TPOT error
 against their mean is reported beside it.
+
+A configuration whose TPOT spread over its first `repeats` runs exceeds `spread_limit` (sd /
+median) gets more runs, in further passes, up to `max_repeats` (decided once from those first
+runs, so a rerun decides the same); its row then takes all of them (`repeats` column: how many).
+The statistics validation.md and `moelab validate` report (bias with its bootstrap interval,
+within the executor's 2 sigma, rank agreement) are experiments/validate_stats.py's.
+
+The host: the CPUs the process may run on (`--cores N` pins it before the Validator starts) and
+its torch device, kept in host.json: a rerun into the same folder on other cores is refused, and
+so is a profile taken on another number of cores (its `# cores:` line, experiments/calibrate.py).
 """
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -90,7 +102,8 @@ def busy(tl) -> dict:
 class Validator:
     def __init__(self, out, profile, *, throttle: str | None = None, quick: bool = False, repeats: int = 3,
                  requests: int | None = None, prompt: int | None = None, tokens: int | None = None,
-                 store_root="runs/stores", model_dir=None, quiet: bool = False, io_concurrency: int = 2):
+                 store_root="runs/stores", model_dir=None, quiet: bool = False, io_concurrency: int = 2,
+                 max_repeats: int | None = None, spread_limit: float = 0.15, torch_device: str = "cpu"):
         from devices.profile import load_device
         from executor.model import model_arch
         from executor.train import DEFAULT_MODEL, load_trained
@@ -103,6 +116,12 @@ class Validator:
             dev, _, opt = throttle.partition(":")
             self.storage = load_device(dev).storage_option(opt or None)
         self.quick, self.repeats, self.quiet = quick, repeats, quiet
+        self.max_repeats = repeats if max_repeats is None else max_repeats
+        if self.max_repeats < repeats:
+            raise ConfigError(f"--max-repeats {max_repeats} must be >= --repeats {repeats}")
+        self.spread_limit = spread_limit
+        self.host = host_state(torch_device)
+        check_profile_host(profile, self.host)
         self.requests = requests or (2 if quick else 4)
         self.prompt = prompt or (8 if quick else 16)
         self.tokens = tokens or (6 if quick else 24)
@@ -181,7 +200,8 @@ class Validator:
         from experiments.run_exec import HostOptions, execute
         _, spec = self.setup(cfg, trace)
         host = HostOptions(throttle=self.throttle, cost_device=(self.profile, self.storage),
-                           decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency)
+                           decompress_workers=self.profile.decompress_workers, io_concurrency=self.io_concurrency,
+                           torch_device=self.host["torch_device"], torch_threads=self.host["torch_threads"])
         run = execute(spec.with_(model=str(self.model_dir)), host, quiet=True)
         m = run.metrics
         return {"metrics": {k: m[k] for k in METRICS}, "busy": busy(run.timeline),
@@ -213,16 +233,18 @@ class Validator:
             mid = float(np.median([x["busy"][r] for x in runs]))
             row.update({f"pred_{r}_busy_s": pred_busy[r], f"meas_{r}_busy_s": mid,
                         f"err_{r}_busy": rel_err(pred_busy[r], mid) if mid > 1e-9 else None})
-        return dict(row, decisions_identical=all(r["same"] for r in runs), status="ok")
+        return dict(row, repeats=len(runs), decisions_identical=all(r["same"] for r in runs), status="ok")
 
     # -- the matrix ----------------------------------------------------------------------
     def run(self) -> list[dict]:
         """The matrix in `repeats` passes: each pass runs the executor once per configuration, so
         a configuration's repeats lie minutes apart and a slow spell of the host (another tenant,
         a stalled disk) spreads over many configurations' single runs instead of all the repeats
-        of a few (their median would hide nothing). Each executor run is kept in runs.jsonl as it
-        finishes; a configuration's row is written once its repeats are all there (resumable)."""
+        of a few (their median would hide nothing); then, for the configurations whose spread is
+        large (noisy), passes up to `max_repeats`. Each executor run is kept in runs.jsonl as it
+        finishes; a configuration's row is written once its runs are all there (resumable)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        keep_host(self.out / "host.json", self.host)
         csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
         trace = self.trace()
@@ -232,24 +254,84 @@ class Validator:
         kept = read_runs(runs_path)
         sims: dict = {}
         with tqdm(total=len(todo) * self.repeats, disable=self.quiet, desc="validate", unit="run") as bar:
-            for rep in range(self.repeats):
-                for cfg in todo:
-                    key = self.key(cfg)
-                    if key not in sims:
-                        sims[key] = self.simulate(cfg, trace)
-                    if "status" not in sims[key] and len(kept.get(key, [])) <= rep:
-                        run = self.execute_once(cfg, trace, sims[key]["decisions"])
-                        append_run(runs_path, key, run)
-                        kept.setdefault(key, []).append(run)
-                    bar.update(1)
+            self.passes(todo, range(self.repeats), trace, kept, sims, bar)
+            more = [c for c in todo if "status" not in sims[self.key(c)]
+                    and noisy(kept[self.key(c)][:self.repeats], self.spread_limit)]
+            if more and self.max_repeats > self.repeats:
+                bar.total += len(more) * (self.max_repeats - self.repeats)
+                bar.refresh()
+                self.passes(more, range(self.repeats, self.max_repeats), trace, kept, sims, bar)
+        noisy_keys = {self.key(c) for c in more}
         for cfg in todo:
             sim = sims[key := self.key(cfg)]
+            n = self.max_repeats if key in noisy_keys else self.repeats
             row = (dict(self.setup(cfg, trace)[0], status=sim["status"]) if "status" in sim
-                   else self.row(cfg, trace, sim, kept[key][:self.repeats]))
+                   else self.row(cfg, trace, sim, kept[key][:n]))
             append_row(csv_path, row)
         rows = read_rows(csv_path)
-        write_report(self.out, rows, self.profile)
+        write_report(self.out, rows, self.profile, self.host)
         return rows
+
+    def passes(self, cfgs: list[dict], reps, trace, kept: dict, sims: dict, bar) -> None:
+        """Passes `reps` over `cfgs`: each configuration's run of that pass unless runs.jsonl has it."""
+        runs_path = self.out / "runs.jsonl"
+        for rep in reps:
+            for cfg in cfgs:
+                key = self.key(cfg)
+                if key not in sims:
+                    sims[key] = self.simulate(cfg, trace)
+                if "status" not in sims[key] and len(kept.get(key, [])) <= rep:
+                    run = self.execute_once(cfg, trace, sims[key]["decisions"])
+                    append_run(runs_path, key, run)
+                    kept.setdefault(key, []).append(run)
+                bar.update(1)
+
+
+def noisy(runs: list[dict], limit: float) -> bool:
+    """A TPOT spread (sd / median over `runs`, at least 2) above `limit`: it gets more runs."""
+    tpots = [r["metrics"]["tpot_s_mean"] for r in runs if r["metrics"].get("tpot_s_mean") is not None]
+    if len(tpots) < 2 or float(np.median(tpots)) <= 0:
+        return False
+    return float(np.std(tpots, ddof=1)) / float(np.median(tpots)) > limit
+
+
+# -- the host -------------------------------------------------------------------------------------
+def host_state(torch_device: str = "cpu") -> dict:
+    """The CPUs this process may run on, its torch device and threads, the load average now."""
+    from executor.profile_host import host_torch_threads
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return {"cores": len(cpus), "cpus": cpus, "torch_device": torch_device,
+            "torch_threads": host_torch_threads(torch_device) if torch_device == "cpu" else None,
+            "load": list(os.getloadavg())}
+
+
+def profile_cores(path) -> tuple[int, str] | None:
+    """(cores, torch device) a profile was measured on, from its `# cores:` line (None: not recorded)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    m = re.search(r"^# cores: (\d+) of \d+ .*?torch device (\w+)", text, re.M)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def check_profile_host(path, host: dict) -> None:
+    got = profile_cores(path)
+    if got is not None and got != (host["cores"], host["torch_device"]):
+        raise ConfigError(f"{path}: measured on {got[0]} cores with torch device {got[1]}, but this validation runs "
+                          f"on {host['cores']} with {host['torch_device']}: profile with the same --cores and "
+                          f"--torch-device (`moelab profile --cores {host['cores']}`), or validate with theirs")
+
+
+def keep_host(path: Path, host: dict) -> None:
+    """host.json: the cores and device of the folder's runs; another set of cores is refused."""
+    from devices.atomic import atomic_write
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old["cores"], old["torch_device"]) != (host["cores"], host["torch_device"]):
+            raise ConfigError(f"{path.parent}: its runs ran on {old['cores']} cores ({old['torch_device']}), this "
+                              f"one on {host['cores']} ({host['torch_device']}): give another --out")
+    atomic_write(path, json.dumps(host) + "\n")
 
 
 # -- CSV ----------------------------------------------------------------------------------------
@@ -337,13 +419,19 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def write_report(out: Path, rows: list[dict], profile=None) -> None:
+def write_report(out: Path, rows: list[dict], profile=None, host: dict | None = None) -> None:
     from devices.atomic import atomic_write
+    from experiments.validate_stats import report_sections
     lines = ["# Simulator vs executor on this host", ""]
     if profile is not None:
         lines += [f"Profile: `{profile.path}` ({profile.name}). Errors are (predicted - measured) / measured; "
                   "measured = median over the executor's repeats, spread = their standard deviation / median "
                   "(TPOT error against the repeats' mean in its own column).", ""]
+    if host is not None:
+        lines += [f"Host: {host['cores']} of {os.cpu_count()} CPUs (CPUs {','.join(map(str, host['cpus']))}), torch "
+                  f"device {host['torch_device']}, torch threads {host['torch_threads'] or 'default'}; load average "
+                  f"(1/5/15 min) {'/'.join(f'{x:.2f}' for x in host['load'])} when this validation (its last "
+                  "invocation) began.", ""]
     lines += ["| throttle | configs | decisions identical | TPOT median / max | TTFT median / max | "
               "throughput median / max | hit ratio median / max | I/O busy | decompress busy | compute busy | "
               "TPOT vs mean of repeats | executor TPOT spread median / max |", "|" + "---|" * 12]
@@ -354,7 +442,8 @@ def write_report(out: Path, rows: list[dict], profile=None) -> None:
                      f"{mm('err_tpot_s_mean')} | {mm('err_ttft_s')} | {mm('err_throughput_tok_s')} | "
                      f"{mm('err_hit_ratio')} | {mm('err_io_busy')} | {mm('err_decompress_busy')} | "
                      f"{mm('err_compute_busy')} | {mm('err_tpot_vs_mean_of_runs')} | {mm('tpot_spread')} |")
-    lines += ["", "## Every configuration", "",
+    lines += [""] + report_sections(rows)
+    lines += ["## Every configuration", "",
               "| throttle | format | cache | budget | batch | prefetch | TPOT pred / meas (ms) | TPOT err | "
               "spread | TTFT err | hit pred / meas | I/O err | decomp err | compute err | same decisions |",
               "|" + "---|" * 15]

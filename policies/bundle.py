@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
+import numpy as np
+
 from devices.units import format_size
 from policies.allocators import FixedLevel, Learned, StaticImportance, TraceLevels
 from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, Routing,
@@ -89,10 +91,13 @@ class DemandMemo:
         return cls(allocator, table) if type(allocator) in PURE_ALLOCATORS else allocator
 
     def allocate(self, layer: int, routing: Routing) -> Demand:
-        arrays = [getattr(routing, f) for f in self.fields]
-        if any(a is None for a in arrays):
-            return self.allocator.allocate(layer, routing)      # (it says what is missing)
-        key = (layer, *[(a.shape, a.dtype.char, a.tobytes()) for a in arrays])
+        e = routing.experts
+        key = (layer, e.shape, e.dtype.char, e.tobytes())
+        if len(self.fields) > 1:                              # and the levels
+            levels = routing.levels
+            if levels is None:
+                return self.allocator.allocate(layer, routing)  # (it says what is missing)
+            key += (levels.shape, levels.dtype.char, levels.tobytes())
         demand = self.table.get(key)
         if demand is None:
             demand = self.allocator.allocate(layer, routing)
@@ -116,6 +121,10 @@ class Policies:
         self.allocator.cache = self.cache         # an allocator may read residency and the budget
         self.fmt = self.cache.ctx.fmt
         self.allocate = DemandMemo.of(self.allocator, self.demands).allocate
+        # a scheduler that keeps the base class's orders (None: the engines' defaults) is not asked
+        s = type(self.scheduler)
+        self._orders = (s.decompress_order is not Scheduler.decompress_order
+                        or s.compute_order is not Scheduler.compute_order)
 
     def decide(self, layer: int, routing: Routing) -> Decision:
         demand = self.allocate(layer, routing)
@@ -124,10 +133,12 @@ class Policies:
         keys = needed_keys(demand, self.fmt)
         hits = cache.begin_layer(layer, keys, demand)
         admit = cache.admit
-        loads = [_new_load((item, PLAN, admit(item))) for item in plan]
+        loads = [_new_load((item, PLAN, admit(item))) for item in plan] if plan else []
         if self.prefetcher is not None:
             for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, demand, routing)):
                 loads.append(_new_load((item, PREFETCH, evicted)))
+        if not self._orders:
+            return Decision(layer, demand, keys, hits, loads)
         return Decision(layer, demand, keys, hits, loads, sched.decompress_order(layer, plan),
                         sched.compute_order(layer, demand, plan))
 
@@ -149,14 +160,17 @@ class Policies:
 
 
 # -- walking a workload -----------------------------------------------------------------------
+_routing = partial(tuple.__new__, Routing)     # a Routing from a full 4-tuple, without NamedTuple's __new__
+
+
 def workload_routings(workload: Workload) -> Iterator[tuple[object, int, Routing]]:
     """(step, layer, routing) of every decision point, in engine order."""
     for step in workload.steps:
         experts, scores, levels = workload.routing_arrays(step)
         pred = step_predictions(workload, step)
         for layer in range(workload.model.layers):
-            yield step, layer, Routing(experts[layer], scores[layer], None if levels is None else levels[layer],
-                                       None if pred is None else (pred[0][layer], pred[1][layer]))
+            yield step, layer, _routing((experts[layer], scores[layer], None if levels is None else levels[layer],
+                                         None if pred is None else (pred[0][layer], pred[1][layer])))
 
 
 def step_predictions(workload: Workload, step):
@@ -177,8 +191,23 @@ def access_sequence(workload: Workload, allocator: Allocator) -> list[list[Key]]
 def largest_demand(workload: Workload, allocator: Allocator) -> int:
     """largest_layer_demand of the access sequence, without keeping the sequence."""
     fmt = workload.fmt
+    base = allocator.allocator if isinstance(allocator, DemandMemo) else allocator
+    if type(base) is FixedLevel:
+        return _largest_fixed_demand(workload, base.level)
     return max((layer_demand_bytes(needed_keys(allocator.allocate(layer, routing), fmt), fmt)
                 for _, layer, routing in workload_routings(workload)), default=0)
+
+
+def _largest_fixed_demand(workload: Workload, level: int) -> int:
+    """largest_demand of the fixed-level allocator, counted on the trace: each decision point needs
+    the parts of `level` of each distinct expert its tokens select (tests/test_fast_path.py checks
+    it against the walk through the allocator)."""
+    experts, most = workload.trace.experts, 0
+    for step in workload.steps:
+        sel = np.sort(experts[step.tokens].transpose(1, 0, 2).reshape(workload.model.layers, -1), axis=1)
+        if sel.shape[1]:
+            most = max(most, int((1 + (np.diff(sel, axis=1) != 0).sum(axis=1)).max()))
+    return most * workload.fmt.level_bytes(level)
 
 
 class LazyFuture(Sequence):

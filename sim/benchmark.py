@@ -27,9 +27,6 @@ import argparse
 import inspect
 import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -62,13 +59,14 @@ def _fused():
     return fused_for, run_fused
 
 
-def _timed_run(tokens: int, mode: str) -> tuple[float, int]:
-    """Seconds of one prepared run in `mode` (metrics, fused, timeline, engine) and its events."""
+def _timed_run(tokens: int, mode: str) -> tuple[float, float, int]:
+    """Wall and CPU seconds of one prepared run in `mode` (metrics, fused, timeline, engine) and its
+    events."""
     from experiments.run import prepare, run_metrics
     p = prepare(bench_spec(tokens), timeline=False)
     sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
     metrics_only = "events" in inspect.signature(sim.run).parameters
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode == "fused":
         fused_for, run_fused = _fused()
         assert fused_for(sim), "the benchmark's bundle has a fused loop"
@@ -79,19 +77,23 @@ def _timed_run(tokens: int, mode: str) -> tuple[float, int]:
         tl = sim.run()
     if mode != "engine":
         run_metrics(p, tl)
-    return time.perf_counter() - t0, len(tl.events)
+    return time.perf_counter() - t0, time.process_time() - c0, len(tl.events)
 
 
 def bench_engine(tokens: int = 2000, repeats: int = 5) -> dict:
     """Median and best of `repeats` runs of each mode, interleaved: this benchmark's host is a shared
-    VM whose speed swings. Each run is prepared by the run function (experiments/run.py), untimed."""
+    VM whose speed swings; `_cpu`: the median per second of this process's CPU time, which the
+    other work on the host disturbs less. Each run is prepared by the run function
+    (experiments/run.py), untimed."""
     modes = ["metrics", "timeline", "engine"] + (["fused"] if _fused() else [])
     rates: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     events = 0
     for _ in range(repeats):
         for mode in modes:
-            seconds, n = _timed_run(tokens, mode)
-            rates[mode].append(tokens / seconds)
+            wall, seconds, n = _timed_run(tokens, mode)
+            rates[mode].append(tokens / wall)
+            cpu[mode].append(tokens / seconds)
             events = max(events, n)
     out = {"sim_tokens": tokens, "sim_events": events, "sim_repeats": repeats}
     for mode, name in (("metrics", "sim_metrics"), ("fused", "sim_fused"), ("timeline", "sim_timeline"),
@@ -99,6 +101,7 @@ def bench_engine(tokens: int = 2000, repeats: int = 5) -> dict:
         r = rates.get(mode)
         out[f"{name}_tokens_per_s"] = r and round(float(np.median(r)), 1)
         out[f"{name}_tokens_per_s_best"] = r and round(max(r), 1)
+        out[f"{name}_tokens_per_s_cpu"] = r and round(float(np.median(cpu[mode])), 1)
     return out
 
 
@@ -184,36 +187,16 @@ def measure() -> dict:
     return out
 
 
-def compare(script: str, other: str, rounds: int, args: tuple = ()) -> dict:
-    """A benchmark `script`'s JSON line here and in the checkout `other`, measured alternately
-    `rounds` times each: the medians and their ratios (here / other)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs: dict[str, list[dict]] = {"here": [], "other": []}
-    with tempfile.TemporaryDirectory() as d:
-        # the script, run from a folder of its own (nothing beside it to shadow a module) in each
-        # checkout, whose packages then come first on the path
-        copy = shutil.copy(os.path.abspath(script), os.path.join(d, "benchmark_script.py"))
-        for _ in range(rounds):
-            for name, root in (("here", here), ("other", os.path.abspath(other))):
-                out = subprocess.run([sys.executable, copy, *args], cwd=root, env=dict(os.environ, PYTHONPATH=root),
-                                     check=True, capture_output=True, text=True).stdout
-                runs[name].append(json.loads(out.splitlines()[-1]))
-    first = runs["here"][0]
-    keys = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    med = {name: {k: float(np.median([r[k] for r in rs if r.get(k) is not None] or [np.nan])) for k in keys}
-           for name, rs in runs.items()}
-    ratio = {k: round(med["here"][k] / med["other"][k], 2) for k in keys
-             if med["other"][k] == med["other"][k] and med["other"][k]}
-    return {"benchmark": f"{first.get('benchmark')}-compare", "other": other, "rounds": rounds,
-            "here": med["here"], "other_figures": med["other"], "ratio": ratio}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compare", metavar="DIR", help="also measure the checkout in DIR, alternately")
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: measurements of each")
     args = ap.parse_args(argv)
-    print(json.dumps(compare(__file__, args.compare, args.rounds) if args.compare else measure()))
+    if args.compare:
+        from sim.compare import compare
+        print(json.dumps(compare(__file__, args.compare, args.rounds)))
+    else:
+        print(json.dumps(measure()))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
+from functools import partial
 
 import simpy
 from tqdm import tqdm
@@ -36,6 +37,9 @@ from sim.record import EventRecorder, FigureRecorder
 from sim.servers import FifoServer, StorageChannel
 from timeline.events import Timeline
 from workloads.workload import Workload
+
+
+_routing = partial(tuple.__new__, Routing)     # a Routing from a full 4-tuple, without NamedTuple's __new__
 
 
 @contextmanager
@@ -69,6 +73,7 @@ class Simulator:
         self.decide_base = self.cost.decision_seconds(0)
         self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
         self.gap = self.cost.compute_gap()
+        self.seconds: dict[tuple[int, int], float] = {}     # (level, tokens) -> one expert's compute
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         return self.cost.dense_seconds(tokens, prefill)
@@ -105,7 +110,7 @@ class Simulator:
 
     def _decode(self, env: simpy.Environment, bar):
         layers = self.w.model.layers
-        layer_fn, timeout, dense, host = self._layer, env.timeout, self.rec.dense, self.host
+        layer_fn, timeout, host = self._layer, env.timeout, self.host
         for step in self.w.steps:
             experts, scores, levels = self.w.routing_arrays(step)
             pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
@@ -118,20 +123,21 @@ class Simulator:
             t = env.now
             for layer in range(layers):
                 end = host.dense_end(t, t_dense) if host is not None else t + t_dense
-                dense(s, layer, t, end, n)
-                t = layer_fn(end, s, layer, Routing(experts[layer], scores[layer],
-                                                    None if levels is None else levels[layer],
-                                                    None if pred is None else (pred[0][layer], pred[1][layer])))
+                t = layer_fn(t, end, s, layer, n, _routing((experts[layer], scores[layer],
+                                                            None if levels is None else levels[layer],
+                                                            None if pred is None else (pred[0][layer],
+                                                                                       pred[1][layer]))))
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
             bar.update(1)
 
-    def _layer(self, now: float, s: int, layer: int, routing: Routing) -> float:
-        """Carry out one decision point at time `now`; returns when its last compute ends."""
+    def _layer(self, start: float, now: float, s: int, layer: int, n: int, routing: Routing) -> float:
+        """Carry out one decision point at time `now`, after the layer's dense part of `n` tokens
+        from `start`; returns when its last compute ends."""
         d = self.p.decide(layer, routing)
-        pending = self.pending
-        if pending:                              # evicted before its prefetch was used
-            for _, _, evicted in d.loads:
+        pending, loads = self.pending, d.loads
+        if pending and loads:                    # evicted before its prefetch was used
+            for _, _, evicted in loads:
                 for k in evicted:
                     pending.pop(k, None)
         assert self.p.cache.used <= self.p.cache.capacity, "budget exceeded"
@@ -139,16 +145,16 @@ class Simulator:
         if self.host is not None:
             # a read may run slower while the main thread works (measured hosts): its end depends on
             # the computes, which depend on when reads end
-            stretch = self.host.stretch(now, len(d.loads), lambda x: self._plan(now, d, x)[:4],
-                                        (self.io, self.decomp))
+            stretch = self.host.stretch(now, len(loads), lambda x: self._plan(now, d, x)[:4], (self.io, self.decomp))
         reads, decs, computes, _, spans = self._plan(now, d, stretch)
-        for (item, kind, _), (_, done) in zip(d.loads, reads):
-            if kind is not PLAN and not item.decompress_bytes:
-                pending[item.key] = done
-        for i, _, done, _ in decs:
-            item, kind, _ = d.loads[i]
-            if kind is not PLAN:
-                pending[item.key] = done
+        if loads:
+            for (item, kind, _), (_, done) in zip(loads, reads):
+                if kind is not PLAN and not item.decompress_bytes:
+                    pending[item.key] = done
+            for i, _, done, _ in decs:
+                item, kind, _ = loads[i]
+                if kind is not PLAN:
+                    pending[item.key] = done
         if pending:                             # prefetched earlier: used now
             for key in d.keys:
                 pending.pop(key, None)
@@ -158,55 +164,55 @@ class Simulator:
         finished = self.p.finish(layer)
         for k in finished:
             pending.pop(k, None)
-        self.rec.decision(s, layer, now, d, reads, decs, computes, finished, free)
+        self.rec.layer(s, layer, start, now, n, d, reads, decs, computes, finished, free)
         return free
 
     def _plan(self, now: float, d, stretch: list[float] | None):
         """When the decision's reads, decompressions and computes happen if carried out at `now`
         (reserving the storage and the decompression workers): (reads [(issue, done)] in load order,
         decompressions [(load index, start, done, worker)], computes [(start, end, expert, level,
-        tokens)], the end of the decision path, the reads and decompressions in flight from `now` on
-        for the host model, None without one). `stretch`: what each read takes beyond its transfer
-        (None: nothing)."""
+        tokens)] in the order they run, the end of the decision path, the reads and decompressions in
+        flight from `now` on for the host model, None without one). `stretch`: what each read takes
+        beyond its transfer (None: nothing)."""
         # the decision path's own cost (0 without measured tables): each load leaves as it is
         # issued, the computes wait for the whole path
-        per_load = self.decide_per_load
-        issue_at = now + self.decide_base
-        reserve = self.io.reserve
-        ready, prefetched, reads, tasks = {}, {}, [], []
-        for i, (item, kind, _) in enumerate(d.loads):
-            issue_at += per_load
-            issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
-            reads.append((issue, done))
-            key = item.key
-            if item.decompress_bytes:
-                tasks.append((i, item, done))
-            elif kind is PLAN:
-                ready[key.expert, key.part] = done
-            else:
-                prefetched[key] = done
-        decs = self._decompress(tasks, d.decompress_order) if tasks else []
-        for i, _, done, _ in decs:
-            item, kind, _ = d.loads[i]
-            if kind is PLAN:
-                ready[item.key.expert, item.key.part] = done
-            else:
-                prefetched[item.key] = done
+        per_load, loads = self.decide_per_load, d.loads
+        ready, prefetched, reads, decs = {}, {}, [], []
+        if loads:
+            issue_at, reserve, tasks = now + self.decide_base, self.io.reserve, []
+            for i, (item, kind, _) in enumerate(loads):
+                issue_at += per_load
+                issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
+                reads.append((issue, done))
+                key = item.key
+                if item.decompress_bytes:
+                    tasks.append((i, item, done))
+                elif kind is PLAN:
+                    ready[key.expert, key.part] = done
+                else:
+                    prefetched[key] = done
+            decs = self._decompress(tasks, d.decompress_order) if tasks else []
+            for i, _, done, _ in decs:
+                item, kind, _ = loads[i]
+                if kind is PLAN:
+                    ready[item.key.expert, item.key.part] = done
+                else:
+                    prefetched[item.key] = done
         pending = self.pending
         if pending or prefetched:               # prefetched: ready when its load is
             for key in d.keys:
                 t = prefetched.get(key, pending.get(key))
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
-        path_end = now + self.decide_base + per_load * len(d.loads)
-        spans = self.host.spans(now, d.loads, reads, decs) if self.host is not None else None
-        computes = self._computes(now, d, ready, path_end, spans)
-        return reads, decs, computes, path_end, spans
+        path_end = now + self.decide_base + per_load * len(loads)
+        spans = self.host.spans(now, loads, reads, decs) if self.host is not None else None
+        return reads, decs, self._computes(now, d, ready, path_end, spans), path_end, spans
 
     def _computes(self, now: float, d, ready: dict, free: float, spans) -> list[tuple]:
         """The decision's computes [(start, end, expert, level, tokens)] on the compute queue, free
         from `free` on: in the scheduler's order, else in order of readiness (each (expert, level)
-        once every part it needs is `ready`: (expert, part) -> time, absent: resident now)."""
+        once every part it needs is `ready`: (expert, part) -> time, absent: resident now). Each
+        starts once the one before has ended: the list's starts and ends both increase."""
         parts, counts = self.w.fmt.level_parts, d.demand.counts()
         if d.compute_order is not None:         # the scheduler's order, each once it is ready
             tasks = []
@@ -226,14 +232,15 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        seconds, gap, host = self.cost.expert_seconds, self.gap, self.host
-        computes, first = [], True
-        for t_ready, _, expert, level, n in tasks:
-            if not first:
+        seconds, gap, host, computes = self.seconds, self.gap, self.host, []
+        for i, (t_ready, _, expert, level, n) in enumerate(tasks):
+            if i:
                 free += gap
-            first = False
             start = t_ready if t_ready > free else free
-            free = host.call_end(start, seconds(level, n), spans) if host is not None else start + seconds(level, n)
+            secs = seconds.get((level, n))
+            if secs is None:
+                secs = seconds[level, n] = self.cost.expert_seconds(level, n)
+            free = host.call_end(start, secs, spans) if host is not None else start + secs
             computes.append((start, free, expert, level, n))
         return computes
 

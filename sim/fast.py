@@ -1,12 +1,13 @@
-"""Fused loops for the common bundles: a metrics-only run carried out in one loop over integer keys.
+"""Fused loops for the common bundles: a run carried out in one loop over integer keys.
 
 The bundle: the fixed-level allocator, the FIFO scheduler, an LRU, FIFO or LFU cache and no
 prefetcher or the oracle, on bf16 or mwq experts (no decompression), on a device without a host
-model (sim/host.py). For it, the general engine's work per decision point (a Demand, Key and
+model (sim/host.py). For it, the general engine's work per decision point (Demand, Key and
 LoadItem objects, the Decision, the policy objects' bookkeeping, a recorder call) is mostly
 bookkeeping the run does not need: here the same decisions are taken on integer keys
-((layer * experts + expert) * parts + part), an OrderedDict LRU/FIFO or LFU's lazy heap, the
-servers' arithmetic inline and the metrics' figures accumulated as the loop goes.
+((layer * experts + expert) * parts + part) in an OrderedDict (LRU, FIFO) or LFU's lazy heap, the
+servers' arithmetic is inline, and the metrics' figures are accumulated as the loop goes (or the
+timeline's events recorded, when one is asked for).
 
 It is not a second definition of those policies: it repeats their rules operation for operation
 (the same victim scans, the same heap pushes, the same float expressions as sim/servers.py and
@@ -61,8 +62,7 @@ class _Cache:
     """The residency of an LRU, FIFO or LFU cache on integer keys, as policies/cache.py keeps it."""
 
     def __init__(self, kind: type, capacity: int, fmt, E: int, P: int):
-        self.lfu, self.move = kind is LFU, kind is LRU
-        self.E = E
+        self.lfu, self.E = kind is LFU, E
         self.capacity, self.used, self.peak = capacity, 0, 0
         self.rsize = fmt.resident_bytes
         self.deps = [tuple(fmt.dependents(q)) for q in range(P)]
@@ -162,7 +162,8 @@ class _Cache:
 
 class _Fused:
     """One fused run: the engine's step loop and decision points (sim/engine.py) for the bundle of
-    the module docstring, recording the figures as FigureRecorder would (sim/record.py)."""
+    the module docstring, recording the figures as FigureRecorder would, or the events as
+    EventRecorder would (sim/record.py)."""
 
     def __init__(self, sim, events: bool):
         w, p, fmt = sim.w, sim.p, sim.w.fmt
@@ -185,7 +186,8 @@ class _Fused:
         # the figures (timeline/metrics.py Figures), accumulated as FigureRecorder does
         self.spans: dict[int, list[float]] = {}
         self.prefetches = self.admits = self.accesses = self.bytes_read = self.loads = self.tokens = 0
-        self.io, self.busy = Union(), Union()
+        self.io = Union()
+        self.busy_run = (0, 0, 0.0)                        # the main thread's: see _step
         self.watches = Watches()
 
     def steps(self, bar) -> None:
@@ -201,109 +203,133 @@ class _Fused:
 
     def _step(self, t, s: int, rows: list, n_tokens: int, t_dense: float) -> float:
         """The layers of step `s` from `t`: per layer its dense part, then its decision point
-        (Policies.decide, then Simulator._layer and _plan); returns when the last compute ends."""
-        P, E, parts, cache, sim = self.P, self.E, self.parts, self.cache, self.sim
+        (Policies.decide, then Simulator._layer and _plan); returns when the last compute ends.
+
+        The main thread's work (dense parts, computes) is a chain: each part starts when the one
+        before it ended or later. Their union (compute_busy) is then the sum of the runs between
+        idle gaps, kept as (run start, run end, total of the runs before): what Union.add does,
+        inline."""
+        P, E, parts, cache, sim, level = self.P, self.E, self.parts, self.cache, self.sim, self.level
         sizes, touch, admit, oracle = cache.sizes, cache.touch, cache.admit, self.future is not None
-        slots, pbytes, latency, bandwidth = self.slots, self.pbytes, self.latency, self.bandwidth
         base, per_load, gap, pending, seconds = sim.decide_base, sim.decide_per_load, sim.gap, self.pending, self.seconds
-        busy_add, io_add, watches, ev = self.busy.add, self.io.add, self.watches, self.ev
+        watches, ev, by_id = self.watches, self.ev, self.by_id
+        bs, be, bt = self.busy_run
+        accesses = computed = 0
         span = self.spans[s] = [t, t]
         for layer, tokens in enumerate(rows):
             now = t + t_dense
-            busy_add(t, now)
+            if t > be:                                    # an idle gap before the dense part
+                bt += be - bs
+                bs = t
+            be = now
             if ev is not None:
                 ev.append(_event(Event, ("dense", "dense", t, now, layer, -1, -1, 0, s, n_tokens)))
-            counts: dict[int, int] = {}                   # expert -> tokens, in first-appearance order
-            for row in tokens:
-                for e in row:
-                    counts[e] = counts.get(e, 0) + 1
+            counts = dict.fromkeys(tokens[0], 1) if len(tokens) == 1 else None   # expert -> tokens
+            if counts is None or len(counts) != len(tokens[0]):
+                counts = {}                               # (first-appearance order)
+                for row in tokens:
+                    for e in row:
+                        counts[e] = counts.get(e, 0) + 1
             first = layer * E
             keys = [(first + e) * P + q for e in counts for q in parts] if P > 1 else [first + e for e in counts]
             plan = [k for k in keys if k not in sizes]    # FifoScheduler.order (before the hits are touched)
-            if self.by_id and len(plan) > 1:
+            if by_id and len(plan) > 1:
                 plan.sort(key=lambda k: k // P)           # (stable: parts stay ascending)
             if touch is not None:
                 for k in keys:
                     if k in sizes:
                         touch(k)
             cache.pinned = keys                           # (a list: as fast as a set for a layer's keys)
-            loads = [(k, True, admit(k)) for k in plan]
+            loads = [(k, True, admit(k)) for k in plan] if plan else []
             if oracle:                                    # the next decision point's keys
                 self.point += 1
-                loads += [(k, False, ev) for k, ev in cache.prefetch(self._wish())]
-            ready, prefetched, hi = {}, {}, span[1]
-            if loads:
-                self._records(now, s, loads)
-                issue_at, wire = now + base, self.wire
-                for k, is_plan, _ in loads:               # StorageChannel.reserve, inline
-                    issue_at += per_load
-                    i = slots.index(min(slots)) if len(slots) > 1 else 0
-                    issue = issue_at if issue_at > slots[i] else slots[i]
-                    start = issue + latency
-                    if wire > start:
-                        start = wire
-                    nbytes = pbytes[k % P]
-                    done = wire = start + nbytes / bandwidth
-                    slots[i] = issue + (done - issue)
-                    io_add(issue, done)
-                    self.bytes_read += nbytes
-                    if ev is not None:
-                        ev.append(_event(Event, ("io", "load", issue, done, *self._split(k), nbytes, s, 0)))
-                    if done > hi:
-                        hi = done
-                    (ready if is_plan else prefetched)[k] = done
-                self.wire, self.loads = wire, self.loads + len(loads)
-            if pending or prefetched:                     # prefetched: ready when its load is
-                for k in keys:
-                    r = prefetched.get(k, pending.get(k))
-                    if r is not None and r > now:
-                        ready[k] = r
-            if ready:                                     # computes in order of readiness
-                tasks = []
-                for e, n in counts.items():
-                    t_ready, k = now, (first + e) * P
-                    for q in parts:
-                        r = ready.get(k + q)
-                        if r is not None and r > t_ready:
-                            t_ready = r
-                    tasks.append((t_ready, len(tasks), e, n))
-                tasks.sort()
+                loads += [(k, False, out) for k, out in cache.prefetch(self._wish())]
+            if loads or pending:
+                tasks, hi = self._io(now, s, first, keys, counts, loads, span[1])
             else:                                         # all resident: in first-appearance order
-                tasks = [(now, 0, e, n) for e, n in counts.items()]
-            free, started = now + base + per_load * len(loads), False
-            for t_ready, _, e, n in tasks:
-                if started:
+                tasks, hi = [(now, 0, e, n) for e, n in counts.items()], span[1]
+            free = now + base + per_load * len(loads)
+            for i, (t_ready, _, e, n) in enumerate(tasks):
+                if i:
                     free += gap
-                started = True
                 start = t_ready if t_ready > free else free
                 secs = seconds.get(n)
                 if secs is None:
-                    secs = seconds[n] = sim.cost.expert_seconds(self.level, n)
+                    secs = seconds[n] = sim.cost.expert_seconds(level, n)
                 free = start + secs
-                busy_add(start, free)
-                self.tokens += n
+                if start > be:
+                    bt += be - bs
+                    bs = start
+                be = free
+                computed += n
                 if ev is not None:
-                    ev.append(_event(Event, ("compute", "expert", start, free, layer, e, self.level, self.level_bytes,
-                                             s, n)))
+                    ev.append(_event(Event, ("compute", "expert", start, free, layer, e, level, self.level_bytes, s, n)))
             t = free if tasks else now
             span[1] = t if t > hi else hi
-            self.accesses += len(keys)
+            accesses += len(keys)
             if watches.open:
                 for k in keys:
                     watches.need(k, s)
-            if prefetched:
-                pending.update(prefetched)
-            if pending:                                   # prefetched earlier: used now
-                for k in keys:
-                    pending.pop(k, None)
             # (end_layer: LRU, FIFO and LFU unpin and drop nothing; the next layer pins its own keys)
+        self.busy_run = bs, be, bt
+        self.accesses += accesses
+        self.tokens += computed
         return t
+
+    def _io(self, now: float, s: int, first: int, keys, counts, loads, hi: float):
+        """A decision point's cache records and reads (StorageChannel.reserve, inline), and its
+        computes in order of readiness: ([(ready, rank, expert, tokens)], the latest read's end
+        or `hi`). Prefetched keys wait in `pending` until a decision point uses them."""
+        pending, ready, prefetched, P, ev = self.pending, {}, {}, self.P, self.ev
+        if loads:
+            self._records(now, s, loads)
+            slots, pbytes, latency, bandwidth, io_add = self.slots, self.pbytes, self.latency, self.bandwidth, self.io.add
+            issue_at, per_load, wire = now + self.sim.decide_base, self.sim.decide_per_load, self.wire
+            for k, is_plan, _ in loads:
+                issue_at += per_load
+                i = slots.index(min(slots)) if len(slots) > 1 else 0
+                issue = issue_at if issue_at > slots[i] else slots[i]
+                start = issue + latency
+                if wire > start:
+                    start = wire
+                nbytes = pbytes[k % P]
+                done = wire = start + nbytes / bandwidth
+                slots[i] = issue + (done - issue)
+                io_add(issue, done)
+                self.bytes_read += nbytes
+                if ev is not None:
+                    ev.append(_event(Event, ("io", "load", issue, done, *self._split(k), nbytes, s, 0)))
+                if done > hi:
+                    hi = done
+                (ready if is_plan else prefetched)[k] = done
+            self.wire, self.loads = wire, self.loads + len(loads)
+        if pending or prefetched:                         # prefetched: ready when its load is
+            for k in keys:
+                r = prefetched.get(k, pending.get(k))
+                if r is not None and r > now:
+                    ready[k] = r
+        tasks = []
+        for e, n in counts.items():
+            t_ready, k = now, (first + e) * P
+            for q in self.parts:
+                r = ready.get(k + q)
+                if r is not None and r > t_ready:
+                    t_ready = r
+            tasks.append((t_ready, len(tasks) if ready else 0, e, n))
+        if ready:
+            tasks.sort()
+        if prefetched:
+            pending.update(prefetched)
+        if pending:                                       # prefetched earlier: used now
+            for k in keys:
+                pending.pop(k, None)
+        return tasks, hi
 
     def figures(self) -> Figures:
         spans = {s: (a, b) for s, (a, b) in self.spans.items()}
         return Figures(spans, max((b for _, b in spans.values()), default=0.0), self.cache.peak, self.prefetches,
                        self.accesses, self.admits, self.watches.hits, self.watches.unused(), self.bytes_read,
-                       self.loads, self.io.length(), self.busy.length(), 0.0,
+                       self.loads, self.io.length(), self.busy_run[2] + (self.busy_run[1] - self.busy_run[0]), 0.0,
                        {self.level: self.tokens} if self.tokens else {})
 
     def _wish(self) -> list[int]:

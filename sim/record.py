@@ -1,7 +1,7 @@
 """What a simulator run records: every event (EventRecorder, the timeline), or only what the
 metrics need (FigureRecorder, a metrics-only run: sweeps, reproductions, validation).
 
-The engine hands both the same thing once per dense part and once per decision point. The
+The engine hands both the same thing once per layer (its dense part and its decision point). The
 figures a FigureRecorder accumulates equal those timeline/metrics.py gathers from the full
 timeline, bit for bit (tests/test_metrics_only.py): the same sums in the same order, the same
 interval unions (Union), the same prefetch outcomes decided as the records come (Watches).
@@ -22,13 +22,12 @@ class EventRecorder:
         self.events: list[Event] = []
         self.sizes, self.level_sizes = fmt.resident_bytes, fmt.level_sizes
 
-    def dense(self, s: int, layer: int, start: float, end: float, n: int) -> None:
-        self.events.append(_event(Event, ("dense", "dense", start, end, layer, -1, -1, 0, s, n)))
-
-    def decision(self, s, layer, now, d, reads, decs, computes, finished, free) -> None:
-        """A decision point at `now`: the cache's records, its reads, decompressions and computes
-        (as the engine timed them) and the evictions of its end (at `free`)."""
+    def layer(self, s, layer, start, now, n, d, reads, decs, computes, finished, free) -> None:
+        """One layer of step `s`: its dense part for `n` tokens from `start` to `now`, then its
+        decision point at `now`: the cache's records, its reads, decompressions and computes (as the
+        engine timed them) and the evictions of its end (at `free`)."""
         add, sizes = self.events.append, self.sizes
+        add(_event(Event, ("dense", "dense", start, now, layer, -1, -1, 0, s, n)))
         for item, kind, evicted in d.loads:
             for k in evicted:
                 add(_event(Event, ("cache", "evict", now, now, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
@@ -76,6 +75,23 @@ class Union:
             self.start, self.end = a, b
         elif b > self.end:
             self.end = b
+
+    def extend(self, intervals) -> None:
+        """add() each (start, end, ...) of `intervals` in turn (one call for a layer's computes)."""
+        start, end, total, runs = self.start, self.end, self.total, self.runs
+        for iv in intervals:
+            a, b = iv[0], iv[1]
+            if end is None:
+                start, end = a, b
+            elif a < start:
+                self.late.append((a, b))
+            elif a > end:
+                total += end - start
+                runs.append((start, end))
+                start, end = a, b
+            elif b > end:
+                end = b
+        self.start, self.end, self.total = start, end, total
 
     def length(self) -> float:
         if self.end is None:
@@ -132,50 +148,57 @@ class FigureRecorder:
         self.tokens_at: dict[int, int] = {}
         self.watches = Watches()
 
-    def _span(self, s: int, start: float) -> list[float]:
+    def layer(self, s, layer, start, now, n, d, reads, decs, computes, finished, free) -> None:
+        """As EventRecorder.layer, into the figures."""
         span = self.spans.get(s)
-        if span is None:
-            span = self.spans[s] = [start, start]
-        return span
-
-    def dense(self, s: int, layer: int, start: float, end: float, n: int) -> None:
-        span = self._span(s, start)
-        span[0] = min(span[0], start)
-        span[1] = max(span[1], end)
-        self.busy.add(start, end)
-
-    def decision(self, s, layer, now, d, reads, decs, computes, finished, free) -> None:
-        self._records(s, d.loads)
-        span = self._span(s, now)
+        if span is None:                         # the step's first layer: its dense part starts it
+            span = self.spans[s] = [start, now]
         lo, hi = span
-        add = self.io.add
-        for (item, _, _), (issue, done) in zip(d.loads, reads):
-            self.bytes_read += item.nbytes
-            add(issue, done)
-            lo, hi = min(lo, issue), max(hi, done)
-        self.loads += len(reads)
-        for _, start, done, _ in decs:
-            self.decomp.add(start, done)
-            lo, hi = min(lo, start), max(hi, done)
-        add, tokens_at = self.busy.add, self.tokens_at
-        for start, end, _, level, n in computes:
-            add(start, end)
-            tokens_at[level] = tokens_at.get(level, 0) + n
-            lo, hi = min(lo, start), max(hi, end)
+        if start < lo:
+            lo = start
+        if now > hi:
+            hi = now
+        self.busy.add(start, now)
+        if d.loads:
+            self._records(s, d.loads)
+            add = self.io.add
+            for (item, _, _), (issue, done) in zip(d.loads, reads):
+                self.bytes_read += item.nbytes
+                add(issue, done)
+                if issue < lo:
+                    lo = issue
+                if done > hi:
+                    hi = done
+            self.loads += len(reads)
+        for _, a, b, _ in decs:
+            self.decomp.add(a, b)
+            if a < lo:
+                lo = a
+            if b > hi:
+                hi = b
+        if computes:                             # one after another: starts and ends increase
+            self.busy.extend(computes)
+            tokens_at = self.tokens_at
+            for c in computes:
+                tokens_at[c[3]] = tokens_at.get(c[3], 0) + c[4]
+            if computes[0][0] < lo:
+                lo = computes[0][0]
+            if computes[-1][1] > hi:
+                hi = computes[-1][1]
         span[0], span[1] = lo, hi
-        self.accesses += len(d.keys)     # the parts of the levels computed: the needed keys
+        self.accesses += len(d.keys)             # the parts of the levels computed: the needed keys
         watches = self.watches
         if watches.open:
             for key in d.keys:
                 watches.need(key, s)
         for k in finished:
-            self._evict(k, s)
+            self._evict(k)
 
     def _records(self, s: int, loads) -> None:
         watches, open_ = self.watches, self.watches.open
         for item, kind, evicted in loads:
             for k in evicted:
-                self._evict(k, s)
+                self._evict(k)
             self.mem += item.resident_bytes
             if self.mem > self.peak:
                 self.peak = self.mem
@@ -186,7 +209,7 @@ class FigureRecorder:
             if open_ or kind is not PLAN:        # a prefetch is for (s, layer), or layer 0 of the next step
                 watches.record(item.key, kind, s + (item.key.layer == 0), item.resident_bytes)
 
-    def _evict(self, k, s: int) -> None:
+    def _evict(self, k) -> None:
         self.mem -= self.sizes[k.part]
         if self.watches.open:
             self.watches.record(k, "evict")

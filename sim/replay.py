@@ -16,18 +16,22 @@ from collections import OrderedDict
 from policies import CACHES, BudgetError, PolicyContext, build_policies, lookup
 from policies.allocators import FixedLevel
 from policies.base import largest_layer_demand
-from policies.bundle import access_sequence, workload_routings
+from policies.bundle import DemandMemo, access_sequence, workload_routings
 
 
 def replay_policies(workload, policies) -> dict:
-    """Every decision point of the workload through `policies.decide`/`finish`, no timing."""
+    """Every decision point of the workload through `policies.decide`/`finish`, no timing (the
+    garbage collector paused, as in the engine's runs)."""
+    from sim.engine import gc_paused
     p = policies
     hits = accesses = 0
-    for _, layer, routing in workload_routings(workload):
-        d = p.decide(layer, routing)
-        hits += d.hits
-        accesses += len(d.keys)
-        p.finish(layer)
+    decide, finish = p.decide, p.finish
+    with gc_paused():
+        for _, layer, routing in workload_routings(workload):
+            d = decide(layer, routing)
+            hits += d.hits
+            accesses += len(d.keys)
+            finish(layer)
     return {"hits": hits, "accesses": accesses, "hit_ratio": hits / accesses if accesses else float("nan"),
             "peak_bytes": p.cache.peak}
 
@@ -39,7 +43,8 @@ def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None 
     fmt = workload.fmt
     unit = unit_bytes or fmt.expert_bytes
     lookup(CACHES, "cache policy", policy)
-    future = access_sequence(workload, FixedLevel(PolicyContext(fmt, 0, 0, 0)))    # once, for every capacity
+    # once, for every capacity (a decision point routed like an earlier one shares its keys)
+    future = access_sequence(workload, DemandMemo.of(FixedLevel(PolicyContext(fmt, 0, 0, 0))))
     minimum = largest_layer_demand(future, fmt)
     fast = FAST.get(policy) if fmt.n_parts == 1 and unit == fmt.expert_bytes else None
     groups = unit_groups(workload.trace, workload.steps) if fast else None

@@ -8,8 +8,9 @@ from devices.profile import (CODECS, DEVICES_DIR, STORAGE_KINDS, ComputeProfile,
                              list_devices, load_device)
 from devices.units import ConfigError
 
-BUNDLED = ["jetson-agx-orin-32gb", "jetson-agx-orin-64gb", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb",
-           "raspberry-pi-4-8gb", "raspberry-pi-5-8gb", "rtx-3060-laptop-6gb"]
+BUNDLED = ["jetson-agx-orin-32gb", "jetson-agx-orin-64gb", "jetson-agx-orin-64gb-d2moe-impl", "jetson-orin-nano-8gb",
+           "jetson-orin-nx-16gb", "raspberry-pi-4-8gb", "raspberry-pi-5-8gb", "rtx-3060-laptop-6gb",
+           "rtx-3060-laptop-6gb-d2moe-impl"]
 
 GOOD = """\
 name: test-board

@@ -73,7 +73,20 @@ class Timeline:
                             "pid": 0, "tid": tid, "args": args})
         out += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": res}}
                 for res, tid in tids.items()]
-        return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": self.meta}
+        track = self.meta.get("power_track")       # timeline/energy.py power_track: a counter track
+        out += counter_events(track)
+        meta = self.meta if track is None else {k: v for k, v in self.meta.items() if k != "power_track"}
+        return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": meta}
+
+
+def counter_events(track: dict | None) -> list[dict]:
+    """Chrome-trace counter events ("ph": "C") of a track {name, resources, points: [[t, w...]]}:
+    Perfetto draws them as one counter track with a series per resource, under the lanes."""
+    if not track:
+        return []
+    names = track["resources"]
+    return [{"name": track.get("name", "power (W)"), "ph": "C", "ts": row[0] * 1e6, "pid": 0,
+             "args": dict(zip(names, row[1:]))} for row in track["points"]]
 
 
 def write_json_atomic(path, data) -> Path:

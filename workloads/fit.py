@@ -58,8 +58,16 @@ def targets(trace: RoutingTrace) -> dict[str, np.ndarray]:
     out = {"freq": counts / trace.tokens, "gini": gini(counts), "slot_reuse": slot,
            "own": structure.own_topk_share(trace), "cross": structure.cross_layer(trace),
            "pair": structure.pair_lift(trace)[1],
-           "window": 1 - structure.distinct_per_window(trace, WINDOW) / min(trace.num_experts, WINDOW * trace.top_k)}
+           "window": 1 - structure.distinct_per_window(trace, WINDOW) / min(trace.num_experts, WINDOW * trace.top_k),
+           "lru": np.full(trace.layers, _lru_area(trace))}
     return out
+
+
+def _lru_area(trace: RoutingTrace) -> float:
+    """The mean LRU hit ratio over workloads/compare.py's capacities (its miss-ratio curve's area)."""
+    from workloads.compare import lru_curve
+    hits = [h for h in lru_curve(trace).values() if h is not None]
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 def gini(counts: np.ndarray) -> np.ndarray:
@@ -69,8 +77,9 @@ def gini(counts: np.ndarray) -> np.ndarray:
     return 2 * (np.arange(1, E + 1) * asc).sum(1) / (E * np.maximum(asc.sum(1), 1)) - (E + 1) / E
 
 
-def fit_trace(trace: RoutingTrace, *, iterations: int = 12, calibration_tokens: int = 10_000,
-              max_tokens: int = 10_000, em_tokens: int = 8_000, topic_count: int | None = None, seed: int = 0, progress=None) -> dict:
+def fit_trace(trace: RoutingTrace, *, iterations: int = 16, calibration_tokens: int = 20_000,
+              max_tokens: int = 10_000, em_tokens: int = 8_000, topic_count: int | None = None, seed: int = 0,
+              progress=None) -> dict:
     """The fit of `trace` (module doc): a dict of plain lists and numbers (yaml.safe_dump-able)
     that workloads/fitted.py's synth_from_fit (or synthetic_trace(fit=...)) generates from.
     topic_count: Z (default: one per ~30 tokens, at most MAX_TOPICS), learnt from a seeded sample
@@ -109,8 +118,8 @@ def _structure(trace: RoutingTrace, topic_count, seed: int, em_tokens: int) -> R
     name = str(trace.metadata.get("model") or "fitted")
     ones = np.ones(L)
     repeats = repeat_rates(trace)
-    return RoutingModel(name, E, k, None, ones, ones * 0, ones * 0, np.full(L, np.inf), ones, topics=profiles, topic_count=Z,
-                        topic_weights=weights, slot_scores=trace.scores.reshape(-1, k).mean(0), hit=hit,
+    return RoutingModel(name, E, k, None, ones, ones * 0, ones * 0, np.full(L, np.inf), ones, topics=profiles,
+                        topic_count=Z, topic_weights=weights, slot_scores=trace.scores.reshape(-1, k).mean(0), hit=hit,
                         hit_scores=scores, repeats=repeats if any(repeats.values()) else None, recall=WINDOW)
 
 
@@ -194,7 +203,7 @@ def _aligned(figures: dict, k: int) -> np.ndarray:
     sharp = figures["pair"] if k > 1 else np.r_[np.nan, figures["cross"][:-1]]
     # drift shows as a request's own top-k share above the pooled one (skew raises both alike)
     excess = figures["own"] - np.sort(figures["freq"], axis=1)[:, -k:].sum(1) / k
-    return np.stack([figures["slot_reuse"], excess, sharp, figures["gini"], figures["window"]])
+    return np.stack([figures["slot_reuse"], excess, sharp, figures["gini"], figures["lru"]])
 
 
 def _step(model: RoutingModel, x: np.ndarray, goal: dict, got: dict, history):
@@ -247,6 +256,8 @@ def to_fit(model: RoutingModel, trace: RoutingTrace, goal: dict, lengths) -> dic
            "topics": _lst(model.topics) if model.topics is not None else 1,
            "topic_weights": _lst(model.topic_weights) if model.topics is not None else None,
            "targets": {key: _lst(goal[key]) for key in ("gini", "slot_reuse", "own", "cross", "pair")}}
+    if isinstance(trace.metadata.get("arch"), dict):              # so a synthesised trace names its model too
+        fit["arch"] = trace.metadata["arch"]
     if model.repeats is not None:
         fit["repeats"] = {part: [[int(d), _num(r)] for d, r in rows] for part, rows in model.repeats.items()}
     if model.hit is not None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from devices.units import ConfigError
-from workloads.synthetic import _draw, _gate_scores, _popularity, _slot_chain
+from workloads.sampling import _draw, _gate_scores, _popularity, _slot_chain
 from workloads.trace import RoutingTrace
 
 FORMAT = "moelab-routing-fit/1"
@@ -177,6 +177,8 @@ def synth_from_fit(fit, requests: int, prompt_len: int, output_len: int, seed: i
                            "seed": None if seed is None else int(seed)})
     if isinstance(fit, dict):
         trace.metadata["fit_source"] = fit.get("source", {})
+        if isinstance(fit.get("arch"), dict):                   # the recorded architecture, for simulate --trace
+            trace.metadata["arch"] = fit["arch"]
     return trace
 
 

@@ -6,13 +6,18 @@ from devices.units import ConfigError, format_size
 
 def cmd_devices(args) -> None:
     from devices.profile import list_devices, load_device
+    from devices.power import describe_modes, load_power, power_file
     if args.name:
-        print(load_device(args.name).describe())
+        d = load_device(args.name)
+        modes = describe_modes(d.name)
+        print(d.describe() + ("\n" + modes if modes else f"\n  power modes: none (no devices/power/{d.name}.yaml: "
+                                                           f"energy metrics are null)"))
         return
     for name in list_devices():
         d = load_device(name)
-        print(f"  {name:<24} {format_size(d.memory_bytes):>9}  storage: {', '.join(d.storage)} "
-              f"(default {d.default_storage})")
+        modes = ", ".join(load_power(name).modes) if power_file(name) else "-"
+        print(f"  {name:<32} {format_size(d.memory_bytes):>9}  storage: {', '.join(d.storage)} "
+              f"(default {d.default_storage}); power modes: {modes}")
 
 def cmd_models(args) -> None:
     from workloads.catalog import CATALOG

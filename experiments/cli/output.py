@@ -50,6 +50,9 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         rows.append(("precision", f"{m['bits_per_weight']:.2f} bits per weight (token-weighted)"))
     rows += [("compute bubble", _ratio(m["compute_bubble_fraction"])),
              ("I/O busy", _ratio(m["io_busy_fraction"]))]
+    if m.get("energy_per_token_j") is not None:
+        rows.append(("energy", f"{m['energy_per_token_j']:.3g} J per token, {m['average_power_w']:.3g} W average "
+                               f"({m['energy_j']:.4g} J{', mode ' + m['power_mode'] if m.get('power_mode') else ''})"))
     return rows
 
 def hit_ratio_note(m: dict, timeline, budget: int, fmt) -> str | None:

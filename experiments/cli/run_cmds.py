@@ -81,6 +81,10 @@ def add_parsers(sub, add) -> None:
     p = add(sub, "simulate", help="simulate a (device, workload, policy) run")
     p.add_argument("--device", help="profile from `moelab devices` or a YAML path (default: jetson-agx-orin-64gb)")
     p.add_argument("--storage", help="storage option of the device (default: the profile's)")
+    p.add_argument("--power-mode", metavar="NAME",
+                   help="the device's power mode, e.g. 15W (`moelab devices show DEVICE` lists them): its caps scale "
+                        "the compute figures and set the powers of the energy metrics (default: the mode the "
+                        "profile's figures are stated at)")
     add_workload_args(p)
     add_policy_args(p)
     add_format_args(p)

@@ -10,8 +10,8 @@ from pathlib import Path
 from devices.units import ConfigError, MoelabError
 from experiments.spec import RunSpec
 
-SCALAR_FLAGS = {"device": "device", "storage": "storage", "model": "model", "trace": "trace", "batch": "batch",
-                "tokens": "tokens", "prompt_tokens": "prompt_tokens", "requests": "requests", "skew": "skew",
+SCALAR_FLAGS = {"device": "device", "storage": "storage", "power_mode": "power_mode", "model": "model", "trace": "trace",
+                "batch": "batch", "tokens": "tokens", "prompt_tokens": "prompt_tokens", "requests": "requests", "skew": "skew",
                 "locality": "locality", "seed": "seed", "store": "store", "budget": "budget"}
 ROLE_FLAGS = {"cache": "policy", "scheduler": "scheduler", "allocator": "allocator", "prefetch": "prefetch"}
 BUNDLE_FLAGS = ("format", "ladder", "codec", "scheduler", "allocator", "prefetch", "preset", "cache-option",

@@ -50,8 +50,10 @@ def cmd_pick(args) -> None:
 
 def fidelity_line(row: dict, path) -> str:
     """The measured simulator error of the picked configuration's class (format, cache family,
-    batch) from a validation.csv (`moelab validate`), or why there is none."""
+    batch) from a validation.csv (`moelab validate`), or why there is none; on a second line, the
+    rank agreement of its group (format, batch, and its budget where that was validated)."""
     from experiments.validate import fidelity, read_rows
+    from experiments.validate_stats import rank_for_pick, rank_text
     rows = read_rows(path)
     if not rows:
         return (f"fidelity: no host validation results yet (looked for {path}; run `moelab validate`), so no "
@@ -59,11 +61,18 @@ def fidelity_line(row: dict, path) -> str:
     cache = row.get("cache") or row["policy"]
     f = fidelity(rows, row["format"], cache, int(row["batch"]))
     if f is None:
-        return (f"fidelity: {path} has no validated configuration of this class ({row['format']}, "
+        line = (f"fidelity: {path} has no validated configuration of this class ({row['format']}, "
                 f"{cache} cache family, batch {row['batch']})")
-    return (f"fidelity: {f['configs']} validated configurations of this class ({row['format']}, {cache} "
-            f"cache family, batch {row['batch']}) in {path}: |TPOT error| median {100 * f['median']:.1f}%, max "
-            f"{100 * f['max']:.1f}%; identical decisions in {f['identical']}")
+    else:
+        line = (f"fidelity: {f['configs']} validated configurations of this class ({row['format']}, {cache} "
+                f"cache family, batch {row['batch']}) in {path}: |TPOT error| median {100 * f['median']:.1f}%, max "
+                f"{100 * f['max']:.1f}%; identical decisions in {f['identical']}")
+    r = rank_for_pick(rows, row["format"], row["batch"], row.get("budget_bytes"))
+    if r is None:
+        return line + f"\nrank agreement: no validated group of {row['format']} at batch {row['batch']} in {path}"
+    where = "at this budget" if r["budget_matched"] else "at every validated budget (this one was not)"
+    return line + f"\nrank agreement ({row['format']}, batch {row['batch']}, {where}): {rank_text(r)}"
+
 
 def cmd_reproduce(args) -> None:
     if args.paper == "zipmoe":

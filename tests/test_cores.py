@@ -1,0 +1,159 @@
+"""Issue 24 item 2: `--cores N` pins the whole process (threads it has and threads it starts: the
+executor's I/O and decompression workers, torch's pool) and sets torch's threads to match; a
+busy host is refused unless --force; the profile records the cores and the load it saw. Pinning
+runs in a subprocess (never this one)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir(),
+                                reason="needs Linux's sched_setaffinity")
+
+
+def run_py(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_pin_cores_pins_every_thread_now_and_later():
+    """Threads alive before pinning (torch's pool, a waiting thread) and after (a DecompressPool's
+    workers, a thread pool's) all end up on the first CPU; torch runs 1 thread."""
+    got = run_py("""
+        import json, os, threading
+        from concurrent.futures import ThreadPoolExecutor
+        import torch
+        torch.set_num_threads(2)
+        torch.randn(256, 256) @ torch.randn(256, 256)        # start torch's pool first
+        stop = threading.Event()
+        early = threading.Thread(target=stop.wait)
+        early.start()
+
+        def affinity():
+            out = {}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    out[tid] = sorted(os.sched_getaffinity(int(tid)))
+                except ProcessLookupError:
+                    pass
+            return out
+        from experiments.cli.host_cmds import pin_cores
+        allowed = sorted(os.sched_getaffinity(0))
+        cpus = pin_cores(1)
+        from executor.io import DecompressPool
+        with DecompressPool(2) as pool:
+            workers = [pool.submit(lambda: sorted(os.sched_getaffinity(0))).result().value for _ in range(4)]
+        with ThreadPoolExecutor(2) as ex:
+            later = ex.submit(lambda: sorted(os.sched_getaffinity(0))).result()
+        torch.randn(256, 256) @ torch.randn(256, 256)
+        threads = affinity()
+        stop.set(); early.join()
+        print(json.dumps({"allowed": allowed, "cpus": cpus, "threads": threads, "workers": workers, "later": later,
+                          "torch": torch.get_num_threads(), "n_threads": len(threads)}))
+    """)
+    first = [got["allowed"][0]]
+    assert got["cpus"] == first and got["later"] == first and all(w == first for w in got["workers"])
+    assert got["n_threads"] >= 2 and all(a == first for a in got["threads"].values()), got["threads"]
+    assert got["torch"] == 1
+
+
+def test_profile_cores_pins_before_measuring_and_records_it(tmp_path):
+    """`moelab profile --cores 1`: what measure_host sees is a process on one CPU with one torch
+    thread, and the provenance line (written by the real measure_host's helper) says so."""
+    got = run_py(f"""
+        import json, os
+        import experiments.calibrate as cal
+        seen = {{}}
+        def fake(model_dir=None, **kw):
+            from executor.profile_host import host_torch_threads
+            import torch
+            host = {{"cpus": sorted(os.sched_getaffinity(0)), "torch_device": kw["torch_device"],
+                    "load": (0.1, 0.2, 0.3), "load_end": (0.4, 0.5, 0.6)}}
+            seen.update(affinity=host["cpus"], threads=host_torch_threads(), torch=torch.get_num_threads(),
+                        line=cal.host_line(host, host_torch_threads()))
+            raise KeyboardInterrupt
+        cal.measure_host = fake
+        from experiments.cli import main
+        rc = main(["profile", "--cores", "1", "--force", "--quick", "--out", "{tmp_path / 'p.yaml'}"])
+        print(json.dumps(dict(seen, rc=rc)))
+    """)
+    assert got["rc"] == 130 and len(got["affinity"]) == 1 and got["threads"] == 1 and got["torch"] == 1
+    assert got["line"].startswith(f"# cores: 1 of {os.cpu_count()} (CPUs {got['affinity'][0]};")
+    assert "torch device cpu, torch threads 1" in got["line"] and "at start 0.10/0.20/0.30" in got["line"]
+    from experiments.validate import profile_cores
+    (tmp_path / "p.yaml").write_text(got["line"] + "\nname: x\n")
+    assert profile_cores(tmp_path / "p.yaml") == (1, "cpu")
+
+
+def test_too_many_cores_is_refused_by_name(tmp_path, capsys):
+    n = len(os.sched_getaffinity(0))
+    assert main(["profile", "--cores", str(n + 1), "--force", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert f"--cores {n + 1}" in capsys.readouterr().err
+    assert sorted(os.sched_getaffinity(0)) and len(os.sched_getaffinity(0)) == n        # this process untouched
+
+
+@pytest.fixture
+def busy(monkeypatch):
+    """A host with 2 cores and a load average of 3: busy."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.5, 2.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    calls = []
+
+    def fake(*a, **kw):
+        calls.append(kw)
+        raise KeyboardInterrupt
+    import experiments.calibrate
+    monkeypatch.setattr(experiments.calibrate, "measure_host", fake)
+    return calls
+
+
+def test_profile_refuses_a_busy_host_unless_forced(busy, tmp_path, capsys):
+    out = str(tmp_path / "p.yaml")
+    assert main(["profile", "--quick", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "busy" in err and "load average 3.0 on 2 cores" in err and "--force" in err and not busy
+    assert main(["profile", "--quick", "--force", "--out", out]) == 130          # measured (the fake stops it)
+    assert len(busy) == 1 and "measuring anyway (--force)" in capsys.readouterr().err
+
+
+def test_validate_refuses_a_busy_host_unless_forced(busy, tmp_path, capsys, monkeypatch):
+    import experiments.validate
+    started = []
+    monkeypatch.setattr(experiments.validate, "Validator", lambda *a, **kw: started.append(kw) or 1 / 0)
+    out = tmp_path / "val"
+    assert main(["validate", "--quick", "--out", str(out), "--profile", str(tmp_path / "none.yaml")]) == 2
+    assert "busy" in capsys.readouterr().err and not busy and not started and not out.exists()
+    # forced: the missing profile is measured first (the fake stops there)
+    assert main(["validate", "--quick", "--force", "--out", str(out), "--profile", str(tmp_path / "none.yaml")]) == 130
+    assert len(busy) == 1
+
+
+def test_a_quiet_host_is_measured(monkeypatch, busy, tmp_path):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.6))
+    assert main(["profile", "--quick", "--out", str(tmp_path / "p.yaml")]) == 130 and len(busy) == 1
+
+
+def test_validate_refuses_a_profile_or_a_folder_of_other_cores(tmp_path):
+    from devices.units import ConfigError
+    from experiments.validate import check_profile_host, keep_host
+    host = {"cores": 2, "cpus": [0, 1], "torch_device": "cpu", "torch_threads": 1, "load": [0.1, 0.1, 0.1]}
+    profile = tmp_path / "p.yaml"
+    profile.write_text("# cores: 1 of 2 (CPUs 0; os.sched_setaffinity, the whole process), torch device cpu, "
+                       "torch threads 1; load average\n")
+    with pytest.raises(ConfigError, match="measured on 1 cores .* --cores 2"):
+        check_profile_host(profile, host)
+    profile.write_text("# cores: not recorded\n")
+    check_profile_host(profile, host)                                       # an older profile: no check
+    keep_host(tmp_path / "host.json", host)
+    keep_host(tmp_path / "host.json", dict(host, load=[2.0, 2.0, 2.0]))     # the same cores: fine
+    with pytest.raises(ConfigError, match="give another --out"):
+        keep_host(tmp_path / "host.json", dict(host, cores=1, cpus=[0]))
