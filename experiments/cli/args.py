@@ -155,6 +155,16 @@ def add_model_args(p) -> None:
 
 
 
+def check_torch_device(device: str) -> None:
+    """--torch-device cuda where torch has no CUDA device: one line saying which is missing."""
+    if device != "cuda":
+        return
+    import torch
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"--torch-device cuda: {why} (torch {torch.__version__}); use --torch-device cpu")
+
+
 def budget_arg(text: str):
     """--budget: a size, or `all` (every expert resident)."""
     return "all" if text.strip().lower() == "all" else size_arg(text)

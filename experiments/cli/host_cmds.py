@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from devices.units import ConfigError
-from experiments.cli.args import check_out_file, device_storage, positive_float, positive_int
+from experiments.cli.args import check_out_file, check_torch_device, device_storage, positive_float, positive_int
 
 DEFAULT_HOST_PROFILE = "runs/host.yaml"
 BUSY = 0.5              # a 1-minute load average at or above this share of the host's cores is busy
@@ -76,11 +76,7 @@ def host_setup(args, what: str) -> list[int]:
     name, refuse a busy host, pin the cores."""
     if args.throttle:                   # a wrong name fails before measuring
         args.throttle = ":".join(device_storage(args.throttle))
-    if args.torch_device == "cuda":      # as execute checks it (experiments/cli/run_cmds.py)
-        import torch
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise ConfigError(f"--torch-device cuda: {why} (torch {torch.__version__}); use --torch-device cpu")
+    check_torch_device(args.torch_device)
     check_quiet_host(args.force, what)
     return pin_cores(args.cores)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from devices.units import ConfigError, format_size
+from devices.units import format_size
 from experiments.cli.args import (SIZE_UNITS, TOKENS_HELP, add_format_args, add_model_args, add_policy_args,
                                       add_spec_arg, add_trace_option_arg, add_workload_args, budget_arg,
-                                      check_out_dir, device_storage, positive_int)
+                                      check_out_dir, check_torch_device, device_storage, positive_int)
 from experiments.cli.output import hit_ratio_note, print_table, report_rows, summary_rows, write_outputs
 from experiments.cli.spec_args import spec_from_args
 
@@ -68,13 +68,6 @@ def cmd_execute(args) -> None:
     if run.text is not None and not args.quiet:
         print("  text:", repr(run.text[0][-160:]))
     print(f"wrote {Path(args.out) / 'metrics.json'}, timeline.json (Chrome trace: open in Perfetto), gantt.png")
-
-
-def check_torch_device(device: str) -> None:
-    import torch
-    if device == "cuda" and not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise ConfigError(f"--torch-device cuda: {why} (torch {torch.__version__}); use --torch-device cpu")
 
 
 def add_parsers(sub, add) -> None:
