@@ -40,7 +40,8 @@ import numpy as np
 
 from experiments.resumable import append_runs
 from experiments.zipmoe_report import (BASIC, BATCH4, DEVICE, EOS_P, FIELDS, FOOTPRINTS, LATENCY, MODELS,  # noqa: F401
-                                       MODES, PLUS_C, PROMPTS, PUBLISHED, ROW_OF, SWEEP_SYSTEMS, SYSTEMS, TABLE1,
+                                       MODES, PLUS_C, PROMPTS, PUBLISHED, ROW_OF, SWEEP_PROMPTS, SWEEP_SYSTEMS, SYSTEMS,
+                                       TABLE1,
                                        figures, released_budget_of, report)
 
 TRACES = Path("runs") / "traces" / "zipmoe"
@@ -63,8 +64,8 @@ class Run:
                 str(self.prompts))
 
 
-def _runs(model, systems, batch, tokens, footprint) -> list[Run]:
-    return [Run(model, s, m, batch, tokens, footprint, PROMPTS[batch]) for s in systems
+def _runs(model, systems, batch, tokens, footprint, prompts=None) -> list[Run]:
+    return [Run(model, s, m, batch, tokens, footprint, prompts or PROMPTS[batch]) for s in systems
             for m in (("-",) if s == "bf16-lru" else MODES)]
 
 
@@ -76,7 +77,7 @@ def grid() -> list[Run]:
         runs += _runs(m, SYSTEMS, *TABLE1)
         runs += _runs(m, SWEEP_SYSTEMS, *BATCH4) + _runs(m, SWEEP_SYSTEMS, *LATENCY)
         for f in FOOTPRINTS:
-            runs += _runs(m, SWEEP_SYSTEMS, TABLE1[0], TABLE1[1], f)
+            runs += _runs(m, SWEEP_SYSTEMS, TABLE1[0], TABLE1[1], f, SWEEP_PROMPTS)
     return list(dict.fromkeys(runs))
 
 
@@ -125,10 +126,24 @@ def released_trace(model, batch: int, tokens: int, prompts: int):
                              eos=f"p = {EOS_P:.5f} a token, capped at {tokens}"))
 
 
+def routing_version(model_name: str) -> str:
+    """Which routing the generator makes for the model: a digest of the catalog's default for it
+    ("gen": the generator's own defaults). Trace files carry it in their names, so a new default
+    makes new files, and a results.csv of another routing is set aside (`run_grid`)."""
+    import hashlib
+    import json
+    try:
+        from workloads.catalog import synthetic_default
+        fit = synthetic_default(model_name)
+    except ImportError:
+        fit = None
+    return "gen" if fit is None else hashlib.sha1(json.dumps(fit, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def trace_file(run: Run) -> Path:
     """The run's routing, written once (a user can inspect it or rerun a row from its spec)."""
     from workloads.catalog import get_model
-    path = TRACES / f"{run.model}-b{run.batch}-t{run.tokens}-p{run.prompts}.npz"
+    path = TRACES / f"{run.model}-{routing_version(run.model)}-b{run.batch}-t{run.tokens}-p{run.prompts}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         released_trace(get_model(run.model), run.batch, run.tokens, run.prompts).save(path)
@@ -140,7 +155,7 @@ def plan_trace_file(model_name: str) -> Path:
     `default_plan_trace`), written as a file the run spec names."""
     from policies.zipmoe_plan import default_plan_trace
     from workloads.catalog import get_model
-    path = TRACES / f"plan-{model_name}.npz"
+    path = TRACES / f"plan-{model_name}-{routing_version(model_name)}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         default_plan_trace(get_model(model_name)).save(path)
@@ -174,15 +189,18 @@ def run_spec(run: Run):
 
 # -- one run --------------------------------------------------------------------------------------
 def batch_spans(tl) -> list[tuple[int, float, float]]:
-    """(group, start, end) of every batch after the warm-up, from the timeline."""
+    """(group, start, end) of every batch after the warm-up, from the timeline (its events, or the
+    figures of a metrics-only run)."""
+    from timeline.metrics import step_spans
     group_of = {s["step"]: s["group"] for s in tl.meta["steps"]}
-    span: dict[int, list[float]] = {}
-    for e in tl.events:
-        g = group_of.get(e.step)
+    spans = step_spans(tl) if tl.events else tl.figures.spans
+    out: dict[int, list[float]] = {}
+    for step, (a, b) in spans.items():
+        g = group_of.get(step)
         if g:
-            s = span.setdefault(g, [e.start, e.end])
-            s[0], s[1] = min(s[0], e.start), max(s[1], e.end)
-    return [(g, a, b) for g, (a, b) in sorted(span.items())]
+            s = out.setdefault(g, [a, b])
+            s[0], s[1] = min(s[0], a), max(s[1], b)
+    return [(g, a, b) for g, (a, b) in sorted(out.items())]
 
 
 def measure(tl, counted: list[int], batch: int) -> dict:
@@ -195,17 +213,20 @@ def measure(tl, counted: list[int], batch: int) -> dict:
 
 
 def simulate(run: Run, keep_timeline: bool = False):
-    """One run -> (row, timeline or None). A budget the run cannot fit in is a row, not an error."""
+    """One run -> (row, timeline or None): experiments/run.py's prepare and engine, metrics-only
+    unless the timeline is kept. A budget the run cannot fit in is a row, not an error."""
     from experiments.run import prepare, run_metrics
     from policies import BudgetError
     from sim.engine import Simulator
+    from sim.fast import fused_for, run_fused
     row = dict(zip(FIELDS, (*run.key()[:7], "ok")))
     try:
-        p = prepare(run_spec(run), timeline=True)
-    except BudgetError as e:
+        p = prepare(run_spec(run), timeline=False)    # (its memory estimate counts every prompt token;
+    except BudgetError as e:                          # the prefill shares experts, the events are fewer)
         row.update(status="below minimum", split_source=str(e).split(" (")[0])
         return row, None
-    tl = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost).run()
+    sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
+    tl = run_fused(sim, events=keep_timeline) if fused_for(sim) else sim.run(events=keep_timeline)
     m, rep = run_metrics(p, tl), p.policies.report()
     row.update({k: round(v, 4) for k, v in measure(tl, p.trace.metadata["counted"], run.batch).items()})
     row.update(ttft_s=round(m["ttft_s_warm"] or m["ttft_s"], 4), tpot_s=round(m["tpot_s_mean"] or 0, 5),
@@ -231,13 +252,17 @@ def load_results(path: Path) -> dict[tuple, dict]:
 def run_grid(out: Path, jobs: int | None = None, quiet: bool = False, runs: list[Run] | None = None) -> dict:
     """Run what `results.csv` does not have yet, appending each row as it finishes (longest first).
     A results.csv of another layout (an older reproduction) is set aside, not mixed in."""
+    import json
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.csv"
+    path, routing = out / "results.csv", out / "routing.json"
+    versions = {m: routing_version(m) for m in MODELS}
     if path.exists():
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != FIELDS:
+        known = json.loads(routing.read_text()) if routing.exists() else None
+        if tuple(header) != FIELDS or known not in (None, versions):
             path.rename(path.with_suffix(f".old-{len(list(out.glob('results.old-*')))}.csv"))
+    routing.write_text(json.dumps(versions))
     done = load_results(path)
     todo = sorted((r for r in (runs or grid()) if r.key() not in done), key=lambda r: -r.batch * r.prompts)
     for r in todo:                                      # the traces once, before the processes start

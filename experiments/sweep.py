@@ -20,7 +20,8 @@ A grid file (YAML, safe_load) names the axes; every combination is one run spec
 Instead of `grid`, `runs:` lists run specs one by one (a `moelab pick` file is one), and
 `sample: {n: 50, seed: 1}` beside a grid runs a seeded random subset of it. A policy is a bundle
 (policies/spec.py): a cache name, a mapping of roles and their options, or a `preset` (which
-brings its own format and, for the hold-in-memory systems, its budget). Everything is checked
+brings its own format, so a grid's format axis does not apply to it, and, for the hold-in-memory
+systems, its budget). Everything is checked
 before anything runs, by the checks the run itself makes; an error names the file and the key path.
 
 Each run is one row of the results CSV (every config field, every metric, the moelab
@@ -104,10 +105,18 @@ def _entries(doc: dict, path: Path) -> list[tuple[dict, str]]:
         if not values:
             raise ConfigError(f"{path}: grid.{k}: an empty list gives no runs")
     names = list(axes)
-    raw = [(dict(zip(names, combo)), "grid." + "/".join(f"{n}[{i}]" for n, i in zip(names, idx)))
+    raw = [(_preset_format(dict(zip(names, combo))), "grid." + "/".join(f"{n}[{i}]" for n, i in zip(names, idx)))
            for combo, idx in zip(itertools.product(*axes.values()),
                                  itertools.product(*(range(len(v)) for v in axes.values())))]
     return _sample(raw, doc["sample"], path) if "sample" in doc else raw
+
+
+def _preset_format(entry: dict) -> dict:
+    """In a grid, a preset brings its own format: the format axis does not apply to its runs (they
+    collapse to one per preset). In a single run spec, a preset beside another format is an error."""
+    if isinstance(entry.get("policy"), dict) and "preset" in entry["policy"]:
+        entry.pop("format", None)
+    return entry
 
 
 def _sample(raw, spec, path):

@@ -123,7 +123,7 @@ class ZipMoECache(CachePolicy):
         Option("dock", "int", None, "bytes kept for loads in flight (default: released, one expert per expert "
                                     "of a layer; corrected, one token's experts)", unit="bytes"),
         Option("mode", "str", "released", "the released code's tier rules, or corrected where they are "
-                                          "defects (`moelab policies zipmoe`, policies/zipmoe.py)", choices=MODES),
+                                          "defects (policies/zipmoe.py says which and why)", choices=MODES),
         Option("planner", "str", None, "PlanCache's math: released or corrected (default: the mode's)",
                choices=MODES),
         Option("plan_trace", "str", None, "the plan's statistics: a trace file, or online (the run's first "

@@ -87,19 +87,28 @@ def jackson(ready: list[float], compute) -> float:
     return gpu
 
 
-def opt_makespan(inst: LayerTasks) -> float:
-    """The least makespan of the layer over every schedule of the task model (module docstring)."""
+class SearchBudget(Exception):
+    """The exact search needed more nodes than it was given."""
+
+
+def opt_makespan(inst: LayerTasks, nodes: int | None = None) -> float:
+    """The least makespan of the layer over every schedule of the task model (module docstring);
+    `nodes`: give up (SearchBudget) after that many search nodes."""
     n, K = inst.n, inst.chunks
     best = [alg_makespan(inst)]
+    budget = [math.inf if nodes is None else nodes]
     dur = [[inst.chunk[j]] * K + ([inst.sm[j]] if inst.sm[j] > 0 else []) for j in range(n)]
     releases = [[] for _ in range(n)]
     sm_done = [0.0] * n
 
     def reads(t: float, left: float, items: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SearchBudget(f"{inst}: more than {nodes} search nodes")
         if _read_bound(inst, t, left if items else 0.0, releases, sm_done, dur) >= best[0] - 1e-12:
             return
         if not items:
-            best[0] = min(best[0], _decompress(inst, releases, sm_done, best[0]))
+            best[0] = min(best[0], _decompress(inst, releases, sm_done, best[0], budget))
             return
         for j in range(n):
             q = len(releases[j]) + (1 if sm_done[j] else 0)
@@ -136,20 +145,58 @@ def _read_bound(inst: LayerTasks, t: float, left: float, releases, sm_done, dur)
             last = min(last, inst.compute[j])
         ready.append(r)
     bound = jackson(ready, inst.compute)
+    unread = sorted(inst.chunk[j] for j in range(inst.n) for _ in range(K - len(releases[j])))
+    pending = sorted([r for rel in releases for r in rel] + list(t + np.cumsum(unread)))
+    bound = max(bound, capacity_bound(inst, [0.0] * inst.workers, pending, list(range(inst.n))))
     return max(bound, t + left + last) if last < math.inf else bound
 
 
-def _decompress(inst: LayerTasks, releases, sm_done, incumbent: float) -> float:
+def capacity_bound(inst: LayerTasks, free: list[float], pending: list[float], waiting: list[int]) -> float:
+    """A lower bound from the workers: the chunks still to decompress (`pending`: their reads' ends or
+    lower bounds on them) taken earliest first on the workers free at `free`, which gives the least
+    i-th completion for every i (equal lengths); the task ready i-th from last (of `waiting`, the tasks
+    they belong to) is ready no earlier than the (1 + (i - 1) K)-th completion from last, and that task
+    and the later ones still compute."""
+    free, done = sorted(free), []
+    for r in sorted(pending):
+        start = max(r, free[0])
+        done.append(start + inst.t_dec)
+        free[0] = start + inst.t_dec
+        free.sort()
+    if not done:
+        return 0.0
+    done.sort()
+    computes = sorted(inst.compute[j] for j in waiting)
+    bound, tail = 0.0, 0.0
+    for i in range(len(waiting)):
+        at = len(done) - 1 - i * inst.chunks
+        if at < 0:
+            break
+        tail += computes[i]
+        bound = max(bound, done[at] + tail)
+    return bound
+
+
+def _decompress(inst: LayerTasks, releases, sm_done, incumbent: float, budget: list) -> float:
     """The best makespan for these read completions: depth-first over the order decompressions are
-    listed in (a task's chunks in order), each on the worker free first once read."""
+    listed in (a task's chunks in order), each on the worker free first once read, their starts
+    non-decreasing (a schedule is no better than the list schedule of its start order, whose starts
+    are no later; repeating that ends in a list with non-decreasing starts)."""
     n, K, d, L = inst.n, inst.chunks, inst.t_dec, inst.workers
     best = [incumbent]
     ready = [sm_done[j] for j in range(n)]
     taken = [0] * n
 
-    def step(free: list[float], placed: int) -> None:
+    def step(free: list[float], placed: int, last: float) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SearchBudget(f"{inst}: out of search nodes")
         lower = [max(ready[j], releases[j][-1] + d, min(free) + d) if taken[j] < K else ready[j] for j in range(n)]
         if jackson(lower, inst.compute) >= best[0] - 1e-12:
+            return
+        waiting = [j for j in range(n) if taken[j] < K]
+        pending = [r for j in waiting for r in releases[j][taken[j]:]]
+        if waiting and capacity_bound(inst, free, pending, waiting) >= best[0] - 1e-12:
             return
         if placed == n * K:
             best[0] = jackson(ready, inst.compute)
@@ -159,12 +206,14 @@ def _decompress(inst: LayerTasks, releases, sm_done, incumbent: float) -> float:
             if taken[j] == K:
                 continue
             start = max(releases[j][taken[j]], free[w])
+            if start < last:
+                continue
             keep_free, keep_ready = free[w], ready[j]
             free[w], ready[j] = start + d, max(ready[j], start + d)
             taken[j] += 1
-            step(free, placed + 1)
+            step(free, placed + 1, start)
             taken[j] -= 1
             free[w], ready[j] = keep_free, keep_ready
 
-    step([0.0] * L, 0)
+    step([0.0] * L, 0, 0.0)
     return best[0]

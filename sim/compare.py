@@ -30,9 +30,11 @@ def compare(script: str, other: str, rounds: int, args: tuple = ()) -> dict:
         copy = shutil.copy(os.path.abspath(script), os.path.join(d, "benchmark_script.py"))
         for _ in range(rounds):
             for name, root in (("here", here), ("other", os.path.abspath(other))):
-                out = subprocess.run([sys.executable, copy, *args], cwd=root, env=dict(os.environ, PYTHONPATH=root),
-                                     check=True, capture_output=True, text=True).stdout
-                runs[name].append(json.loads(out.splitlines()[-1]))
+                done = subprocess.run([sys.executable, copy, *args], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{script} in {root} failed:\n{done.stderr[-3000:]}")
+                runs[name].append(json.loads(done.stdout.splitlines()[-1]))
     first = runs["here"][0]
     keys = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     med = {name: {k: float(np.median([r[k] for r in rs if r.get(k) is not None] or [np.nan])) for k in keys}

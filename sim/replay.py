@@ -17,6 +17,7 @@ from policies import CACHES, BudgetError, PolicyContext, build_policies, lookup
 from policies.allocators import FixedLevel
 from policies.base import largest_layer_demand
 from policies.bundle import DemandMemo, access_sequence, workload_routings
+from workloads.batching import unit_groups
 
 
 def replay_policies(workload, policies) -> dict:
@@ -59,19 +60,6 @@ def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None 
             out[cap] = replay_policies(workload, build_policies(workload, cap * unit, cache=policy,
                                                                 future=future))["hit_ratio"]
     return out
-
-
-def unit_groups(trace, steps) -> list[list[int]]:
-    """Decision points of a trace as lists of integer keys (layer * experts + expert),
-    each expert once, in first-appearance (router) order."""
-    E = trace.num_experts
-    groups = []
-    for step in steps:
-        sel = trace.experts[step.tokens]                       # [tokens, layers, k]
-        for layer in range(trace.layers):
-            row = sel[:, layer, :].ravel().tolist()
-            groups.append([layer * E + e for e in dict.fromkeys(row)])
-    return groups
 
 
 def _lru(groups, capacity):

@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from conftest import make_trace
-from sim.mrc import lru_mrc, lru_stack_hits, miss_ratio_curves
+from sim.mrc import miss_ratio_curves
+from workloads.stack import lru_mrc, lru_stack_hits
 from sim.replay import replay_capacities, unit_groups
 from workloads.catalog import ModelArch
 from workloads.formats import make_format

@@ -108,6 +108,8 @@ def test_fit_files_round_trip(real_fit, tmp_path):
     (tmp_path / "bad.yaml").write_text("format: something-else\n")
     with pytest.raises(ConfigError, match="not a routing fit"):
         load_fit(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="unknown key.*lokality"):
+        synth_from_fit(dict(real_fit, lokality=0.3), 1, 1, 1)
     with pytest.raises(ConfigError, match="locality must be in"):
         synth_from_fit(dict(real_fit, locality=1.5), 1, 1, 1)
     with pytest.raises(ConfigError, match="the fit is for"):
@@ -127,9 +129,12 @@ ZIPMOE = {  # issue 22 item 5 (ZipMoE's released traces): per prompt of ~19 toke
 def test_catalog_defaults_look_like_zipmoes_traces(name):
     prompts, want = ZIPMOE[name]
     trace = synthetic_trace(get_model(name), requests=prompts, prompt_len=19, output_len=0, fit="catalog")
-    got = trace_stats(trace)["mean"]
+    stats = trace_stats(trace)
     for key, v in want.items():
-        assert got[key] == pytest.approx(v, rel=0.10), key
+        assert stats["mean"][key] == pytest.approx(v, rel=0.10), key
+    low, high = {"deepseek-v2-lite": (0.156, 0.243), "qwen1.5-moe-a2.7b": (0.086, 0.145)}[name]
+    shares = [layer["topk_share"] for layer in stats["per_layer"]]  # the published per-layer range
+    assert min(shares) == pytest.approx(low, rel=0.10) and max(shares) == pytest.approx(high, rel=0.10)
 
 
 def test_catalog_default_of_mixtral_decode():

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from sim.mrc import lru_mrc
+from workloads.stack import lru_mrc
 from sim.replay import _lru
 from workloads import structure
 from workloads.catalog import ModelArch, get_model

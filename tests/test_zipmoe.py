@@ -346,12 +346,14 @@ def zip_store(tmp_path_factory):
 
 
 # the released variants, as options of the one cache (no per-value registrations)
-VARIANTS = {"zipmoe": {}, "zipmoe-fixed": {"split": 0.5}, "zipmoe-tw-lfu": {"tiers": False},
+VARIANTS = {"zipmoe": {}, "zipmoe-corrected": {"mode": "corrected"}, "zipmoe-fixed": {"split": 0.5},
+            "zipmoe-fixed-corrected": {"split": 0.5, "mode": "corrected"}, "zipmoe-tw-lfu": {"tiers": False},
             "zipmoe-marking": {"victim": "marking", "tiers": False}, "zipmoe-lru": {"victim": "lru", "tiers": False},
             "zipmoe-fifo": {"victim": "fifo", "tiers": False}}
 
 
-@pytest.mark.parametrize("cache", ["zipmoe", "zipmoe-fixed", "zipmoe-marking", "zipmoe-lru"])
+@pytest.mark.parametrize("cache", ["zipmoe", "zipmoe-corrected", "zipmoe-fixed", "zipmoe-fixed-corrected",
+                                   "zipmoe-marking", "zipmoe-lru"])
 def test_both_engines_make_the_same_zipmoe_decisions(zip_store, cache):
     fmt, arch = zip_store.format, model_arch(tiny_model())
     trace = synthetic_trace(arch, requests=3, prompt_len=3, output_len=6, skew=1.0, seed=3)
@@ -370,7 +372,7 @@ def test_both_engines_make_the_same_zipmoe_decisions(zip_store, cache):
                                                                              key=lambda e: e.start)]
     per_layer = lambda o: sorted(o)                                                                 # noqa: E731
     assert per_layer(order(run.timeline)) == per_layer(order(sim_tl))
-    if cache in ("zipmoe", "zipmoe-fixed"):
+    if cache.startswith(("zipmoe-fixed", "zipmoe-corrected")) or cache == "zipmoe":
         assert any(e.kind == "evict" and e.level > 0 for e in sim_tl.of("cache"))   # chunks dropped, SM kept
         rep = run.timeline.meta["policy_report"]
         assert rep == sim_tl.meta["policy_report"]
@@ -412,7 +414,8 @@ def cases(draw):
     layers, experts, k = draw(st.integers(1, 3)), draw(st.integers(2, 8)), draw(st.integers(1, 3))
     k = min(k, experts)
     return (layers, experts, k, draw(st.integers(1, 16)), draw(st.integers(0, 10**6)), draw(st.integers(1, 3)),
-            draw(st.sampled_from(["zipmoe", "zipmoe-fixed", "zipmoe-tw-lfu", "zipmoe-marking", "zipmoe-fifo"])),
+            draw(st.sampled_from(["zipmoe", "zipmoe-corrected", "zipmoe-fixed", "zipmoe-fixed-corrected",
+                                  "zipmoe-tw-lfu", "zipmoe-marking", "zipmoe-fifo"])),
             draw(st.sampled_from(["pool", "layer"])), draw(st.sampled_from(["none", "last-use", "oracle"])),
             draw(st.integers(0, 3 * layers * experts)), draw(st.sampled_from(["zipmoe", "fifo"])))
 
@@ -476,17 +479,45 @@ def test_zipmoe_presets_run(name):
 # -- the reproduction ---------------------------------------------------------------------------------
 def test_reproduction_resumes_and_reports_the_published_numbers(tmp_path, monkeypatch):
     import experiments.reproduce_zipmoe as rz
-    runs = [rz.Run("qwen1.5-moe-a2.7b", s, 1, 3, 10) for s in ("zipmoe", "bf16-lru")]
+    monkeypatch.setattr(rz, "TRACES", tmp_path / "traces")
+    monkeypatch.setattr(rz, "PROMPTS", {1: 2})
+    runs = [rz.Run("qwen1.5-moe-a2.7b", s, m, 1, 3, 5, 2) for s, m in (("zipmoe", "released"), ("zipmoe", "corrected"),
+                                                                      ("bf16-lru", "-"))]
     monkeypatch.setattr(rz, "grid", lambda: runs)
-    monkeypatch.setattr(rz, "pipelining_gantt", lambda out: [])
+    monkeypatch.setattr(rz, "planner_shares", lambda: [])
     text = rz.reproduce(tmp_path, jobs=1, quiet=True)
     rows = rz.load_results(tmp_path / "results.csv")
     assert set(rows) == {r.key() for r in runs} and all(r["status"] == "ok" for r in rows.values())
-    assert "| qwen1.5-moe-a2.7b | zipmoe | 7.79 |" in text and "585.96" in text
-    assert (tmp_path / "table1_ablation.png").exists() and (tmp_path / "memory_sweep.pdf").exists()
+    assert "| qwen1.5-moe-a2.7b | +C+P (PlanCache) | 7.79 |" in text and "585.96" in text
+    assert "released planner" in rows[runs[0].key()]["split_source"]
+    assert "corrected planner" in rows[runs[1].key()]["split_source"]
+    assert (tmp_path / "table1.png").exists() and (tmp_path / "footprint_sweep.pdf").exists()
     before = (tmp_path / "results.csv").read_text()
     rz.reproduce(tmp_path, jobs=1, quiet=True)                    # everything reused: nothing appended
     assert (tmp_path / "results.csv").read_text() == before
-    trace = rz.sharegpt_like_trace(get_model("qwen1.5-moe-a2.7b"), 8, 4)
-    lengths = [int(trace.prompt[trace.request_ids == r].sum()) for r in range(8)]
-    assert all(4 <= n <= 512 for n in lengths) and len(set(lengths)) > 4
+    spec = rz.run_spec(runs[0])
+    assert spec.policy.cache.opts["mode"] == "released" and spec.policy.cache.opts["plan_trace"].endswith(".npz")
+    from policies.zipmoe_released import released_budget
+    assert spec.budget == released_budget(64 * 10**9, 5, 60, 2 * 3 * 1408 * 2048)[0]
+
+
+def test_released_workload_warm_up_eos_and_padded_rows():
+    import experiments.reproduce_zipmoe as rz
+    model = get_model("qwen1.5-moe-a2.7b")
+    lengths, generated = rz.request_lengths(40, 64)
+    assert all(4 <= n <= 512 for n in lengths) and len(set(lengths)) > 10
+    assert generated.max() == 64 and generated.min() >= 1 and (generated < 64).any()
+    t = rz.released_trace(model, 4, 8, 6)
+    from workloads.batching import batch_steps
+    steps = batch_steps(t, 4)
+    groups = sorted({s.group for s in steps})
+    assert groups == [0, 1, 2]                                    # the warm-up, then ceil(6 / 4) batches
+    warm = [s for s in steps if s.group == 0]
+    assert warm[0].prefill and len(warm[0].tokens) == 4 * 13 and len(warm) == 10   # 13 prompt tokens, 10 new
+    rows = t.experts[warm[0].tokens].reshape(4, 13, *t.experts.shape[1:])
+    assert (rows == rows[:1]).all()                               # one warm-up prompt in every row
+    lens, gens = rz.request_lengths(6, 8)
+    for g, members in ((1, range(0, 4)), (2, range(4, 6))):
+        decode = [s for s in steps if s.group == g and not s.prefill]
+        assert len(decode) == max(gens[i] for i in members) - 1   # every row to its batch's longest
+    assert t.metadata["counted"] == [int(x) for x in gens]

@@ -138,7 +138,7 @@ def prefetch_outcomes(tl: Timeline, needed: dict[tuple[int, int], set]) -> tuple
 @dataclass
 class Figures:
     """What the metrics are computed from: gathered from a timeline's events (`figures_of`), or
-    accumulated by the simulator as it runs (a metrics-only run, sim/accumulate.py, records no
+    accumulated by the simulator as it runs (a metrics-only run, sim/record.py, records no
     events). Both give the same values bit for bit (tests/test_metrics_only.py)."""
     spans: dict[int, tuple[float, float]]     # step -> (first start, last end) of its work
     makespan: float

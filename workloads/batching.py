@@ -39,3 +39,16 @@ def batch_steps(trace: RoutingTrace, batch: int) -> list[Step]:
             toks = np.array([d[i] for d in decodes if i < len(d)], dtype=np.int64)
             steps.append(Step(len(steps), group, False, toks, len(toks)))
     return steps
+
+
+def unit_groups(trace, steps) -> list[list[int]]:
+    """Decision points of a trace as lists of integer keys (layer * experts + expert),
+    each expert once, in first-appearance (router) order."""
+    E = trace.num_experts
+    groups = []
+    for step in steps:
+        sel = trace.experts[step.tokens]                       # [tokens, layers, k]
+        for layer in range(trace.layers):
+            row = sel[:, layer, :].ravel().tolist()
+            groups.append([layer * E + e for e in dict.fromkeys(row)])
+    return groups

@@ -26,8 +26,7 @@ def decision_groups(trace: RoutingTrace, batch: int | None = None) -> list[list[
     """Decision points as lists of keys layer * experts + expert (see the module doc)."""
     E = trace.num_experts
     if batch is not None:
-        from sim.replay import unit_groups
-        from workloads.batching import batch_steps
+        from workloads.batching import batch_steps, unit_groups
         return unit_groups(trace, batch_steps(trace, batch))
     order, _, _ = request_order(trace)
     keys = trace.experts[order] + (np.arange(trace.layers) * E)[None, :, None]
@@ -43,14 +42,14 @@ def lru_curve(trace: RoutingTrace, fractions=FRACTIONS, batch: int | None = None
 
 
 def _groups_mrc(trace: RoutingTrace, caps: dict, batch: int) -> dict:
-    from sim.mrc import lru_mrc
+    from workloads.stack import lru_mrc
     return lru_mrc(decision_groups(trace, batch), sorted(set(caps.values())))
 
 
 def _token_mrc(trace: RoutingTrace, caps: list[int]) -> dict:
-    """lru_mrc for token decision points, straight from arrays: sim/mrc.py's one-pass kernel
-    (what lru_stack_hits runs) without building millions of Python lists."""
-    from sim.mrc import _stack_jit, _stack_kernel
+    """lru_mrc for token decision points, straight from arrays: the one-pass kernel (what
+    lru_stack_hits runs) without building millions of Python lists."""
+    from workloads.stack import _stack_jit, _stack_kernel
     order, _, _ = request_order(trace)
     k = trace.top_k
     keys = (trace.experts[order] + (np.arange(trace.layers) * trace.num_experts)[None, :, None]).ravel()

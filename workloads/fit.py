@@ -9,9 +9,9 @@ The model is workloads/fitted.py's. What is fitted:
   request-level drift (the Gamma concentration of a request's own expert weights, to the mean
   share of a request's selections its own top-k take above the pooled top-k share; one for all
   layers: a request's drift is its own, and one figure from all layers is far less noisy);
-- the topic persistence: a token takes the topic of one of its request's last 8 tokens (to how
-  concentrated a request's windows of 8 tokens are: 1 - distinct experts / min(E, 8 k)): real
-  routing reuses experts a few tokens later, not only at the next token;
+- the topic persistence: how often a token takes the topic of one of its request's last 8
+  tokens (to the area under the trace's LRU miss-ratio curve, workloads/compare.py): real routing
+  reuses experts a few tokens later, not only at the next token, and that is what a cache sees;
 - repeats: how often a token's whole routing equals that of its request's token d back, for
   prompt and generated tokens (greedy decoding loops), less what shorter repeats explain;
 - gate scores: the mean per slot; lookahead predictions (if recorded): per rank, how often the
@@ -40,26 +40,24 @@ from workloads.trace import RoutingTrace
 MAX_TOPICS = 32
 # the knobs (rows of x), each steered by one target figure (row of _aligned): locality <- slot
 # reuse, drift u = 1 / sqrt(1 + concentration) <- own-top-k share less the pooled top-k share,
-# sharpness <- pair lift,
-# shrink (of the popularity toward uniform) <- Gini, persistence <- window concentration
+# sharpness <- pair lift, shrink (of the popularity toward uniform) <- Gini, persistence <- the
+# mean LRU hit ratio over capacities
 _SLOPE0 = np.array([0.8, 0.3, 1.0, 0.3, 0.3])                 # first-step slopes d target / d knob
 _MAX = np.array([0.98, 0.95, 4.0, 1.0, 0.95])
-WINDOW = 8
+RECALL = 8                         # topic persistence reaches this many tokens back
 
 
 def targets(trace: RoutingTrace) -> dict[str, np.ndarray]:
     """The figures the calibration matches: freq [L, E] (selections per token) and, per layer,
     the popularity Gini, slot reuse, own-top-k share, cross-layer predictability (of layer
-    l + 1 from layer l), mean pair lift, window concentration (1 - distinct experts per WINDOW
-    tokens / min(E, WINDOW x k))."""
+    l + 1 from layer l), mean pair lift; and the mean LRU hit ratio over capacities (one figure,
+    repeated per layer)."""
     overlap = reuse_overlap(trace)
     slot = overlap.mean((0, 2)) if len(overlap) else np.full(trace.layers, np.nan)
     counts = popularity(trace)
     out = {"freq": counts / trace.tokens, "gini": gini(counts), "slot_reuse": slot,
            "own": structure.own_topk_share(trace), "cross": structure.cross_layer(trace),
-           "pair": structure.pair_lift(trace)[1],
-           "window": 1 - structure.distinct_per_window(trace, WINDOW) / min(trace.num_experts, WINDOW * trace.top_k),
-           "lru": np.full(trace.layers, _lru_area(trace))}
+           "pair": structure.pair_lift(trace)[1], "lru": np.full(trace.layers, _lru_area(trace))}
     return out
 
 
@@ -94,9 +92,11 @@ def fit_trace(trace: RoutingTrace, *, iterations: int = 16, calibration_tokens: 
     for it in range(iterations):
         _apply(model, x)
         got = _measure(generate(model, p_len, o_len, seed + 1 + it), len(p_len) // reps, reps)
-        x, history = _step(model, x, goal, got, history)
         if progress is not None:
             progress(it, got)
+        if it >= 3 and _converged(goal, got, model.top_k):
+            break                                                # every figure within 2%: done early
+        x, history = _step(model, x, goal, got, history)
     _apply(model, x)
     return to_fit(model, trace, goal, lengths)
 
@@ -120,7 +120,7 @@ def _structure(trace: RoutingTrace, topic_count, seed: int, em_tokens: int) -> R
     repeats = repeat_rates(trace)
     return RoutingModel(name, E, k, None, ones, ones * 0, ones * 0, np.full(L, np.inf), ones, topics=profiles,
                         topic_count=Z, topic_weights=weights, slot_scores=trace.scores.reshape(-1, k).mean(0), hit=hit,
-                        hit_scores=scores, repeats=repeats if any(repeats.values()) else None, recall=WINDOW)
+                        hit_scores=scores, repeats=repeats if any(repeats.values()) else None, recall=RECALL)
 
 
 def repeat_rates(trace: RoutingTrace, max_distance: int = 64, floor: float = 0.01) -> dict:
@@ -230,6 +230,15 @@ def _step(model: RoutingModel, x: np.ndarray, goal: dict, got: dict, history):
     new[1] = new[1].mean()                                       # one drift: a request's, all layers alike
     new[4] = new[4].mean() if model.topics is not None else 0.0  # one persistence, and only with topics
     return new, (x, y, slope)
+
+
+def _converged(goal: dict, got: dict, k: int, tolerance: float = 0.02) -> bool:
+    """Whether every calibrated figure (and each expert's rate, in total variation) is within
+    `tolerance` of the trace's."""
+    want, have = _aligned(goal, k), _aligned(got, k)
+    ok = np.isnan(want) | (np.abs(have - want) <= tolerance * np.maximum(np.abs(want), 1e-9))
+    tv = 0.5 * np.abs(goal["freq"] - got["freq"]).sum(1) / k
+    return bool(ok.all() and (tv <= tolerance).all())
 
 
 def _num(v) -> float | None:

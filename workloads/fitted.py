@@ -43,6 +43,10 @@ from workloads.sampling import _draw, _gate_scores, _popularity, _slot_chain
 from workloads.trace import RoutingTrace
 
 FORMAT = "moelab-routing-fit/1"
+# what a fit may hold: the generator's parameters, and (informational) what fit_trace records
+FIT_KEYS = {"format", "model", "popularity", "skew", "skew_offset", "locality", "concentration", "sharpness",
+            "topics", "topic_concentration", "topic_weights", "persistence", "recall", "slot_scores", "lookahead",
+            "repeats", "arch", "source", "size", "targets"}
 
 
 @dataclass
@@ -76,6 +80,9 @@ class RoutingModel:
     def from_fit(cls, fit: dict, where: str = "fit") -> "RoutingModel":
         if not isinstance(fit, dict):
             raise ConfigError(f"{where}: a fit is a mapping, got {type(fit).__name__}")
+        unknown = sorted(set(fit) - FIT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(FIT_KEYS))}")
         model = fit.get("model") or {}
         try:
             L, E, k = int(model["layers"]), int(model["experts"]), int(model["top_k"])
@@ -127,9 +134,11 @@ def _repeats(v, where: str) -> dict | None:
             pairs = [(int(d), float(r)) for d, r in (v.get(part) or [])]
         except (TypeError, ValueError, AttributeError):
             raise ConfigError(f"{where}: repeats.{part} must be a list of [distance, rate] pairs") from None
-        if any(d < 1 or r < 0 for d, r in pairs) or sum(r for _, r in pairs) > 1 + 1e-9:
+        total = sum(r for _, r in pairs)
+        # a fit's rates sum to at most 1, and to a little more once written to 6 digits
+        if any(d < 1 or r < 0 for d, r in pairs) or total > 1 + 1e-4:
             raise ConfigError(f"{where}: repeats.{part}: distances >= 1, rates >= 0 summing to <= 1")
-        out[part] = pairs
+        out[part] = [(d, r / max(total, 1.0)) for d, r in pairs]
     return out
 
 

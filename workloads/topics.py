@@ -53,8 +53,9 @@ def fit_topics(experts: np.ndarray, E: int, Z: int, iterations: int = 40, seed: 
 
 def _m_step(experts: np.ndarray, post: np.ndarray, E: int):
     L = experts.shape[1]
-    pt = np.ascontiguousarray(np.where(post > 1e-12, post, 0.0).T, np.float32)   # no denormals: BLAS crawls on them
-    profiles = np.stack([pt @ _one_hot(experts[:, layer, :], E) for layer in range(L)]).astype(np.float64)
+    p = np.where(post > 1e-12, post, 0.0).astype(np.float32)          # no denormals: BLAS crawls on them
+    # picks.T @ posterior, not posterior.T @ picks: the same product, ~30x faster in BLAS here
+    profiles = np.stack([(_one_hot(experts[:, layer, :], E).T @ p).T for layer in range(L)]).astype(np.float64)
     profiles += PSEUDO
     profiles /= profiles.sum(-1, keepdims=True)
     return profiles, post.mean(0)

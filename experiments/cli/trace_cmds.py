@@ -82,12 +82,29 @@ def cmd_trace_synth(args) -> None:
     from experiments.spec import RunSpec
     from workloads.catalog import get_model
     check_out_file(args.out)
-    d = RunSpec()
-    spec = RunSpec(model=args.model, requests=args.requests, tokens=args.tokens, prompt_tokens=args.prompt_tokens,
-                   skew=d.skew if args.skew is None else args.skew,
-                   locality=d.locality if args.locality is None else args.locality, seed=args.seed)
-    trace = synthetic_for(spec, get_model(args.model))
+    if args.fit:
+        trace = synth_fitted(args)
+    else:
+        d = RunSpec()
+        spec = RunSpec(model=args.model, requests=args.requests, tokens=args.tokens,
+                       prompt_tokens=args.prompt_tokens, skew=d.skew if args.skew is None else args.skew,
+                       locality=d.locality if args.locality is None else args.locality, seed=args.seed)
+        trace = synthetic_for(spec, get_model(args.model))
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k}")
+
+
+def synth_fitted(args):
+    """`trace synth --fit FIT.yaml` (or `--fit catalog`: the model's published statistics), with the
+    token convention of every command: --tokens new tokens, the prefill making the first."""
+    from workloads.catalog import get_model
+    from workloads.fit import load_fit
+    from workloads.fitted import synth_from_fit
+    from workloads.synthetic import synthetic_trace
+    decode = args.tokens - 1 if args.prompt_tokens > 0 else args.tokens
+    if args.fit == "catalog":
+        return synthetic_trace(get_model(args.model), requests=args.requests, prompt_len=args.prompt_tokens,
+                               output_len=decode, seed=args.seed, fit="catalog")
+    return synth_from_fit(load_fit(args.fit), args.requests, args.prompt_tokens, decode, args.seed)
 
 
 def cmd_trace_import(args) -> None:
@@ -96,7 +113,49 @@ def cmd_trace_import(args) -> None:
     trace = import_trace(args.file, args.format, **dict(args.option))
     print(f"wrote {trace.save(args.out)}: {trace.tokens} tokens x {trace.layers} layers x top-{trace.top_k}")
 
+def cmd_trace_record_hf(args) -> None:
+    """A Hugging Face checkpoint's own routing, recorded through transformers (executor/hf_record.py)."""
+    import torch
+
+    from executor.hf_record import load_prompts, record_hf
+    prompts = load_prompts(args.prompts, field=args.prompt_field) if args.prompts else None
+    if prompts is None and args.prompt:
+        prompts = [args.prompt] * args.requests
+    result = record_hf(args.hf, args.out, prompts=prompts, requests=args.requests, new_tokens=args.tokens,
+                       batch=args.batch, sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, width=args.lookahead_width, max_prompt_tokens=args.max_prompt_tokens,
+                       dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
+                       device=args.torch_device, quiet=args.quiet)
+    cut = " (interrupted: what was recorded is kept)" if result["interrupted"] else ""
+    print(f"wrote {result['path']}: {result['tokens']} tokens x {result['layers']} layers{cut}; replay it with "
+          f"`moelab simulate --trace {args.out}` (the trace names its architecture)")
+
+
+def cmd_trace_compare(args) -> None:
+    from workloads.compare import compare_traces, format_compare
+    from workloads.importers import import_trace
+    print(format_compare(compare_traces(import_trace(args.a), import_trace(args.b), batch=args.batch),
+                         (args.a, args.b)))
+
+
+def cmd_trace_fit(args) -> None:
+    from tqdm import tqdm
+
+    from workloads.fit import fit_trace, save_fit
+    from workloads.importers import import_trace
+    check_out_file(args.out)
+    trace = import_trace(args.trace)
+    with tqdm(total=args.iterations, disable=args.quiet, desc="fit", unit="round") as bar:
+        fit = fit_trace(trace, iterations=args.iterations, topic_count=args.topics, seed=args.seed,
+                        progress=lambda *_: bar.update())
+    save_fit(fit, args.out)
+    print(f"wrote {args.out}: the synthetic generator fitted to {args.trace} "
+          f"(`moelab trace synth --fit {args.out}` generates routing like it)")
+
+
 def cmd_trace_record(args) -> None:
+    if args.hf:
+        return cmd_trace_record_hf(args)
     from executor.record import record_routing
     from experiments.prompts import prompt_tokens
     from experiments.run_exec import HostOptions, load_model
@@ -151,8 +210,24 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--skew", type=float, default=d.skew, help="expert popularity skew (0 = uniform)")
     p.add_argument("--locality", type=float, default=d.locality, help="per-slot reuse probability at the next token")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the generator")
+    p.add_argument("--fit", metavar="FIT.yaml|catalog", help="generate like a fitted trace (`moelab trace fit`), or "
+                                                             "like --model's published routing statistics (catalog)")
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=cmd_trace_synth)
+    p = add(tp, "compare", help="two traces side by side, and the distance between their LRU miss-ratio curves")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--batch", type=positive_int, help="decision points as the engines batch them (default: "
+                                                      "each token's layers)")
+    p.set_defaults(func=cmd_trace_compare)
+    p = add(tp, "fit", help="fit the synthetic generator to a trace (per-layer popularity, locality, cross-layer "
+                            "correlation, request drift)")
+    p.add_argument("trace")
+    p.add_argument("--out", required=True, help="the fit (YAML) to write")
+    p.add_argument("--topics", type=positive_int, help="latent topics shared by the layers (default: chosen)")
+    p.add_argument("--iterations", type=positive_int, default=16, help="calibration rounds at most")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit")
+    p.set_defaults(func=cmd_trace_fit)
     p = add(tp, "import", help="convert a JSONL / CSV / NumPy trace to .npz", epilog=trace_import_epilog(),
             formatter_class=EpilogFormatter)
     p.add_argument("file")
@@ -170,4 +245,17 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--bit-router", metavar="PATH", help="write this bit-width router's levels into the trace "
                                                         "(replay them with --format mwq --allocator trace-levels)")
+    g = p.add_argument_group("with --hf (recorded through transformers)")
+    g.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or JSONL with --prompt-field "
+                                                     "(default: --requests seeded built-in prompts)")
+    g.add_argument("--prompt-field", default="text", help="the JSONL field holding a prompt")
+    g.add_argument("--batch", type=positive_int, default=1, help="requests decoded together")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top-p")
+    g.add_argument("--lookahead-width", type=positive_int, help="next-layer predictions kept per token "
+                                                                "(default: 2 x top-k)")
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=512, help="prompts cut to this many tokens")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype")
+    g.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     p.set_defaults(func=cmd_trace_record)
