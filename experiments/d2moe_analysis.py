@@ -239,6 +239,7 @@ def budget_section(results) -> list[str]:
              "requests, every env, model and budget:", "",
              "| profile | +Budget / +HEBF (LRU) | +Budget / +HEBF (layer-lru) | hit ratio +HEBF LRU | layer-lru | "
              "+Budget |", "|---|---|---|---|---|---|"]
+    verdicts = []
     for profile in PROFILES:
         lru = ratios(results, "d2moe", HEBF, None, profile, (REQUESTS,))
         layered = ratios(results, "d2moe", HEBF, None, profile, (REQUESTS,), den_kw={"cache": CACHING})
@@ -249,7 +250,10 @@ def budget_section(results) -> list[str]:
             xs = [x for x in xs if x is not None]
             hits.append(span(xs, "", 3))
         lines.append(f"| {profile} | {span(lru)} | {span(layered)} | " + " | ".join(hits) + " |")
-    return lines
+        fits = [name for name, xs in (("LRU", lru), (CACHING, layered)) if xs and min(xs) <= 1.21 and max(xs) >= 1.06]
+        verdicts.append(f"{profile}: the paper's 1.06-1.21x overlaps +Budget over +HEBF with "
+                        f"{' and with '.join(fits)}" if fits else f"{profile}: it overlaps neither")
+    return lines + ["", "; ".join(verdicts) + "."]
 
 
 # -- limits ------------------------------------------------------------------------------------------------

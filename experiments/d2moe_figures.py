@@ -39,7 +39,8 @@ def fig10(results, out: Path, profile: str) -> list[Path]:
             ax.set_xlabel("expert memory budget (MB)")
             ax.set_ylabel("throughput (tok/s)")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title="black stars: published D²MoE", title_fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7, title="black stars: published D²MoE", title_fontsize=7)
     fig.suptitle(f"Throughput against budget, {REQUESTS} requests, {profile} profile (D²MoE Fig. 10)")
     fig.tight_layout()
     paths = save(fig, out / f"fig10_throughput_vs_budget_{profile}")

@@ -33,22 +33,29 @@ tensor_engine/tensor_engine.cpp):
    rule but ZipMoE's own the full pool is `split` (the eval script's 0.95) of the pools and the SM
    pool, unused, the rest; the docks hold one expert per expert of a layer.
 
-`mode=corrected` keeps 1 (promotion), 2, 6 and the rank rule, and corrects the defects:
+`mode=corrected` keeps 1 (promotion), 2, 5, 6 and the rank rule, and corrects the defects. What
+each moves alone (Table 1's setting, batch 16 x 64 at 20 GB, DeepSeek / Qwen tok/s; the released
+mode with that one behaviour corrected):
 
 - 1: a stale free-slot test lets every expert of a layer claim the same free slot, so all but one
   evict a victim the rule only meant for a full pool, and a cold expert (rank >= T_S), whose rule
   says "not cached", evicts. Corrected: the test counts the slots the layer's earlier decisions
-  took (and the SM slots its promotions gave back).
-- 3: with no credit in the SM pool its victims are chosen by slot index, not use: ZipMoE's LFU does
-  not act in the tier it was built for. Corrected: a hit credits its expert in either pool.
+  took (and the SM slots its promotions gave back). +C at 0.6: 7.50 -> 8.12 / 12.73 -> 13.49.
+- 3: UpdateOnHit has a branch for the SM pool that never runs (it is called only for experts on
+  the GPU), so SM-only experts keep count 1 and the SM pool's victims follow slot order, not use.
+  Corrected: a hit credits its expert in either pool. Alone it moves little (7.50 -> 7.50): an
+  SM-only expert hit again is mostly promoted.
 - 4: the count follows the slot, not the expert: a promoted expert, just proven hot, becomes the
-  full pool's first victim. Corrected: an expert keeps its count across tiers.
-- 5: among equal counts (every newcomer starts at 1) the lowest slots are reclaimed again and
-  again, so a tie evicts whatever sits there, often the newest. Corrected: ties go to the least
-  recently used.
-- 7: an SM pool that no decision ever uses is memory taken from the full pool. Corrected: every
-  byte full when there are no tiers; exact thresholds; the dock one token's experts (a larger layer
-  borrows from the pools).
+  full pool's first victim. Corrected: an expert keeps its count across tiers (with 3; without it
+  the SM count it keeps is 1 anyway: 7.50 -> 7.50).
+- 7: with any rule but ZipMoE's own, an SM pool no decision ever uses is memory taken from the full
+  pool (Basic: LFU 6.58 -> 7.02 / 10.35 -> 11.27; LRU 3.15 -> 3.15 / 4.14 -> 6.90, past its cliff).
+  Corrected: every byte full when there are no tiers; exact thresholds and pool sizes (7.50 ->
+  7.49); the dock one token's experts by default (a larger layer borrows from the pools).
+- 5 is kept: among equal counts (every newcomer's 1) the lowest slots are reclaimed again and
+  again, which evicts the newest and keeps the rest. When a layer sweep needs more experts than the
+  pool holds, that resists the thrash least-recent-use ties fall into: Basic with LFU 6.58 with the
+  released ties, 5.03 with least-recent-use ties (Qwen 10.35, 6.27); +C 7.50, 7.27.
 """
 from __future__ import annotations
 
@@ -140,6 +147,10 @@ class ZipMoECache(CachePolicy):
         self.victim, self.tiers, self.split, self.window, self.plan_after = victim, tiers, split, window, plan_after
         self.margin, self.thresholds, self.mode = float(margin), thresholds, mode
         self.released = mode == "released"
+        # the released behaviours the corrected mode changes (module docstring), one switch each
+        self.stale_test = self.count_by_slot = self.whole_slots = self.unused_sm = self.released
+        self.sm_credit = not self.released
+        self.slot_ties = True                              # both modes (module docstring, 5)
         self.planner, self.plan_trace = planner or mode, plan_trace
         self.full_slot, self.sm_slot = sum(ctx.fmt.resident_bytes), ctx.fmt.resident_bytes[0]
         if dock is None:
@@ -166,8 +177,8 @@ class ZipMoECache(CachePolicy):
         self.stats, self.plan_info, self.pending = None, {}, False
         self.source = "fixed"
         if not self.tiers:
-            self._set_split(float(split) if self.released and split != "plan" else
-                            rel.EVAL_SHARE if self.released else 1.0)
+            self._set_split(float(split) if self.unused_sm and split != "plan" else
+                            rel.EVAL_SHARE if self.unused_sm else 1.0)
         elif split != "plan":
             self._set_split(float(split))
         else:
@@ -197,7 +208,7 @@ class ZipMoECache(CachePolicy):
     def _set_split(self, share: float) -> None:
         self.share = share
         fs, ss = self.full_slot, self.sm_slot
-        if self.released:
+        if self.whole_slots:
             full, sm = rel.released_slots(self.room, share, fs, ss)
             if full * fs + sm * ss > self.capacity:        # a budget too tight to round up in
                 full, sm = int(share * self.room) // fs, (self.room - int(share * self.room)) // ss
@@ -244,7 +255,7 @@ class ZipMoECache(CachePolicy):
             why = "no feasible split"
         if share is None:                                   # the released code falls back to LFU
             self.tiers, self.victim = False, "lfu"
-            self._set_split(rel.FALLBACK_SHARE if self.released else 1.0)
+            self._set_split(rel.FALLBACK_SHARE if self.unused_sm else 1.0)
             self.source = f"{source}: LFU fall-back ({why})"
         else:
             self._set_split(share)
@@ -255,7 +266,7 @@ class ZipMoECache(CachePolicy):
         count, last, inserted, marked = self.meta[x]
         key = {"tw-lfu": (count,), "lfu": (count,), "lru": (last,), "fifo": (inserted,),
                "marking": (marked, inserted)}[self.victim]
-        if self.released:
+        if self.slot_ties:
             return (*key, self.slot[x])                     # ties: the lowest slot
         return (count, last) if self.victim in ("tw-lfu", "lfu") else key     # ties: least recently used
 
@@ -275,11 +286,11 @@ class ZipMoECache(CachePolicy):
         if old is not None:                                 # a promotion or a demotion
             self.n_in[old] -= 1
             self.heaps[old].discard(Key(x[0], x[1], 0))
-            if self.released:                               # its SM slot is given back after the layer's
+            if self.stale_test:                             # its SM slot is given back after the layer's
                 self.deferred.append(self.slot.pop(x))      # registrations (when its loads are done)
             else:
                 self._free_slot(x, old)
-        if old is None or self.released:                    # a registration sets the count to 1
+        if old is None or self.count_by_slot:               # a registration sets the count to 1
             self.meta[x] = [1, self.clock, self.clock, 1]
         self.tier[x] = tier
         self.n_in[tier] += 1
@@ -349,7 +360,7 @@ class ZipMoECache(CachePolicy):
                 continue
             if tier == "sm":
                 self.type2_hits += 1
-                if self.released:                           # the released code credits full hits only
+                if not self.sm_credit:                      # the released code credits full hits only
                     continue
             m = self.meta[x]
             m[0] += n if self.victim == "tw-lfu" else 1
@@ -383,7 +394,7 @@ class ZipMoECache(CachePolicy):
         per = self.ctx.layers if self.thresholds == "layer" else 1
         t_n = self.full_slots / per + self.margin * E
         t_s = t_n + self.sm_slots / per + self.margin * E
-        if self.released:
+        if self.whole_slots:
             t_n, t_s = math.floor(t_n), math.floor(t_s)
         free = {"full": self.full_slots - self.n_in["full"], "sm": self.sm_slots - self.n_in["sm"]}
         claimable = dict(self.n_in)
@@ -405,7 +416,7 @@ class ZipMoECache(CachePolicy):
                     victim_pool = None                      # it holds its SM slot already
             else:
                 state, victim_pool = (NORMAL, None) if free["full"] > 0 else (NORMAL, "full")
-            if not self.released and t != "full":
+            if not self.stale_test and t != "full":
                 state = self._claim(state, victim_pool, t, free, claimable)
             self.states[state] += 1
             out.append((e, state))
@@ -430,8 +441,8 @@ class ZipMoECache(CachePolicy):
     def end_layer(self, layer):
         dropped: list[Key] = []
         state_of = dict(self.decisions)
-        order = [e for e in self.dispatched if e in state_of] if self.released else []
-        order += [e for e in state_of if e not in self.dispatched or not self.released]
+        order = [e for e in self.dispatched if e in state_of] if self.stale_test else []
+        order += [e for e in state_of if e not in self.dispatched or not self.stale_test]
         for e in order:
             self._apply(layer, e, state_of[e], dropped)
         self.hold = {"full": 0, "sm": 0}                    # promotions' SM slots given back
@@ -463,7 +474,7 @@ class ZipMoECache(CachePolicy):
             parts = [Key(layer, e, p) for p in range(self.fmt.n_parts)]
             need = sum(sizes[k] for k in parts if pool_of[k] != "full")
             if self._make_room("full", need, dropped):
-                if self.released and pool_of[k0] == "sm":
+                if self.stale_test and pool_of[k0] == "sm":
                     self.hold["sm"] += sizes[k0]            # its SM slot stays taken this layer
                 for k in parts:
                     self._move(k, "full")

@@ -5,8 +5,12 @@
   mixtral-8x7b (32 layers, top-2, batch 1, LRU, bf16) on the default device;
 - sim_fused_tokens_per_s: the same run on its fused loop (sim/fast.py), as `simulate` picks it;
 - sim_timeline_tokens_per_s: the same run with its timeline (what `moelab simulate` writes) and
-  its metrics, through the policy objects; sim_tokens_per_s: that run alone, without its metrics
-  (the figure this benchmark reported before it measured what users get);
+  its metrics, through the policy objects; sim_timeline_fused_tokens_per_s: on the fused loop (as
+  `moelab simulate` runs it); sim_tokens_per_s: the run with its timeline alone, without its
+  metrics (the figure this benchmark reported before it measured what users get);
+- sim_simulate_tokens_per_s, sim_simulate_fused_tokens_per_s: the whole run function, from the
+  spec to the metrics (`simulate(spec, timeline=False)`, with fast_path False / True): the above
+  runs with their set-up (the trace, the cost model, the policies and their budget check);
 - replay_accesses_per_s: cache-only LRU replay (the fast loop), expert accesses per second,
   beside libCacheSim's LRU on the same sequence (its own C loop via process_trace);
 - replay_objects_accesses_per_s: the same replay through the decision point and the LRU
@@ -15,7 +19,9 @@
 - sweep_runs_per_s: short runs (128 tokens, the sweep benchmark's grid) one after another in
   this process, each a whole run as a sweep makes it (spec to results row).
 Every figure is also given per million libCacheSim accesses/s (`*_per_libcachesim_maccess`): the
-machines here differ by 1.6x, libCacheSim's loop by as much.
+machines here differ by 1.6x, libCacheSim's loop by as much. The simulator's figures come as the
+median of their repeats, the best, and `_cpu`: per second of this process's CPU time, which other
+work on a shared host disturbs less than the wall clock.
 
 `--compare DIR` runs this benchmark here and on the checkout in DIR (e.g. a `git worktree` of an
 older commit) alternately, `--rounds` times each, and prints the medians and their ratios: the
@@ -59,18 +65,29 @@ def _fused():
     return fused_for, run_fused
 
 
+MODES = {  # mode -> figure: what is timed (see the module docstring)
+    "metrics": "sim_metrics", "fused": "sim_fused", "timeline": "sim_timeline", "timeline-fused": "sim_timeline_fused",
+    "engine": "sim", "simulate": "sim_simulate", "simulate-fused": "sim_simulate_fused"}
+
+
 def _timed_run(tokens: int, mode: str) -> tuple[float, float, int]:
-    """Wall and CPU seconds of one prepared run in `mode` (metrics, fused, timeline, engine) and its
-    events."""
-    from experiments.run import prepare, run_metrics
-    p = prepare(bench_spec(tokens), timeline=False)
+    """Wall and CPU seconds of one run in `mode` (MODES) and its events."""
+    from experiments.run import prepare, run_metrics, simulate
+    spec = bench_spec(tokens)
+    if mode.startswith("simulate"):             # the whole run function: spec -> metrics
+        options = {"fast_path": mode == "simulate-fused"} if "fast_path" in inspect.signature(simulate).parameters \
+            else {}
+        t0, c0 = time.perf_counter(), time.process_time()
+        simulate(spec, timeline=False, **options)
+        return time.perf_counter() - t0, time.process_time() - c0, 0
+    p = prepare(spec, timeline=False)
     sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
     metrics_only = "events" in inspect.signature(sim.run).parameters
     t0, c0 = time.perf_counter(), time.process_time()
-    if mode == "fused":
+    if mode in ("fused", "timeline-fused"):
         fused_for, run_fused = _fused()
         assert fused_for(sim), "the benchmark's bundle has a fused loop"
-        tl = run_fused(sim)
+        tl = run_fused(sim, events=mode == "timeline-fused")
     elif mode == "metrics" and metrics_only:
         tl = sim.run(events=False)
     else:                                   # (an older engine records every event)
@@ -83,9 +100,9 @@ def _timed_run(tokens: int, mode: str) -> tuple[float, float, int]:
 def bench_engine(tokens: int = 2000, repeats: int = 5) -> dict:
     """Median and best of `repeats` runs of each mode, interleaved: this benchmark's host is a shared
     VM whose speed swings; `_cpu`: the median per second of this process's CPU time, which the
-    other work on the host disturbs less. Each run is prepared by the run function
-    (experiments/run.py), untimed."""
-    modes = ["metrics", "timeline", "engine"] + (["fused"] if _fused() else [])
+    other work on the host disturbs less. Except in the simulate modes, each run is prepared by the
+    run function (experiments/run.py), untimed."""
+    modes = [m for m in MODES if _fused() or m not in ("fused", "timeline-fused", "simulate-fused")]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     events = 0
@@ -96,8 +113,7 @@ def bench_engine(tokens: int = 2000, repeats: int = 5) -> dict:
             cpu[mode].append(tokens / seconds)
             events = max(events, n)
     out = {"sim_tokens": tokens, "sim_events": events, "sim_repeats": repeats}
-    for mode, name in (("metrics", "sim_metrics"), ("fused", "sim_fused"), ("timeline", "sim_timeline"),
-                       ("engine", "sim")):
+    for mode, name in MODES.items():
         r = rates.get(mode)
         out[f"{name}_tokens_per_s"] = r and round(float(np.median(r)), 1)
         out[f"{name}_tokens_per_s_best"] = r and round(max(r), 1)
@@ -174,8 +190,8 @@ def bench_sweep(runs: int = 40) -> dict:
     return {"sweep_runs": len(specs), "sweep_runs_per_s": round(len(specs) / (time.perf_counter() - t0), 2)}
 
 
-RATES = ("sim_metrics_tokens_per_s", "sim_fused_tokens_per_s", "sim_timeline_tokens_per_s", "sim_tokens_per_s",
-         "replay_objects_accesses_per_s", "replay_objects_with_setup_accesses_per_s", "sweep_runs_per_s")
+RATES = (*(f"{name}_tokens_per_s" for name in MODES.values()), "replay_objects_accesses_per_s",
+         "replay_objects_with_setup_accesses_per_s", "sweep_runs_per_s")
 
 
 def measure() -> dict:

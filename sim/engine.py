@@ -173,46 +173,23 @@ class Simulator:
         decompressions [(load index, start, done, worker)], computes [(start, end, expert, level,
         tokens)] in the order they run, the end of the decision path, the reads and decompressions in
         flight from `now` on for the host model, None without one). `stretch`: what each read takes
-        beyond its transfer (None: nothing)."""
-        # the decision path's own cost (0 without measured tables): each load leaves as it is
-        # issued, the computes wait for the whole path
-        per_load, loads = self.decide_per_load, d.loads
-        ready, prefetched, reads, decs = {}, {}, [], []
-        if loads:
-            issue_at, reserve, tasks = now + self.decide_base, self.io.reserve, []
-            for i, (item, kind, _) in enumerate(loads):
-                issue_at += per_load
-                issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
-                reads.append((issue, done))
-                key = item.key
-                if item.decompress_bytes:
-                    tasks.append((i, item, done))
-                elif kind is PLAN:
-                    ready[key.expert, key.part] = done
-                else:
-                    prefetched[key] = done
-            decs = self._decompress(tasks, d.decompress_order) if tasks else []
-            for i, _, done, _ in decs:
-                item, kind, _ = loads[i]
-                if kind is PLAN:
-                    ready[item.key.expert, item.key.part] = done
-                else:
-                    prefetched[item.key] = done
+        beyond its transfer (None: nothing). The computes run on the compute queue in the
+        scheduler's order, else in order of readiness, each (expert, level) once every part it needs
+        is ready, each once the one before has ended: their starts and ends both increase."""
+        if d.loads:
+            reads, decs, ready, prefetched = self._reads(now, d, stretch)
+        else:
+            reads = decs = ()
+            ready, prefetched = {}, None
         pending = self.pending
         if pending or prefetched:               # prefetched: ready when its load is
             for key in d.keys:
-                t = prefetched.get(key, pending.get(key))
+                t = prefetched.get(key, pending.get(key)) if prefetched else pending.get(key)
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
-        path_end = now + self.decide_base + per_load * len(loads)
-        spans = self.host.spans(now, loads, reads, decs) if self.host is not None else None
-        return reads, decs, self._computes(now, d, ready, path_end, spans), path_end, spans
-
-    def _computes(self, now: float, d, ready: dict, free: float, spans) -> list[tuple]:
-        """The decision's computes [(start, end, expert, level, tokens)] on the compute queue, free
-        from `free` on: in the scheduler's order, else in order of readiness (each (expert, level)
-        once every part it needs is `ready`: (expert, part) -> time, absent: resident now). Each
-        starts once the one before has ended: the list's starts and ends both increase."""
+        # the decision path's own cost (0 without measured tables): the computes wait for it
+        path_end = now + self.decide_base + self.decide_per_load * len(d.loads)
+        spans = self.host.spans(now, d.loads, reads, decs) if self.host is not None else None
         parts, counts = self.w.fmt.level_parts, d.demand.counts()
         if d.compute_order is not None:         # the scheduler's order, each once it is ready
             tasks = []
@@ -220,7 +197,7 @@ class Simulator:
                 expert, level = pair
                 tasks.append((max([now, *(ready.get((expert, p), now) for p in parts[level])]), 0, expert, level,
                               counts[pair]))
-        elif ready:                             # in order of readiness
+        elif ready:                             # in order of readiness ((expert, part) -> time; absent: resident)
             tasks = []
             for (expert, level), n in counts.items():
                 t_ready = now
@@ -232,7 +209,7 @@ class Simulator:
             tasks.sort()
         else:      # everything was resident: compute in first-appearance order
             tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
-        seconds, gap, host, computes = self.seconds, self.gap, self.host, []
+        seconds, gap, host, computes, free = self.seconds, self.gap, self.host, [], path_end
         for i, (t_ready, _, expert, level, n) in enumerate(tasks):
             if i:
                 free += gap
@@ -242,7 +219,34 @@ class Simulator:
                 secs = seconds[level, n] = self.cost.expert_seconds(level, n)
             free = host.call_end(start, secs, spans) if host is not None else start + secs
             computes.append((start, free, expert, level, n))
-        return computes
+        return reads, decs, computes, path_end, spans
+
+    def _reads(self, now: float, d, stretch: list[float] | None):
+        """The decision's reads on the storage, in load order, each leaving as the decision path
+        issues it (decide_per_load apart), and its decompressions: (reads, decompressions, when each
+        planned (expert, part) is ready, when each prefetched key is)."""
+        per_load, loads = self.decide_per_load, d.loads
+        ready, prefetched, reads, tasks = {}, {}, [], []
+        issue_at, reserve = now + self.decide_base, self.io.reserve
+        for i, (item, kind, _) in enumerate(loads):
+            issue_at += per_load
+            issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
+            reads.append((issue, done))
+            key = item.key
+            if item.decompress_bytes:
+                tasks.append((i, item, done))
+            elif kind is PLAN:
+                ready[key.expert, key.part] = done
+            else:
+                prefetched[key] = done
+        decs = self._decompress(tasks, d.decompress_order) if tasks else []
+        for i, _, done, _ in decs:
+            item, kind, _ = loads[i]
+            if kind is PLAN:
+                ready[item.key.expert, item.key.part] = done
+            else:
+                prefetched[item.key] = done
+        return reads, decs, ready, prefetched
 
     def _decompress(self, tasks, order) -> list[tuple[int, float, float, int]]:
         """Decompression tasks [(load index, item, read done)] go to the workers in `order` (default:

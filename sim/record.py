@@ -53,9 +53,9 @@ class EventRecorder:
 class Union:
     """The length of a union of [start, end) intervals added one at a time, as busy_time computes
     it: the same runs summed in the same order, hence the same float. Intervals come with
-    nondecreasing starts on the storage and the main thread (FIFO servers fed in time order); one
-    that does not (decompression workers fed out of order) is kept aside and the union merged
-    again at the end, which gives the same runs."""
+    nondecreasing starts on the storage (a FIFO server fed in time order); one that does not
+    (decompression workers fed out of order) is kept aside and the union merged again at the end,
+    which gives the same runs."""
     __slots__ = ("start", "end", "total", "runs", "late")
 
     def __init__(self):
@@ -75,23 +75,6 @@ class Union:
             self.start, self.end = a, b
         elif b > self.end:
             self.end = b
-
-    def extend(self, intervals) -> None:
-        """add() each (start, end, ...) of `intervals` in turn (one call for a layer's computes)."""
-        start, end, total, runs = self.start, self.end, self.total, self.runs
-        for iv in intervals:
-            a, b = iv[0], iv[1]
-            if end is None:
-                start, end = a, b
-            elif a < start:
-                self.late.append((a, b))
-            elif a > end:
-                total += end - start
-                runs.append((start, end))
-                start, end = a, b
-            elif b > end:
-                end = b
-        self.start, self.end, self.total = start, end, total
 
     def length(self) -> float:
         if self.end is None:
@@ -137,14 +120,21 @@ class Watches:
 
 
 class FigureRecorder:
-    """Only what the metrics need (timeline/metrics.py Figures), accumulated as the run goes."""
+    """Only what the metrics need (timeline/metrics.py Figures), accumulated as the run goes.
+
+    The engine's main thread (dense parts, then the computes of each layer) is a chain: each part
+    starts when the one before it ended or later. Its union (compute_busy) is then the sum of the
+    runs between idle gaps, kept as (run start, run end, total of the runs before): Union.add with
+    nothing out of order. And every event of a step starts at or after its first dense part, so a
+    step's span starts there."""
 
     def __init__(self, fmt):
         self.sizes = fmt.resident_bytes
         self.spans: dict[int, list[float]] = {}
         self.mem = self.peak = self.prefetches = self.admits = self.accesses = 0
         self.bytes_read = self.loads = 0
-        self.io, self.busy, self.decomp = Union(), Union(), Union()
+        self.io, self.decomp = Union(), Union()
+        self.run = (0, 0, 0.0)                   # the main thread's (run start, run end, total before)
         self.tokens_at: dict[int, int] = {}
         self.watches = Watches()
 
@@ -153,39 +143,37 @@ class FigureRecorder:
         span = self.spans.get(s)
         if span is None:                         # the step's first layer: its dense part starts it
             span = self.spans[s] = [start, now]
-        lo, hi = span
-        if start < lo:
-            lo = start
-        if now > hi:
-            hi = now
-        self.busy.add(start, now)
+        bs, be, bt = self.run
+        assert start >= be, "the main thread's work is a chain"
+        if start > be:                           # an idle gap before the dense part
+            bt += be - bs
+            bs = start
+        be = hi = now
         if d.loads:
             self._records(s, d.loads)
             add = self.io.add
             for (item, _, _), (issue, done) in zip(d.loads, reads):
                 self.bytes_read += item.nbytes
                 add(issue, done)
-                if issue < lo:
-                    lo = issue
                 if done > hi:
                     hi = done
             self.loads += len(reads)
         for _, a, b, _ in decs:
             self.decomp.add(a, b)
-            if a < lo:
-                lo = a
             if b > hi:
                 hi = b
-        if computes:                             # one after another: starts and ends increase
-            self.busy.extend(computes)
-            tokens_at = self.tokens_at
-            for c in computes:
-                tokens_at[c[3]] = tokens_at.get(c[3], 0) + c[4]
-            if computes[0][0] < lo:
-                lo = computes[0][0]
-            if computes[-1][1] > hi:
-                hi = computes[-1][1]
-        span[0], span[1] = lo, hi
+        tokens_at = self.tokens_at
+        for c in computes:
+            if c[0] > be:
+                bt += be - bs
+                bs = c[0]
+            be = c[1]
+            tokens_at[c[3]] = tokens_at.get(c[3], 0) + c[4]
+        self.run = bs, be, bt
+        if be > hi:
+            hi = be
+        if hi > span[1]:
+            span[1] = hi
         self.accesses += len(d.keys)             # the parts of the levels computed: the needed keys
         watches = self.watches
         if watches.open:
@@ -218,7 +206,8 @@ class FigureRecorder:
         spans = {s: (a, b) for s, (a, b) in self.spans.items()}
         return Figures(spans, max((b for _, b in spans.values()), default=0.0), self.peak, self.prefetches,
                        self.accesses, self.admits, self.watches.hits, self.watches.unused(), self.bytes_read,
-                       self.loads, self.io.length(), self.busy.length(), self.decomp.length(), self.tokens_at)
+                       self.loads, self.io.length(), self.run[2] + (self.run[1] - self.run[0]), self.decomp.length(),
+                       self.tokens_at)
 
     def timeline(self, meta: dict) -> Timeline:
         return Timeline([], meta, figures=self.figures())

@@ -106,16 +106,18 @@ def test_a_layer_with_nothing_unlocked_to_evict_caches_nothing(mode, states):
     assert tiers(p) == {1: "full"}
 
 
-@pytest.mark.parametrize("victim,want", [("lru", 2), ("lfu", 2), ("tw-lfu", 2), ("fifo", 1), ("marking", 2)])
-def test_victim_rules(victim, want):
-    # corrected mode (ties: least recently used); three full slots: e0 e1 e2, then e3 evicts e0 under
-    # every rule; e1 is used again; e4 evicts
+@pytest.mark.parametrize("victim,first,second", [("lru", 0, 2), ("lfu", 2, 3), ("tw-lfu", 2, 3), ("fifo", 0, 1),
+                                                 ("marking", 0, 2)])
+def test_victim_rules(victim, first, second):
+    # corrected mode (both modes break ties on the lowest slot); three full slots: e0 takes slot 2,
+    # e1 slot 1, e2 slot 0 (free slots go from the top). e3 evicts `first` (LFU: every count 1, so
+    # slot 0) and takes its slot; e1 is used again; e4 evicts `second` (LFU: e0 and e3 at 1, e3 lower)
     p = hand_bundle(3, 0, tiers=False, victim=victim, mode="corrected")
     for e in (0, 1, 2):
         use(p, e)
-    assert use(p, 3) == [Key(0, 0, p) for p in range(3)]
+    assert use(p, 3) == [Key(0, first, p) for p in range(3)]
     use(p, 1)
-    assert use(p, 4) == [Key(0, want, p) for p in range(3)]
+    assert use(p, 4) == [Key(0, second, p) for p in range(3)]
 
 
 def test_zip_policies_refuse_other_formats():

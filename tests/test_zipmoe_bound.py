@@ -98,7 +98,7 @@ def l6k3_instance(rng: random.Random, n: int) -> LayerTasks:
                       tuple(rng.randint(1, 16) for _ in range(n)), 6, 3, rng.uniform(0.1, 4.0))
 
 
-def ratio(inst: LayerTasks, nodes: int = 200_000) -> float | None:
+def ratio(inst: LayerTasks, nodes: int = 30_000) -> float | None:
     try:
         return alg_makespan(inst) / opt_makespan(inst, nodes)
     except SearchBudget:
@@ -113,7 +113,8 @@ def perturbed(inst: LayerTasks, rng: random.Random) -> LayerTasks:
 
 def test_worst_ratio_at_l6_k3_is_within_three_minus_one_over_l(capsys):
     """1,000 random instances of 2 and 3 tasks (9 chunks > 6 workers at 3), then a local search
-    from the three worst: each step perturbs the times and keeps the instance if ALG/OPT grew."""
+    from the three worst: each step perturbs the times and keeps the instance if ALG/OPT grew. An
+    instance the exact search cannot finish in 30,000 nodes is counted, not guessed."""
     rng = random.Random(22)
     found, skipped = [], 0
     for i in range(1000):
@@ -126,7 +127,7 @@ def test_worst_ratio_at_l6_k3_is_within_three_minus_one_over_l(capsys):
     found.sort(key=lambda x: -x[0])
     climbed = 0
     for r, inst in found[:3]:
-        for _ in range(60):
+        for _ in range(100):
             cand = perturbed(inst, rng)
             rc = ratio(cand)
             climbed += 1
@@ -137,6 +138,6 @@ def test_worst_ratio_at_l6_k3_is_within_three_minus_one_over_l(capsys):
     with capsys.disabled():
         print(f"\nworst ALG/OPT at L=6, K=3 over {len(found) - 3 + climbed} instances "
               f"({skipped} over the search budget): {worst:.4f} (3 - 1/L = {3 - 1 / 6:.4f}); {inst}")
-    assert len(found) >= 1000 - 10 and skipped <= 10
+    assert len(found) >= 1000 - 25 and skipped <= 25
     assert 1.0 <= worst <= 3 - 1 / 6
     assert np.mean([r for r, _ in found]) >= 1.0

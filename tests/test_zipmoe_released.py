@@ -90,8 +90,8 @@ def promotion_restarts_the_count(mode):
 
 
 def ties_to_the_lowest_slot(mode):
-    """2 full slots, no tiers, LFU. e0 (slot 1), e1 (slot 0): both count 1. e2 needs a victim:
-    released, the lowest slot (e1, the newer); corrected, the least recently used (e0)."""
+    """2 full slots, no tiers, LFU. e0 (slot 1), e1 (slot 0): both count 1. e2 needs a victim: the
+    lowest slot (e1, the newer; moelab before: the oldest push, e0), in both modes."""
     p = hand_bundle(2, 0, tiers=False, victim="lfu", mode=mode)
     for e in (0, 1, 2):
         use(p, e)
@@ -125,7 +125,7 @@ SCENARIOS = {
     sm_hits_earn_no_credit: {"released": {0: "full", 2: "sm", 3: "sm"}, "corrected": {0: "full", 1: "sm", 3: "sm"}},
     promotion_restarts_the_count: {"released": {2: "full", 3: "full", 4: "sm"},
                                    "corrected": {1: "full", 3: "full", 4: "sm"}},
-    ties_to_the_lowest_slot: {"released": {0: "full", 2: "full"}, "corrected": {1: "full", 2: "full"}},
+    ties_to_the_lowest_slot: {"released": {0: "full", 2: "full"}, "corrected": {0: "full", 2: "full"}},
     ranks_restart_each_batch: {"released": {1: "sm", 2: "full"}, "corrected": {1: "sm", 2: "full"}},
     truncated_thresholds: {"released": {0: "full", 2: "sm"}, "corrected": {1: "sm", 2: "full"}},
 }

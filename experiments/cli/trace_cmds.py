@@ -175,7 +175,7 @@ def cmd_trace_record(args) -> None:
 
 
 def add_parsers(sub, add) -> None:
-    from experiments.cli.args import (TOKENS_HELP, EpilogFormatter, add_model_args, capacities_arg, key_value,
+    from experiments.cli.args import (TOKENS_HELP, EpilogFormatter, capacities_arg, key_value,
                                           positive_int, trace_import_epilog)
     from experiments.spec import DEFAULT_MODEL, DEFAULT_PROMPT_TOKENS, DEFAULT_TOKENS, RunSpec
     p = add(sub, "replay", help="hit ratio per cache capacity (experts), no timing")
@@ -236,6 +236,12 @@ def add_parsers(sub, add) -> None:
                    help="importer option, e.g. experts_field=topk_ids (repeatable; listed below)")
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.set_defaults(func=cmd_trace_import)
+    _add_record_parser(tp, add)
+
+
+def _add_record_parser(tp, add) -> None:
+    from experiments.cli.args import TOKENS_HELP, add_model_args, positive_int
+    from experiments.spec import DEFAULT_TOKENS
     p = add(tp, "record", help="record a real model's routing as a trace")
     add_model_args(p)
     p.add_argument("--prompt", help="prompt text of every request (default: distinct built-in prompts)")
