@@ -259,6 +259,7 @@ def figures(results: dict, out: Path) -> list[Path]:
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("released footprint (GB)")
         ax.set_ylabel("tok/s")
-    np.atleast_1d(axes)[0].legend(fontsize=6)
+    if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
+        np.atleast_1d(axes)[0].legend(fontsize=6)
     fig.tight_layout()
     return paths + save(fig, out / "footprint_sweep")

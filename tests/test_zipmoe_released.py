@@ -16,7 +16,7 @@ from policies import Routing, build_online_policies, build_policies
 from policies.base import PolicyContext
 from policies.cost import CostModel
 from policies.registry import CACHES
-from policies.zipmoe import NORMAL, SMCACHE, ZipMoECache
+from policies.zipmoe import ZipMoECache
 from policies.zipmoe_plan import plan_split, request_counts
 from policies.zipmoe_released import (MEMORY_MAP, coverage_to_weight, released_budget, released_plan,
                                       released_rank_dist, released_scale_to_k, released_slots)
@@ -324,17 +324,37 @@ BUNDLES = [("zipmoe", {"mode": m, "planner": pl}) for m in MODES for pl in MODES
      ("zipmoe", {"split": 0.6}), ("zipmoe", {"tiers": False, "victim": "lru"})]
 
 
-@pytest.mark.parametrize("cache,options", BUNDLES + [(c, {}) for c in _online_caches() if c != "zipmoe"],
+def _joined(first: RoutingTrace, rest: RoutingTrace) -> RoutingTrace:
+    return RoutingTrace(np.concatenate([first.experts, rest.experts]), np.concatenate([first.scores, rest.scores]),
+                        np.concatenate([first.request_ids, rest.request_ids + first.request_ids.max() + 1]),
+                        np.concatenate([first.prompt, rest.prompt]), first.metadata)
+
+
+# layered.py's layer_shares sizes each layer's share from the largest demand in ctx.future, whenever a
+# run has one: an online policy reading its own future (found by this test; policies/layered.py is
+# not the zipmoe work's to change)
+READS_FUTURE = {"layer-lru", "layer-lfu"}
+OTHERS = [pytest.param(c, {}, marks=pytest.mark.xfail(reason="layer_shares reads ctx.future (policies/layered.py)"))
+          if c in READS_FUTURE else (c, {}) for c in _online_caches() if c != "zipmoe"]
+
+
+@pytest.mark.parametrize("cache,options", BUNDLES + OTHERS,
                          ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
 def test_shuffling_the_runs_future_changes_no_earlier_decision(cache, options):
-    model = ModelArch("m", layers=2, experts=8, top_k=2, d_model=16, d_ff=16, n_heads=1, n_kv_heads=1)
+    """The first request's decisions (21 steps, 4 layers) with three different futures: the later
+    requests' routing shuffled twice, and later requests with 40-token prompts instead of 3 (the
+    largest layer demand is then in the future: moelab's cache before sized its dock from it)."""
+    model = ModelArch("m", layers=4, experts=16, top_k=2, d_model=16, d_ff=16, n_heads=1, n_kv_heads=1)
     zip_ = cache == "zipmoe"
     fmt = make_format("zip" if zip_ else "bf16", model.expert_shapes)
-    trace = synthetic_trace(model, requests=4, prompt_len=3, output_len=8, seed=5)
-    cut = 2 * 11 + 3 + 4                    # two requests, the third's prompt and 4 decode tokens
+    first = synthetic_trace(model, requests=1, prompt_len=3, output_len=20, seed=5)
+    rest = _joined(first, synthetic_trace(model, requests=3, prompt_len=3, output_len=8, seed=6))
+    cut = 23                                      # the first request's tokens
+    futures = [rest, _shuffled(rest, cut, 1), _shuffled(rest, cut, 2),
+               _joined(first, synthetic_trace(model, requests=3, prompt_len=40, output_len=8, seed=6))]
     cost = CostModel.build(make_device(workers=2), model, fmt)
     bundle = {"cache": cache, "cache_options": options, "scheduler": "zipmoe" if zip_ else "fifo"}
-    runs = [Workload(model, t, fmt, batch=1) for t in (trace, _shuffled(trace, cut, 1), _shuffled(trace, cut, 2))]
-    points = (2 * 9 + 1 + 4) * model.layers          # the decision points before the cut
-    got = [_decisions(w, 12 * fmt.expert_bytes, cost, points, **bundle) for w in runs]
-    assert len(got[0]) == points and got[1] == got[0] and got[2] == got[0]
+    points = 21 * model.layers                    # the decision points before the cut
+    got = [_decisions(Workload(model, t, fmt, batch=1), 32 * fmt.expert_bytes, cost, points, **bundle)
+           for t in futures]
+    assert len(got[0]) == points and all(g == got[0] for g in got[1:])
