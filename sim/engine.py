@@ -33,7 +33,7 @@ from policies import Policies, Routing
 from policies.bundle import PLAN, step_predictions
 from policies.cost import CostModel
 from sim.host import HostContention
-from sim.record import EventRecorder, FigureRecorder
+from sim.record import FigureRecorder, TimelineRecorder
 from sim.servers import FifoServer, StorageChannel
 from timeline.events import Timeline
 from workloads.workload import Workload
@@ -82,11 +82,12 @@ class Simulator:
         return self.cost.expert_seconds(level, tokens)
 
     def run(self, quiet: bool = True, events: bool = True) -> Timeline:
-        """The run's timeline; `events=False`: a metrics-only run, whose timeline holds no events but
-        the figures its metrics are computed from (timeline/metrics.py compute_metrics reads them)."""
+        """The run's timeline, with the figures its metrics are computed from (timeline/metrics.py
+        compute_metrics reads them); `events=False`: a metrics-only run, whose timeline holds no
+        events, only the figures."""
         env = simpy.Environment()
         fmt = self.w.fmt
-        self.rec = EventRecorder(fmt) if events else FigureRecorder(fmt)
+        self.rec = TimelineRecorder(fmt) if events else FigureRecorder(fmt)
         self.io = StorageChannel(self.storage.read_bandwidth, self.storage.latency, self.storage.queue_depth)
         self.decomp = FifoServer(self.device.decompress_workers)
         with gc_paused(), tqdm(total=len(self.w.steps), disable=quiet, desc="simulate", unit="step",

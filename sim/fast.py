@@ -52,7 +52,7 @@ def run_fused(sim, quiet: bool = True, events: bool = False) -> Timeline:
     with gc_paused(), tqdm(total=len(sim.w.steps), disable=quiet, desc="simulate", unit="step",
                             mininterval=0.5) as bar:
         run.steps(bar)
-    tl = Timeline(run.ev, sim.meta()) if events else Timeline([], sim.meta(), figures=run.figures())
+    tl = Timeline(run.ev if events else [], sim.meta(), figures=run.figures())
     tl.meta["peak_expert_bytes"] = run.cache.peak
     tl.meta["policy_report"] = sim.p.report()
     return tl

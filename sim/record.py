@@ -1,5 +1,6 @@
-"""What a simulator run records: every event (EventRecorder, the timeline), or only what the
-metrics need (FigureRecorder, a metrics-only run: sweeps, reproductions, validation).
+"""What a simulator run records: every event (EventRecorder, the timeline) and what the metrics
+need (FigureRecorder; TimelineRecorder records both), or only the latter (a metrics-only run:
+sweeps, reproductions, validation).
 
 The engine hands both the same thing once per layer (its dense part and its decision point). The
 figures a FigureRecorder accumulates equal those timeline/metrics.py gathers from the full
@@ -211,3 +212,18 @@ class FigureRecorder:
 
     def timeline(self, meta: dict) -> Timeline:
         return Timeline([], meta, figures=self.figures())
+
+
+class TimelineRecorder:
+    """Every event and the figures too: the metrics of a run with a timeline are then read from
+    the figures (the same values) instead of from a second pass over its events."""
+
+    def __init__(self, fmt):
+        self.events, self.figures = EventRecorder(fmt), FigureRecorder(fmt)
+
+    def layer(self, *args) -> None:
+        self.events.layer(*args)
+        self.figures.layer(*args)
+
+    def timeline(self, meta: dict) -> Timeline:
+        return Timeline(self.events.events, meta, figures=self.figures.figures())

@@ -19,6 +19,7 @@ from policies import build_policies
 from policies.cost import CostModel
 from sim.engine import Simulator
 from sim.fast import fused_for, run_fused
+from timeline.events import Timeline
 from timeline.metrics import compute_metrics
 from workloads.catalog import ModelArch
 from workloads.formats import level_bits, make_format
@@ -114,8 +115,9 @@ def test_the_fused_loop_equals_the_policy_objects(measured, case):
     assert fused.events == engine.events and fused.meta == engine.meta
     assert fused.decisions() == engine.decisions()
     bits = level_bits(w.fmt)
-    m = json.dumps(compute_metrics(engine, bits))
+    m = json.dumps(compute_metrics(Timeline(engine.events, engine.meta), bits))     # from the events alone
     assert json.dumps(compute_metrics(fused_only, bits)) == m == json.dumps(compute_metrics(engine_only, bits))
+    assert json.dumps(compute_metrics(fused, bits)) == m == json.dumps(compute_metrics(engine, bits))
     assert not fused_only.events and fused_only.meta == engine.meta
 
 
