@@ -16,8 +16,10 @@
 - replay_objects_accesses_per_s: the same replay through the decision point and the LRU
   policy object (the path of every policy without a fast loop), its set-up (building the
   policies) not timed; replay_objects_with_setup_accesses_per_s: with it;
-- sweep_runs_per_s: short runs (128 tokens, the sweep benchmark's grid) one after another in
-  this process, each a whole run as a sweep makes it (spec to results row).
+- sweep_runs_per_s: short runs (128 tokens, a sample of experiments/benchmark_sweep.py's grid)
+  one after another in this process, each a whole run as a sweep makes it (spec to results row);
+  None in an older checkout whose loader refuses that grid (`python -m experiments.benchmark_sweep
+  --compare DIR` compares sweeps, with the grid of this checkout).
 Every figure is also given per million libCacheSim accesses/s (`*_per_libcachesim_maccess`): the
 machines here differ by 1.6x, libCacheSim's loop by as much. The simulator's figures come as the
 median of their repeats, the best, and `_cpu`: per second of this process's CPU time, which other
