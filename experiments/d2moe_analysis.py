@@ -67,14 +67,12 @@ def ratios(results, num: str, den: str, model: str | None, profile: str, request
 # -- cost profiles ---------------------------------------------------------------------------------
 def call_times(device_name: str) -> list[str]:
     """One expert's compute (ms) at INT2 / INT4 for 1, 8, 32 and 4096 tokens, LLaMA-MoE and Mixtral."""
-    from devices.profile import load_device
-    from policies.cost import CostModel
-    from workloads.catalog import get_model
-    from workloads.formats import make_format
-    device, cells = load_device(device_name), []
+    from experiments.run import costs
+    from experiments.spec import RunSpec
+    from workloads.formats import FormatSpec
+    cells = []
     for name in MODELS:
-        model = get_model(name)
-        cost = CostModel.build(device, model, make_format("mwq", model.expert_shapes))
+        _, _, cost = costs(RunSpec(device=device_name, model=name, format=FormatSpec("mwq")))
         for level in (0, 2):
             cells.append(" / ".join(f"{cost.expert_seconds(level, n) * 1e3:.3g}" for n in (1, 8, 32, 4096)))
     return cells

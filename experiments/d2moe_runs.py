@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from experiments.d2moe_bounds import flow_shop_bound
-from experiments.resumable import append_runs
+from experiments.resumable import append_runs, keyed_rows
 
 PROFILES = {"roofline": {"env1": "rtx-3060-laptop-6gb", "env2": "jetson-agx-orin-64gb"},
             "paper-impl": {"env1": "rtx-3060-laptop-6gb-d2moe-impl", "env2": "jetson-agx-orin-64gb-d2moe-impl"}}
@@ -194,11 +194,7 @@ def _simulate_row(run: Run) -> dict:
 
 
 def load_results(path: Path) -> dict[tuple, dict]:
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {tuple(r[k] for k in KEY_FIELDS): r for r in rows}
+    return keyed_rows(path, KEY_FIELDS)
 
 
 def retire_old_results(path: Path) -> Path | None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.resumable import append_runs
+from experiments.resumable import append_runs, keyed_rows
 from experiments.zipmoe_report import (BASIC, BATCH4, DEVICE, EOS_P, FIELDS, FOOTPRINTS, LATENCY, MODELS,  # noqa: F401
                                        MODES, PLUS_C, PROMPTS, PUBLISHED, ROW_OF, SWEEP_PROMPTS, SWEEP_SYSTEMS, SYSTEMS,
                                        TABLE1,
@@ -213,21 +213,18 @@ def measure(tl, counted: list[int], batch: int) -> dict:
 
 
 def simulate(run: Run, keep_timeline: bool = False):
-    """One run -> (row, timeline or None): experiments/run.py's prepare and engine, metrics-only
+    """One run -> (row, timeline or None): the run function (experiments/run.py), metrics-only
     unless the timeline is kept. A budget the run cannot fit in is a row, not an error."""
-    from experiments.run import prepare, run_metrics
+    from experiments.run import simulate as simulate_spec
     from policies import BudgetError
-    from sim.engine import Simulator
-    from sim.fast import fused_for, run_fused
     row = dict(zip(FIELDS, (*run.key()[:7], "ok")))
     try:
-        p = prepare(run_spec(run), timeline=False)    # (its memory estimate counts every prompt token;
-    except BudgetError as e:                          # the prefill shares experts, the events are fewer)
+        sim = simulate_spec(run_spec(run), timeline=keep_timeline)
+    except BudgetError as e:
         row.update(status="below minimum", split_source=str(e).split(" (")[0])
         return row, None
-    sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
-    tl = run_fused(sim, events=keep_timeline) if fused_for(sim) else sim.run(events=keep_timeline)
-    m, rep = run_metrics(p, tl), p.policies.report()
+    p, tl, m = sim.prepared, sim.record, sim.metrics
+    rep = p.policies.report()
     row.update({k: round(v, 4) for k, v in measure(tl, p.trace.metadata["counted"], run.batch).items()})
     row.update(ttft_s=round(m["ttft_s_warm"] or m["ttft_s"], 4), tpot_s=round(m["tpot_s_mean"] or 0, 5),
                hit_ratio=round(m["hit_ratio"], 4), io_busy=round(m["io_busy_fraction"], 4),
@@ -243,10 +240,7 @@ def _simulate_row(run: Run) -> dict:
 
 
 def load_results(path: Path) -> dict[tuple, dict]:
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {tuple(r[k] for k in FIELDS[:7]): r for r in csv.DictReader(f)}
+    return keyed_rows(path, FIELDS[:7])
 
 
 def run_grid(out: Path, jobs: int | None = None, quiet: bool = False, runs: list[Run] | None = None) -> dict:
@@ -277,17 +271,14 @@ def run_grid(out: Path, jobs: int | None = None, quiet: bool = False, runs: list
 def planner_shares(batches=(1, 4, 16), footprints=FOOTPRINTS) -> list[dict]:
     """The full share each planner picks for each model, batch and footprint, from the plan trace
     (no simulation), with its k."""
-    from devices.profile import load_device
-    from policies.cost import CostModel
+    from experiments.run import costs
+    from experiments.spec import RunSpec
     from policies.zipmoe_plan import layer_delay, plan_split, plan_statistics
     from policies.zipmoe_released import released_delay, released_plan, released_rank_dist
-    from workloads.catalog import get_model
-    from workloads.formats import make_format
-    device, out = load_device(DEVICE), []
+    from workloads.formats import FormatSpec
+    out = []
     for name in MODELS:
-        model = get_model(name)
-        fmt = make_format("zip", model.expert_shapes)
-        cost = CostModel.build(device, model, fmt)
+        model, fmt, cost = costs(RunSpec(device=DEVICE, model=name, format=FormatSpec("zip")))
         full, sm = sum(fmt.resident_bytes), fmt.resident_bytes[0]
         path = str(plan_trace_file(name))
         for b in batches:

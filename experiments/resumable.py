@@ -30,3 +30,11 @@ def append_runs(path: Path, fields: Sequence[str], todo: list, simulate_row: Cal
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(1)
+
+
+def keyed_rows(path: Path, key: Sequence[str]) -> dict[tuple, dict]:
+    """The rows of a reproduction's results CSV by their key columns (none if there is no file)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {tuple(r[k] for k in key): r for r in csv.DictReader(f)}

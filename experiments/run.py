@@ -46,7 +46,8 @@ class Prepared:
 class SimRun:
     prepared: Prepared
     metrics: dict
-    timeline: object | None
+    timeline: object | None         # the timeline asked for, else None
+    record: object                  # what the run recorded: the timeline, or its figures alone
 
 
 # -- resolution -------------------------------------------------------------------------------------
@@ -156,17 +157,42 @@ def check_spec(spec: RunSpec) -> RunSpec:
     """The checks a run makes before it runs, without running it (`sweep --check`, a grid's load):
     the device and storage, the model, the format for it, the cost model (a codec the device has no
     decompression figure for), the budget. Returns the spec resolved; errors name the key."""
-    from devices.profile import load_device
     from policies.cost import CostModel
-    device = _named("device", lambda: load_device(spec.device or DEFAULT_DEVICE))
-    if spec.power_mode is not None:
-        from devices.power import with_mode
-        device = _named("power_mode", lambda: with_mode(device, spec.power_mode))
+    device = spec_device(spec)
     spec = _named("storage", lambda: resolve(spec, device))
     model = _named("model", lambda: trace_model(spec.trace) if spec.model is None else model_of(spec))
     fmt = _named("format", lambda: spec.format.make(model.expert_shapes))
     _named("format", lambda: CostModel.build(device, model, fmt, device.storage_option(spec.storage)))
     return spec                  # a budget over the device's memory is the run's own outcome (OverMemory)
+
+
+def spec_device(spec: RunSpec, device=None):
+    """The spec's device profile (or `device`, a what-if variant of it) in the spec's power mode,
+    whose caps scale the compute figures (devices/power.py)."""
+    from devices.profile import load_device
+    device = device or _named("device", lambda: load_device(spec.device or DEFAULT_DEVICE))
+    if spec.power_mode is not None:
+        from devices.power import with_mode
+        device = _named("power_mode", lambda: with_mode(device, spec.power_mode))
+    return device
+
+
+def budget_bytes(spec: RunSpec, model, fmt, default: int) -> int:
+    """The spec's budget in bytes: `all` (every expert resident), or the engine's default."""
+    if spec.budget == "all":
+        return every_expert_bytes(model, fmt)
+    return default if spec.budget is None else int(spec.budget)
+
+
+def costs(spec: RunSpec, device=None):
+    """(model, format, cost model) of a spec, built as its run builds them, without a run: what a
+    report reads (one expert's call time, the planner's delay model). The spec names its model."""
+    from policies.cost import CostModel
+    device = spec_device(spec, device)
+    spec = resolve(spec, device)
+    model = model_of(spec)
+    fmt = store_format(spec, model, spec.format.make(model.expert_shapes))
+    return model, fmt, CostModel.build(device, model, fmt, device.storage_option(spec.storage))
 
 
 def _named(key: str, fn):
@@ -182,14 +208,10 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
     instead of loading spec.device (a what-if variant of it, e.g. slower compute); `storage`: a
     storage profile object instead of the device's own option (a measured host reading at a
     throttled device's storage speed: validate, calibrate)."""
-    from devices.profile import load_device
     from policies import build_policies
     from policies.cost import CostModel
     from workloads.workload import Workload
-    device = device or load_device(spec.device or DEFAULT_DEVICE)
-    if spec.power_mode is not None:        # the mode's caps scale the compute figures (devices/power.py)
-        from devices.power import with_mode
-        device = _named("power_mode", lambda: with_mode(device, spec.power_mode))
+    device = spec_device(spec, device)
     spec = resolve(spec, device, storage)
     storage = storage or device.storage_option(spec.storage)
     trace = None if spec.synthetic else read_trace(spec)
@@ -202,7 +224,7 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
         trace = synthetic_for(spec, model)
     elif timeline:
         check_run_fits(model, fmt, trace.tokens, trace.tokens, "the trace (fewer requests or tokens)")
-    budget = every_expert_bytes(model, fmt) if spec.budget == "all" else int(spec.budget)
+    budget = budget_bytes(spec, model, fmt, device.expert_budget_bytes)
     if budget > device.memory_bytes and spec.budget != "all":
         raise OverMemory(f"budget {format_size(budget)} is more than {device.name}'s memory "
                          f"({format_size(device.memory_bytes)}); give a smaller budget or another device")
@@ -227,7 +249,7 @@ def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=No
         tl = run_fused(sim, quiet=quiet, events=timeline)
     else:
         tl = sim.run(quiet=quiet, events=timeline)
-    return SimRun(p, run_metrics(p, tl), tl if timeline else None)
+    return SimRun(p, run_metrics(p, tl), tl if timeline else None, tl)
 
 
 def run_metrics(p: Prepared, tl) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devices.units import MoelabError
-from experiments.run import default_store, every_expert_bytes, read_trace
+from experiments.run import budget_bytes, default_store, every_expert_bytes, read_trace
 from experiments.spec import DEFAULT_TOKENS, RunSpec
 
 
@@ -89,7 +89,7 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     strip_experts(model)
     fmt, arch = store.format, model_arch(model, name)
     total = every_expert_bytes(arch, fmt)
-    budget = total if spec.budget == "all" else total // 4 if spec.budget is None else int(spec.budget)
+    budget = budget_bytes(spec, arch, fmt, total // 4)      # default: a quarter of every expert's bytes
     throttle = None
     if host.throttle:
         from devices.profile import load_device
