@@ -28,6 +28,7 @@ class CachePolicy:
     experts) by setting `self.pools = {name: capacity}` and `pool(key)`. Each pool stays
     within its capacity and all of them together within the budget."""
     name = "cache"
+    offline = False          # True: reads the run's own future (ctx.future / its popularity): a bound
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -319,6 +320,7 @@ class Belady(CachePolicy):
     """Offline optimum (MIN): evict the key whose next use is furthest away (ties: the
     smallest key). Needs the whole access sequence (ctx.future, by decision point); a
     bound, not a deployable policy."""
+    offline = True
     name = "belady"
 
     def __init__(self, ctx):
@@ -356,6 +358,7 @@ class StaticHot(CachePolicy):
     """Pin the most popular experts (from the trace's counts) for the whole run; everything
     else is loaded on demand and dropped after its layer. The hot set gets what is left
     of the budget after room for the largest layer demand."""
+    offline = True
     name = "static-hot"
 
     def __init__(self, ctx):
