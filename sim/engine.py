@@ -113,6 +113,7 @@ class Simulator:
     def _decode(self, env: simpy.Environment, bar):
         layers = self.w.model.layers
         layer_fn, timeout, host = self._layer, env.timeout, self.host
+        t = env.now
         for step in self.w.steps:
             experts, scores, levels = self.w.routing_arrays(step)
             pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
@@ -122,7 +123,8 @@ class Simulator:
             # the only process, so the step's timeline is computed layer by layer from the
             # servers' state and the clock advances once per step: one SimPy wake-up per token
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
-            t = env.now
+            # (a step starts where the one before ended, not at env.now: now + (t - now) may round
+            # below t, and the main thread's work is a chain)
             evicted = self.p.begin_step(s)               # shared KV mode: the expert cache yields
             if evicted:
                 for k in evicted:

@@ -199,7 +199,7 @@ class _Fused:
             t = self._step(clock, step.index, w.routing_arrays(step)[0].tolist(), n,
                            cost.layer_dense_seconds(n, step.prefill, w.kv[step.index]))
             t += cost.step_seconds(n, step.prefill)
-            clock = clock + (t - clock)                    # as SimPy's timeout(t - now) advances it
+            clock = t                                      # the next step starts where this one ended
             bar.update(1)
 
     def _step(self, t, s: int, rows: list, n_tokens: int, t_dense: float) -> float:
