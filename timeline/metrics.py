@@ -30,6 +30,8 @@ never NaN, so metrics.json stays valid JSON):
 - compute_bubble_fraction: the share of the makespan the compute resources (experts and
   dense parts) were idle; io_busy_fraction / decompress_busy_fraction: the share storage /
   any decompression worker was busy.
+- kv_bytes_per_step, kv_bytes_peak (kv_bytes_allocated: the executor's buffers) and memory (the
+  run's split): from the timeline's meta (kv_metrics).
 """
 from __future__ import annotations
 
