@@ -14,6 +14,11 @@ fitted to any run of the executor.
   of it; so its rate against its rate alone, r = 1 / (1 + l), gives l = 1 / r - 1. The switch
   interval is lowered while it spins (SWITCH_S), so that alternation is fine-grained.
 
+A check, recorded in the profile's comment: the estimator read on a pure-Python loop (should give 1)
+and on SHA-256 of a large buffer (hashlib releases the lock: should give 0). The estimator assumes
+the counter has a core whenever it holds the lock: on a loaded host it also waits for a core and
+every busy operation reads as holding the lock longer; the check shows how much.
+
 Operations: an expert call (ExpertRuntime._compute) per format key, level and token count; the dense
 part (a forward of the model with its experts stubbed out: attention, norms, router, the output
 head) per token count, prefill (batch 1 x n) and decode (batch n); the decision path (the bundle's
@@ -22,14 +27,17 @@ BlobReader.read with its checksum, the future); a decompression task per codec, 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import statistics
 import sys
 import threading
 import time
 
 import torch
 
+from devices.profile import measured_key
 from executor.encoders import get_encoder, resident_part
 from executor.execute import _set_numba_threads, strip_experts
 from executor.io import BlobReader, IOWorkers
@@ -94,9 +102,10 @@ class Counter:
         return (self.n - n0) / (time.perf_counter() - t0)
 
 
-def shares(fn, window: float, counter: Counter) -> tuple[float, float, float]:
-    """(lock, cpu, seconds alone) of the operation `fn` (one call), each part run for about `window`
-    seconds; `counter` spins in its own thread (paused while the operation runs alone)."""
+def shares(fn, window: float, counter: Counter, repeats: int = 3) -> tuple[float, float, float]:
+    """(lock, cpu, seconds alone) of the operation `fn` (one call): its runs alone for about `window`
+    seconds, then `repeats` times its lock share beside the spinning `counter` (paused while it runs
+    alone), each against the counter's rate alone just before and after; the median of those."""
     fn()                                                    # warm-up
     counter.pause.set()
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -105,12 +114,18 @@ def shares(fn, window: float, counter: Counter) -> tuple[float, float, float]:
         n += 1
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     counter.pause.clear()
-    rate = counter.rate(window / 2)
-    n0, t1 = counter.n, time.perf_counter()
-    for _ in range(n):
-        fn()
-    r = (counter.n - n0) / rate / (time.perf_counter() - t1)      # its rate beside the operation / alone
-    lock = min(1.0, max(0.0, 1.0 / max(r, 1e-9) - 1.0))
+    locks = []
+    rate = counter.rate(window / 4)
+    for _ in range(repeats):
+        n0, t1 = counter.n, time.perf_counter()
+        for _ in range(n):
+            fn()
+        spun, spent = counter.n - n0, time.perf_counter() - t1
+        after = counter.rate(window / 4)
+        r = spun / ((rate + after) / 2) / spent             # its rate beside the operation / alone
+        locks.append(min(1.0, max(0.0, 1.0 / max(r, 1e-9) - 1.0)))
+        rate = after
+    lock = float(statistics.median(locks))
     return lock, max(lock, cpu / wall), wall / n
 
 
@@ -135,7 +150,7 @@ def host_figures(p, cores: int, formats, codecs) -> dict:
         if wide:
             os.sched_setaffinity(0, mine)               # the operations keep the profile's cores
         with c, torch.no_grad():
-            return {"cores": cores, "calls": {k: v for f in formats for k, v in [_calls(p, f, window, c)]},
+            return {"cores": cores, "reference": reference(window, c), "calls": {k: v for f in formats for k, v in [_calls(p, f, window, c)]},
                     "dense": _dense(p, window, c), "decide": list(shares(_decision(p), window, c)[:2]),
                     "read": {k: v for f in formats for k, v in [_read(p, f, window, c)]},
                     "decompress": {codec: _decompress(p, codec, window, c) for codec in codecs}}
@@ -143,9 +158,22 @@ def host_figures(p, cores: int, formats, codecs) -> dict:
         torch.set_num_threads(saved)
 
 
+def reference(window: float, counter) -> dict:
+    """The estimator read on two operations whose lock share is known, as a check of the host's
+    quiet: a pure-Python loop (1) and SHA-256 of 4 MB (0: hashlib releases the lock on large
+    buffers). On a loaded host the counter also waits for a core, and the lock-free one reads high."""
+    buf = bytes(4 * 2 ** 20)
+
+    def python():
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.002:
+            pass
+    return {"python": shares(python, window, counter)[0],
+            "lock_free": shares(lambda: hashlib.sha256(buf).digest(), window, counter)[0]}
+
+
 def _calls(p, fmt_name: str, window: float, counter) -> tuple[str, list]:
     """(format key, per level per token count [lock, cpu]) of ExpertRuntime._compute, as p.experts times it."""
-    from devices.profile import measured_key
     store = p.store(fmt_name)
     fmt, arch = store.format, p.arch
     _set_numba_threads(fmt, p.threads)
@@ -211,7 +239,6 @@ def _decision(p):
 
 def _read(p, fmt_name: str, window: float, counter) -> tuple[str, list]:
     """(format key, [lock, cpu]) of a read of the format's blobs on the executor's I/O workers."""
-    from devices.profile import measured_key
     store = p.store(fmt_name)
     keys = itertools.cycle(store.keys())
     with BlobReader(store) as reader, IOWorkers(reader, 1) as io:
@@ -230,20 +257,25 @@ def _decompress(p, codec: str, window: float, counter) -> dict:
 
 
 def host_lines(h: dict, src: str) -> list[str]:
-    """compute.measured.host as YAML lines (under `measured:`), with their provenance."""
+    """compute.measured.host as YAML lines (under `measured:`), every figure with its provenance."""
     def pair(x):
         return f"[{x[0]:.3f}, {x[1]:.3f}]"
-    lines = [f"    host:   # {src}: [lock, cpu] per operation alone (executor/profile_gil.py): the share of its "
-             f"time a spinning Python counter could not run, its CPU time over wall time",
-             f"      cores: {h['cores']}   # the cores it was measured on (os.sched_setaffinity)", "      calls:"]
+    tag = f"   # {src}"
+    ref = h.get("reference", {})
+    lines = [f"    host:   # {src}: [lock, cpu] per operation alone (executor/profile_gil.py): lock from a "
+             f"spinning Python counter's rate beside it against alone, cpu its CPU time over wall time; the "
+             f"lock estimate of a pure-Python loop {ref.get('python', float('nan')):.2f} (should be 1), of a "
+             f"lock-free SHA-256 {ref.get('lock_free', float('nan')):.2f} (should be 0: higher on a loaded host)",
+             f"      cores: {h['cores']}   # {src}: the cores it was measured on (os.sched_setaffinity)", "      calls:"]
     for key, rows in h["calls"].items():
         lines.append(f"        {key}:")
-        lines += [f"          - [{', '.join(pair(x) for x in row)}]" for row in rows]
+        lines += [f"          - [{', '.join(pair(x) for x in row)}]{tag}" for row in rows]
     lines.append("      dense:")
-    lines += [f"        {phase}: [{', '.join(pair(x) for x in h['dense'][phase])}]" for phase in ("prefill", "decode")]
-    lines += [f"      decide: {pair(h['decide'])}", "      read:"]
-    lines += [f"        {key}: {pair(x)}" for key, x in h["read"].items()]
+    lines += [f"        {phase}: [{', '.join(pair(x) for x in h['dense'][phase])}]{tag}"
+              for phase in ("prefill", "decode")]
+    lines += [f"      decide: {pair(h['decide'])}{tag}", "      read:"]
+    lines += [f"        {key}: {pair(x)}{tag}" for key, x in h["read"].items()]
     lines.append("      decompress:")
-    lines += [f"        {codec}: {{share: {pair(x['share'])}, rate: {x['rate'] / 1e6:.1f}MB/s}}"
+    lines += [f"        {codec}: {{share: {pair(x['share'])}, rate: {x['rate'] / 1e6:.1f}MB/s}}{tag}"
               for codec, x in h["decompress"].items()]
     return lines

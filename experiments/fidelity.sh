@@ -21,6 +21,7 @@ for cores in 1 2; do
     for rep in a b; do
       moelab profile --quiet --cores "$cores" "${flag[@]}" --out "$OUT/host-$tag-$rep.yaml" $QUICK
     done
+    grep -h -o "the lock estimate of .*" "$OUT/host-$tag-a.yaml" "$OUT/host-$tag-b.yaml" || true
     python - "$OUT/host-$tag-a.yaml" "$OUT/host-$tag-b.yaml" <<'PY'
 import sys
 from dataclasses import astuple

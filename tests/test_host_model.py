@@ -2,6 +2,7 @@
 figures in a profile (compute.measured.host, devices/host_figures.py). Timelines worked out by hand
 in the docstrings; times in microseconds. No wall-clock assertions."""
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_trace
 from devices.profile import load_device
@@ -168,3 +169,42 @@ def test_a_format_the_host_figures_lack_is_refused_by_name(tmp_path):
     fmt = make_format("zip", TINY.expert_shapes, chunks=1)
     with pytest.raises(ConfigError, match="host.read has no entry for format 'zip'"):
         HostModel.of(CostModel.build(dev, TINY, fmt), dev, dev.storage_option(None))
+
+
+FREE = """    host:
+      cores: 64
+      calls:
+        zip: [[[0.0, 1.0], [0.0, 1.0]]]
+      dense:
+        prefill: [[0.0, 1.0], [0.0, 1.0]]
+        decode: [[0.0, 1.0], [0.0, 1.0]]
+      decide: [0.0, 1.0]
+      read:
+        zip: [0.0, 0.0]
+      decompress:
+        lz4hc: {share: [0.0, 1.0], rate: 12KB/s}"""
+
+
+def random_run(dev, p: dict, host: bool):
+    import numpy as np
+    steps, batch = p["steps"], p["batch"]
+    experts = np.random.default_rng(p["seed"]).integers(0, TINY.experts, size=(steps * batch, TINY.layers, 1))
+    prompt = [i < batch for i in range(steps * batch)]
+    fmt = make_format("zip", TINY.expert_shapes, chunks=p["chunks"])
+    w = Workload(TINY, make_trace(experts, prompt=prompt, request_ids=[i % batch for i in range(steps * batch)]),
+                 fmt, batch=batch)
+    sim = Simulator(dev, w, build_policies(w, p["budget"], cache="lru", prefetch=p["prefetch"]))
+    if not host:
+        sim.host = None
+    return [(e.resource, e.step, e.layer, e.expert, round(e.start, 9), round(e.end, 9)) for e in sim.run().events]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.fixed_dictionaries({"steps": st.integers(1, 4), "batch": st.integers(1, 2), "seed": st.integers(0, 10 ** 6),
+                              "chunks": st.integers(1, 3), "budget": st.sampled_from([600, 10 ** 6]),
+                              "prefetch": st.sampled_from(["none", "oracle"])}))
+def test_a_host_that_never_contends_changes_nothing(tmp_path_factory, p):
+    """Shares with no lock on more cores than threads, and a decompression rate alone equal to the
+    profile's throughput: the structural model's timeline is the engine's without a host model."""
+    dev = device(tmp_path_factory.mktemp("free"), FREE)
+    assert random_run(dev, p, True) == random_run(dev, p, False)
