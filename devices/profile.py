@@ -216,6 +216,9 @@ class DeviceProfile:
                                                f"+{_format_duration(c.dense)} per dense part, "
                                                f"reads at {1 - c.stall:.0%} while it works"
                                                for k, c in m.contention.items())))
+            if m.host is not None:
+                rows.append(("host model", f"structural (sim/host_model.py): {m.host.cores} cores, the interpreter "
+                                           f"lock; shares for {', '.join(m.host.calls)}"))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:

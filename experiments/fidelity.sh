@@ -5,8 +5,10 @@
 # `moelab profile` twice (the two profiles' host figures are compared, to see how far they repeat),
 # then `moelab validate` on the first, which prints the issue's table per format (signed median TPOT
 # bias with its bootstrap CI, |error| median / max, the executor's spread, the share within its
-# 2 sigma, Kendall tau, best within noise). Without --quick validate runs its full matrix
-# (experiments/validate.py matrix(False)); with --quick its small one (bf16 and zip, 16 configurations).
+# 2 sigma, Kendall tau, best within noise). Without --quick validate runs its reduced matrix
+# (`--reduced`: bf16, mwq, zip with LRU and the papers' caches at half the experts' bytes, batch 1
+# and 4, prefetch none / oracle: 20 configurations, 3+ executor runs each, the full trace); with
+# --quick its small one (bf16 and zip, 16 configurations, a short trace: checks that it runs).
 # Run it on a quiet host: `profile` and `validate` refuse a busy one (load >= half the cores).
 set -euo pipefail
 OUT=${1:-runs/fidelity}
@@ -37,6 +39,6 @@ print(f"{sys.argv[1]} vs {sys.argv[2]}: host figures differ by median {sorted(d)
 PY
     echo "== validate: $cores core(s), storage $throttle"
     moelab validate --quiet --cores "$cores" "${flag[@]}" --profile "$OUT/host-$tag-a.yaml" \
-      --out "$OUT/validate-$tag" $QUICK
+      --out "$OUT/validate-$tag" ${QUICK:---reduced}
   done
 done

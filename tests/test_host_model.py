@@ -208,3 +208,14 @@ def test_a_host_that_never_contends_changes_nothing(tmp_path_factory, p):
     profile's throughput: the structural model's timeline is the engine's without a host model."""
     dev = device(tmp_path_factory.mktemp("free"), FREE)
     assert random_run(dev, p, True) == random_run(dev, p, False)
+
+
+def test_the_reduced_validation_matrix_covers_every_format():
+    """`validate --reduced` (experiments/fidelity.sh): LRU and each paper's cache at half the bytes,
+    batch 1 and 4, prefetch none / oracle: bf16 4, mwq 8 (lru, d2moe-budget), zip 8 (lru, zipmoe)."""
+    from collections import Counter
+    from experiments.validate import matrix
+    rows = matrix(False, reduced=True)
+    assert Counter(r["format"] for r in rows) == {"bf16": 4, "mwq": 8, "zip": 8}
+    assert {r["cache"] for r in rows if r["format"] == "zip"} == {"lru", "zipmoe"}
+    assert {r["budget_share"] for r in rows} == {0.5} and {r["batch"] for r in rows} == {1, 4}
