@@ -219,3 +219,25 @@ def test_the_reduced_validation_matrix_covers_every_format():
     assert Counter(r["format"] for r in rows) == {"bf16": 4, "mwq": 8, "zip": 8}
     assert {r["cache"] for r in rows if r["format"] == "zip"} == {"lru", "zipmoe"}
     assert {r["budget_share"] for r in rows} == {0.5} and {r["batch"] for r in rows} == {1, 4}
+
+
+def test_the_profilers_host_lines_load_back(tmp_path):
+    """executor/profile_gil.py host_lines writes what devices/host_figures.py reads: every figure with
+    its provenance, the values to three decimals, the rate in MB/s."""
+    from executor.profile_gil import host_lines
+    h = {"cores": 3, "reference": {"python": 0.97, "lock_free": 0.04},
+         "calls": {"zip": [[[0.25, 1.5], [0.1234, 0.5]]]},
+         "dense": {"prefill": [[1.0, 1.0], [0.5, 1.0]], "decode": [[0.75, 1.0], [0.5, 2.0]]},
+         "decide": [0.9, 0.95], "read": {"zip": [0.05, 0.25]},
+         "decompress": {"lz4hc": {"share": [0.02, 1.0], "rate": 1.234e9}}}
+    lines = host_lines(h, "measured: test")
+    figures = [line for line in lines if line.strip().startswith(("cores", "-", "prefill", "decode", "decide",
+                                                                    "zip: [", "lz4hc"))]
+    assert len(figures) == 7 and all("# measured: test" in line for line in figures)
+    path = tmp_path / "p.yaml"
+    path.write_text(PROFILE.replace("HOST\n", "\n".join(lines) + "\n"))
+    f = load_device(str(path)).compute.measured.host
+    assert f.cores == 3 and f.calls["zip"][0][1].lock == pytest.approx(0.123) and f.calls["zip"][0][0].cpu == 1.5
+    assert f.dense_decode[1].cpu == 2.0 and f.decide.lock == 0.9 and f.read["zip"].cpu == 0.25
+    assert f.decompress["lz4hc"][0].lock == 0.02 and f.decompress["lz4hc"][1] == pytest.approx(1.2e9, rel=0.03)
+    assert "0.97 (should be 1)" in lines[0] and "0.04 (should be 0" in lines[0]
