@@ -65,7 +65,9 @@ def worker_op(ready: float, seconds: float, share: Share, wait: float | None = N
     wait = max(0.0, wall - free) if wait is None else wait
     segs = [Segment("lock", half)] if half > 0 else []
     segs += [Segment("wait", wait)] if wait > 0 else []
-    segs += [Segment("core", free, max(1.0, free / wall))] if free > 0 else []
+    # CPU beyond the held part runs in its lock-free time (none when it holds the lock throughout:
+    # the helper threads' CPU it measured then ran beside the held part, which takes its own time)
+    segs += [Segment("core", min(free, wall), max(1.0, free / wall))] if free > 0 and wall > 0 else []
     segs += [Segment("lock", half)] if half > 0 else []
     segs += [Segment("until", until)] if until is not None else []
     return Operation(ready, tuple(segs) or (Segment("wait", 0.0),))

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_trace
+from devices.host_figures import Share
 from devices.profile import load_device
 from devices.units import ConfigError
 from policies import build_policies
@@ -241,3 +242,16 @@ def test_the_profilers_host_lines_load_back(tmp_path):
     assert f.dense_decode[1].cpu == 2.0 and f.decide.lock == 0.9 and f.read["zip"].cpu == 0.25
     assert f.decompress["lz4hc"][0].lock == 0.02 and f.decompress["lz4hc"][1] == pytest.approx(1.2e9, rel=0.03)
     assert "0.97 (should be 1)" in lines[0] and "0.04 (should be 0" in lines[0]
+
+
+def test_operations_from_extreme_shares_by_hand():
+    """Shares as a noisy profile may give them: held throughout with CPU beyond it (lock 1, cpu 1.2)
+    is a held part of its whole time (nothing lock-free to run the rest in); cpu below lock's time
+    (a read: lock 0.2, cpu 0.5 of 1 s) is half held, the device's wait, 0.3 s on a core, half held."""
+    from sim.host_model import main_op, worker_op
+    from sim.host_servers import Segment
+    assert main_op(0.0, 1.0, Share(1.0, 1.2)).segments == (Segment("lock", 1.0),)
+    assert worker_op(0.0, 1.0, Share(1.0, 1.2)).segments == (Segment("lock", 0.5), Segment("lock", 0.5))
+    assert worker_op(0.0, 1.0, Share(0.2, 0.5)).segments == pytest.approx(
+        (Segment("lock", 0.1), Segment("wait", 0.5), Segment("core", 0.3), Segment("lock", 0.1)))
+    assert main_op(0.0, 1.0, Share(0.5, 1.5)).segments == (Segment("lock", 0.5), Segment("core", 0.5, 2.0))
