@@ -42,7 +42,8 @@ STALL_ROUNDS = 3        # fixed-point rounds of read stretch <-> compute timing 
 def main_op(ready: float, seconds: float, share: Share) -> Operation:
     """A main-thread operation of `seconds` alone: the held part, then the released part."""
     held = share.lock * seconds
-    return Operation(ready, (Segment("lock", held),) + released(seconds - held, (share.cpu - share.lock) * seconds))
+    free = max(0.0, share.cpu - share.lock) * seconds
+    return Operation(ready, (Segment("lock", held),) + released(seconds - held, free))
 
 
 def released(wall: float, cpu: float) -> tuple[Segment, ...]:
@@ -60,7 +61,7 @@ def worker_op(ready: float, seconds: float, share: Share, wait: float | None = N
     part, `wait` seconds on the device (default: the time alone it burns no CPU), its released CPU,
     the other half; then it sleeps until `until` (a throttled read)."""
     half = share.lock * seconds / 2
-    free = (share.cpu - share.lock) * seconds
+    free = max(0.0, share.cpu - share.lock) * seconds
     wall = max(0.0, seconds - 2 * half)                 # its lock-free time alone
     wait = max(0.0, wall - free) if wait is None else wait
     segs = [Segment("lock", half)] if half > 0 else []
@@ -129,8 +130,11 @@ class HostModel:
 
     # -- shares ----------------------------------------------------------------------------------
     def _share(self, row, tokens: int) -> Share:
+        """The shares at `tokens`, interpolated as the tables are; a share extrapolated beyond the last
+        token counts is held to 0 <= lock <= 1 and lock <= cpu."""
         xs = self.cost.measured.tokens
-        return Share(interpolate(xs, [s.lock for s in row], tokens), interpolate(xs, [s.cpu for s in row], tokens))
+        lock = min(1.0, max(0.0, interpolate(xs, [s.lock for s in row], tokens)))
+        return Share(lock, max(lock, interpolate(xs, [s.cpu for s in row], tokens)))
 
     # -- the engine's interface ------------------------------------------------------------------
     def dense_end(self, start: float, seconds: float, tokens: int = 1, prefill: bool = False) -> float:

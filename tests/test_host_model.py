@@ -255,3 +255,14 @@ def test_operations_from_extreme_shares_by_hand():
     assert worker_op(0.0, 1.0, Share(0.2, 0.5)).segments == pytest.approx(
         (Segment("lock", 0.1), Segment("wait", 0.5), Segment("core", 0.3), Segment("lock", 0.1)))
     assert main_op(0.0, 1.0, Share(0.5, 1.5)).segments == (Segment("lock", 0.5), Segment("core", 0.5, 2.0))
+
+
+def test_shares_extrapolated_past_the_table_stay_shares(tmp_path):
+    """Calls' shares [0.5, 1.0] at 1 token and [0.5, 1.0] at 4, dense decode [0.75, 1.0] then [0.5, 2.0]:
+    at 16 tokens the dense line extrapolates to lock 0.5 - 0.25 x 4 = -0.5 and cpu 2 + 4 = 6: held to
+    lock 0, cpu 6; at 2 tokens it interpolates: lock 2/3, cpu 4/3."""
+    dev = device(tmp_path, HOST.replace("decode: [[1.0, 1.0], [1.0, 1.0]]", "decode: [[0.75, 1.0], [0.5, 2.0]]"))
+    fmt = make_format("zip", TINY.expert_shapes, chunks=1)
+    model = HostModel.of(CostModel.build(dev, TINY, fmt), dev, dev.storage_option(None))
+    assert model._share(model.f.dense_decode, 16) == Share(0.0, 6.0)
+    assert model._share(model.f.dense_decode, 2) == Share(pytest.approx(2 / 3), pytest.approx(4 / 3))
