@@ -144,8 +144,11 @@ def host_figures(p, cores: int, formats, codecs) -> dict:
     torch.set_num_threads(p.threads)
     try:
         wide, mine = two_cores(), (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None)
-        if wide:
-            os.sched_setaffinity(0, wide)               # the counter's thread inherits two CPUs
+        try:
+            if wide:
+                os.sched_setaffinity(0, wide)           # the counter's thread inherits two CPUs
+        except OSError:                                 # a cpuset that allows one CPU only
+            wide = None
         c = Counter().__enter__()
         if wide:
             os.sched_setaffinity(0, mine)               # the operations keep the profile's cores
