@@ -53,6 +53,9 @@ where the roofline is not what the host does. Each table gives seconds at the to
                                         #   in flight (0 <= x < 1; summed when both); call / dense: what an
                                         #   expert call / a dense part costs in runs beyond its table;
                                         #   stall: the share a read loses while the main thread works
+        host:                           # optional: the structural host model's figures (lock and CPU shares
+                                        #   per operation, the cores measured on): devices/host_figures.py;
+                                        #   with them the simulator charges sim/host_model.py, not contention
 
 They apply to the named model only (other models keep the roofline). Format keys:
 bf16, zip, mwq-int2-4 (mwq / copies with their widths); see measured_key.
@@ -74,6 +77,7 @@ from pathlib import Path
 
 import yaml
 
+from devices.host_figures import HostFigures, read_host
 from devices.kernels import DEQUANT_MODES, FIELDS as KERNEL_FIELDS, Kernel
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
@@ -152,6 +156,7 @@ class MeasuredTables:
     load_overhead: float                                # seconds per load item issued
     compute_gap: float = 0.0                            # seconds between two expert calls of a layer
     contention: dict[str, "Contention"] = field(default_factory=dict)   # format key -> how threads share cores
+    host: HostFigures | None = None                     # the structural host model's figures, if measured
 
     def expert(self, key: str, level: int, tokens: int) -> float:
         return interpolate(self.tokens, self.experts[key][level], tokens)
@@ -214,6 +219,9 @@ class DeviceProfile:
                                                f"+{_format_duration(c.dense)} per dense part, "
                                                f"reads at {1 - c.stall:.0%} while it works"
                                                for k, c in m.contention.items())))
+            if m.host is not None:
+                rows.append(("host model", f"structural (sim/host_model.py): {m.host.cores} cores, the interpreter "
+                                           f"lock; shares for {', '.join(m.host.calls)}"))
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
@@ -335,7 +343,7 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "contention", "read_interference",
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "contention", "host", "read_interference",
                                                                      "decompress_interference"}))
         for old in ("read_interference", "decompress_interference"):
             if old in m:
@@ -370,7 +378,8 @@ class _Reader:
                                         positive=False),
             compute_gap=self.quantity(m.get("compute_gap", "0s"), f"{key}.compute_gap", parse_duration, "10us",
                                       positive=False),
-            contention=self.contention(m.get("contention", {}), f"{key}.contention"))
+            contention=self.contention(m.get("contention", {}), f"{key}.contention"),
+            host=read_host(self, m["host"], f"{key}.host", n) if "host" in m else None)
 
     def kernels(self, value, key: str) -> dict[str, Kernel]:
         """compute.kernels: format name -> its expert-call kernel (devices/kernels.py)."""

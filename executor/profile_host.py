@@ -52,6 +52,7 @@ from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
+from executor.profile_gil import best_time, host_figures, host_lines
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store_build import ensure_store
@@ -352,11 +353,11 @@ class HostProfiler:
         try:
             a = torch.empty(32 * 2 ** 20 // 4, device=dev)
             b = torch.empty_like(a)
-            copy = _best(lambda: (b.copy_(a), sync()), self.repeats)
+            copy = best_time(lambda: (b.copy_(a), sync()), self.repeats)
             m = torch.randn(512, 512, device=dev)
-            mm = _best(lambda: (m @ m, sync()), self.repeats)
+            mm = best_time(lambda: (m @ m, sync()), self.repeats)
             x = torch.zeros(1, device=dev)
-            call = _best(lambda: (x.add_(0), sync()), self.repeats * 20)
+            call = best_time(lambda: (x.add_(0), sync()), self.repeats * 20)
         finally:
             torch.set_num_threads(saved)
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
@@ -441,16 +442,6 @@ def _decision_line(decisions) -> tuple[float, float] | None:
     return float(a), float(b)
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
             torch_device: str = "cpu") -> dict:
@@ -473,6 +464,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         bar.update(1)
         bar.set_postfix_str("experts")
         experts = p.experts(bar)
+        host = host_figures(p, usable_cpus(), FORMATS, CODECS)      # the structural host model's shares
         bar.set_postfix_str("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
         bar.set_postfix_str("contention")
@@ -486,7 +478,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         dense["decision_overhead"], dense["load_overhead"] = max(0.0, line[0]), max(0.0, line[1])
         dense["decision_points"] = len(extra)
     m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
-         "contention": contention, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
+         "contention": contention, "host_figures": host, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
          **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
@@ -575,6 +567,7 @@ def profile_yaml(m: dict, command: str) -> str:
         lines.append(f"      {key}: {{read: {c['read']:.3f}, decompress: {c['decompress']:.3f}, "
                      f"call: {_us(c['call'])}, dense: {_us(c['dense'])}, stall: {c['stall']:.2f}}}   "
                      f"# {c['samples']} samples; read, stall: calibrated by simulation")
+    lines += host_lines(m["host_figures"], src) if m.get("host_figures") else []
     lines += [
         "decompress:",
         f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "

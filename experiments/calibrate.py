@@ -96,7 +96,9 @@ def calibrate(m: dict) -> None:
 
         def error(read: float, stall: float) -> float:
             cont = dict(measured.contention, **{key: replace(measured.contention[key], read=read, stall=stall)})
-            dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont)))
+            # the calibrated model alone (with the host figures the simulator would charge the structural one)
+            dev = replace(device, compute=replace(device.compute, measured=replace(measured, contention=cont,
+                                                                                  host=None)))
             total = 0.0
             for spec, target in zip(specs, targets):
                 got = _run_times(simulate(spec, device=dev, storage=storage).timeline)

@@ -51,6 +51,10 @@ BATCHES = (1, 4)
 PREFETCH = ("none", "oracle")
 QUICK = {"caches": ("lru", "belady"), "paper": False, "budgets": (0.5,), "formats": ("bf16", "zip"),
          "batches": (1, 2), "prefetch": ("none", "oracle")}
+# --reduced: every format with LRU and its paper's cache at half the experts' bytes (20 configurations,
+# the full trace): the host model's fidelity per format at a fraction of the full matrix's time
+REDUCED = {"caches": ("lru",), "paper": True, "budgets": (0.5,), "formats": FORMATS, "batches": BATCHES,
+           "prefetch": PREFETCH}
 METRICS = ("ttft_s", "tpot_s_mean", "throughput_tok_s", "hit_ratio")
 RESOURCES = ("io", "decompress", "compute")
 KEY_FIELDS = ("throttle", "format", "cache", "budget_share", "batch", "prefetch")
@@ -68,9 +72,10 @@ def fields() -> list[str]:
     return out + ["runs_tpot_s_mean", "err_tpot_vs_mean_of_runs", "decisions_identical", "status"]
 
 
-def matrix(quick: bool) -> list[dict]:
-    q = QUICK if quick else {"caches": CACHES, "paper": True, "budgets": BUDGETS, "formats": FORMATS,
-                             "batches": BATCHES, "prefetch": PREFETCH}
+def matrix(quick: bool, reduced: bool = False) -> list[dict]:
+    full = {"caches": CACHES, "paper": True, "budgets": BUDGETS, "formats": FORMATS, "batches": BATCHES,
+            "prefetch": PREFETCH}
+    q = QUICK if quick else REDUCED if reduced else full
     rows = []
     for fmt in q["formats"]:
         caches = tuple(q["caches"]) + (PAPER_CACHES.get(fmt, ()) if q["paper"] else ())
@@ -103,7 +108,8 @@ class Validator:
     def __init__(self, out, profile, *, throttle: str | None = None, quick: bool = False, repeats: int = 3,
                  requests: int | None = None, prompt: int | None = None, tokens: int | None = None,
                  store_root="runs/stores", model_dir=None, quiet: bool = False, io_concurrency: int = 2,
-                 max_repeats: int | None = None, spread_limit: float = 0.15, torch_device: str = "cpu"):
+                 max_repeats: int | None = None, spread_limit: float = 0.15, torch_device: str = "cpu",
+                 reduced: bool = False):
         from devices.profile import load_device
         from executor.model import model_arch
         from executor.train import DEFAULT_MODEL, load_trained
@@ -115,7 +121,7 @@ class Validator:
         if throttle:
             dev, _, opt = throttle.partition(":")
             self.storage = load_device(dev).storage_option(opt or None)
-        self.quick, self.repeats, self.quiet = quick, repeats, quiet
+        self.quick, self.reduced, self.repeats, self.quiet = quick, reduced, repeats, quiet
         self.max_repeats = repeats if max_repeats is None else max_repeats
         if self.max_repeats < repeats:
             raise ConfigError(f"--max-repeats {max_repeats} must be >= --repeats {repeats}")
@@ -248,7 +254,7 @@ class Validator:
         csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
         trace = self.trace()
-        todo = [c for c in matrix(self.quick) if self.key(c) not in done]
+        todo = [c for c in matrix(self.quick, self.reduced) if self.key(c) not in done]
         for fmt in {c["format"] for c in todo}:
             self.store(fmt)
         kept = read_runs(runs_path)

@@ -131,7 +131,7 @@ class Simulator:
                     self.pending.pop(k, None)
                 self.rec.evict(s, t, evicted)
             for layer in range(layers):
-                end = host.dense_end(t, t_dense) if host is not None else t + t_dense
+                end = host.dense_end(t, t_dense, n, step.prefill) if host is not None else t + t_dense
                 t = layer_fn(t, end, s, layer, n, _routing((experts[layer], scores[layer],
                                                             None if levels is None else levels[layer],
                                                             None if pred is None else (pred[0][layer],
@@ -226,7 +226,7 @@ class Simulator:
             secs = seconds.get((level, n))
             if secs is None:
                 secs = seconds[level, n] = self.cost.expert_seconds(level, n)
-            free = host.call_end(start, secs, spans) if host is not None else start + secs
+            free = host.call_end(start, secs, spans, level, n) if host is not None else start + secs
             computes.append((start, free, expert, level, n))
         return reads, decs, computes, path_end, spans
 
@@ -248,7 +248,7 @@ class Simulator:
                 ready[key.expert, key.part] = done
             else:
                 prefetched[key] = done
-        decs = self._decompress(tasks, d.decompress_order) if tasks else []
+        decs = self._decompress(tasks, d.decompress_order, getattr(stretch, "decompress", None)) if tasks else []
         for i, _, done, _ in decs:
             item, kind, _ = loads[i]
             if kind is PLAN:
@@ -257,17 +257,19 @@ class Simulator:
                 prefetched[item.key] = done
         return reads, decs, ready, prefetched
 
-    def _decompress(self, tasks, order) -> list[tuple[int, float, float, int]]:
+    def _decompress(self, tasks, order, extra=None) -> list[tuple[int, float, float, int]]:
         """Decompression tasks [(load index, item, read done)] go to the workers in `order` (default:
         load order), each once its read is done and the tasks before it have started: one FIFO
-        queue. Returns [(load index, start, done, worker)]."""
+        queue. `extra`: per load index, what the host model adds to a task's time (None: nothing).
+        Returns [(load index, start, done, worker)]."""
         if order is not None:
             rank = {key: i for i, key in enumerate(order)}
             tasks = sorted(tasks, key=lambda t: rank.get(t[1].key, len(rank)))
         out, last_start = [], 0.0
         for i, item, read_done in tasks:
+            seconds = item.decompress_bytes / self.decompress_rate
             start, done, worker = self.decomp.reserve(max(read_done, last_start),
-                                                      item.decompress_bytes / self.decompress_rate)
+                                                      seconds if extra is None else max(0.0, seconds + extra[i]))
             last_start = start
             out.append((i, start, done, worker))
         return out

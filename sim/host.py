@@ -6,7 +6,8 @@ slower while reads or decompressions are in flight, an expert call or a dense pa
 little more in runs than its table, and a read runs slower while the main thread works. The
 bundled roofline profiles have none of it: `HostContention.of` is then None and the engine
 pays nothing for it. The engine calls this model through five methods (dense_end, spans,
-call_end, commit, stretch) and knows nothing else of it.
+call_end, commit, stretch) and knows nothing else of it. A profile with the structural model's
+figures (compute.measured.host) gets sim/host_model.py instead, through the same methods.
 
 The main thread is a fluid model: its speed changes at each read's or decompression's start
 and end. A read's stall depends on the computes, which depend on when the reads end: a few
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import astuple
 
 from devices.profile import Contention
+from sim.host_model import HostModel
 
 STALL_ROUNDS = 3        # fixed-point rounds of read stall <-> compute timing
 
@@ -29,8 +31,13 @@ class HostContention:
         self.in_flight: list[tuple[float, float, bool]] = []   # (start, end, is decompression) not yet past
 
     @classmethod
-    def of(cls, cost, device, storage) -> "HostContention | None":
-        """The host model of a run, None without measured contention (roofline profiles)."""
+    def of(cls, cost, device, storage):
+        """The host model of a run: the structural one (sim/host_model.py) when the profile has its
+        figures (compute.measured.host), else this calibrated one, None without measured contention
+        (roofline profiles)."""
+        structural = HostModel.of(cost, device, storage)
+        if structural is not None:
+            return structural
         c = cost.contention()
         if not any(astuple(c)):
             return None
@@ -43,8 +50,9 @@ class HostContention:
         return cls(c, c.stall if own else 0.0, None if own else (host.latency, host.read_bandwidth))
 
     # -- the engine's interface ---------------------------------------------------------------
-    def dense_end(self, start: float, seconds: float) -> float:
-        """When a dense part of `seconds` (its table) begun at `start` ends."""
+    def dense_end(self, start: float, seconds: float, tokens: int = 1, prefill: bool = False) -> float:
+        """When a dense part of `seconds` (its table) begun at `start` ends (its tokens and phase: for
+        the structural model's shares)."""
         return self.main_thread(start, seconds + self.contention.dense, self.in_flight)
 
     def spans(self, now: float, loads, reads, decs) -> list[tuple[float, float, bool]]:
@@ -61,8 +69,9 @@ class HostContention:
                     for (a, b), (item, _, _) in zip(reads, loads)]
         return out + [(a, b, True) for _, a, b, _ in decs]
 
-    def call_end(self, start: float, seconds: float, spans) -> float:
-        """When an expert call of `seconds` (its table) begun at `start` ends, `spans` in flight."""
+    def call_end(self, start: float, seconds: float, spans, level: int = 0, tokens: int = 1) -> float:
+        """When an expert call of `seconds` (its table) begun at `start` ends, `spans` in flight (its
+        level and tokens: for the structural model's shares)."""
         return self.main_thread(start, seconds + self.contention.call, spans)
 
     def commit(self, spans) -> None:

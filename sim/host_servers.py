@@ -8,7 +8,9 @@ after another; an operation becomes ready at a given time and is a sequence of s
 - ``lock``: CPU work done holding the interpreter lock (Python code: the decision path, the
   runtime's loop, a reader's submit and its callback);
 - ``core``: CPU work with the lock released (inside a torch kernel, a codec call, a checksum);
-- ``wait``: wall time that uses neither (a read in the device, a throttle's sleep).
+- ``wait``: wall time that uses neither (a read in the device);
+- ``until``: waits until the absolute time ``work`` (a throttled read's sleep to its device's time;
+  no wait if that time has passed).
 
 ``work`` is the segment's seconds when its thread runs alone at full speed; a ``core`` segment
 may keep ``width`` cores busy at once (a torch kernel on its intra-op threads).
@@ -29,15 +31,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-KINDS = ("lock", "core", "wait")
+KINDS = ("lock", "core", "wait", "until")
 EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class Segment:
-    kind: str               # lock | core | wait
-    work: float             # seconds alone at full speed (wait: wall seconds)
-    width: int = 1          # cores it keeps busy (core segments)
+    kind: str               # lock | core | wait | until
+    work: float             # seconds alone at full speed (wait: wall seconds; until: the time it waits for)
+    width: float = 1        # cores it keeps busy (core segments; a mean, so not always whole)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -63,7 +65,7 @@ class Span:
     end: float
 
 
-def operation(work: float, lock_share: float, *, ready: float = 0.0, pieces: int = 1, width: int = 1) -> Operation:
+def operation(work: float, lock_share: float, *, ready: float = 0.0, pieces: int = 1, width: float = 1) -> Operation:
     """An operation of `work` seconds holding the lock for `lock_share` of them: `pieces` times a
     held part then a released part (the released parts `width` wide)."""
     if not 0.0 <= lock_share <= 1.0 or pieces < 1:
@@ -191,8 +193,8 @@ class HostThreads:
         t.seg += 1
         seg = t.segment()
         t.asked = t.start = self.now
-        if seg.kind == "wait":
-            t.state, t.left = "wait", self.now + seg.work
+        if seg.kind in ("wait", "until"):
+            t.state, t.left = "wait", self.now + seg.work if seg.kind == "wait" else max(self.now, seg.work)
             return
         t.left = seg.work
         t.state = "run" if seg.kind == "core" or self.lock.request(i) else "blocked"

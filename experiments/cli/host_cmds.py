@@ -109,7 +109,8 @@ def cmd_validate(args) -> None:
                                                  torch_device=args.torch_device), command)
     rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
                      max_repeats=args.max_repeats or 2 * args.repeats, spread_limit=args.spread_limit,
-                     torch_device=args.torch_device, model_dir=args.model_dir, quiet=args.quiet).run()
+                     torch_device=args.torch_device, model_dir=args.model_dir, quiet=args.quiet,
+                     reduced=args.reduced).run()
     for s in summary(rows):
         med, mx = s["err_tpot_s_mean"]
         print(f"throttle {s['throttle']}: {s['configs']} configurations, decisions identical in {s['identical']}; "
@@ -153,5 +154,8 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--spread-limit", type=positive_float, default=0.15, metavar="SHARE",
                    help="the TPOT spread (sd / median of the runs) above which a configuration gets more runs")
     p.add_argument("--quick", action="store_true", help="a small matrix and a short trace (tests)")
+    p.add_argument("--reduced", action="store_true", help="every format with LRU and its paper's cache at half "
+                                                          "the experts' bytes, batch 1 and 4, prefetch none and "
+                                                          "oracle (20 configurations, the full trace)")
     p.add_argument("--out", default="runs/validate", help="folder for validation.csv / .md / .png (resumable)")
     p.set_defaults(func=cmd_validate)

@@ -1,0 +1,89 @@
+"""compute.measured.host: the figures of the structural host model (issue 24 item 1), read from a
+profile that `moelab profile` measured (executor/profile_gil.py measures them; sim/host_model.py
+charges them).
+
+Each of the executor's operations is described by two shares of its wall time when it runs alone
+on the host (its table's time): `lock`, the share spent holding the interpreter lock (Python code),
+and `cpu`, its CPU seconds per wall second (the cores it keeps busy on average: above 1 for a
+kernel on several torch threads, below 1 for a read that waits on the device). A pair is written
+`[lock, cpu]`, with 0 <= lock <= 1 and lock <= cpu:
+
+      host:
+        cores: 2                        # the cores the profile was measured on (`--cores`)
+        calls:                          # per format key, per level, per token count of `tokens`
+          bf16: [[[0.21, 1.0], [0.15, 1.0]]]
+        dense:                          # one layer's dense part, per token count
+          prefill: [[0.3, 1.0], [0.2, 1.0]]
+          decode: [[0.3, 1.0], [0.25, 1.0]]
+        decide: [0.98, 1.0]             # the decision path
+        read:                           # a read of a format's blob (BlobReader.read + the future), of its
+          bf16: [0.04, 0.35]            #   host time (latency + bytes / bandwidth of the host's own storage)
+        decompress:                     # a decompression task per codec, and its rate alone (raw bytes/s)
+          lz4: {share: [0.01, 1.0], rate: 1.4GB/s}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices.units import parse_bandwidth
+
+KEYS = {"cores", "calls", "dense", "decide", "read", "decompress"}
+
+
+@dataclass(frozen=True)
+class Share:
+    lock: float     # share of its wall time alone holding the interpreter lock
+    cpu: float      # CPU seconds per wall second alone (the cores it keeps busy)
+
+
+@dataclass(frozen=True)
+class HostFigures:
+    cores: int
+    calls: dict[str, tuple[tuple[Share, ...], ...]]     # format key -> level -> per token count
+    dense_prefill: tuple[Share, ...]
+    dense_decode: tuple[Share, ...]
+    decide: Share
+    read: dict[str, Share]                              # format key -> a read of its blobs
+    decompress: dict[str, tuple[Share, float]]          # codec -> (share, raw bytes/s alone)
+
+
+def read_host(r, value, key: str, n: int) -> HostFigures:
+    """compute.measured.host through the profile reader `r` (devices/profile.py _Reader): every error
+    names the file and the key; `n` token counts per row."""
+    v = r.mapping(value, key, KEYS)
+
+    def share(x, where: str) -> Share:
+        if (not isinstance(x, list) or len(x) != 2
+                or any(isinstance(y, bool) or not isinstance(y, (int, float)) for y in x)
+                or not 0 <= x[0] <= 1 or x[1] < x[0]):
+            raise r.fail(where, f"expected [lock, cpu] with 0 <= lock <= 1 and lock <= cpu, got {x!r}")
+        return Share(float(x[0]), float(x[1]))
+
+    def row(x, where: str) -> tuple[Share, ...]:
+        if not isinstance(x, list) or len(x) != n:
+            raise r.fail(where, f"expected a list of {n} [lock, cpu] pairs (one per entry of tokens), got {x!r}")
+        return tuple(share(y, f"{where}[{i}]") for i, y in enumerate(x))
+
+    def table(x, where: str) -> dict:
+        if not isinstance(x, dict) or not x:
+            raise r.fail(where, f"expected a mapping, got {x!r}")
+        return x
+
+    calls = {}
+    for fmt, levels in table(v["calls"], f"{key}.calls").items():
+        if not isinstance(levels, list) or not levels:
+            raise r.fail(f"{key}.calls.{fmt}", f"expected a list of rows (one per level), got {levels!r}")
+        calls[str(fmt)] = tuple(row(x, f"{key}.calls.{fmt}[{i}]") for i, x in enumerate(levels))
+    dense = r.mapping(v["dense"], f"{key}.dense", {"prefill", "decode"})
+    decompress = {}
+    for codec, x in table(v["decompress"], f"{key}.decompress").items():
+        where = f"{key}.decompress.{codec}"
+        x = r.mapping(x, where, {"share", "rate"})
+        decompress[str(codec)] = (share(x["share"], f"{where}.share"),
+                                  r.quantity(x["rate"], f"{where}.rate", parse_bandwidth, "1.4GB/s"))
+    return HostFigures(cores=r.count(v["cores"], f"{key}.cores"), calls=calls,
+                       dense_prefill=row(dense["prefill"], f"{key}.dense.prefill"),
+                       dense_decode=row(dense["decode"], f"{key}.dense.decode"),
+                       decide=share(v["decide"], f"{key}.decide"),
+                       read={str(k): share(x, f"{key}.read.{k}") for k, x in table(v["read"], f"{key}.read").items()},
+                       decompress=decompress)
