@@ -73,6 +73,7 @@ from pathlib import Path
 import yaml
 
 from devices.kernels import DEQUANT_MODES, FIELDS as KERNEL_FIELDS, Kernel
+from devices.tiers import CpuProfile, Tier, default_tiers, describe_rows, read_cpu, read_tiers
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
 DEVICES_DIR = Path(__file__).resolve().parent
@@ -173,6 +174,8 @@ class DeviceProfile:
     decompress_workers: int                  # CPU threads usable for decompression
     decompress_throughput: dict[str, float]  # per worker, bytes/s of RAW output, by codec
     path: str = ""                           # file it was loaded from
+    tiers: tuple[Tier, ...] = ()             # memory levels, the accelerator's first (devices/tiers.py)
+    cpu: CpuProfile | None = None            # the host CPU as a compute resource (devices/tiers.py)
 
     def storage_option(self, name: str | None = None) -> StorageProfile:
         """The named storage option; None gives the default."""
@@ -211,6 +214,8 @@ class DeviceProfile:
                                                f"+{_format_duration(c.dense)} per dense part, "
                                                f"reads at {1 - c.stall:.0%} while it works"
                                                for k, c in m.contention.items())))
+        if len(self.tiers) > 1 or self.cpu is not None:
+            rows += describe_rows(self)
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
@@ -251,6 +256,7 @@ def load_device(name_or_path: str) -> DeviceProfile:
 
 
 _TOP = {"name", "description", "memory", "expert_budget", "default_storage", "storage", "compute", "decompress"}
+_TOP_OPTIONAL = frozenset({"tiers", "cpu"})      # devices/tiers.py
 _STORAGE = {"read_bandwidth", "latency", "queue_depth"}
 _COMPUTE = {"memory_bandwidth", "flops", "overhead"}
 KERNEL_FORMATS = ("bf16", "mwq", "copies", "zip")
@@ -413,7 +419,7 @@ class _Reader:
         return out
 
     def device(self, data) -> DeviceProfile:
-        d = self.mapping(data, "", _TOP)
+        d = self.mapping(data, "", _TOP, _TOP_OPTIONAL)
         memory = int(self.quantity(d["memory"], "memory", parse_size, "64GB"))
         budget = int(self.quantity(d["expert_budget"], "expert_budget", parse_size, "32GB"))
         if budget > memory:
@@ -464,6 +470,8 @@ class _Reader:
             decompress_workers=self.count(z["workers"], "decompress.workers"),
             decompress_throughput=throughput,
             path=self.file,
+            tiers=read_tiers(self, d["tiers"], memory) if "tiers" in d else default_tiers(memory),
+            cpu=read_cpu(self, d["cpu"]) if "cpu" in d else None,
         )
 
 
