@@ -131,6 +131,11 @@ def lower_level(device) -> Tier:
     return device.tiers[1]
 
 
+def lower_link(device) -> Link:
+    """The link from the level below the accelerator up to it."""
+    return device.tiers[0].link if len(device.tiers) > 1 else lower_level(device).link
+
+
 def cpu_of(device) -> CpuProfile:
     """The profile's CPU section, or a clear error (CPU placement needs it)."""
     if device.cpu is None:
