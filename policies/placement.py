@@ -56,6 +56,7 @@ class Placement:
 
 
 class GpuOnly(Placement):
+    """Every expert on the accelerator (today's only choice)."""
     name = "gpu-only"
 
     def _place(self, layer, demand):
@@ -63,6 +64,7 @@ class GpuOnly(Placement):
 
 
 class CpuStatic(Placement):
+    """llama.cpp's --n-cpu-moe N: the experts of the first N MoE layers on the CPU, the rest on the accelerator."""
     name = "cpu-static"
     options = (Option("layers", "int", None, "the first N MoE layers' experts stay on the CPU (llama.cpp "
                                              "--n-cpu-moe N); default: every layer (--cpu-moe)", "layers"),)
@@ -79,6 +81,7 @@ class CpuStatic(Placement):
 
 
 class CpuWhenFaster(Placement):
+    """Fiddler: on the CPU when copying it over the link and computing it on the accelerator would take longer than computing it on the CPU."""
     name = "cpu-when-faster"
 
     def __init__(self, ctx):
@@ -97,6 +100,7 @@ class CpuWhenFaster(Placement):
 
 
 class HotOnGpu(Placement):
+    """kTransformers-like: per layer, the experts used most so far on the accelerator, the rest on the CPU (online counts)."""
     name = "hot-on-gpu"
     options = (Option("per_layer", "int", None, "experts of each layer on the accelerator, the most used so far; "
                                                 "default: as many as the budget holds, spread evenly over the "

@@ -143,7 +143,7 @@ def _short(value) -> str:
 
 def option_help(role: str) -> str:
     """Every option of every policy of a role, for the command line's help (generated, not typed)."""
-    table = ROLES[role][0]
+    table = ALL_ROLES[role][0]
     lines = []
     for name, policy in table.items():
         opts = declared(policy) if policy is not None else {}
