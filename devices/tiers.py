@@ -19,13 +19,14 @@
 The last level's link to storage is the storage option itself (`storage:`): it has no `link`.
 Without `tiers:` a profile is one level (`memory`) in front of storage, as before. moelab models at
 most two cached levels (an accelerator's memory and host RAM); a unified-memory device (Jetson,
-Pi) is one level. Without `cpu:` experts cannot be placed on the CPU (`cpu_of` says so).
+Pi) is one level. Without `cpu:` experts cannot be placed on the CPU (devices/levels.py `cpu_of`
+says so).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
+from devices.units import format_size, parse_bandwidth, parse_duration, parse_size
 
 MAX_LEVELS = 2
 _LEVEL = {"capacity"}
@@ -120,34 +121,6 @@ def read_cpu(reader, value) -> CpuProfile:
 def default_tiers(memory: int) -> tuple[Tier, ...]:
     """A profile without `tiers:`: one level, its memory, in front of storage."""
     return (Tier("memory", memory),)
-
-
-def lower_level(device) -> Tier:
-    """The level below the accelerator (host RAM), or a clear error naming the profile."""
-    if len(device.tiers) < 2:
-        raise ConfigError(f"{device.path or device.name}: device {device.name!r} has one memory level in front of "
-                          f"storage (no lower level under tiers:), so a host budget, a host cache or CPU placement "
-                          f"cannot run on it; devices with host RAM: {', '.join(devices_with(lambda d: len(d.tiers) > 1))}")
-    return device.tiers[1]
-
-
-def lower_link(device) -> Link:
-    """The link from the level below the accelerator up to it."""
-    return device.tiers[0].link if len(device.tiers) > 1 else lower_level(device).link
-
-
-def cpu_of(device) -> CpuProfile:
-    """The profile's CPU section, or a clear error (CPU placement needs it)."""
-    if device.cpu is None:
-        raise ConfigError(f"{device.path or device.name}: device {device.name!r} has no cpu: section (cores, "
-                          f"memory_bandwidth, flops), so experts cannot be placed on its CPU; devices with one: "
-                          f"{', '.join(devices_with(lambda d: d.cpu is not None))}")
-    return device.cpu
-
-
-def devices_with(test) -> list[str]:
-    from devices.profile import list_devices, load_device
-    return [n for n in list_devices() if test(load_device(n))]
 
 
 def describe_rows(device) -> list[tuple[str, str]]:

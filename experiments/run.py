@@ -158,7 +158,7 @@ def resolve(spec: RunSpec, device=None, storage=None) -> RunSpec:
 def resolve_tiers(spec: RunSpec, device) -> RunSpec:
     """A tiered spec's defaults made explicit: the host level's budget (its tier's expert budget, else
     its capacity) and cache (lru); a CPU placement needs the profile's cpu: section."""
-    from devices.tiers import cpu_of, lower_level
+    from devices.levels import cpu_of, lower_level
     from policies.spec import PolicySpec
     given = "placement" if spec.placement is not None else "host_budget" if spec.host_budget is not None else "host_cache"
     host = _named(given, lambda: lower_level(device))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from devices import kernels
 from devices.profile import Contention, DeviceProfile, MeasuredTables, StorageProfile, measured_key
-from devices.tiers import cpu_of, lower_link
+from devices.levels import cpu_of, lower_link
 from devices.units import ConfigError
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
