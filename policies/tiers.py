@@ -92,10 +92,9 @@ def attach_tiers(policies, budget: int, cache: str = "lru", cache_options: dict 
     """Give a bundle its host level (a `cache` policy with `budget` bytes) and, unless gpu-only, its
     placement policy. The host level's accesses depend on the accelerator's cache, so its policy must
     be online (belady, static-hot refuse)."""
-    from devices.units import ConfigError
+    from devices.units import ConfigError, format_size
     from policies.base import NeedsFuture, PolicyContext, largest_layer_demand
     from policies.registry import make_cache, make_placement
-    from devices.units import format_size
     ctx = policies.cache.ctx
     if ctx.future is not None:
         minimum = largest_layer_demand(ctx.future, ctx.fmt)

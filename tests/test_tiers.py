@@ -280,3 +280,59 @@ def test_budgets_hold_each_row_computes_once_and_the_run_ends(data):
             computed[key] = e.tokens
     assert computed == requested(w.steps, trace.experts)
     assert {s["step"] for s in tl.meta["steps"]} <= {e.step for e in tl.events if e.resource == "dense"}
+
+
+def test_metrics_only_run_gives_the_same_metrics():
+    """A tiered run without events (sweeps, studies) reports what the run with its timeline reports."""
+    from experiments.run import simulate
+    from experiments.spec import RunSpec
+    spec = RunSpec.from_doc({"device": "rtx-3060-laptop-6gb", "model": "olmoe-1b-7b", "tokens": 3, "budget": "1GB",
+                             "host_budget": "2GB", "placement": "hot-on-gpu", "prompt_tokens": 2})
+    full, lean = simulate(spec).metrics, simulate(spec, timeline=False).metrics
+    assert full == lean
+    assert 0 < full["cpu_token_share"] < 1 and full["link_bytes"]["link:host-ram>gpu"] > 0
+    assert full["bytes_read"] > 0 and full["host_budget_bytes"] == 2 * 10 ** 9
+
+
+def test_a_one_level_run_has_no_tier_keys():
+    from experiments.run import simulate
+    from experiments.spec import RunSpec
+    m = simulate(RunSpec.from_doc({"device": "rtx-3060-laptop-6gb", "model": "olmoe-1b-7b", "tokens": 2}),
+                 timeline=False).metrics
+    assert not {"link_bytes", "host_hit_ratio", "cpu_token_share", "placement"} & set(m)
+
+
+def test_a_sweep_refuses_tier_keys(tmp_path):
+    from experiments.sweep import load_grid
+    grid = tmp_path / "g.yaml"
+    grid.write_text("runs:\n  - {device: rtx-3060-laptop-6gb, host_budget: 8GB}\n")
+    with pytest.raises(ConfigError, match="g.yaml: runs.*host_budget.*moelab simulate --spec"):
+        load_grid(grid)
+
+
+def test_cli_flags_state_the_tier_keys(tmp_path, capsys):
+    import json
+    from experiments.cli import main
+    assert main(["simulate", "--device", "rtx-3060-laptop-6gb", "--model", "olmoe-1b-7b", "--tokens", "2", "--quiet",
+                 "--budget", "1GB", "--placement", "cpu-static", "--placement-option", "layers=4", "--host-cache",
+                 "lfu", "--host-budget", "8GB", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert (m["placement"], m["host_cache"], m["host_budget_bytes"]) == ("cpu-static", "lfu", 8 * 10 ** 9)
+    assert 0 < m["cpu_token_share"] < 1          # 4 of olmoe's 16 layers on the CPU
+    assert "host level" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["simulate", "--device", "jetson-orin-nano-8gb", "--placement", "cpu-static"], "placement: "),
+    (["simulate", "--placement", "cpu-fast"], "--placement"),
+    (["simulate", "--placement-option", "layers=2"], "--placement-option needs --placement NAME"),
+    (["simulate", "--device", "rtx-3060-laptop-6gb", "--placement", "cpu-static", "--placement-option", "x=1"],
+     "--placement-option: cpu-static: unknown option 'x'"),
+    (["simulate", "--device", "rtx-3060-laptop-6gb", "--host-budget", "64GB"], "more than"),
+    (["execute", "--host-budget", "1GB"], "simulated only"),
+])
+def test_bad_tier_input_is_one_clear_line(argv, needle, capsys):
+    from experiments.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and "Traceback" not in err
