@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from policies.base import Demand, Key, load_item, needed_keys
+from devices.units import ConfigError, format_size
+from policies.base import Demand, Key, NeedsFuture, PolicyContext, largest_layer_demand, load_item, needed_keys
 from policies.cache import CachePolicy
+from policies.registry import make_cache, make_placement
 
 HOST, STORAGE = "host-ram", "storage"     # a part's source level
 PLAN, PREFETCH = "admit", "prefetch"      # as policies/bundle.py names a load's kind
@@ -92,9 +94,6 @@ def attach_tiers(policies, budget: int, cache: str = "lru", cache_options: dict 
     """Give a bundle its host level (a `cache` policy with `budget` bytes) and, unless gpu-only, its
     placement policy. The host level's accesses depend on the accelerator's cache, so its policy must
     be online (belady, static-hot refuse)."""
-    from devices.units import ConfigError, format_size
-    from policies.base import NeedsFuture, PolicyContext, largest_layer_demand
-    from policies.registry import make_cache, make_placement
     ctx = policies.cache.ctx
     if ctx.future is not None:
         minimum = largest_layer_demand(ctx.future, ctx.fmt)

@@ -179,8 +179,8 @@ class TieredSimulator(Simulator):
                 figures.io.add(e.start, e.end)
             else:
                 figures.decomp.add(e.start, e.end)
-        span = figures.spans[s]
-        span[1] = max(span[1], *(e.end for e in ev + io)) if ev or io else span[1]
+        span = figures.spans[s]                # the step's work ends with its last copy or CPU call too
+        span[1] = max([span[1], *(e.end for e in ev), *(e.end for e in io)])
 
 
 def _cache_records(records, finished, now, free, s, sizes):
