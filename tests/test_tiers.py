@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import TINY, make_device, make_trace, requested
+from conftest import TINY, make_device, make_trace
 from devices.tiers import CpuProfile, Link, Tier
 from devices.units import ConfigError
-from policies import build_policies, load_item
+from policies import PREFETCHERS, build_policies, caches_for, load_item
 from policies.base import Demand, Key
 from policies.bundle import workload_routings
 from policies.cost import CostModel
@@ -17,6 +17,7 @@ from policies.tiers import HOST, STORAGE, attach_tiers
 from sim.replay import replay_policies
 from sim.tiers import TieredSimulator
 from timeline.tiers import HOST_CACHE
+from workloads.catalog import ModelArch
 from workloads.formats import make_format
 from workloads.workload import Workload
 
@@ -249,37 +250,77 @@ def test_spec_round_trips_and_leaves_one_level_hashes_alone():
 
 
 # -- invariants -----------------------------------------------------------------------------------------
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_budgets_hold_each_row_computes_once_and_the_run_ends(data):
-    tokens = data.draw(st.integers(1, 6))
-    routes = data.draw(st.lists(st.lists(st.integers(0, 1), min_size=2, max_size=2), min_size=tokens,
-                                max_size=tokens))
-    batch = data.draw(st.integers(1, 2))
-    trace = make_trace([[[e] for e in row] for row in routes], request_ids=[t % batch for t in range(tokens)])
-    budget = data.draw(st.integers(1, 3)) * EXPERT
-    host_budget = data.draw(st.integers(batch, 4)) * EXPERT
-    placement = data.draw(st.sampled_from(["gpu-only", "cpu-static", "cpu-when-faster", "hot-on-gpu"]))
-    host_cache = data.draw(st.sampled_from(["lru", "lfu", "fifo", "on-demand"]))
-    device, w, p, cost = bundle(trace, max(budget, batch * EXPERT), host_budget, placement=placement, batch=batch,
-                                host_cache=host_cache, device=tiered_device(cpu_bw=data.draw(
-                                    st.sampled_from([1600.0, 4800.0]))))
-    gpu_budget = p.cache.capacity
-    tl = TieredSimulator(device, w, p, cost=cost).run()
-    for resource, cap in (("cache", gpu_budget), (HOST_CACHE, host_budget)):
+HOST_CACHES = ["lru", "lfu", "fifo", "on-demand", "layered-lru", "d2moe-budget"]
+
+
+@st.composite
+def cases(draw):
+    import numpy as np
+    layers, experts = draw(st.integers(1, 3)), draw(st.integers(2, 4))
+    k, tokens, batch = draw(st.integers(1, min(2, experts))), draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    ex = np.stack([np.stack([rng.choice(experts, k, replace=False) for _ in range(layers)]) for _ in range(tokens)])
+    fmt = draw(st.sampled_from(["bf16", "mwq", "zip"]))
+    return dict(layers=layers, experts=experts, k=k, ex=ex, req=rng.integers(0, 3, tokens),
+                prompt=rng.random(tokens) < 0.3, batch=batch, fmt=fmt,
+                allocator=draw(st.sampled_from(["fixed", "gate-score"] if fmt == "mwq" else ["fixed"])),
+                cache=draw(st.sampled_from(sorted(caches_for(fmt)))), prefetch=draw(st.sampled_from(sorted(PREFETCHERS))),
+                host_cache=draw(st.sampled_from(HOST_CACHES)), extra=draw(st.integers(0, 4)),
+                host_extra=draw(st.integers(0, 6)), cpu_bw=draw(st.sampled_from([1600.0, 4800.0, 1e6])),
+                placement=draw(st.sampled_from(["gpu-only", "cpu-static", "cpu-when-faster", "hot-on-gpu"])))
+
+
+def tiered_run(c):
+    model = ModelArch("prop", layers=c["layers"], experts=c["experts"], top_k=c["k"], d_model=128, d_ff=128,
+                      n_heads=1, n_kv_heads=1)
+    fmt = make_format(c["fmt"], model.expert_shapes, **{"mwq": {"b1": 2, "bK": 4}, "zip": {"chunks": 2}}.get(c["fmt"], {}))
+    trace = make_trace(c["ex"], prompt=c["prompt"], request_ids=c["req"], num_experts=c["experts"])
+    w = Workload(model, trace, fmt, batch=c["batch"])
+    top = fmt.level_bytes(fmt.levels - 1)
+    budget, host_budget = (c["experts"] + c["extra"]) * top, (c["experts"] + c["host_extra"]) * top
+    device = tiered_device(cpu_bw=c["cpu_bw"])
+    cost = CostModel.build(device, model, fmt)
+    p = build_policies(w, budget, cache=c["cache"], prefetch=c["prefetch"], allocator=c["allocator"], cost=cost)
+    attach_tiers(p, host_budget, c["host_cache"], placement=c["placement"])
+    return TieredSimulator(device, w, p, cost=cost).run(), w, fmt, budget, host_budget
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_budgets_hold_each_row_computes_once_and_the_run_ends(c):
+    tl, w, fmt, budget, host_budget = tiered_run(c)
+    for resource, cap in (("cache", budget), (HOST_CACHE, host_budget)):     # every level, every event
         used = 0
         for e in tl.events:
             if e.resource == resource:
                 used += -e.bytes if e.kind == "evict" else e.bytes
                 assert 0 <= used <= cap, (resource, used, cap)
-    computed: dict = {}
+    wanted, got, seen = {}, {}, set()
+    for s in w.steps:
+        for layer in range(c["layers"]):
+            for e in c["ex"][s.tokens, layer].ravel():
+                wanted[s.index, layer, int(e)] = wanted.get((s.index, layer, int(e)), 0) + 1
     for e in tl.events:
         if e.resource in ("compute", "cpu"):
-            key = (e.step, e.layer, e.expert)
-            assert key not in computed, f"{key} computed twice"
-            computed[key] = e.tokens
-    assert computed == requested(w.steps, trace.experts)
-    assert {s["step"] for s in tl.meta["steps"]} <= {e.step for e in tl.events if e.resource == "dense"}
+            key = (e.step, e.layer, e.expert, e.level)
+            assert key not in seen, f"{key} computed twice (on the GPU and the CPU, or twice on one)"
+            seen.add(key)
+            got[e.step, e.layer, e.expert] = got.get((e.step, e.layer, e.expert), 0) + e.tokens
+    assert got == wanted                         # each token's (expert, level) exactly once
+    # a GPU compute starts after the copies of its parts, a CPU one after their reads into RAM
+    arrived: dict = {}
+    for e in tl.events:
+        if e.resource.startswith(("link:", "io", "decompress")):
+            arrived.setdefault((e.resource.startswith("link:"), e.layer, e.expert, e.level), []).append(e)
+    for e in tl.events:
+        if e.resource in ("compute", "cpu"):
+            for part in fmt.level_parts[e.level]:
+                events = arrived.get((e.resource == "compute", e.layer, e.expert, part), [])
+                before = [a.end for a in events if a.start <= e.start + 1e-12]
+                assert not events or e.start >= before[-1] - 1e-12
+    ended = {e.step for e in tl.events if e.resource == "dense"}
+    assert {s["step"] for s in tl.meta["steps"]} == ended            # the run ends: every step ran
+    assert tiered_run(c)[0].events == tl.events                      # deterministic
 
 
 def test_metrics_only_run_gives_the_same_metrics():
