@@ -73,10 +73,10 @@ class LowerLevel:
             if key not in found:
                 records.append((key, PLAN, admit(load_item(key, fmt))))
         prefetch = [load.item.key for load in loads if load.kind != PLAN]
-        if prefetch:
-            found |= {k for k in prefetch if k in sizes}
-            records += [(item.key, PREFETCH, evicted) for item, evicted in cache.prefetch(prefetch)
-                        if item.key not in found]
+        if prefetch:              # resident before this decision point (not just admitted for the CPU share)
+            admitted = {key for key, _, _ in records}
+            found |= {k for k in prefetch if k in sizes and k not in admitted}
+            records += [(item.key, PREFETCH, evicted) for item, evicted in cache.prefetch(prefetch)]
         sources = [HOST if load.item.key in found else STORAGE for load in loads]
         cpu = cpu_demand.counts() if cpu_demand is not None else {}
         return TierDecision(sources, cpu, cpu_demand.rows() if cpu else {},

@@ -285,9 +285,29 @@ def tiered_run(c):
     return TieredSimulator(device, w, p, cost=cost).run(), w, fmt, budget, host_budget
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_cpu_part_the_prefetcher_also_wants_is_read_once_before_its_compute():
+    # found once: the CPU share's part (L0 E1), admitted to host RAM at this decision point, was also
+    # taken for "already in RAM" by the GPU prefetch of the same key, so the CPU computed unread
+    import numpy as np
+    case = dict(layers=1, experts=2, k=1, ex=np.array([[[1]], [[1]]]), req=np.array([1, 0]),
+                prompt=np.array([True, True]), batch=1, fmt="bf16", allocator="fixed", cache="belady",
+                prefetch="next-layer-all", host_cache="on-demand", extra=0, host_extra=0, cpu_bw=1600.0,
+                placement="cpu-static")
+    tl = tiered_run(case)[0]
+    step0 = [e for e in tl.events if e.step == 0]
+    read = [e for e in step0 if e.resource == "io" and e.expert == 1]
+    cpu = [e for e in step0 if e.resource == "cpu"]
+    assert len(read) == 1 and cpu[0].start == read[0].end
+    check_invariants(case)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_budgets_hold_each_row_computes_once_and_the_run_ends(c):
+    check_invariants(c)
+
+
+def check_invariants(c):
     tl, w, fmt, budget, host_budget = tiered_run(c)
     for resource, cap in (("cache", budget), (HOST_CACHE, host_budget)):     # every level, every event
         used = 0
