@@ -301,7 +301,7 @@ def test_a_cpu_part_the_prefetcher_also_wants_is_read_once_before_its_compute():
     check_invariants(case)
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_budgets_hold_each_row_computes_once_and_the_run_ends(c):
     check_invariants(c)
