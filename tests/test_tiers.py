@@ -26,6 +26,7 @@ LOAD = 0.02 + 0.1     # storage: latency + 192 B at 1920 B/s
 COPY = 0.005 + 0.02   # link: latency + 192 B at 9600 B/s
 GPU = 0.1             # one expert on the accelerator: 192 B at 1920 B/s
 DENSE = 0.075         # attention 64 + router 8 params = 144 B at 1920 B/s
+KV = 16 / 1920        # attention's context term per cached token (K and V: 2 x 1 head x 4 x 2 B at 1920 B/s)
 CPU = 0.04            # one expert on the CPU: 192 B at 4800 B/s
 
 
@@ -70,20 +71,21 @@ def test_two_levels_hit_in_ram_costs_only_the_link():
     # token 0: L0->E0, L1->E1; token 1: L0->E0, L1->E0. The accelerator holds one expert (each layer
     # evicts the other's), host RAM four: step 1's L0 E0 is a miss on the GPU and a hit in RAM
     tl = run(make_trace([[[0], [1]], [[0], [0]]]), EXPERT, 4 * EXPERT)
-    D, L, C, G = DENSE, LOAD, COPY, GPU
+    D, L, C, G = DENSE + KV, LOAD, COPY, GPU        # step 0 attends 1 token, step 1 two
     t1 = D + L + C + G                              # layer 0 of step 0 ends
     t2 = t1 + D + L + C + G                         # layer 1
-    t3 = t2 + D + C + G                             # step 1 layer 0: a hit in RAM, only the copy
-    t4 = t3 + D + L + C + G                         # step 1 layer 1: L1 E0 was never read
+    D1 = D + KV
+    t3 = t2 + D1 + C + G                            # step 1 layer 0: a hit in RAM, only the copy
+    t4 = t3 + D1 + L + C + G                        # step 1 layer 1: L1 E0 was never read
     assert timed(tl) == expect([
         ("dense", "dense", 0, D, 0, -1), ("io", "load", D, D + L, 0, 0), (LINK, "copy", D + L, D + L + C, 0, 0),
         ("compute", "expert", D + L + C, t1, 0, 0),
         ("dense", "dense", t1, t1 + D, 1, -1), ("io", "load", t1 + D, t1 + D + L, 1, 1),
         (LINK, "copy", t1 + D + L, t1 + D + L + C, 1, 1), ("compute", "expert", t1 + D + L + C, t2, 1, 1),
-        ("dense", "dense", t2, t2 + D, 0, -1), (LINK, "copy", t2 + D, t2 + D + C, 0, 0),
-        ("compute", "expert", t2 + D + C, t3, 0, 0),
-        ("dense", "dense", t3, t3 + D, 1, -1), ("io", "load", t3 + D, t3 + D + L, 1, 0),
-        (LINK, "copy", t3 + D + L, t3 + D + L + C, 1, 0), ("compute", "expert", t3 + D + L + C, t4, 1, 0)])
+        ("dense", "dense", t2, t2 + D1, 0, -1), (LINK, "copy", t2 + D1, t2 + D1 + C, 0, 0),
+        ("compute", "expert", t2 + D1 + C, t3, 0, 0),
+        ("dense", "dense", t3, t3 + D1, 1, -1), ("io", "load", t3 + D1, t3 + D1 + L, 1, 0),
+        (LINK, "copy", t3 + D1 + L, t3 + D1 + L + C, 1, 0), ("compute", "expert", t3 + D1 + L + C, t4, 1, 0)])
     f = tl.meta["tier_figures"]
     assert f["link_bytes"] == {LINK: 4 * EXPERT}
     assert (f["host_hits"], f["host_accesses"]) == (1, 4)
@@ -96,7 +98,7 @@ def test_a_miss_goes_through_both_queues():
     # batch 2 at one layer: two misses in both levels; the storage serves them one after the other
     # (queue depth 1), and the link copies each once its read has landed in RAM
     tl = run(make_trace([[[0]], [[1]]], request_ids=[0, 1]), 2 * EXPERT, 2 * EXPERT, batch=2, model=ONE)
-    D, L, C, G = DENSE * 1, LOAD, COPY, GPU
+    D, L, C, G = DENSE + 2 * KV, LOAD, COPY, GPU     # two requests, one token of context each
     assert timed(tl) == expect([
         ("dense", "dense", 0, D, 0, -1),
         ("io", "load", D, D + L, 0, 0), ("io", "load", D + L, D + 2 * L, 0, 1),
@@ -110,13 +112,13 @@ def test_a_cpu_placed_expert_computes_at_the_cpu_roofline_beside_the_gpu():
     # lower id) goes to the GPU and E1 to the CPU: E1 is read into RAM behind E0 and never copied
     tl = run(make_trace([[[0]], [[1]]], request_ids=[0, 1]), 2 * EXPERT, 2 * EXPERT, batch=2,
              model=ONE, placement="hot-on-gpu", placement_options={"per_layer": 1})
-    D, L, C, G = DENSE, LOAD, COPY, GPU
+    D, L, C, G = DENSE + 2 * KV, LOAD, COPY, GPU
     assert timed(tl) == expect([
         ("dense", "dense", 0, D, 0, -1),
         ("io", "load", D, D + L, 0, 0), ("io", "load", D + L, D + 2 * L, 0, 1),
         (LINK, "copy", D + L, D + L + C, 0, 0),
-        ("compute", "expert", D + L + C, D + L + C + G, 0, 0),      # [0.22, 0.32]
-        ("cpu", "expert", D + 2 * L, D + 2 * L + CPU, 0, 1)])        # [0.315, 0.355]: overlaps the GPU's
+        ("compute", "expert", D + L + C, D + L + C + G, 0, 0),      # [0.237, 0.337]
+        ("cpu", "expert", D + 2 * L, D + 2 * L + CPU, 0, 1)])        # [0.332, 0.372]: overlaps the GPU's
     assert tl.meta["tier_figures"]["cpu_tokens"] == 1
     assert not any(e.resource == "cache" and e.expert == 1 for e in tl.events)   # never in the GPU's cache
 
