@@ -79,6 +79,7 @@ import yaml
 
 from devices.host_figures import HostFigures, read_host
 from devices.kernels import DEQUANT_MODES, FIELDS as KERNEL_FIELDS, Kernel
+from devices.tiers import CpuProfile, Tier, default_tiers, describe_rows, read_cpu, read_tiers
 from devices.units import ConfigError, format_size, parse_bandwidth, parse_duration, parse_size
 
 DEVICES_DIR = Path(__file__).resolve().parent
@@ -180,6 +181,8 @@ class DeviceProfile:
     decompress_workers: int                  # CPU threads usable for decompression
     decompress_throughput: dict[str, float]  # per worker, bytes/s of RAW output, by codec
     path: str = ""                           # file it was loaded from
+    tiers: tuple[Tier, ...] = ()             # memory levels, the accelerator's first (devices/tiers.py)
+    cpu: CpuProfile | None = None            # the host CPU as a compute resource (devices/tiers.py)
     memory_reserved_bytes: int = 0           # OS, runtime, engine buffers: not for weights or KV
 
     def storage_option(self, name: str | None = None) -> StorageProfile:
@@ -222,6 +225,8 @@ class DeviceProfile:
             if m.host is not None:
                 rows.append(("host model", f"structural (sim/host_model.py): {m.host.cores} cores, the interpreter "
                                            f"lock; shares for {', '.join(m.host.calls)}"))
+        if len(self.tiers) > 1 or self.cpu is not None:
+            rows += describe_rows(self)
         rates = ", ".join(f"{k} {format_size(v)}/s" for k, v in self.decompress_throughput.items())
         rows.append(("decompress", f"{self.decompress_workers} workers; per worker: {rates}"))
         if self.path:
@@ -262,7 +267,7 @@ def load_device(name_or_path: str) -> DeviceProfile:
 
 
 _TOP = {"name", "description", "memory", "expert_budget", "default_storage", "storage", "compute", "decompress"}
-_TOP_OPTIONAL = frozenset({"memory_reserved"})
+_TOP_OPTIONAL = frozenset({"memory_reserved", "tiers", "cpu"})   # tiers, cpu: devices/tiers.py
 _STORAGE = {"read_bandwidth", "latency", "queue_depth"}
 _COMPUTE = {"memory_bandwidth", "flops", "overhead"}
 KERNEL_FORMATS = ("bf16", "mwq", "copies", "zip")
@@ -481,6 +486,8 @@ class _Reader:
             decompress_workers=self.count(z["workers"], "decompress.workers"),
             decompress_throughput=throughput,
             path=self.file,
+            tiers=read_tiers(self, d["tiers"], memory) if "tiers" in d else default_tiers(memory),
+            cpu=read_cpu(self, d["cpu"]) if "cpu" in d else None,
             memory_reserved_bytes=reserved,
         )
 

@@ -151,7 +151,25 @@ def resolve(spec: RunSpec, device=None, storage=None) -> RunSpec:
                         prompt_tokens=DEFAULT_PROMPT_TOKENS if spec.prompt_tokens is None else spec.prompt_tokens)
     if out.budget is None:
         out = out.with_(budget=device.expert_budget_bytes)
+    if out.tiered:
+        out = resolve_tiers(out, device)
     return out
+
+
+def resolve_tiers(spec: RunSpec, device) -> RunSpec:
+    """A tiered spec's defaults made explicit: the host level's budget (its tier's expert budget, else
+    its capacity) and cache (lru); a CPU placement needs the profile's cpu: section."""
+    from devices.levels import cpu_of, lower_level
+    from policies.spec import PolicySpec
+    given = "placement" if spec.placement is not None else "host_budget" if spec.host_budget is not None else "host_cache"
+    host = _named(given, lambda: lower_level(device))
+    if spec.placement is not None and spec.placement.name != "gpu-only":
+        _named("placement", lambda: cpu_of(device))
+    budget = spec.host_budget if spec.host_budget is not None else host.expert_budget or host.capacity
+    if budget > host.capacity:
+        raise OverMemory(f"host_budget {format_size(budget)} is more than {device.name}'s {host.name} "
+                         f"({format_size(host.capacity)}); give a smaller --host-budget")
+    return spec.with_(host_budget=budget, host_cache=spec.host_cache or PolicySpec("lru"))
 
 
 def check_spec(spec: RunSpec) -> RunSpec:
@@ -235,6 +253,10 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
     cost = CostModel.build(device, model, fmt, storage)
     policies = build_policies(workload, memory.budget, cost=cost, **spec.policy.kwargs())
     policies.capacities = memory.capacities
+    if spec.tiered:
+        from policies.tiers import attach_tiers
+        attach_tiers(policies, spec.host_budget, spec.host_cache.name, spec.host_cache.opts,
+                     spec.placement.name if spec.placement else "gpu-only", spec.placement.opts if spec.placement else {})
     return Prepared(spec, device, storage, model, fmt, trace, workload, memory.budget, cost, policies, memory)
 
 
@@ -260,9 +282,11 @@ def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=No
     for its bundle and device (sim/fast.py); False: the engine with the policy objects, always."""
     from sim.engine import Simulator
     from sim.fast import fused_for, run_fused
+    from sim.tiers import TieredSimulator
     p = prepare(spec, timeline, quiet, device, storage)
-    sim = Simulator(p.device, p.workload, p.policies, p.storage, cost=p.cost)
-    if fast_path and fused_for(sim):
+    engine = TieredSimulator if p.spec.tiered else Simulator      # a host level: never a fused loop
+    sim = engine(p.device, p.workload, p.policies, p.storage, cost=p.cost)
+    if fast_path and not p.spec.tiered and fused_for(sim):
         tl = run_fused(sim, quiet=quiet, events=timeline)
     else:
         tl = sim.run(quiet=quiet, events=timeline)
@@ -276,6 +300,11 @@ def run_metrics(p: Prepared, tl) -> dict:
     from workloads.formats import level_bits
     m = compute_metrics(tl, level_bits=level_bits(p.fmt))
     m.update(tl.meta.get("policy_report", {}))
+    if "tier_figures" in tl.meta:                 # a host level (timeline/tiers.py); absent otherwise
+        from timeline.tiers import tier_metrics
+        tokens = sum(tl.figures.tokens_at.values()) if tl.figures is not None else \
+            sum(e.tokens for e in tl.events if e.resource == "compute")
+        m.update(tier_metrics(tl.meta["tier_figures"], m["makespan_s"], tokens), **tl.meta["tiers"])
     # energy in the run's power mode (devices/power.py, timeline/energy.py); null with the reason where the
     # device has no power figures; a timeline with events also carries the power as a counter track
     from devices.power import mode_powers

@@ -69,6 +69,9 @@ def cost_model(spec: RunSpec, host: HostOptions, arch, fmt):
 
 def check_spec(spec: RunSpec) -> None:
     """What the executor cannot run, refused before a store is built."""
+    if spec.tiered:
+        raise MoelabError("execute: a host level and CPU placement (--placement, --host-budget, --host-cache) are "
+                          "simulated only so far (`moelab simulate`); the executor runs one memory level")
     if spec.policy.prefetch.name == "oracle" and spec.synthetic:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")

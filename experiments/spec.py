@@ -22,6 +22,15 @@ the same as one entry of a grid's `runs:` list:
     prompt_tokens: 16               # prompt tokens per request (synthetic)
     seed: 0
     store: runs/stores/x            # an expert store whose part sizes to use
+    placement: cpu-static           # where experts compute (policies/placement.py; default gpu-only), or
+                                    #   {name: cpu-static, options: {layers: 8}}
+    host_budget: 16GB               # a host RAM level under the accelerator with this expert budget
+                                    #   (default with a placement or host_cache: the profile's tier's)
+    host_cache: lfu                 # the host level's cache policy, a name or {name, options} (default lru)
+
+placement, host_budget and host_cache are written only when given (a run without them is the
+one-level run it always was, and hashes as before); any of them (placement other than gpu-only)
+makes the run use the device's host level (devices/tiers.py).
 
 Errors name the file and key path (`where`) and the allowed values. `to_doc` writes every field,
 so `RunSpec.from_doc(spec.to_doc()) == spec`.
@@ -38,7 +47,7 @@ import yaml
 
 from devices.units import ConfigError, parse_size
 from policies.presets import bundle_from_doc, bundle_to_doc
-from policies.spec import BundleSpec
+from policies.spec import BundleSpec, PolicySpec
 from workloads.formats import FormatSpec
 from workloads.memory import KV_MODES
 
@@ -46,7 +55,9 @@ DEFAULT_DEVICE, DEFAULT_MODEL = "jetson-agx-orin-64gb", "mixtral-8x7b"
 DEFAULT_TOKENS, DEFAULT_PROMPT_TOKENS = 64, 16
 SYNTHETIC = "synthetic"
 KEYS = ("device", "storage", "power_mode", "model", "trace", "trace_options", "skew", "locality", "requests", "format",
-        "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store", "kv")
+        "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store", "kv", "placement", "host_budget",
+        "host_cache")
+TIER_KEYS = ("placement", "host_budget", "host_cache")      # experiments/spec.py docstring
 META_KEYS = ("picked", "description")          # a pick file's provenance; not part of the run
 
 
@@ -71,10 +82,18 @@ class RunSpec:
     seed: int = 0
     store: str | None = None
     kv: str = "fixed"                 # the KV cache beside a fixed expert budget, or shared with it (workloads/memory.py)
+    placement: PolicySpec | None = None     # None: gpu-only
+    host_budget: int | None = None          # bytes of the host level; None: the profile's (when tiered)
+    host_cache: PolicySpec | None = None    # None: lru (when tiered)
 
     @property
     def synthetic(self) -> bool:
         return self.trace == SYNTHETIC
+
+    @property
+    def tiered(self) -> bool:
+        """Whether the run uses the host level under the accelerator (a placement, a host budget or cache)."""
+        return self.placement is not None or self.host_budget is not None or self.host_cache is not None
 
     # -- YAML ---------------------------------------------------------------------------------
     @classmethod
@@ -86,7 +105,8 @@ class RunSpec:
                 raise ConfigError(f"{where}: {key}: unknown key; keys: {', '.join(KEYS)}")
         doc = {k: v for k, v in doc.items() if k in KEYS}
         out = {k: _check_scalar(k, v, where) for k, v in doc.items()
-               if k not in ("format", "policy", "budget", "trace_options")}
+               if k not in ("format", "policy", "budget", "trace_options", *TIER_KEYS)}
+        out.update(_tier_keys(doc, where))
         bundle = bundle_from_doc(doc.get("policy", "lru"), f"{where}: policy.")
         fmt = FormatSpec.from_doc(doc["format"], f"{where}: format") if "format" in doc else None
         preset = _preset(bundle)
@@ -128,6 +148,12 @@ class RunSpec:
                "prompt_tokens": self.prompt_tokens, "seed": self.seed, "store": self.store}
         if self.kv != "fixed":           # (the default is left out: the hashes of earlier runs stay)
             doc["kv"] = self.kv
+        if self.placement is not None:
+            doc["placement"] = self.placement.to_doc()
+        if self.host_budget is not None:
+            doc["host_budget"] = self.host_budget
+        if self.host_cache is not None:
+            doc["host_cache"] = self.host_cache.to_doc()
         return doc
 
     @classmethod
@@ -189,18 +215,38 @@ def _check_scalar(key: str, value, where: str):
     return float(value) if kind is float else value
 
 
-def _budget(value, where: str):
-    """Bytes, `all`, or None (the engine's default)."""
-    if value is None or value == "all":
+def _budget(value, where: str, key: str = "budget"):
+    """Bytes, `all` (the budget only), or None (the engine's default)."""
+    if value is None or (value == "all" and key == "budget"):
         return value
     try:
-        out = parse_size(value, "budget") if isinstance(value, str) else value
+        out = parse_size(value, key) if isinstance(value, str) else value
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if isinstance(out, bool) or not isinstance(out, (int, float)) or not 0 < out < 2 ** 63 or int(out) != out:
-        raise ConfigError(f"{where}: budget: a size between 1 byte and 2^63 (e.g. 2GB, 512MiB) or `all`, "
+        words = " or `all`" if key == "budget" else ""
+        raise ConfigError(f"{where}: {key}: a size between 1 byte and 2^63 (e.g. 2GB, 512MiB){words}, "
                           f"got {value!r}")
     return int(out)
+
+
+def _tier_keys(doc: dict, where: str) -> dict:
+    """placement, host_budget and host_cache of a spec document, checked (gpu-only alone is the default)."""
+    out = {}
+    for key, role in (("placement", "placement"), ("host_cache", "cache")):
+        value = doc.get(key)
+        if value is None:
+            continue
+        name, options = (value.get("name"), value.get("options")) if isinstance(value, dict) else (value, None)
+        if isinstance(value, dict) and (set(value) - {"name", "options"} or "name" not in value):
+            raise ConfigError(f"{where}: {key}: a name or {{name: NAME, options: {{...}}}}, got {value!r}")
+        spec = PolicySpec.make(role, name, options, where=f"{where}: {'host_' if role == 'cache' else ''}")
+        if key == "placement" and spec == PolicySpec("gpu-only"):
+            continue
+        out[key] = spec
+    if doc.get("host_budget") is not None:
+        out["host_budget"] = _budget(doc["host_budget"], where, "host_budget")
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -67,6 +67,9 @@ def load_grid(path) -> list[RunSpec]:
     specs, seen = [], set()
     for entry, where in _entries(doc, path):
         spec = _checked({**base, **entry}, f"{path}: {where}")
+        if spec.tiered:               # a row has no columns for them (yet): its pick would drop them
+            raise ConfigError(f"{path}: {where}: placement, host_budget, host_cache: a sweep row does not record "
+                              f"the host level yet; run such a spec with `moelab simulate --spec FILE`")
         if spec.config_hash() not in seen:
             seen.add(spec.config_hash())
             specs.append(spec)

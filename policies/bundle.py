@@ -31,8 +31,10 @@ from policies.base import (Allocator, BudgetError, Demand, Key, LoadItem, NeedsF
                            Scheduler, layer_demand_bytes, largest_layer_demand, needed_keys)
 from policies.cache import CachePolicy
 from policies.cost import CostModel
+from policies.placement import Placement
 from policies.prefetch import Prefetcher
 from policies.registry import make_allocator, make_cache, make_prefetcher, make_scheduler
+from policies.tiers import LowerLevel, TierDecision, split_demand
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
 from workloads.stats import popularity
@@ -62,6 +64,7 @@ class Decision:
     loads: list[Load]                                 # plan, then prefetches, in storage order
     decompress_order: list[Key] | None = None         # None: tasks in load order
     compute_order: list[tuple[int, int]] | None = None  # None: in order of readiness
+    tiers: TierDecision | None = None                 # with a host level: sources, CPU share (policies/tiers.py)
 
     def rows(self) -> dict[tuple[int, int], list[int]]:
         """Token rows of each (expert, level) to compute."""
@@ -110,16 +113,23 @@ class DemandMemo:
 @dataclass
 class Policies:
     """A policy bundle: the run's allocator, scheduler, cache and (optional) prefetcher. `demands`:
-    a table of demands to reuse (DemandMemo; build_policies shares its probe's)."""
+    a table of demands to reuse (DemandMemo; build_policies shares its probe's). `lower`: the host
+    RAM level under the accelerator's cache, `placement`: where each expert computes (both
+    optional, policies/tiers.py and policies/placement.py; placement needs the host level)."""
     allocator: Allocator
     scheduler: Scheduler
     cache: CachePolicy
     prefetcher: Prefetcher | None = None
     demands: dict | None = None
     capacities: Sequence[int] | None = None    # the shared KV mode: the expert capacity of each step
+    lower: LowerLevel | None = None
+    placement: Placement | None = None
 
     def __post_init__(self):
         self.allocator.cache = self.cache         # an allocator may read residency and the budget
+        if self.placement is not None:
+            assert self.lower is not None, "a CPU placement computes from host RAM: it needs the host level"
+            self.placement.cache, self.placement.lower = self.cache, self.lower
         self.fmt = self.cache.ctx.fmt
         self.allocate = DemandMemo.of(self.allocator, self.demands).allocate
         # a scheduler that keeps the base class's orders (None: the engines' defaults) is not asked
@@ -129,6 +139,8 @@ class Policies:
 
     def decide(self, layer: int, routing: Routing) -> Decision:
         demand = self.allocate(layer, routing)
+        if self.lower is not None:
+            return self._tiered(layer, demand, routing)
         cache, sched = self.cache, self.scheduler
         plan = sched.order(layer, demand, cache.resident(layer))
         keys = needed_keys(demand, self.fmt)
@@ -143,7 +155,35 @@ class Policies:
         return Decision(layer, demand, keys, hits, loads, sched.decompress_order(layer, plan),
                         sched.compute_order(layer, demand, plan))
 
+    def _tiered(self, layer: int, demand: Demand, routing: Routing) -> Decision:
+        """decide with a host level: the placement first (the scheduler and the accelerator's cache
+        see the accelerator's share only), the accelerator's sequence as in decide, then the host
+        level routes its loads and the CPU share's parts. Decision.demand is the accelerator's share."""
+        placement, cpu = {}, None
+        if self.placement is not None:
+            placement = self.placement.place(layer, demand)
+            if any(where == "cpu" for where in placement.values()):
+                gpu, cpu = split_demand(demand, placement)
+            else:
+                gpu = demand
+        else:
+            gpu = demand
+        cache, sched = self.cache, self.scheduler
+        plan = sched.order(layer, gpu, cache.resident(layer))
+        keys = needed_keys(gpu, self.fmt)
+        hits = cache.begin_layer(layer, keys, gpu)
+        loads = [_new_load((item, PLAN, cache.admit(item))) for item in plan]
+        if self.prefetcher is not None:
+            for item, evicted in cache.prefetch(self.prefetcher.after_layer(layer, gpu, routing)):
+                loads.append(_new_load((item, PREFETCH, evicted)))
+        orders = (sched.decompress_order(layer, plan), sched.compute_order(layer, gpu, plan)) if self._orders \
+            else (None, None)
+        return Decision(layer, gpu, keys, hits, loads, *orders,
+                        tiers=self.lower.route(layer, demand, loads, cpu, placement))
+
     def finish(self, layer: int) -> list[Key]:
+        if self.lower is not None:
+            self.lower.end_layer(layer)           # its drops: self.lower.finished
         return self.cache.end_layer(layer)
 
     def begin_step(self, step: int) -> list[Key]:
@@ -157,7 +197,7 @@ class Policies:
     def report(self) -> dict:
         """The policies' own counters (engines put them in the timeline's meta)."""
         out = {}
-        for policy in (self.allocator, self.scheduler, self.cache, self.prefetcher):
+        for policy in (self.allocator, self.scheduler, self.cache, self.prefetcher, self.placement):
             report = getattr(policy, "report", None)
             if report is not None:
                 out.update(report())

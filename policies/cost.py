@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from devices import kernels
 from devices.profile import Contention, DeviceProfile, MeasuredTables, StorageProfile, measured_key
+from devices.levels import cpu_of, lower_link
 from devices.units import ConfigError
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
@@ -38,6 +39,7 @@ class CostModel:
     fmt: ExpertFormat
     _dense: dict = field(default_factory=dict, repr=False)
     _expert: dict = field(default_factory=dict, repr=False)
+    _cpu: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, device: DeviceProfile, model: ModelArch, fmt: ExpertFormat,
@@ -50,6 +52,24 @@ class CostModel:
     def read_seconds(self, nbytes: int) -> float:
         """One read of `nbytes` alone on the storage: its latency plus its transfer."""
         return self.storage.latency + nbytes / self.storage.read_bandwidth
+
+    # -- tiers (devices/tiers.py) ------------------------------------------------------
+    def link_seconds(self, nbytes: int) -> float:
+        """One copy of `nbytes` alone over the link from host RAM to the accelerator."""
+        link = lower_link(self.device)
+        return link.latency + nbytes / link.bandwidth
+
+    def cpu_expert_seconds(self, level: int, tokens: int) -> float:
+        """One expert at `level` for `tokens` tokens on the host CPU (cpu:), from host RAM: the roofline
+        kernel on the CPU's figures (its weights at its memory bandwidth, the matmul at its flops, its
+        per-call overhead), with the dequantization pass the accelerator's call makes (dequant_bytes)."""
+        key = (level, tokens)
+        t = self._cpu.get(key)
+        if t is None:
+            fmt = self.fmt
+            t = self._cpu[key] = kernels.expert_seconds(kernels.ROOFLINE, cpu_of(self.device), fmt.level_sizes[level],
+                                                        fmt.params, self.dequant_bytes(level), tokens)
+        return t
 
     # -- decompression ---------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ from policies.cache import FIFO, LFU, LRU, Belady, BudgetRule, CachePolicy, OnDe
 from policies.layered import LAYERED_CACHES
 from policies.lookahead import LOOKAHEAD_PREFETCHERS
 from policies.options import convert
+from policies.placement import PLACEMENT_CLASSES, Placement
 from policies.prefetch import LastUse, NextLayerOracle, Prefetcher
 from policies.schedulers import HEBF, FifoScheduler
 from policies.zipmoe import ZIPMOE_CACHES
@@ -21,6 +22,7 @@ CACHES = {c.name: c for c in (OnDemand, FIFO, LRU, LFU, StaticHot, Belady, Budge
                               *ZIPMOE_CACHES)}
 SCHEDULERS = {s.name: s for s in (FifoScheduler, HEBF, ZipMoEScheduler, LayerStream)}
 ALLOCATORS = dict(ALLOCATOR_CLASSES)
+PLACEMENTS = dict(PLACEMENT_CLASSES)      # where each expert computes (policies/placement.py)
 PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, NextLayerAll,
                                                   *LOOKAHEAD_PREFETCHERS)}
 
@@ -59,6 +61,10 @@ def make_allocator(name: str, ctx: PolicyContext, **options) -> Allocator:
 def _build(cls, ctx: PolicyContext, options: dict):
     """cls(ctx, **options), each option converted and checked by cls's declaration (policies/options.py)."""
     return cls(ctx, **convert(cls, options))
+
+
+def make_placement(name: str, ctx: PolicyContext, **options) -> Placement:
+    return _build(lookup(PLACEMENTS, "placement", name), ctx, options)
 
 
 def make_prefetcher(name: str, ctx: PolicyContext, **options) -> Prefetcher | None:

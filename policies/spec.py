@@ -19,10 +19,14 @@ from dataclasses import dataclass, field, replace
 
 from devices.units import ConfigError
 from policies.options import as_yaml, convert, declared
-from policies.registry import ALLOCATORS, CACHES, PREFETCHERS, SCHEDULERS
+from policies.registry import ALLOCATORS, CACHES, PLACEMENTS, PREFETCHERS, SCHEDULERS
 
 ROLES = {"cache": (CACHES, "lru"), "scheduler": (SCHEDULERS, "fifo"), "allocator": (ALLOCATORS, "fixed"),
          "prefetch": (PREFETCHERS, "none")}
+# roles a run spec names beside its bundle (experiments/spec.py: placement, host_cache), so that a
+# bundle's document, label and hash stay what they were
+EXTRA_ROLES = {"placement": (PLACEMENTS, "gpu-only")}
+ALL_ROLES = ROLES | EXTRA_ROLES
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class PolicySpec:
 
     @classmethod
     def make(cls, role: str, name: str, options: dict | None = None, where: str = "") -> "PolicySpec":
-        table = ROLES[role][0]
+        table = ALL_ROLES[role][0]
         where = f"{where}{role}" if where else role
         if not isinstance(name, str) or name not in table:
             raise ConfigError(f"{where}: unknown {role} {name!r}; known: {', '.join(table)}")
@@ -139,7 +143,7 @@ def _short(value) -> str:
 
 def option_help(role: str) -> str:
     """Every option of every policy of a role, for the command line's help (generated, not typed)."""
-    table = ROLES[role][0]
+    table = ALL_ROLES[role][0]
     lines = []
     for name, policy in table.items():
         opts = declared(policy) if policy is not None else {}

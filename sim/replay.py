@@ -25,7 +25,7 @@ def replay_policies(workload, policies) -> dict:
     garbage collector paused, as in the engine's runs)."""
     from sim.engine import gc_paused
     p = policies
-    hits = accesses = 0
+    hits = accesses = host_hits = host_accesses = 0
     decide, finish = p.decide, p.finish
     with gc_paused():
         for step, layer, routing in workload_routings(workload):
@@ -34,9 +34,16 @@ def replay_policies(workload, policies) -> dict:
             d = decide(layer, routing)
             hits += d.hits
             accesses += len(d.keys)
+            if d.tiers is not None:            # the host level's own accesses (policies/tiers.py)
+                host_hits += d.tiers.hits
+                host_accesses += d.tiers.accesses
             finish(layer)
-    return {"hits": hits, "accesses": accesses, "hit_ratio": hits / accesses if accesses else float("nan"),
-            "peak_bytes": p.cache.peak}
+    out = {"hits": hits, "accesses": accesses, "hit_ratio": hits / accesses if accesses else float("nan"),
+           "peak_bytes": p.cache.peak}
+    if p.lower is not None:
+        out.update(host_hits=host_hits, host_accesses=host_accesses, host_peak_bytes=p.lower.cache.peak,
+                   host_hit_ratio=host_hits / host_accesses if host_accesses else float("nan"))
+    return out
 
 
 def replay_capacities(workload, policy: str, capacities, unit_bytes: int | None = None) -> dict[int, float | None]:

@@ -18,12 +18,13 @@ import numpy as np  # noqa: E402
 
 from timeline.events import Timeline  # noqa: E402
 
-COLORS = {"load": "tab:blue", "decompress": "tab:purple", "expert": "tab:orange", "dense": "tab:gray"}
-ORDER = ("io", "decompress", "dense", "compute")
+COLORS = {"load": "tab:blue", "decompress": "tab:purple", "expert": "tab:orange", "dense": "tab:gray",
+          "copy": "tab:green"}
+ORDER = ("io", "decompress", "link", "dense", "compute", "cpu")    # link:host-ram>gpu, cpu: sim/tiers.py
 
 
 def _rank(res: str):
-    base = res.split("[")[0]
+    base = res.split("[")[0].split(":")[0]
     index = int(res[len(base) + 1:-1]) if "[" in res else 0
     return (ORDER.index(base) if base in ORDER else len(ORDER), index)
 

@@ -221,6 +221,28 @@ def add_policy_args(p) -> None:
                        help=f"{role} option, repeatable: {option_help(role)}")
     g.add_argument("--preset", metavar="NAME", help="a named bundle (format + policies): d2moe, its ablations and "
                                                     "baselines, zipmoe and its (`moelab policies`)")
+    add_tier_args(p)
+
+
+def add_tier_args(p) -> None:
+    """A host RAM level under the accelerator and where experts compute (devices/tiers.py,
+    policies/tiers.py, policies/placement.py); the device profile must have the level (tiers:)."""
+    from policies import CACHES
+    from policies.registry import PLACEMENTS
+    from policies.spec import option_help
+    g = p.add_argument_group("memory tiers and placement (devices with a host level: `moelab devices show NAME`)")
+    g.add_argument("--placement", choices=list(PLACEMENTS), metavar="NAME",
+                   help=f"where experts compute (default: gpu-only): {', '.join(PLACEMENTS)}; any but gpu-only "
+                        f"uses the host level")
+    g.add_argument("--placement-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help=f"placement option, repeatable: {option_help('placement')}")
+    g.add_argument("--host-budget", type=size_arg, metavar="SIZE",
+                   help="expert budget of the host RAM level (default with a placement or --host-cache: the "
+                        "profile's tier's); gives the run that level")
+    g.add_argument("--host-cache", choices=list(CACHES), metavar="NAME",
+                   help="cache policy of the host level (default: lru; online policies only)")
+    g.add_argument("--host-cache-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="host cache option, repeatable (as --cache-option)")
 
 
 def add_trace_option_arg(p) -> None:

@@ -29,11 +29,11 @@ def cmd_models(args) -> None:
 def cmd_policies(args) -> None:
     """The registered policies and presets; with a NAME, that policy's options (declared in its class)."""
     from policies.presets import PRESETS
-    from policies.spec import ROLES
+    from policies.spec import ALL_ROLES
     if args.name:
         print_policy(args.name)
         return
-    for role, (table, _) in ROLES.items():
+    for role, (table, _) in ALL_ROLES.items():
         names = [f"{n} (offline bound)" if getattr(c, "offline", False) else n for n, c in table.items()]
         print(f"  {role + ':':<11} {', '.join(names)}")
     print("  presets (--preset NAME; D²MoE, ZipMoE and the baselines of their evaluations):")
@@ -45,7 +45,7 @@ def cmd_policies(args) -> None:
 def print_policy(name: str) -> None:
     from policies import declared
     from policies.presets import PRESETS
-    from policies.spec import ROLES
+    from policies.spec import ALL_ROLES as ROLES
     found = [(role, table[name]) for role, (table, _) in ROLES.items() if name in table]
     if not found and name in PRESETS:
         p = PRESETS[name]

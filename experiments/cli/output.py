@@ -50,6 +50,13 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         rows.append(("precision", f"{m['bits_per_weight']:.2f} bits per weight (token-weighted)"))
     rows += [("compute bubble", _ratio(m["compute_bubble_fraction"])),
              ("I/O busy", _ratio(m["io_busy_fraction"]))]
+    if "host_hit_ratio" in m:                  # a host level (timeline/tiers.py)
+        rows.append(("host level", f"{m['host_cache']} over {format_size(m['host_budget_bytes'])}: hit ratio "
+                                   f"{_ratio(m['host_hit_ratio'])}, peak {format_size(m['host_peak_bytes'])}"))
+        rows += [(f"copies {r.removeprefix('link:')}", f"{format_size(b)}, busy {_ratio(m['link_busy_fraction'][r])}")
+                 for r, b in m["link_bytes"].items()]
+        rows.append(("CPU experts", f"{m['placement']}: {_ratio(m['cpu_token_share'])} of expert tokens, CPU busy "
+                                    f"{_ratio(m['cpu_busy_fraction'])}"))
     if m.get("energy_per_token_j") is not None:
         rows.append(("energy", f"{m['energy_per_token_j']:.3g} J per token, {m['average_power_w']:.3g} W average "
                                f"({m['energy_j']:.4g} J{', mode ' + m['power_mode'] if m.get('power_mode') else ''})"))

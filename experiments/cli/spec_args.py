@@ -56,6 +56,7 @@ def spec_from_args(args) -> RunSpec:
                     doc.pop(key, None)
     _format_flags(args, doc)
     _bundle_flags(args, doc)
+    _tier_flags(args, doc)
     try:
         return RunSpec.from_doc(doc, "command line")
     except ConfigError as e:
@@ -109,6 +110,23 @@ def _bundle_flags(args, doc: dict) -> None:
         doc["policy"] = bundle
 
 
+def _tier_flags(args, doc: dict) -> None:
+    """--placement, --host-budget, --host-cache and their options onto the spec's tier keys."""
+    if getattr(args, "host_budget", None) is not None:
+        doc["host_budget"] = args.host_budget
+    for key, flag in (("placement", "placement"), ("host_cache", "host_cache")):
+        name, options = getattr(args, flag, None), dict(getattr(args, f"{flag}_option", None) or [])
+        if name is None and not options:
+            continue
+        current = doc.get(key)
+        base = current if isinstance(current, dict) else {"name": current} if current else {}
+        if name is not None and name != base.get("name"):
+            base = {"name": name}
+        if not base.get("name"):
+            raise MoelabError(f"--{flag.replace('_', '-')}-option needs --{flag.replace('_', '-')} NAME")
+        doc[key] = {"name": base["name"], "options": {**(base.get("options") or {}), **options}}
+
+
 def _bundle_doc(doc) -> dict:
     from policies.presets import bundle_from_doc
     return bundle_from_doc(doc, "policy.").to_doc()
@@ -121,7 +139,9 @@ def _name(role_doc) -> str:
 FLAG_WORDS = {"policy.cache_options": "--cache-option", "policy.scheduler_options": "--scheduler-option",
               "policy.allocator_options": "--allocator-option", "policy.prefetch_options": "--prefetch-option",
               "policy.cache": "--policy", "policy.scheduler": "--scheduler", "policy.allocator": "--allocator",
-              "policy.prefetch": "--prefetch", "prompt_tokens": "--prompt-tokens", "trace_options": "--option"}
+              "policy.prefetch": "--prefetch", "prompt_tokens": "--prompt-tokens", "trace_options": "--option",
+              "placement_options": "--placement-option", "placement": "--placement", "host_cache_options":
+              "--host-cache-option", "host_cache": "--host-cache", "host_budget": "--host-budget"}
 
 
 def _flag_words(message: str) -> str:
