@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from devices.units import ConfigError, format_size
@@ -83,6 +83,12 @@ def importer_options() -> dict[str, list[str]]:
 
 def model_of(spec: RunSpec, trace=None):
     """The spec's model, else the one its trace names, else the default."""
+    from workloads.catalog import get_model, model_of_trace
+    model = _model_named(spec, trace)
+    return replace(model, dense_bits=spec.dense_bits) if spec.dense_bits else model
+
+
+def _model_named(spec: RunSpec, trace=None):
     from workloads.catalog import get_model, model_of_trace
     if spec.model is not None:
         return get_model(spec.model)

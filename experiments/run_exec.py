@@ -75,6 +75,9 @@ def check_spec(spec: RunSpec) -> None:
     if spec.policy.prefetch.name == "oracle" and spec.synthetic:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")
+    if spec.dense_bits not in (None, 16):
+        raise MoelabError(f"dense_bits {spec.dense_bits}: the executor runs the model's dense weights as they are "
+                          f"stored; quantized dense weights are a simulator what-if (`moelab simulate --dense-bits`)")
 
 
 def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True) -> ExecRun:

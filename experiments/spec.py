@@ -56,7 +56,7 @@ DEFAULT_TOKENS, DEFAULT_PROMPT_TOKENS = 64, 16
 SYNTHETIC = "synthetic"
 KEYS = ("device", "storage", "power_mode", "model", "trace", "trace_options", "skew", "locality", "requests", "format",
         "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store", "kv", "placement", "host_budget",
-        "host_cache")
+        "host_cache", "dense_bits")
 TIER_KEYS = ("placement", "host_budget", "host_cache")      # experiments/spec.py docstring
 META_KEYS = ("picked", "description")          # a pick file's provenance; not part of the run
 
@@ -85,6 +85,7 @@ class RunSpec:
     placement: PolicySpec | None = None     # None: gpu-only
     host_budget: int | None = None          # bytes of the host level; None: the profile's (when tiered)
     host_cache: PolicySpec | None = None    # None: lru (when tiered)
+    dense_bits: int | None = None           # the non-expert weights' precision (DENSE_BITS); None: the model dtype's
 
     @property
     def synthetic(self) -> bool:
@@ -154,6 +155,8 @@ class RunSpec:
             doc["host_budget"] = self.host_budget
         if self.host_cache is not None:
             doc["host_cache"] = self.host_cache.to_doc()
+        if self.dense_bits is not None:
+            doc["dense_bits"] = self.dense_bits
         return doc
 
     @classmethod
@@ -193,10 +196,11 @@ def _preset(bundle):
     return get_preset(bundle.preset)
 
 
-SCALAR_TYPES = {"kv": str, "device": str, "storage": str, "power_mode": str, "model": str, "trace": str, "store": str, "skew": float,
+DENSE_BITS = (4, 8, 16)        # the precisions a deployment stores its non-expert weights at
+SCALAR_TYPES = {"dense_bits": int, "kv": str, "device": str, "storage": str, "power_mode": str, "model": str, "trace": str, "store": str, "skew": float,
                 "locality": float, "requests": int, "batch": int, "tokens": int, "prompt_tokens": int, "seed": int}
 MINIMUM = {"requests": 1, "batch": 1, "tokens": 1, "prompt_tokens": 0, "seed": 0, "skew": 0, "locality": 0}
-NULLABLE = ("device", "storage", "power_mode", "model", "requests", "tokens", "prompt_tokens", "store")
+NULLABLE = ("dense_bits", "device", "storage", "power_mode", "model", "requests", "tokens", "prompt_tokens", "store")
 
 
 def _check_scalar(key: str, value, where: str):
@@ -208,6 +212,9 @@ def _check_scalar(key: str, value, where: str):
         words = {str: "a name or path", float: "a number", int: "a whole number"}[kind]
         low = f" >= {MINIMUM[key]}" if key in MINIMUM else ""
         raise ConfigError(f"{where}: {key}: must be {words}{low}, got {value!r}")
+    if key == "dense_bits" and value not in DENSE_BITS:
+        raise ConfigError(f"{where}: dense_bits: {value!r} is not a precision of the dense weights; allowed: "
+                          f"{', '.join(map(str, DENSE_BITS))}")
     if key == "kv" and value not in KV_MODES:
         raise ConfigError(f"{where}: kv: {value!r} is not a KV mode; allowed: {', '.join(KV_MODES)}")
     if key == "locality" and value > 1:
@@ -264,7 +271,7 @@ def trace_model(path: str):
 ROW_FIELDS = ("config_hash", "device", "storage", "power_mode", "model", "trace", "trace_options", "policy", "preset", "cache",
               "cache_options", "scheduler", "scheduler_options", "allocator", "allocator_options", "prefetch",
               "prefetch_options", "budget_bytes", "batch", "format", "ladder", "codec", "tokens", "prompt_tokens",
-              "requests", "skew", "locality", "seed", "store", "kv")
+              "requests", "skew", "locality", "seed", "store", "kv", "dense_bits")
 
 
 def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
@@ -278,7 +285,7 @@ def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
            "preset": b.preset, "budget_bytes": spec.budget, "batch": spec.batch, "format": f.name,
            "ladder": f.ladder or "", "codec": f.codec or "", "tokens": spec.tokens, "prompt_tokens": spec.prompt_tokens,
            "requests": spec.requests, "skew": spec.skew, "locality": spec.locality, "seed": spec.seed,
-           "store": spec.store or "", "kv": spec.kv}
+           "store": spec.store or "", "kv": spec.kv, "dense_bits": spec.dense_bits or ""}
     for role in ("cache", "scheduler", "allocator", "prefetch"):
         p = getattr(b, role)
         row[role] = p.name
@@ -307,6 +314,7 @@ def row_spec(row: dict, where: str = "row") -> RunSpec:
            "skew": num("skew", float), "locality": num("locality", float), "requests": num("requests", int),
            "format": fmt, "policy": policy, "budget": budget if budget == "all" else num("budget_bytes", int),
            "batch": num("batch", int), "tokens": num("tokens", int), "prompt_tokens": num("prompt_tokens", int),
-           "seed": num("seed", int), "store": row.get("store") or None, "kv": row.get("kv") or "fixed"}
+           "seed": num("seed", int), "store": row.get("store") or None, "kv": row.get("kv") or "fixed",
+           "dense_bits": num("dense_bits", int)}
     spec = RunSpec.from_doc(doc, where)
     return spec.with_(policy=replace(spec.policy, preset=row.get("preset") or ""))

@@ -202,6 +202,7 @@ class CostModel:
                 t = self.measured.dense(tokens, prefill)
             else:
                 m = self.model
-                t = self.device.expert_time(m.dense_params_per_layer * m.dtype_bytes, m.dense_params_per_layer, tokens)
+                dense_bytes = int(m.dense_params_per_layer * m.dense_bytes_per_param)
+                t = self.device.expert_time(dense_bytes, m.dense_params_per_layer, tokens)
             self._dense[key] = t
         return t

@@ -32,6 +32,7 @@ class ModelArch:
     source: str = ""
     head_dim: int = 0           # attention head size (0: d_model // n_heads, where config.json sets none)
     kv_dtype_bytes: int = 0     # bytes per cached K/V element (0: dtype_bytes)
+    dense_bits: int = 0         # bits per non-expert weight as deployed (0: the model dtype's; RunSpec dense_bits)
     kv_dims: int = 0            # K/V elements cached per token and layer (0: 2 x n_kv_heads x head_dim;
                                 #   MLA caches one latent instead)
 
@@ -88,7 +89,13 @@ class ModelArch:
                              + self.shared_experts * self.expert_matrices * self.d_model * self.shared_d_ff)
         dense_ffn = self.dense_layers * self.expert_matrices * self.d_model * self.dense_d_ff
         params = self.attention_layers * self.attention_params_per_layer + moe + dense_ffn + 2 * self.vocab * self.d_model
-        return params * self.dtype_bytes
+        return int(params * self.dense_bytes_per_param)
+
+    @property
+    def dense_bytes_per_param(self) -> float:
+        """Bytes per non-expert weight: the model dtype's, or `dense_bits` where the deployment
+        quantizes them (llama.cpp quantizes every weight; D²MoE's setup leaves it unsaid)."""
+        return self.dense_bits / 8 if self.dense_bits else self.dtype_bytes
 
     @property
     def dense_params_per_layer(self) -> int:

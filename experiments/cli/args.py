@@ -276,6 +276,13 @@ def add_spec_arg(p) -> None:
                                                   "one); flags given beside it override its fields")
 
 
+def add_dense_bits_arg(p) -> None:
+    from experiments.spec import DENSE_BITS
+    p.add_argument("--dense-bits", type=int, choices=DENSE_BITS,
+                   help="bits per non-expert weight (attention, routers, shared experts, embeddings) as deployed: "
+                        "their memory and their reads (default: the model's dtype, 16)")
+
+
 def add_kv_arg(p) -> None:
     from workloads.memory import KV_MODES
     p.add_argument("--kv", choices=KV_MODES,

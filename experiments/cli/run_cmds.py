@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from devices.units import format_size
-from experiments.cli.args import (SIZE_UNITS, TOKENS_HELP, add_format_args, add_kv_arg, add_model_args, add_policy_args,
-                                      add_spec_arg, add_trace_option_arg, add_workload_args, budget_arg,
-                                      check_out_dir, check_torch_device, device_storage, positive_int)
+from experiments.cli.args import (SIZE_UNITS, TOKENS_HELP, add_dense_bits_arg, add_format_args, add_kv_arg,
+                                      add_model_args, add_policy_args, add_spec_arg, add_trace_option_arg,
+                                      add_workload_args, budget_arg, check_out_dir, check_torch_device, device_storage, positive_int)
 from experiments.cli.output import hit_ratio_note, print_table, report_rows, summary_rows, write_outputs
 from experiments.cli.spec_args import spec_from_args
 
@@ -86,6 +86,7 @@ def add_parsers(sub, add) -> None:
                    help=f"memory budget for experts, e.g. 3GB ({SIZE_UNITS}), or all (every expert resident); "
                         f"default: the device's expert budget")
     add_kv_arg(p)
+    add_dense_bits_arg(p)
     add_spec_arg(p)
     p.add_argument("--out", default="runs/simulate", help="output folder (replaced as a whole by each run)")
     p.add_argument("--no-fast-path", action="store_true",
