@@ -253,3 +253,21 @@ def test_executor_kv_bytes_equal_the_simulators(tmp_path, kv):
     assert run.timeline.decisions() == sim.timeline.decisions()
     if kv == "shared":                          # the cache yielded at a step start, in both engines
         assert any(d[0] == "evict" and d[1] == 1 for d in sim.timeline.decisions())
+
+
+def test_budget_only_models_the_budget_alone_and_says_whether_it_would_fit():
+    """kv budget-only (a paper's formulation: only the expert budget): never refused, the budget as
+    given, and the meta says what the whole would need. D²MoE's Env 1 LLaMA-MoE point: 0.8 GB reserved
+    + 4.82 GB bf16 dense + 4.29 GB KV (32 x 256 tokens x 524288 B) + 1.6 GB = 11.52 GB > 6 GB."""
+    from dataclasses import replace as _replace
+    from devices.profile import load_device
+    device, m = load_device("rtx-3060-laptop-6gb"), CATALOG["llama-moe-3.5b"]
+    kv = lockstep_kv(32, 32, 128, 128)
+    assert max(s.held_bytes(m) for s in kv) == 32 * 256 * 524288
+    with pytest.raises(MemoryRefused):
+        split_memory("fixed", device, m, kv, 1_600_000_000)
+    split = split_memory("budget-only", device, m, kv, 1_600_000_000)
+    assert split.budget == 1_600_000_000 and split.meta()["fits"] is False
+    assert "needs 11.52GB of 6.00GB (it would not fit)" in split.note
+    small = split_memory("budget-only", device, _replace(m, dense_bits=4), lockstep_kv(1, 1, 16, 16), 200_000_000)
+    assert small.meta()["fits"] is True

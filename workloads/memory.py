@@ -18,6 +18,9 @@ Two modes (RunSpec `kv`):
 - shared: the expert cache's capacity at each step is what the step's KV leaves (at most the
   budget, when one is given); the cache evicts as the KV grows (CachePolicy.resize, called through
   Policies.begin_step by every engine with these same figures).
+- budget-only: only the expert budget is modelled, as the papers' formulations do (a reproduction of
+  a setup whose memory beyond the experts is not stated); the split is still computed and reported,
+  with whether it would fit (`fits` in the meta), never refused.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import numpy as np
 
 from devices.units import ConfigError, MoelabError, format_size
 
-KV_MODES = ("fixed", "shared")
+KV_MODES = ("fixed", "shared", "budget-only")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class MemorySplit:
                "dense_bytes": self.dense, "kv_peak_bytes": self.kv_peak, "expert_budget_bytes": self.budget}
         if self.capacities is not None:
             out["expert_capacity_min_bytes"] = min(self.capacities, default=self.budget)
+        out["fits"] = self.reserved + self.dense + self.kv_peak + self.budget <= self.memory \
+            if self.capacities is None else True
         if self.note:
             out["note"] = self.note
         return out
@@ -138,6 +143,12 @@ def split_memory(mode: str, device, model, kv: list[StepKV], budget: int | None,
     name = f"{where}: " if where else ""
     if mode == "shared":
         return _shared(name, memory, reserved, dense, per_step, left, budget)
+    if mode == "budget-only":
+        budget = (device.expert_budget_bytes if default is None else default) if budget is None else budget
+        need = reserved + dense + peak + budget
+        return MemorySplit(mode, memory, reserved, dense, per_step, budget,
+                           f"memory not checked: the run needs {format_size(need)} of {format_size(memory)}"
+                           + ("" if need <= memory else " (it would not fit)"))
     fits = left - peak
     terms = (f"reserved {format_size(reserved)} + dense weights {format_size(dense)} + KV peak {format_size(peak)} "
              f"({peak // max(1, model.kv_bytes_per_token)} tokens x {model.kv_bytes_per_token} B)")
