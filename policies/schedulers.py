@@ -32,8 +32,10 @@ class FifoScheduler(Scheduler):
         self.decompresses = any(self.fmt.decompress_bytes)     # a format with decompression tasks
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
-        fmt = self.fmt
-        items = [load_item(k, fmt) for k in needed_keys(demand, fmt) if k not in resident]
+        fmt, items = self.fmt, []
+        for k in needed_keys(demand, fmt):      # (a loop: most keys are resident, a comprehension costs a call)
+            if k not in resident:
+                items.append(load_item(k, fmt))
         # (the sorts are stable: parts stay ascending within an expert)
         if self.by_id:
             items.sort(key=lambda it: (it.key.expert, not it.decompress_bytes))

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from policies import Policies, Routing
-from policies.bundle import PLAN, step_predictions
+from policies.bundle import PLAN, step_routings
 from policies.cost import CostModel
 from sim.host import HostContention
 from sim.record import FigureRecorder, TimelineRecorder
@@ -41,7 +41,6 @@ from timeline.events import Timeline
 from workloads.workload import Workload
 
 
-_routing = partial(tuple.__new__, Routing)     # a Routing from a full 4-tuple, without NamedTuple's __new__
 _first = itemgetter(0)
 
 
@@ -118,8 +117,7 @@ class Simulator:
         layers = self.w.model.layers
         layer_fn, timeout, host = self._layer, env.timeout, self.host
         for step in self.w.steps:
-            experts, scores, levels = self.w.routing_arrays(step)
-            pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
+            routings = step_routings(self.w, step)
             n, s = len(step.tokens), step.index
             t_dense = self.dense_seconds(n, step.prefill)
             # The layers of a step are a chain (each needs the previous one's output) and this is
@@ -127,12 +125,9 @@ class Simulator:
             # servers' state and the clock advances once per step: one SimPy wake-up per token
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
             t = env.now
-            for layer in range(layers):
+            for layer, routing in enumerate(routings):
                 end = host.dense_end(t, t_dense) if host is not None else t + t_dense
-                t = layer_fn(t, end, s, layer, n, _routing((experts[layer], scores[layer],
-                                                            None if levels is None else levels[layer],
-                                                            None if pred is None else (pred[0][layer],
-                                                                                       pred[1][layer]))))
+                t = layer_fn(t, end, s, layer, n, routing)
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
             bar.update(1)
