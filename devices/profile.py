@@ -6,6 +6,8 @@ YAML schema (every key is required unless marked optional; no other keys are all
     description: "NVIDIA Jetson ..."     # one line, free text
     memory: 64GB                        # total device memory (size; GB = 1e9 bytes, GiB also accepted)
     expert_budget: 32GB                 # default memory budget for experts (size, <= memory)
+    memory_reserved: 1.5GB              # optional: OS, runtime and engine buffers, never for weights or
+                                        #   KV (workloads/memory.py's split; default 0)
     default_storage: nvme               # one of the keys under `storage`
     storage:                            # one entry per storage option: nvme | microsd | usb-ssd | emmc
       nvme:
@@ -173,6 +175,7 @@ class DeviceProfile:
     decompress_workers: int                  # CPU threads usable for decompression
     decompress_throughput: dict[str, float]  # per worker, bytes/s of RAW output, by codec
     path: str = ""                           # file it was loaded from
+    memory_reserved_bytes: int = 0           # OS, runtime, engine buffers: not for weights or KV
 
     def storage_option(self, name: str | None = None) -> StorageProfile:
         """The named storage option; None gives the default."""
@@ -251,6 +254,7 @@ def load_device(name_or_path: str) -> DeviceProfile:
 
 
 _TOP = {"name", "description", "memory", "expert_budget", "default_storage", "storage", "compute", "decompress"}
+_TOP_OPTIONAL = frozenset({"memory_reserved"})
 _STORAGE = {"read_bandwidth", "latency", "queue_depth"}
 _COMPUTE = {"memory_bandwidth", "flops", "overhead"}
 KERNEL_FORMATS = ("bf16", "mwq", "copies", "zip")
@@ -413,11 +417,15 @@ class _Reader:
         return out
 
     def device(self, data) -> DeviceProfile:
-        d = self.mapping(data, "", _TOP)
+        d = self.mapping(data, "", _TOP, _TOP_OPTIONAL)
         memory = int(self.quantity(d["memory"], "memory", parse_size, "64GB"))
         budget = int(self.quantity(d["expert_budget"], "expert_budget", parse_size, "32GB"))
         if budget > memory:
             raise self.fail("expert_budget", f"{format_size(budget)} exceeds memory {format_size(memory)}")
+        reserved = int(self.quantity(d.get("memory_reserved", "0B"), "memory_reserved", parse_size, "1GB",
+                                     positive=False))
+        if reserved >= memory:
+            raise self.fail("memory_reserved", f"{format_size(reserved)} leaves nothing of memory {format_size(memory)}")
 
         raw_storage = d["storage"]
         if not isinstance(raw_storage, dict) or not raw_storage:
@@ -464,6 +472,7 @@ class _Reader:
             decompress_workers=self.count(z["workers"], "decompress.workers"),
             decompress_throughput=throughput,
             path=self.file,
+            memory_reserved_bytes=reserved,
         )
 
 

@@ -117,6 +117,7 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
     rt.begin_step(StepInfo(step, group, True, B * P, B))
     _force(model, rt, next(steps, None), B)
     logits = model(prompt, torch.arange(P))
+    _record_kv(model, rt)
     nxt = logits[:, -1].argmax(-1)
     out = [prompt, nxt[:, None]]
     bar.update(1)
@@ -125,10 +126,19 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
         rt.begin_step(StepInfo(step, group, False, B, B))
         _force(model, rt, next(steps, None), B)
         logits = model(nxt[:, None], torch.tensor([P + i]))
+        _record_kv(model, rt)
         nxt = logits[:, -1].argmax(-1)
         out.append(nxt[:, None])
         bar.update(1)
     return torch.cat(out, dim=1), step + 1
+
+
+def _record_kv(model, rt) -> None:
+    """The KV the model's caches hold at the end of a step (and the most they ever allocated)."""
+    held, allocated = model.kv_bytes()
+    meta = rt.timeline.meta
+    meta.setdefault("kv_bytes_per_step", []).append(held)
+    meta["kv_bytes_allocated"] = max(meta.get("kv_bytes_allocated", 0), allocated)
 
 
 def _default_lookahead(model, policies):

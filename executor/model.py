@@ -213,6 +213,7 @@ class KVCache(nn.Module):
         shape = (max_batch, n_kv_heads, max_seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.written = [0] * max_batch       # positions written per batch row (the KV it holds)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B = k.shape[0]
@@ -220,7 +221,16 @@ class KVCache(nn.Module):
         self.v_cache[:B, :, input_pos] = v
         # attend only over the filled prefix: positions > max(input_pos) are masked anyway
         end = int(input_pos.max()) + 1
+        self.written[:B] = [max(w, end) for w in self.written[:B]]
         return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+
+    def held_bytes(self) -> int:
+        """K and V bytes of the positions written: the KV this cache holds."""
+        per_position = 2 * self.k_cache.shape[1] * self.k_cache.shape[3] * self.k_cache.element_size()
+        return sum(self.written) * per_position
+
+    def allocated_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
 
 
 class Attention(nn.Module):
@@ -453,11 +463,19 @@ class MoETransformer(nn.Module):
         if max_seq > self.cfg.max_seq:
             raise ConfigError(f"sequence of {max_seq} tokens exceeds the model's max_seq={self.cfg.max_seq}")
         if max_batch <= self.max_batch and max_seq <= self.max_seq:
+            for b in self.layers:                  # reused: a new group of requests holds nothing yet
+                b.attention.kv_cache.written = [0] * len(b.attention.kv_cache.written)
             return
         dtype, device = self.output.weight.dtype, self.output.weight.device
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch, max_seq, self.cfg.n_kv_heads, self.cfg.head_dim, dtype, device)
         self.max_batch, self.max_seq = max_batch, max_seq
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(held, allocated) bytes of the KV caches over all layers: the positions written per batch
+        row x bytes per position, and the preallocated buffers."""
+        caches = [b.attention.kv_cache for b in self.layers if b.attention.kv_cache is not None]
+        return sum(c.held_bytes() for c in caches), sum(c.allocated_bytes() for c in caches)
 
     def clear_caches(self) -> None:
         for b in self.layers:
@@ -485,7 +503,8 @@ def model_arch(model: MoETransformer, name: str = "model") -> ModelArch:
     c = model.cfg
     return ModelArch(name, layers=c.n_layers, experts=c.experts, top_k=c.top_k, d_model=c.d_model, d_ff=c.d_ff,
                      shared_experts=c.shared_experts, shared_d_ff=c.shared_d_ff, expert_matrices=c.expert_matrices,
-                     n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab=c.vocab)
+                     n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab=c.vocab, head_dim=c.head_dim,
+                     kv_dtype_bytes=model.output.weight.element_size())
 
 
 def init_weights(model: MoETransformer, seed: int = 0, std: float = 0.02) -> MoETransformer:

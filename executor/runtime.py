@@ -124,6 +124,8 @@ class ExpertRuntime:
         self.timeline.meta["steps"].append(dict(step=step.index, group=step.group, prefill=step.prefill,
                                                 tokens=step.tokens, new_tokens=step.new_tokens))
         self.last = self.now()
+        for k in self.p.begin_step(step.index):      # the shared KV mode: the expert cache yields
+            self._evict(k, self.last, step.index)
 
     def _add(self, *fields) -> None:
         self.timeline.events.append(Event(*fields))

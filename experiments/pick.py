@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 
 from devices.units import ConfigError, parse_size
+from policies.registry import offline_names
 
 METRICS = {"throughput": ("throughput_tok_s", max), "tpot": ("tpot_s_mean", min), "tpot_p99": ("tpot_s_p99", min),
            "ttft": ("ttft_s", min), "hit_ratio": ("hit_ratio", max), "bytes_read": ("bytes_read", min),
            "peak_memory": ("peak_expert_bytes", min), "energy_per_token": ("energy_per_token_j", min)}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "=": operator.eq, "==": operator.eq}
-OFFLINE = {"cache": ("belady", "static-hot"), "prefetch": ("oracle",)}    # they read the run's future
 
 
 def parse_constraint(text: str):
@@ -54,7 +54,8 @@ def _fits(row, budget: int | None) -> bool:
 
 
 def offline(row: dict) -> bool:
-    return any(row.get(role) in names for role, names in OFFLINE.items())
+    """A row whose bundle reads its run's future (policies declared `offline`): no device can run it."""
+    return any(row.get(role) in names for role, names in offline_names().items())
 
 
 def pick(rows: list[dict], metric: str = "throughput", device: str | None = None, budget: int | None = None,
@@ -84,9 +85,9 @@ def pick(rows: list[dict], metric: str = "throughput", device: str | None = None
     if not allow_offline:
         online = [r for r in cands if not offline(r)]
         if cands and not online:
-            raise ConfigError("every run that meets the request uses an offline bound (belady, static-hot or the "
-                              "oracle prefetcher: they read the run's future, so no device can run them); give "
-                              "--allow-offline to pick one anyway")
+            bounds = ", ".join(n for names in offline_names().values() for n in names)
+            raise ConfigError(f"every run that meets the request uses an offline bound ({bounds}: they read the "
+                              f"run's future, so no device can run them); give --allow-offline to pick one anyway")
         cands = online
     if not cands:
         devices = sorted({r["device"] for r in rows})

@@ -40,6 +40,7 @@ class Prepared:
     budget: int
     cost: object
     policies: object
+    memory: object = None    # workloads/memory.py MemorySplit
 
 
 @dataclass
@@ -212,6 +213,7 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
     from policies.cost import CostModel
     from workloads.workload import Workload
     device = spec_device(spec, device)
+    default_budget = spec.budget is None
     spec = resolve(spec, device, storage)
     storage = storage or device.storage_option(spec.storage)
     trace = None if spec.synthetic else read_trace(spec)
@@ -229,9 +231,24 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
         raise OverMemory(f"budget {format_size(budget)} is more than {device.name}'s memory "
                          f"({format_size(device.memory_bytes)}); give a smaller budget or another device")
     workload = Workload(model, trace, fmt, batch=spec.batch)
+    memory = memory_split(spec, device, model, workload.kv, budget, default_budget)
     cost = CostModel.build(device, model, fmt, storage)
-    policies = build_policies(workload, budget, cost=cost, **spec.policy.kwargs())
-    return Prepared(spec, device, storage, model, fmt, trace, workload, budget, cost, policies)
+    policies = build_policies(workload, memory.budget, cost=cost, **spec.policy.kwargs())
+    policies.capacities = memory.capacities
+    return Prepared(spec, device, storage, model, fmt, trace, workload, memory.budget, cost, policies, memory)
+
+
+def memory_split(spec: RunSpec, device, model, kv, budget: int, default: bool, engine_default: int | None = None):
+    """The run's memory split (workloads/memory.py), both engines': refused up front as OverMemory (a
+    sweep's row) where it cannot fit. A budget equal to the profile's expert_budget counts as the
+    default (resolve writes the default in), so it is capped, not refused."""
+    from workloads.memory import MemoryRefused, split_memory
+    default = default or (engine_default is None and budget == device.expert_budget_bytes)
+    try:
+        return split_memory(spec.kv, device, model, kv, None if default else budget, checked=spec.budget != "all",
+                            default=engine_default)
+    except MemoryRefused as e:
+        raise OverMemory(str(e)) from None
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -249,6 +266,7 @@ def simulate(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=No
         tl = run_fused(sim, quiet=quiet, events=timeline)
     else:
         tl = sim.run(quiet=quiet, events=timeline)
+    tl.meta["memory"] = p.memory.meta()
     return SimRun(p, run_metrics(p, tl), tl if timeline else None, tl)
 
 

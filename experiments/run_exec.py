@@ -95,10 +95,13 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
         from devices.profile import load_device
         dev, _, storage = host.throttle.partition(":")
         throttle = StorageThrottle.from_profile(load_device(dev).storage_option(storage or None))
-    policies = build_bundle(spec, arch, fmt, budget, cost_model(spec, host, arch, fmt), forced)
     from experiments.prompts import prompt_tokens
     prompts = prompt_tokens(host.prompt, tok, model.cfg.vocab, spec.batch, spec.seed)
     tokens = spec.tokens or DEFAULT_TOKENS
+    memory = exec_memory(spec, arch, fmt, forced, prompts.shape, tokens, budget, total // 4)
+    budget = memory.budget
+    policies = build_bundle(spec, arch, fmt, budget, cost_model(spec, host, arch, fmt), forced)
+    policies.capacities = memory.capacities
     b = spec.policy
     from executor.power import PowerMeter
     meter = PowerMeter()                  # the host's power, sampled on a thread while the run runs
@@ -109,7 +112,7 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
                            torch_threads=host.torch_threads, quiet=quiet, level_fn=level_fn,
                            meta={"model": name, "device": f"host ({host.torch_device})", "format": fmt.name,
                                  "budget_bytes": budget, "cache": b.cache.name, "scheduler": b.scheduler.name,
-                                 "prefetcher": b.prefetch.name})
+                                 "prefetcher": b.prefetch.name, "memory": memory.meta()})
     metrics = exec_metrics(spec, run, fmt, name, budget, total, host)
     metrics.update(meter.reading.metrics(metrics["generated_tokens"]))     # null with the reason where unmeasured
     if meter.reading.track() is not None:
@@ -118,6 +121,23 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     if text is not None:
         metrics["text"] = text
     return ExecRun(spec, metrics, run.timeline, run, text)
+
+
+def exec_memory(spec: RunSpec, arch, fmt, forced, prompts_shape, tokens: int, budget: int, default: int):
+    """The run's memory split (workloads/memory.py) on the spec's device (the default one without it:
+    the host itself has no profile), by the simulator's arithmetic: its KV steps from the forced
+    trace's batching, else from the lockstep groups the executor decodes."""
+    from devices.profile import load_device
+    from experiments.run import memory_split, spec_device
+    from experiments.spec import DEFAULT_DEVICE
+    from workloads.memory import lockstep_kv
+    from workloads.workload import Workload
+    if forced is not None:
+        kv = Workload(arch, forced, fmt, batch=spec.batch).kv
+    else:
+        kv = lockstep_kv(prompts_shape[0], spec.batch, prompts_shape[1], tokens - 1)
+    device = spec_device(spec) if spec.device else load_device(DEFAULT_DEVICE)
+    return memory_split(spec, device, arch, kv, budget, spec.budget is None, engine_default=default)
 
 
 def build_bundle(spec: RunSpec, arch, fmt, budget: int, cost, forced):

@@ -40,12 +40,13 @@ from devices.units import ConfigError, parse_size
 from policies.presets import bundle_from_doc, bundle_to_doc
 from policies.spec import BundleSpec
 from workloads.formats import FormatSpec
+from workloads.memory import KV_MODES
 
 DEFAULT_DEVICE, DEFAULT_MODEL = "jetson-agx-orin-64gb", "mixtral-8x7b"
 DEFAULT_TOKENS, DEFAULT_PROMPT_TOKENS = 64, 16
 SYNTHETIC = "synthetic"
 KEYS = ("device", "storage", "power_mode", "model", "trace", "trace_options", "skew", "locality", "requests", "format",
-        "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store")
+        "policy", "budget", "batch", "tokens", "prompt_tokens", "seed", "store", "kv")
 META_KEYS = ("picked", "description")          # a pick file's provenance; not part of the run
 
 
@@ -69,6 +70,7 @@ class RunSpec:
     prompt_tokens: int | None = None
     seed: int = 0
     store: str | None = None
+    kv: str = "fixed"                 # the KV cache beside a fixed expert budget, or shared with it (workloads/memory.py)
 
     @property
     def synthetic(self) -> bool:
@@ -124,6 +126,8 @@ class RunSpec:
                "requests": self.requests, "format": self.format.to_doc(), "policy": bundle_to_doc(self.policy),
                "budget": self.budget, "batch": self.batch, "tokens": self.tokens,
                "prompt_tokens": self.prompt_tokens, "seed": self.seed, "store": self.store}
+        if self.kv != "fixed":           # (the default is left out: the hashes of earlier runs stay)
+            doc["kv"] = self.kv
         return doc
 
     @classmethod
@@ -163,7 +167,7 @@ def _preset(bundle):
     return get_preset(bundle.preset)
 
 
-SCALAR_TYPES = {"device": str, "storage": str, "power_mode": str, "model": str, "trace": str, "store": str, "skew": float,
+SCALAR_TYPES = {"kv": str, "device": str, "storage": str, "power_mode": str, "model": str, "trace": str, "store": str, "skew": float,
                 "locality": float, "requests": int, "batch": int, "tokens": int, "prompt_tokens": int, "seed": int}
 MINIMUM = {"requests": 1, "batch": 1, "tokens": 1, "prompt_tokens": 0, "seed": 0, "skew": 0, "locality": 0}
 NULLABLE = ("device", "storage", "power_mode", "model", "requests", "tokens", "prompt_tokens", "store")
@@ -178,6 +182,8 @@ def _check_scalar(key: str, value, where: str):
         words = {str: "a name or path", float: "a number", int: "a whole number"}[kind]
         low = f" >= {MINIMUM[key]}" if key in MINIMUM else ""
         raise ConfigError(f"{where}: {key}: must be {words}{low}, got {value!r}")
+    if key == "kv" and value not in KV_MODES:
+        raise ConfigError(f"{where}: kv: {value!r} is not a KV mode; allowed: {', '.join(KV_MODES)}")
     if key == "locality" and value > 1:
         raise ConfigError(f"{where}: locality: a probability in [0, 1], got {value!r}")
     return float(value) if kind is float else value
@@ -212,7 +218,7 @@ def trace_model(path: str):
 ROW_FIELDS = ("config_hash", "device", "storage", "power_mode", "model", "trace", "trace_options", "policy", "preset", "cache",
               "cache_options", "scheduler", "scheduler_options", "allocator", "allocator_options", "prefetch",
               "prefetch_options", "budget_bytes", "batch", "format", "ladder", "codec", "tokens", "prompt_tokens",
-              "requests", "skew", "locality", "seed", "store")
+              "requests", "skew", "locality", "seed", "store", "kv")
 
 
 def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
@@ -226,7 +232,7 @@ def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
            "preset": b.preset, "budget_bytes": spec.budget, "batch": spec.batch, "format": f.name,
            "ladder": f.ladder or "", "codec": f.codec or "", "tokens": spec.tokens, "prompt_tokens": spec.prompt_tokens,
            "requests": spec.requests, "skew": spec.skew, "locality": spec.locality, "seed": spec.seed,
-           "store": spec.store or ""}
+           "store": spec.store or "", "kv": spec.kv}
     for role in ("cache", "scheduler", "allocator", "prefetch"):
         p = getattr(b, role)
         row[role] = p.name
@@ -255,6 +261,6 @@ def row_spec(row: dict, where: str = "row") -> RunSpec:
            "skew": num("skew", float), "locality": num("locality", float), "requests": num("requests", int),
            "format": fmt, "policy": policy, "budget": budget if budget == "all" else num("budget_bytes", int),
            "batch": num("batch", int), "tokens": num("tokens", int), "prompt_tokens": num("prompt_tokens", int),
-           "seed": num("seed", int), "store": row.get("store") or None}
+           "seed": num("seed", int), "store": row.get("store") or None, "kv": row.get("kv") or "fixed"}
     spec = RunSpec.from_doc(doc, where)
     return spec.with_(policy=replace(spec.policy, preset=row.get("preset") or ""))

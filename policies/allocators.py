@@ -283,8 +283,10 @@ class StaticImportance(Allocator):
     top `shares[-1]` of each layer's experts the highest level, the next `shares[-2]` the
     next, and so on (shares lowest level first, summing to 1; default: equal). EdgeMoE ranks
     by a profiled accuracy sensitivity; moelab uses activation frequency instead (the one
-    importance signal a trace carries)."""
+    importance signal a trace carries), counted over the run's own trace: an offline bound (a
+    deployment would rank by a calibration run's counts)."""
     name = "static-importance"
+    offline = True
     options = (Option("shares", "floats", None, "share of each layer's experts at each level, lowest level first, "
                                                 "summing to 1 (default: equal)"),)
 

@@ -175,6 +175,7 @@ class Allocator:
     that does sets `reads_cache = True`, since its demand then depends on the cache's past
     and cannot be precomputed for offline policies (belady, the oracle prefetcher)."""
     name = "allocator"
+    offline = False          # True: reads the run's own routing in advance (a bound, never deployable)
     reads_cache = False
     cache = None
 
@@ -199,6 +200,7 @@ class Scheduler:
     (ZipMoE interleaves them). Engines keep their default where a hook returns None: tasks
     in load order, computes in order of readiness."""
     name = "scheduler"
+    offline = False
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx

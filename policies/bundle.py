@@ -117,6 +117,7 @@ class Policies:
     cache: CachePolicy
     prefetcher: Prefetcher | None = None
     demands: dict | None = None
+    capacities: Sequence[int] | None = None    # the shared KV mode: the expert capacity of each step
 
     def __post_init__(self):
         self.allocator.cache = self.cache         # an allocator may read residency and the budget
@@ -145,6 +146,14 @@ class Policies:
 
     def finish(self, layer: int) -> list[Key]:
         return self.cache.end_layer(layer)
+
+    def begin_step(self, step: int) -> list[Key]:
+        """A batch step starts: in the shared KV mode the cache takes the step's capacity (what the
+        KV leaves, workloads/memory.py) and returns what it evicted to fit; else nothing happens.
+        Every engine calls it before the step's first decision point."""
+        if self.capacities is None:
+            return []
+        return self.cache.resize(self.capacities[step])
 
     def report(self) -> dict:
         """The policies' own counters (engines put them in the timeline's meta)."""

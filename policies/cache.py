@@ -28,6 +28,7 @@ class CachePolicy:
     experts) by setting `self.pools = {name: capacity}` and `pool(key)`. Each pool stays
     within its capacity and all of them together within the budget."""
     name = "cache"
+    offline = False          # True: reads the run's own future (ctx.future / its popularity): a bound
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -42,6 +43,7 @@ class CachePolicy:
         self.pools: dict[str, int] | None = None             # name -> capacity; None: one pool
         self.pool_of: dict[Key, str] = {}
         self.pool_used: dict[str, int] = {}
+        self._pool_base: tuple | None = None                 # resize: (budget, pools) the shares are of
         # each part with the parts useless without it (fmt.dependents), evicted together
         self._with_dependents = [(p, *self.fmt.dependents(p)) for p in range(self.fmt.n_parts)]
 
@@ -117,6 +119,35 @@ class CachePolicy:
         """Unpin the layer; a tiering policy may drop keys now. Returns what it dropped."""
         self.pinned = set()
         return []
+
+    def resize(self, capacity: int) -> list[Key]:
+        """The budget becomes `capacity` (the shared KV mode: the expert cache yields as the KV
+        grows and gets the room back when a group's KV is freed). Evicts, in the policy's own victim
+        order, until what is resident fits; pools keep their share of the budget (each scaled by
+        capacity / the budget it was set for). Returns the evictions."""
+        if self.pools is not None:
+            if self._pool_base is None or self.pools != self._pool_base[2]:   # (re)planned since: rebase
+                self._pool_base = (self.capacity, dict(self.pools), None)
+            base, shares, _ = self._pool_base
+            self.pools = {name: cap * capacity // base if base else 0 for name, cap in shares.items()}
+            self._pool_base = (base, shares, dict(self.pools))
+        self.capacity = capacity
+        evicted: list[Key] = []
+        for pool in self.pools or ():
+            while self.pool_used[pool] > self.pools[pool]:
+                evicted.extend(self._evict(self._resize_victim(pool)))
+        while self.used > capacity:
+            evicted.extend(self._evict(self._resize_victim()))
+        return evicted
+
+    def _resize_victim(self, pool: str | None = None) -> Key:
+        victim = self._victim(pool)
+        if victim is None:
+            where = f"pool {pool!r} ({self.pools[pool]} B)" if pool is not None else f"capacity {self.capacity} B"
+            raise BudgetError(f"the KV cache leaves the expert cache a {where}, less than its locked keys hold "
+                              f"({self.pool_used[pool] if pool is not None else self.used} B): give a larger "
+                              f"budget, fewer or shorter requests, or --kv fixed")
+        return victim
 
     # -- subclass hooks ----------------------------------------------------
     def _touch(self, key: Key) -> None:
@@ -322,6 +353,7 @@ class Belady(CachePolicy):
     """Offline optimum (MIN): evict the key whose next use is furthest away (ties: the
     smallest key). Needs the whole access sequence (ctx.future, by decision point); a
     bound, not a deployable policy."""
+    offline = True
     name = "belady"
 
     def __init__(self, ctx):
@@ -359,6 +391,7 @@ class StaticHot(CachePolicy):
     """Pin the most popular experts (from the trace's counts) for the whole run; everything
     else is loaded on demand and dropped after its layer. The hot set gets what is left
     of the budget after room for the largest layer demand."""
+    offline = True
     name = "static-hot"
 
     def __init__(self, ctx):

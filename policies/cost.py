@@ -155,6 +155,23 @@ class CostModel:
             return 0.0
         return self.dequant_bytes(level) / (k.dequant_bandwidth or self.device.compute.memory_bandwidth)
 
+    def attention_seconds(self, kv) -> float:
+        """The context term of one layer's attention at a step (kv: workloads/memory.py StepKV): the
+        K/V positions it reads at the memory bandwidth plus its score and value flops (2 x 2 x head_dim
+        per head and attended pair) at the device's flops. 0 under a measured table: its dense times
+        were measured with attention at the profile's own context, and the executor's tiny models read
+        a few hundred KB of K/V per step (see DESIGN.md, "attention time")."""
+        if kv is None or self.measured is not None:
+            return 0.0
+        m, c = self.model, self.device.compute
+        return kv.read_tokens * m.kv_bytes_per_token_layer / c.memory_bandwidth + \
+            4 * m.n_heads * m.head_dim * kv.attended / c.flops
+
+    def layer_dense_seconds(self, tokens: int, prefill: bool, kv) -> float:
+        """One layer's dense part at a step: the weights' time (dense_seconds) plus attention's
+        context term (attention_seconds). Every engine times a step's dense parts with this."""
+        return self.dense_seconds(tokens, prefill) + self.attention_seconds(kv)
+
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
         """Attention, router and shared experts of one layer for `tokens` tokens (a prefill's
         tokens are batch x prompt, a decode step's the batch: measured tables tell them apart)."""

@@ -26,7 +26,6 @@ from collections import OrderedDict
 import numpy as np
 
 from devices.units import ConfigError
-from policies.base import BudgetError, layer_demand_bytes
 from policies.cache import CachePolicy
 from policies.options import Option
 
@@ -165,34 +164,21 @@ class LayeredLRU(_SortedPerPoint):
 SHARES = ("fixed", "proportional")
 
 
-def layer_shares(ctx, share: str, who: str) -> list[int]:
-    """The budget split into one share per layer. Each layer first gets its largest single
-    decision point's demand (when the access sequence is known and the budget holds every
-    layer's), then the rest: `fixed` in equal parts, `proportional` in proportion to the layer's
-    effective number of experts (exp of the entropy of its routing distribution, from the trace's
-    popularity counts): a layer whose routing is concentrated on a few experts needs fewer slots."""
+def layer_shares(capacity: int, weights, share: str, who: str) -> list[int]:
+    """The budget split into one share per layer: `fixed` in equal parts, `proportional` in
+    proportion to `weights`, each layer's effective number of experts (exp of the entropy of its
+    routing so far: `_effective_experts`), so a layer whose routing is concentrated on a few
+    experts needs fewer slots. Nothing here reads the run's future: the weights are what the cache
+    has seen (all equal before it has seen anything). A layer whose decision point needs more than
+    its share overflows (LayerLRU.admit), so every budget that holds one layer's demand runs."""
     if share not in SHARES:
         raise ConfigError(f"{who}: option share must be one of {', '.join(SHARES)}, got {share!r}")
-    L, fmt = ctx.layers, ctx.fmt
-    floor = [0] * L
-    for keys in ctx.future or ():
-        if keys:
-            layer = keys[0].layer
-            floor[layer] = max(floor[layer], layer_demand_bytes(keys, fmt))
-    if sum(floor) > ctx.capacity_bytes:        # cannot hold every layer's largest demand at once
-        floor = [0] * L
-    rest = ctx.capacity_bytes - sum(floor)
-    if share == "fixed":
-        weights = np.ones(L)
-    else:
-        if ctx.popularity is None:
-            raise BudgetError(f"{who}: share=proportional needs the trace's routing counts; use share=fixed")
-        weights = np.array([_effective_experts(row) for row in np.asarray(ctx.popularity, float)])
-        if weights.sum() <= 0:
-            weights = np.ones(L)
-    extra = np.floor(rest * weights / weights.sum()).astype(np.int64)
-    extra[0] += rest - int(extra.sum())          # what rounding left over
-    return [floor[l] + int(extra[l]) for l in range(L)]
+    weights = np.asarray(weights, float)
+    if share == "fixed" or weights.sum() <= 0:
+        weights = np.ones(len(weights))
+    extra = np.floor(capacity * weights / weights.sum()).astype(np.int64)
+    extra[0] += capacity - int(extra.sum())          # what rounding left over
+    return [int(x) for x in extra]
 
 
 def _effective_experts(counts: np.ndarray) -> float:
@@ -206,7 +192,7 @@ def _effective_experts(counts: np.ndarray) -> float:
 class LayerLRU(CachePolicy):
     """Per-layer partitioned LRU (mixtral-offloading's per-layer cache; llama.cpp's per-layer LRU
     proposals): each layer an LRU cache of its own share of the budget (`share=fixed|proportional`,
-    `layer_shares`). A key admitted to a layer at its share evicts that layer's least recently
+    `layer_shares`; proportional re-splits it by the routing seen so far). A key admitted to a layer at its share evicts that layer's least recently
     used keys. Where one decision point needs more than its layer's share (a prefill, or a budget
     below the sum of the layers' largest demands) the layer overflows, and the budget's victims
     come from the layer furthest over its share -- so every budget that holds the largest single
@@ -220,9 +206,21 @@ class LayerLRU(CachePolicy):
     def __init__(self, ctx, share: str = "fixed"):
         super().__init__(ctx)
         self.share = share
-        self.shares = layer_shares(ctx, share, self.name)
+        self.seen = np.zeros((ctx.layers, ctx.experts))   # accesses so far per (layer, expert)
+        self.shares = layer_shares(self.capacity, np.zeros(ctx.layers), share, self.name)
         self.layer_used = [0] * ctx.layers
         self.lists: list[OrderedDict] = [OrderedDict() for _ in range(ctx.layers)]
+
+    def begin_layer(self, layer, keys, demand=None):
+        if self.share == "proportional":
+            # the shares follow the routing seen so far, re-split once per step (at its first layer);
+            # a shrunk share evicts lazily, when its layer next admits
+            if layer == 0 and self.clock:
+                self.shares = layer_shares(self.capacity, [_effective_experts(row) for row in self.seen],
+                                           self.share, self.name)
+            for expert in {key.expert for key in keys}:
+                self.seen[layer, expert] += 1
+        return super().begin_layer(layer, keys, demand)
 
     def admit(self, item):
         layer, size, evicted = item.key.layer, item.resident_bytes, []

@@ -19,6 +19,7 @@ from policies.base import Demand, Key, NeedsFuture, PolicyContext, Routing, need
 class Prefetcher:
     """Proposes keys for the next decision point, in priority order."""
     name = "prefetcher"
+    offline = False          # True: reads the run's own future (a bound)
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -35,6 +36,7 @@ class NextLayerOracle(Prefetcher):
     best any predictor can do (a bound, like belady; the simulator and forced-trace
     executor runs have the sequence)."""
     name = "oracle"
+    offline = True
 
     def __init__(self, ctx):
         super().__init__(ctx)

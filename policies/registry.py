@@ -25,6 +25,12 @@ PREFETCHERS = {"none": None} | {p.name: p for p in (LastUse, NextLayerOracle, Ne
                                                   *LOOKAHEAD_PREFETCHERS)}
 
 
+def offline_names() -> dict[str, tuple[str, ...]]:
+    """Per role, the registered policies that read the run's own future (bounds: `offline = True`)."""
+    tables = {"allocator": ALLOCATORS, "scheduler": SCHEDULERS, "cache": CACHES, "prefetch": PREFETCHERS}
+    return {role: tuple(n for n, c in table.items() if getattr(c, "offline", False)) for role, table in tables.items()}
+
+
 def caches_for(fmt_name: str) -> dict:
     """The registered cache policies that run on format `fmt_name` (a class may name its `formats`)."""
     return {n: c for n, c in CACHES.items() if fmt_name in getattr(c, "formats", (fmt_name,))}

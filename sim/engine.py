@@ -110,21 +110,28 @@ class Simulator:
                 "model": w.model.name, "format": w.fmt.name,
                 "level_parts": [list(parts) for parts in w.fmt.level_parts], "batch": w.batch,
                 "budget_bytes": self.p.cache.capacity, **self.p.names(),
+                "kv_bytes_per_step": [kv.held_bytes(w.model) for kv in w.kv],
                 "steps": [{"step": s.index, "group": s.group, "prefill": s.prefill,
                            "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
 
     def _decode(self, env: simpy.Environment, bar):
-        layers = self.w.model.layers
         layer_fn, timeout, host = self._layer, env.timeout, self.host
+        t = env.now
         for step in self.w.steps:
             routings = step_routings(self.w, step)
             n, s = len(step.tokens), step.index
-            t_dense = self.dense_seconds(n, step.prefill)
+            t_dense = self.cost.layer_dense_seconds(n, step.prefill, self.w.kv[s])
             # The layers of a step are a chain (each needs the previous one's output) and this is
             # the only process, so the step's timeline is computed layer by layer from the
             # servers' state and the clock advances once per step: one SimPy wake-up per token
             # instead of one per layer (the simulator's speed is a requirement; see sim/benchmark.py).
-            t = env.now
+            # (a step starts where the one before ended, not at env.now: now + (t - now) may round
+            # below t, and the main thread's work is a chain)
+            evicted = self.p.begin_step(s)               # shared KV mode: the expert cache yields
+            if evicted:
+                for k in evicted:
+                    self.pending.pop(k, None)
+                self.rec.evict(s, t, evicted)
             for layer, routing in enumerate(routings):
                 end = host.dense_end(t, t_dense) if host is not None else t + t_dense
                 t = layer_fn(t, end, s, layer, n, routing)

@@ -41,7 +41,8 @@ def fused_for(sim) -> bool:
             and type(p.cache) in (LRU, FIFO, LFU) and p.cache.pools is None
             and (p.prefetcher is None or type(p.prefetcher) is NextLayerOracle)
             and fmt.name in FORMATS and not any(fmt.decompress_bytes)
-            and not p.cache.sizes and p.cache.clock == 0 and getattr(p.prefetcher, "point", 0) == 0)
+            and not p.cache.sizes and p.cache.clock == 0 and getattr(p.prefetcher, "point", 0) == 0
+            and p.capacities is None)                      # the shared KV mode resizes the cache
 
 
 def run_fused(sim, quiet: bool = True, events: bool = False) -> Timeline:
@@ -196,9 +197,9 @@ class _Fused:
         for step in w.steps:
             n = len(step.tokens)
             t = self._step(clock, step.index, w.routing_arrays(step)[0].tolist(), n,
-                           cost.dense_seconds(n, step.prefill))
+                           cost.layer_dense_seconds(n, step.prefill, w.kv[step.index]))
             t += cost.step_seconds(n, step.prefill)
-            clock = clock + (t - clock)                    # as SimPy's timeout(t - now) advances it
+            clock = t                                      # the next step starts where this one ended
             bar.update(1)
 
     def _step(self, t, s: int, rows: list, n_tokens: int, t_dense: float) -> float:

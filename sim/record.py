@@ -47,6 +47,12 @@ class EventRecorder:
         for k in finished:
             add(_event(Event, ("cache", "evict", free, free, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
 
+    def evict(self, s: int, t: float, keys) -> None:
+        """Evictions at the start of step `s` (the shared KV mode's resize), at `t`."""
+        sizes = self.sizes
+        for k in keys:
+            self.events.append(_event(Event, ("cache", "evict", t, t, k.layer, k.expert, k.part, sizes[k.part], s, 0)))
+
     def timeline(self, meta: dict) -> Timeline:
         return Timeline(self.events, meta)
 
@@ -204,6 +210,10 @@ class FigureRecorder:
         if self.watches.open:
             self.watches.record(k, "evict")
 
+    def evict(self, s: int, t: float, keys) -> None:
+        for k in keys:
+            self._evict(k)
+
     def figures(self) -> Figures:
         spans = {s: (a, b) for s, (a, b) in self.spans.items()}
         return Figures(spans, max((b for _, b in spans.values()), default=0.0), self.peak, self.prefetches,
@@ -225,6 +235,10 @@ class TimelineRecorder:
     def layer(self, *args) -> None:
         self.events.layer(*args)
         self.figures.layer(*args)
+
+    def evict(self, *args) -> None:
+        self.events.evict(*args)
+        self.figures.evict(*args)
 
     def timeline(self, meta: dict) -> Timeline:
         return Timeline(self.events.events, meta, figures=self.figures.figures())

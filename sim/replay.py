@@ -28,7 +28,9 @@ def replay_policies(workload, policies) -> dict:
     hits = accesses = 0
     decide, finish = p.decide, p.finish
     with gc_paused():
-        for _, layer, routing in workload_routings(workload):
+        for step, layer, routing in workload_routings(workload):
+            if layer == 0:
+                p.begin_step(step.index)           # the shared KV mode's resize
             d = decide(layer, routing)
             hits += d.hits
             accesses += len(d.keys)

@@ -154,3 +154,15 @@ def test_a_forced_format_the_file_contradicts_is_refused(tmp_path, capsys):
                  "--out", str(tmp_path / "x.npz")]) == 2
     assert "a .jsonl file is jsonl, not csv" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_every_policy_that_reads_the_runs_future_is_an_offline_bound():
+    """pick's refusal comes from the classes' own `offline` flag: belady, static-hot, the oracle
+    prefetcher and static-importance (ranked by the run's own trace counts) are bounds; a row using
+    any of them, in any role, is offline."""
+    from experiments.pick import offline
+    from policies.registry import offline_names
+    assert offline_names() == {"allocator": ("static-importance",), "scheduler": (),
+                               "cache": ("static-hot", "belady"), "prefetch": ("oracle",)}
+    assert offline({"cache": "lru", "allocator": "static-importance", "prefetch": "none"})
+    assert not offline({"cache": "lru", "allocator": "fixed", "prefetch": "last-use", "scheduler": "fifo"})

@@ -17,6 +17,13 @@ EXPERT = 192          # bytes of one TINY expert in bf16
 LOAD = 0.02 + 0.1     # latency + 192 B at 1920 B/s
 COMPUTE = 0.01        # 192 B at 19200 B/s
 DENSE = 0.0075        # attention 64 + router 8 params = 144 B at 19200 B/s
+KV = 16 / 19200       # attention's context term: one cached token's K and V in a layer (2 x 1 head x 4 x 2 B)
+                      #   read at 19200 B/s per token of context (its flops at 1e18 FLOP/s are negligible)
+
+
+def dense(context: int) -> float:
+    """A decode step's dense part per layer at `context` tokens (the step's own included)."""
+    return DENSE + context * KV
 
 
 def run(trace, budget, policy="lru", model=TINY, fmt=None, batch=1, device=None, prefetch="none"):
@@ -40,11 +47,11 @@ def test_hand_computed_timeline():
         nonlocal t
         expected.append((res, kind, round(t, 9), round(t + dur, 9), layer, expert))
         t += dur
-    ev("dense", "dense", DENSE, 0, -1); ev("io", "load", LOAD, 0, 0); ev("compute", "expert", COMPUTE, 0, 0)
-    ev("dense", "dense", DENSE, 1, -1); ev("io", "load", LOAD, 1, 1); ev("compute", "expert", COMPUTE, 1, 1)
+    ev("dense", "dense", dense(1), 0, -1); ev("io", "load", LOAD, 0, 0); ev("compute", "expert", COMPUTE, 0, 0)
+    ev("dense", "dense", dense(1), 1, -1); ev("io", "load", LOAD, 1, 1); ev("compute", "expert", COMPUTE, 1, 1)
     step0 = t
-    ev("dense", "dense", DENSE, 0, -1); ev("compute", "expert", COMPUTE, 0, 0)          # hit
-    ev("dense", "dense", DENSE, 1, -1); ev("io", "load", LOAD, 1, 0); ev("compute", "expert", COMPUTE, 1, 0)
+    ev("dense", "dense", dense(2), 0, -1); ev("compute", "expert", COMPUTE, 0, 0)          # hit
+    ev("dense", "dense", dense(2), 1, -1); ev("io", "load", LOAD, 1, 0); ev("compute", "expert", COMPUTE, 1, 0)
     assert timed(tl) == expected
     # LRU evicts (L1, E1): (L0, E0) was used more recently
     assert ("evict", 1, 1, 1, 0) in tl.decisions()
@@ -60,18 +67,19 @@ def test_hand_computed_timeline():
 def test_hand_computed_timeline_with_oracle_prefetch():
     # the same trace and budget, but each decision point also loads what the next one needs,
     # behind its own plan: layer 1's load overlaps layer 0's compute and layer 1's dense part
-    D, L, C = DENSE, LOAD, COMPUTE
+    D, E, L, C = dense(1), dense(2), LOAD, COMPUTE           # step 0's dense part, step 1's
     tl = run(make_trace([[[0], [1]], [[0], [0]]]), 2 * EXPERT, prefetch="oracle")
+    X = D + 2 * L + C                                           # step 1 starts
     expected = [("dense", "dense", 0, D, 0, -1), ("io", "load", D, D + L, 0, 0),
                 ("io", "load", D + L, D + 2 * L, 1, 1),                   # prefetch for (step 0, layer 1)
                 ("compute", "expert", D + L, D + L + C, 0, 0),
                 ("dense", "dense", D + L + C, 2 * D + L + C, 1, -1),
-                ("compute", "expert", D + 2 * L, D + 2 * L + C, 1, 1),       # waits for its prefetch
-                ("dense", "dense", D + 2 * L + C, 2 * D + 2 * L + C, 0, -1),
-                ("io", "load", 2 * D + 2 * L + C, 2 * D + 3 * L + C, 1, 0),  # prefetch for (step 1, layer 1)
-                ("compute", "expert", 2 * D + 2 * L + C, 2 * D + 2 * L + 2 * C, 0, 0),
-                ("dense", "dense", 2 * D + 2 * L + 2 * C, 3 * D + 2 * L + 2 * C, 1, -1),
-                ("compute", "expert", 2 * D + 3 * L + C, 2 * D + 3 * L + 2 * C, 1, 0)]
+                ("compute", "expert", D + 2 * L, X, 1, 1),                 # waits for its prefetch
+                ("dense", "dense", X, X + E, 0, -1),
+                ("io", "load", X + E, X + E + L, 1, 0),                    # prefetch for (step 1, layer 1)
+                ("compute", "expert", X + E, X + E + C, 0, 0),
+                ("dense", "dense", X + E + C, X + 2 * E + C, 1, -1),
+                ("compute", "expert", X + E + L, X + E + L + C, 1, 0)]
     assert timed(tl) == [(r, k, round(a, 9), round(b, 9), la, ex) for r, k, a, b, la, ex in expected]
     # the second prefetch evicts (L1, E1), never the pinned (L0, E0) of its own decision point
     assert [d for d in tl.decisions() if d[0] != "admit"] == [
@@ -84,7 +92,7 @@ def test_hand_computed_timeline_with_oracle_prefetch():
     assert m["prefetch_waste_bytes"] == 0
     assert m["prefetches"] == 2 and m["bytes_read"] == 3 * EXPERT
     assert m["peak_expert_bytes"] == 2 * EXPERT
-    assert m["makespan_s"] == pytest.approx(2 * D + 3 * L + 2 * C)   # 4D + 3L + 4C without prefetch
+    assert m["makespan_s"] == pytest.approx(D + E + 3 * L + 2 * C)   # 2D + 2E + 3L + 4C without prefetch
 
 
 def test_prefetch_never_evicts_what_its_decision_point_pins():
@@ -100,7 +108,7 @@ def test_io_overlaps_compute_within_a_layer():
     tl = run(make_trace([[[0, 1]]]), 2 * EXPERT, model=model)
     loads = [(round(e.start, 9), round(e.end, 9)) for e in tl.of("io")]
     comps = [(round(e.start, 9), round(e.end, 9)) for e in tl.of("compute")]
-    d = DENSE  # a 2-expert router: the same dense size as TINY's
+    d = dense(1)  # a 2-expert router: the same dense size as TINY's
     assert loads == [(round(d, 9), round(d + LOAD, 9)), (round(d + LOAD, 9), round(d + 2 * LOAD, 9))]
     assert comps == [(round(d + LOAD, 9), round(d + LOAD + COMPUTE, 9)),
                      (round(d + 2 * LOAD, 9), round(d + 2 * LOAD + COMPUTE, 9))]

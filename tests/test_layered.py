@@ -11,7 +11,7 @@ from devices.units import ConfigError
 from executor.execute import execute, strip_experts
 from executor.model import model_arch
 from executor.store_build import ensure_store
-from policies import Key, PolicyContext, build_policies
+from policies import build_policies
 from policies.layered import LAYERED_CACHES, layer_shares
 from sim.engine import Simulator
 from sim.replay import replay_capacities, replay_policies
@@ -80,18 +80,24 @@ def test_shares_fixed_and_proportional():
     w = Workload(m, make_trace(ex, num_experts=8), make_format("bf16", m.expert_shapes))
     unit = m.expert_bytes
     fixed = build_policies(w, 10 * unit, cache="layer-lru").cache.shares
-    prop = build_policies(w, 10 * unit, cache="layer-lfu", cache_options={"share": "proportional"}).cache.shares
+    prop = build_policies(w, 10 * unit, cache="layer-lfu", cache_options={"share": "proportional"})
     assert fixed == [5 * unit, 5 * unit]
-    # each layer first gets its largest demand (1 expert), the other 8 go 1 : 8 by effective experts
-    assert prop[1] == unit + 8 * 8 * unit // 9 and sum(prop) == 10 * unit
+    assert prop.cache.shares == fixed              # online: nothing seen yet, an equal split
+    replay_policies(w, prop)
+    # after the run: the split follows the routing seen, re-split at each step's first layer, so the
+    # last step's accesses are not in it: layer 0 one expert 63 times, layer 1 seven experts 8 times
+    # and one 7 times (tokens 0..62 of i % 8)
+    p1 = np.array([8] * 7 + [7]) / 63
+    effective = np.exp(-(p1 * np.log(p1)).sum())
+    assert prop.cache.shares[1] == int(10 * unit * effective / (1 + effective))
+    assert sum(prop.cache.shares) == 10 * unit
     with pytest.raises(ConfigError, match="layer-lru: option share: must be one of fixed, proportional, got 'half'"):
         build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "half"})
     # the layer's share full: a miss evicts in its own layer, even with the other layer's room free
     p = build_policies(w, 10 * unit, cache="layer-lru", cache_options={"share": "proportional"})
     tl = Simulator(make_device(), w, p).run()
     assert {e.layer for e in tl.of("cache", "evict")} <= {1}
-    ctx = PolicyContext(w.fmt, 2, 8, unit, future=[[Key(0, 0, 0)], [Key(1, 1, 0)]])
-    assert layer_shares(ctx, "fixed", "layer-lru") == [unit - unit // 2, unit // 2]   # below the floors: split
+    assert layer_shares(unit, [0, 0], "fixed", "layer-lru") == [unit - unit // 2, unit // 2]   # rounding to layer 0
 
 
 def test_page_cache_promotes_on_the_second_access_and_reclaims_the_inactive_tail():

@@ -330,12 +330,7 @@ def _joined(first: RoutingTrace, rest: RoutingTrace) -> RoutingTrace:
                         np.concatenate([first.prompt, rest.prompt]), first.metadata)
 
 
-# layered.py's layer_shares sizes each layer's share from the largest demand in ctx.future, whenever a
-# run has one: an online policy reading its own future (found by this test; policies/layered.py is
-# not the zipmoe work's to change)
-READS_FUTURE = {"layer-lru", "layer-lfu"}
-OTHERS = [pytest.param(c, {}, marks=pytest.mark.xfail(reason="layer_shares reads ctx.future (policies/layered.py)"))
-          if c in READS_FUTURE else (c, {}) for c in _online_caches() if c != "zipmoe"]
+OTHERS = [(c, {}) for c in _online_caches() if c != "zipmoe"]
 
 
 @pytest.mark.parametrize("cache,options", BUNDLES + OTHERS,

@@ -30,6 +30,8 @@ never NaN, so metrics.json stays valid JSON):
 - compute_bubble_fraction: the share of the makespan the compute resources (experts and
   dense parts) were idle; io_busy_fraction / decompress_busy_fraction: the share storage /
   any decompression worker was busy.
+- kv_bytes_per_step, kv_bytes_peak (kv_bytes_allocated: the executor's buffers) and memory (the
+  run's split): from the timeline's meta (kv_metrics).
 """
 from __future__ import annotations
 
@@ -239,4 +241,18 @@ def compute_metrics(tl: Timeline, level_bits: list[float] | None = None) -> dict
         "compute_bubble_fraction": 1.0 - f.compute_busy / makespan if makespan > 0 else None,
         "io_busy_fraction": share(f.io_busy),
         "decompress_busy_fraction": f.decompress_busy / makespan if makespan > 0 else 0.0,
+        **kv_metrics(tl.meta),
     }
+
+
+def kv_metrics(meta: dict) -> dict:
+    """The KV cache and the memory split, as the engine put them in the meta: kv_bytes_per_step (the
+    KV held at each step's end: the simulator's prediction, the executor's tensors), kv_bytes_peak,
+    and the run's memory split (workloads/memory.py; absent where the engine computed none)."""
+    per_step = meta.get("kv_bytes_per_step")
+    out = {} if per_step is None else {"kv_bytes_per_step": list(per_step), "kv_bytes_peak": max(per_step, default=0)}
+    if "kv_bytes_allocated" in meta:
+        out["kv_bytes_allocated"] = meta["kv_bytes_allocated"]
+    if "memory" in meta:
+        out["memory"] = dict(meta["memory"])
+    return out

@@ -30,6 +30,18 @@ class ModelArch:
     dense_d_ff: int = 0
     dtype_bytes: int = 2        # bf16
     source: str = ""
+    head_dim: int = 0           # attention head size (0: d_model // n_heads, where config.json sets none)
+    kv_dtype_bytes: int = 0     # bytes per cached K/V element (0: dtype_bytes)
+    kv_dims: int = 0            # K/V elements cached per token and layer (0: 2 x n_kv_heads x head_dim;
+                                #   MLA caches one latent instead)
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if not self.kv_dtype_bytes:
+            object.__setattr__(self, "kv_dtype_bytes", self.dtype_bytes)
+        if not self.kv_dims:
+            object.__setattr__(self, "kv_dims", 2 * self.n_kv_heads * self.head_dim)
 
     @property
     def expert_params(self) -> int:
@@ -48,10 +60,35 @@ class ModelArch:
 
     @property
     def attention_params_per_layer(self) -> int:
-        head_dim = self.d_model // self.n_heads
-        q_o = 2 * self.d_model * self.d_model
-        k_v = 2 * self.d_model * self.n_kv_heads * head_dim
+        q_o = 2 * self.d_model * self.n_heads * self.head_dim
+        k_v = 2 * self.d_model * self.n_kv_heads * self.head_dim
         return q_o + k_v
+
+    @property
+    def attention_layers(self) -> int:
+        """Every layer has attention: the MoE layers and the dense-FFN ones."""
+        return self.layers + self.dense_layers
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """K and V of one token in one layer's cache."""
+        return self.kv_dims * self.kv_dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all attention layers (the KV cache grows by this per token)."""
+        return self.attention_layers * self.kv_bytes_per_token_layer
+
+    @property
+    def dense_weight_bytes(self) -> int:
+        """The non-expert weights the device holds for the whole run: attention of every layer, the
+        routers and shared experts of the MoE layers, the dense-FFN layers, the embeddings and the
+        output head (untied); norms are negligible and left out."""
+        moe = self.layers * (self.d_model * self.experts
+                             + self.shared_experts * self.expert_matrices * self.d_model * self.shared_d_ff)
+        dense_ffn = self.dense_layers * self.expert_matrices * self.d_model * self.dense_d_ff
+        params = self.attention_layers * self.attention_params_per_layer + moe + dense_ffn + 2 * self.vocab * self.d_model
+        return params * self.dtype_bytes
 
     @property
     def dense_params_per_layer(self) -> int:
@@ -70,7 +107,7 @@ class ModelArch:
             shared_d_ff=d_ff * (self.shared_d_ff // self.d_ff if self.d_ff else 0) if self.shared_experts else 0,
             expert_matrices=self.expert_matrices, n_heads=heads, n_kv_heads=kv,
             vocab=vocab or self.vocab, dense_layers=0, dtype_bytes=self.dtype_bytes,
-            source=f"scaled from {self.name}")
+            kv_dtype_bytes=self.kv_dtype_bytes, source=f"scaled from {self.name}")
 
 
 CATALOG: dict[str, ModelArch] = {m.name: m for m in [
@@ -82,8 +119,9 @@ CATALOG: dict[str, ModelArch] = {m.name: m for m in [
               source="llama-moe/LLaMA-MoE-v1-3_5B-2_8 config.json (11008 split into 8 experts of 1376)"),
     ModelArch("deepseek-v2-lite", layers=26, experts=64, top_k=6, d_model=2048, d_ff=1408,
               shared_experts=2, shared_d_ff=1408, n_heads=16, n_kv_heads=16, vocab=102400,
-              dense_layers=1, dense_d_ff=10944,
-              source="deepseek-ai/DeepSeek-V2-Lite config.json (27 layers, first_k_dense_replace=1)"),
+              dense_layers=1, dense_d_ff=10944, kv_dims=512 + 64,
+              source="deepseek-ai/DeepSeek-V2-Lite config.json (27 layers, first_k_dense_replace=1; MLA: the "
+                     "cache holds kv_lora_rank 512 + qk_rope_head_dim 64 per token and layer)"),
     ModelArch("qwen1.5-moe-a2.7b", layers=24, experts=60, top_k=4, d_model=2048, d_ff=1408,
               shared_experts=1, shared_d_ff=5632, n_heads=16, n_kv_heads=16, vocab=151936,
               source="Qwen/Qwen1.5-MoE-A2.7B config.json"),
@@ -91,8 +129,8 @@ CATALOG: dict[str, ModelArch] = {m.name: m for m in [
               n_heads=16, n_kv_heads=16, vocab=50304,
               source="allenai/OLMoE-1B-7B-0924 config.json"),
     ModelArch("qwen3-30b-a3b", layers=48, experts=128, top_k=8, d_model=2048, d_ff=768,
-              n_heads=32, n_kv_heads=4, vocab=151936,
-              source="Qwen/Qwen3-30B-A3B config.json"),
+              n_heads=32, n_kv_heads=4, vocab=151936, head_dim=128,
+              source="Qwen/Qwen3-30B-A3B config.json (head_dim 128, not hidden_size / heads = 64)"),
     ModelArch("phi-3.5-moe", layers=32, experts=16, top_k=2, d_model=4096, d_ff=6400,
               n_heads=32, n_kv_heads=8, vocab=32064,
               source="microsoft/Phi-3.5-MoE-instruct config.json"),
@@ -186,7 +224,20 @@ def arch_from_config(path: Path) -> ModelArch:
     shared = int(raw.get("shared_experts", 1 if raw.get("shared_expert_intermediate_size") else 0))
     shared_d_ff = int(raw.get("shared_d_ff", raw.get("shared_expert_intermediate_size", 0)))
     return ModelArch(path.parent.name, shared_experts=shared, shared_d_ff=shared_d_ff,
-                     expert_matrices=int(raw.get("expert_matrices", 3)), source=str(path), **fields)
+                     expert_matrices=int(raw.get("expert_matrices", 3)), source=str(path),
+                     head_dim=int(raw.get("head_dim") or 0), kv_dtype_bytes=_kv_dtype_bytes(raw), **fields)
+
+
+# bytes per element of a Hugging Face config's torch_dtype
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _kv_dtype_bytes(raw: dict) -> int:
+    """What one cached K/V element takes: moelab's own models run in float32 in the executor
+    (executor/train.py load_trained), a Hugging Face checkpoint in its torch_dtype (0: the default)."""
+    if raw.get("model_type") == "moelab":
+        return 4
+    return _DTYPE_BYTES.get(str(raw.get("torch_dtype")), 0)
 
 
 def model_of_trace(metadata: dict, where: str = "trace") -> ModelArch | None:

@@ -3,6 +3,7 @@ storage format of its experts. What every engine (simulator, executor, replay) i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from devices.units import ConfigError
 from workloads.batching import Step, batch_steps
@@ -26,6 +27,12 @@ class Workload:
             raise ConfigError(f"{source}: the trace routes each token to {self.trace.top_k} experts, model "
                               f"{self.model.name} to {self.model.top_k}; give the model the trace was recorded on")
         self.steps = batch_steps(self.trace, self.batch)
+
+    @cached_property
+    def kv(self):
+        """The KV cache of every step (workloads/memory.py StepKV): what attention reads and holds."""
+        from workloads.memory import step_kv
+        return step_kv(self.trace, self.steps, self.batch)
 
     def routing_arrays(self, step: Step):
         """(experts, scores, levels or None) of a step, each [layers, tokens, k], so that a

@@ -252,3 +252,11 @@ def add_workload_args(p) -> None:
 def add_spec_arg(p) -> None:
     p.add_argument("--spec", metavar="FILE", help="a run spec (YAML: experiments/spec.py; `moelab pick` writes "
                                                   "one); flags given beside it override its fields")
+
+
+def add_kv_arg(p) -> None:
+    from workloads.memory import KV_MODES
+    p.add_argument("--kv", choices=KV_MODES,
+                   help="the KV cache beside a fixed expert budget (fixed: refused up front if it does not fit), or "
+                        "sharing the memory with the expert cache, which yields as the KV grows (shared); "
+                        "default: fixed")

@@ -34,7 +34,8 @@ def cmd_policies(args) -> None:
         print_policy(args.name)
         return
     for role, (table, _) in ROLES.items():
-        print(f"  {role + ':':<11} {', '.join(table)}")
+        names = [f"{n} (offline bound)" if getattr(c, "offline", False) else n for n, c in table.items()]
+        print(f"  {role + ':':<11} {', '.join(names)}")
     print("  presets (--preset NAME; D²MoE, ZipMoE and the baselines of their evaluations):")
     for p in PRESETS.values():
         print(f"    {p.name:<18} {p.description}")
@@ -56,7 +57,8 @@ def print_policy(name: str) -> None:
         raise ConfigError(f"unknown policy or preset {name!r}; known: {', '.join(known)}")
     for role, cls in found:
         doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ") if cls is not None else "no prefetch"
-        print(f"{role} {name}: {' '.join(doc.split())}")
+        bound = " [offline bound: reads the run's own future; `pick` refuses it]" if getattr(cls, "offline", False) else ""
+        print(f"{role} {name}: {' '.join(doc.split())}{bound}")
         opts = declared(cls) if cls is not None else {}
         flag = "--policy" if role == "cache" else f"--{role}"
         print(f"  options ({flag} {name} --{role}-option KEY=VALUE):" if opts else "  options: none")

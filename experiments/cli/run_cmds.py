@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from devices.units import format_size
-from experiments.cli.args import (SIZE_UNITS, TOKENS_HELP, add_format_args, add_model_args, add_policy_args,
+from experiments.cli.args import (SIZE_UNITS, TOKENS_HELP, add_format_args, add_kv_arg, add_model_args, add_policy_args,
                                       add_spec_arg, add_trace_option_arg, add_workload_args, budget_arg,
                                       check_out_dir, check_torch_device, device_storage, positive_int)
 from experiments.cli.output import hit_ratio_note, print_table, report_rows, summary_rows, write_outputs
@@ -29,6 +29,7 @@ def cmd_simulate(args) -> None:
           f"{b.label()} ({b.cache.name} cache, {b.scheduler.name} loads, {b.prefetch.name} prefetch), budget "
           f"{format_size(p.budget)}, batch {p.spec.batch}, {m['generated_tokens']} new tokens")
     print_table(summary_rows(m) + report_rows(m))
+    print(f"  {p.memory.summary()}")
     note = hit_ratio_note(m, run.timeline, p.budget, p.fmt)
     if note:
         print(note)
@@ -84,6 +85,7 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--budget", type=budget_arg, metavar="SIZE|all",
                    help=f"memory budget for experts, e.g. 3GB ({SIZE_UNITS}), or all (every expert resident); "
                         f"default: the device's expert budget")
+    add_kv_arg(p)
     add_spec_arg(p)
     p.add_argument("--out", default="runs/simulate", help="output folder (replaced as a whole by each run)")
     p.add_argument("--no-fast-path", action="store_true",
@@ -103,6 +105,7 @@ def add_parsers(sub, add) -> None:
     add_policy_args(p)
     p.add_argument("--budget", type=budget_arg, metavar="SIZE|all",
                    help=f"expert memory budget ({SIZE_UNITS}), or all; default: a quarter of all experts' bytes")
+    add_kv_arg(p)
     p.add_argument("--batch", type=positive_int, help="requests decoded in lockstep (default: 1)")
     p.add_argument("--tokens", type=positive_int, help=f"{TOKENS_HELP} (default: 64; with --trace, the trace's own)")
     p.add_argument("--prompt", help="prompt text of every request (default: distinct built-in prompts)")

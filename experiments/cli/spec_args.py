@@ -12,7 +12,8 @@ from experiments.spec import RunSpec
 
 SCALAR_FLAGS = {"device": "device", "storage": "storage", "power_mode": "power_mode", "model": "model", "trace": "trace",
                 "batch": "batch", "tokens": "tokens", "prompt_tokens": "prompt_tokens", "requests": "requests", "skew": "skew",
-                "locality": "locality", "seed": "seed", "store": "store", "budget": "budget"}
+                "locality": "locality", "seed": "seed", "store": "store", "budget": "budget",
+                "kv": "kv"}
 ROLE_FLAGS = {"cache": "policy", "scheduler": "scheduler", "allocator": "allocator", "prefetch": "prefetch"}
 BUNDLE_FLAGS = ("format", "ladder", "codec", "scheduler", "allocator", "prefetch", "preset", "cache-option",
                 "scheduler-option", "allocator-option", "prefetch-option")
