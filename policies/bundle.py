@@ -86,6 +86,7 @@ class DemandMemo:
     def __init__(self, allocator: Allocator, table: dict | None = None):
         self.allocator = allocator
         self.fields = PURE_ALLOCATORS[type(allocator)]
+        self.with_levels = len(self.fields) > 1
         self.table = {} if table is None else table
 
     @classmethod
@@ -96,7 +97,7 @@ class DemandMemo:
     def allocate(self, layer: int, routing: Routing) -> Demand:
         e = routing.experts
         key = (layer, e.shape, e.dtype.char, e.tobytes())
-        if len(self.fields) > 1:                              # and the levels
+        if self.with_levels:                                  # and the levels
             levels = routing.levels
             if levels is None:
                 return self.allocator.allocate(layer, routing)  # (it says what is missing)
@@ -215,11 +216,19 @@ _routing = partial(tuple.__new__, Routing)     # a Routing from a full 4-tuple, 
 def workload_routings(workload: Workload) -> Iterator[tuple[object, int, Routing]]:
     """(step, layer, routing) of every decision point, in engine order."""
     for step in workload.steps:
-        experts, scores, levels = workload.routing_arrays(step)
-        pred = step_predictions(workload, step)
-        for layer in range(workload.model.layers):
-            yield step, layer, _routing((experts[layer], scores[layer], None if levels is None else levels[layer],
-                                         None if pred is None else (pred[0][layer], pred[1][layer])))
+        for layer, routing in enumerate(step_routings(workload, step)):
+            yield step, layer, routing
+
+
+def step_routings(workload: Workload, step) -> list[Routing]:
+    """The routing of each MoE layer of a step, in layer order (each array a view of the step's)."""
+    experts, scores, levels = workload.routing_arrays(step)
+    pred = step_predictions(workload, step)
+    if levels is None and pred is None:      # (the common trace: a layer's routing is two views)
+        return [_routing((experts[layer], scores[layer], None, None)) for layer in range(workload.model.layers)]
+    return [_routing((experts[layer], scores[layer], None if levels is None else levels[layer],
+                      None if pred is None else (pred[0][layer], pred[1][layer])))
+            for layer in range(workload.model.layers)]
 
 
 def step_predictions(workload: Workload, step):

@@ -15,8 +15,8 @@ import heapq
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
-from policies.base import (BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, largest_layer_demand,
-                           load_item)
+from policies.base import (BudgetError, Demand, Key, LoadItem, NeedsFuture, PolicyContext, _new_key,
+                           largest_layer_demand, load_item)
 
 
 class CachePolicy:
@@ -44,6 +44,8 @@ class CachePolicy:
         self.pool_of: dict[Key, str] = {}
         self.pool_used: dict[str, int] = {}
         self._pool_base: tuple | None = None                 # resize: (budget, pools) the shares are of
+        # each part with the parts useless without it (fmt.dependents), evicted together
+        self._with_dependents = [(p, *self.fmt.dependents(p)) for p in range(self.fmt.n_parts)]
 
     # -- what the decision point calls (policies/bundle.py) ---------------------
     def resident(self, layer: int) -> set[Key]:
@@ -195,8 +197,9 @@ class CachePolicy:
     def _evict(self, key: Key) -> list[Key]:
         """Evict `key` and the resident parts of the same expert that are useless without it."""
         out = []
-        for part in (key.part, *self.fmt.dependents(key.part)):
-            k = Key(key.layer, key.expert, part)
+        layer, expert, _ = key
+        for part in self._with_dependents[key.part]:
+            k = _new_key((layer, expert, part))
             size = self.sizes.pop(k, None)
             if size is None:
                 continue

@@ -29,14 +29,17 @@ class FifoScheduler(Scheduler):
             raise ConfigError(f"fifo: order must be 'router' or 'expert-id', got {order!r}")
         self.order_by = order
         self.by_id = order == "expert-id"
+        self.decompresses = any(self.fmt.decompress_bytes)     # a format with decompression tasks
 
     def order(self, layer: int, demand: Demand, resident: set[Key]) -> list[LoadItem]:
-        fmt = self.fmt
-        items = [load_item(k, fmt) for k in needed_keys(demand, fmt) if k not in resident]
+        fmt, items = self.fmt, []
+        for k in needed_keys(demand, fmt):      # (a loop: most keys are resident, a comprehension costs a call)
+            if k not in resident:
+                items.append(load_item(k, fmt))
         # (the sorts are stable: parts stay ascending within an expert)
         if self.by_id:
             items.sort(key=lambda it: (it.key.expert, not it.decompress_bytes))
-        elif any(fmt.decompress_bytes):
+        elif self.decompresses:
             rank = {}
             items.sort(key=lambda it: (rank.setdefault(it.key.expert, len(rank)), not it.decompress_bytes))
         return items

@@ -24,13 +24,15 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from functools import partial
+from itertools import repeat
+from operator import itemgetter
 
 import simpy
 from tqdm import tqdm
 
 from devices.profile import DeviceProfile, StorageProfile
 from policies import Policies, Routing
-from policies.bundle import PLAN, step_predictions
+from policies.bundle import PLAN, step_routings
 from policies.cost import CostModel
 from sim.host import HostContention
 from sim.record import FigureRecorder, TimelineRecorder
@@ -39,7 +41,7 @@ from timeline.events import Timeline
 from workloads.workload import Workload
 
 
-_routing = partial(tuple.__new__, Routing)     # a Routing from a full 4-tuple, without NamedTuple's __new__
+_first = itemgetter(0)
 
 
 @contextmanager
@@ -73,6 +75,8 @@ class Simulator:
         self.decide_base = self.cost.decision_seconds(0)
         self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
         self.gap = self.cost.compute_gap()
+        self.decides = bool(self.decide_base or self.decide_per_load)     # a decision path that costs time
+        self.level_parts = workload.fmt.level_parts
         self.seconds: dict[tuple[int, int], float] = {}     # (level, tokens) -> one expert's compute
 
     def dense_seconds(self, tokens: int, prefill: bool = False) -> float:
@@ -111,12 +115,10 @@ class Simulator:
                            "tokens": int(len(s.tokens)), "new_tokens": s.new_tokens} for s in self.w.steps]}
 
     def _decode(self, env: simpy.Environment, bar):
-        layers = self.w.model.layers
         layer_fn, timeout, host = self._layer, env.timeout, self.host
         t = env.now
         for step in self.w.steps:
-            experts, scores, levels = self.w.routing_arrays(step)
-            pred = step_predictions(self.w, step)          # gate lookahead recorded with the trace
+            routings = step_routings(self.w, step)
             n, s = len(step.tokens), step.index
             t_dense = self.cost.layer_dense_seconds(n, step.prefill, self.w.kv[s])
             # The layers of a step are a chain (each needs the previous one's output) and this is
@@ -130,12 +132,9 @@ class Simulator:
                 for k in evicted:
                     self.pending.pop(k, None)
                 self.rec.evict(s, t, evicted)
-            for layer in range(layers):
+            for layer, routing in enumerate(routings):
                 end = host.dense_end(t, t_dense, n, step.prefill) if host is not None else t + t_dense
-                t = layer_fn(t, end, s, layer, n, _routing((experts[layer], scores[layer],
-                                                            None if levels is None else levels[layer],
-                                                            None if pred is None else (pred[0][layer],
-                                                                                       pred[1][layer]))))
+                t = layer_fn(t, end, s, layer, n, routing)
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
             bar.update(1)
@@ -144,19 +143,19 @@ class Simulator:
         """Carry out one decision point at time `now`, after the layer's dense part of `n` tokens
         from `start`; returns when its last compute ends."""
         d = self.p.decide(layer, routing)
-        pending, loads = self.pending, d.loads
+        pending, loads, cache = self.pending, d.loads, self.p.cache
         if pending and loads:                    # evicted before its prefetch was used
             for _, _, evicted in loads:
                 for k in evicted:
                     pending.pop(k, None)
-        assert self.p.cache.used <= self.p.cache.capacity, "budget exceeded"
+        assert cache.used <= cache.capacity, "budget exceeded"
         stretch = None
         if self.host is not None:
             # a read may run slower while the main thread works (measured hosts): its end depends on
             # the computes, which depend on when reads end
             stretch = self.host.stretch(now, len(loads), lambda x: self._plan(now, d, x)[:4], (self.io, self.decomp))
         reads, decs, computes, _, spans = self._plan(now, d, stretch)
-        if loads:
+        if loads and loads[-1].kind is not PLAN:    # prefetches (they come last): ready when loaded
             for (item, kind, _), (_, done) in zip(loads, reads):
                 if kind is not PLAN and not item.decompress_bytes:
                     pending[item.key] = done
@@ -197,30 +196,29 @@ class Simulator:
                 if t is not None and t > now:
                     ready[key.expert, key.part] = t
         # the decision path's own cost (0 without measured tables): the computes wait for it
-        path_end = now + self.decide_base + self.decide_per_load * len(d.loads)
+        path_end = now + self.decide_base + self.decide_per_load * len(d.loads) if self.decides else now
         spans = self.host.spans(now, d.loads, reads, decs) if self.host is not None else None
-        parts, counts = self.w.fmt.level_parts, d.demand.counts()
+        parts, counts = self.level_parts, d.demand.counts()
         if d.compute_order is not None:         # the scheduler's order, each once it is ready
             tasks = []
             for pair in d.compute_order:
                 expert, level = pair
-                tasks.append((max([now, *(ready.get((expert, p), now) for p in parts[level])]), 0, expert, level,
-                              counts[pair]))
+                tasks.append((max([now, *(ready.get((expert, p), now) for p in parts[level])]), pair, counts[pair]))
         elif ready:                             # in order of readiness ((expert, part) -> time; absent: resident)
             tasks = []
-            for (expert, level), n in counts.items():
-                t_ready = now
-                for part in parts[level]:
+            for pair, n in counts.items():
+                t_ready, expert = now, pair[0]
+                for part in parts[pair[1]]:
                     t = ready.get((expert, part))
                     if t is not None and t > t_ready:
                         t_ready = t
-                tasks.append((t_ready, len(tasks), expert, level, n))
-            tasks.sort()
-        else:      # everything was resident: compute in first-appearance order
-            tasks = [(now, 0, expert, level, n) for (expert, level), n in counts.items()]
+                tasks.append((t_ready, pair, n))
+            tasks.sort(key=_first)              # (stable: ties in first-appearance order)
+        else:      # everything was resident: compute in first-appearance order (each ready now)
+            tasks = zip(repeat(now), counts, counts.values())
         seconds, gap, host, computes, free = self.seconds, self.gap, self.host, [], path_end
-        for i, (t_ready, _, expert, level, n) in enumerate(tasks):
-            if i:
+        for t_ready, (expert, level), n in tasks:
+            if gap and computes:                # (free + 0.0 is free: no gap, no addition)
                 free += gap
             start = t_ready if t_ready > free else free
             secs = seconds.get((level, n))
@@ -238,9 +236,11 @@ class Simulator:
         ready, prefetched, reads, tasks = {}, {}, [], []
         issue_at, reserve = now + self.decide_base, self.io.reserve
         for i, (item, kind, _) in enumerate(loads):
-            issue_at += per_load
-            issue, done = reserve(issue_at, item.nbytes, stretch[i] if stretch else 0.0)
-            reads.append((issue, done))
+            if per_load:                        # (issue_at + 0.0 is issue_at)
+                issue_at += per_load
+            read = reserve(issue_at, item.nbytes, stretch[i]) if stretch else reserve(issue_at, item.nbytes)
+            reads.append(read)
+            done = read[1]
             key = item.key
             if item.decompress_bytes:
                 tasks.append((i, item, done))

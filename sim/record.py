@@ -158,24 +158,25 @@ class FigureRecorder:
         be = hi = now
         if d.loads:
             self._records(s, d.loads)
-            add = self.io.add
+            add, nbytes = self.io.add, self.bytes_read
             for (item, _, _), (issue, done) in zip(d.loads, reads):
-                self.bytes_read += item.nbytes
+                nbytes += item.nbytes
                 add(issue, done)
                 if done > hi:
                     hi = done
+            self.bytes_read = nbytes
             self.loads += len(reads)
         for _, a, b, _ in decs:
             self.decomp.add(a, b)
             if b > hi:
                 hi = b
         tokens_at = self.tokens_at
-        for c in computes:
-            if c[0] > be:
+        for a, b, _, level, tokens in computes:
+            if a > be:
                 bt += be - bs
-                bs = c[0]
-            be = c[1]
-            tokens_at[c[3]] = tokens_at.get(c[3], 0) + c[4]
+                bs = a
+            be = b
+            tokens_at[level] = tokens_at.get(level, 0) + tokens
         self.run = bs, be, bt
         if be > hi:
             hi = be

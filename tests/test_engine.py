@@ -213,3 +213,31 @@ def test_invariants(case):
     # deterministic: the same inputs give the same timeline
     tl2 = Simulator(make_device(), w, build_policies(w, budget, cache=policy, prefetch=prefetch, cost=cost)).run()
     assert tl1.events == tl2.events
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_steps_routings_are_its_layers_views(recorded):
+    """policies/bundle.py step_routings (what the engine hands each decision point): layer l's routing
+    is layer l of the step's arrays, with the trace's levels and gate-lookahead predictions where it
+    records them and None where it does not."""
+    from policies.bundle import step_routings
+    from test_metrics_only import model, trace
+    from workloads.trace import RoutingTrace
+    arch = model(layers=3, experts=5, k=2)
+    fmt = make_format("mwq", arch.expert_shapes, b1=2, bK=4)
+    t = trace(np.random.default_rng(1), arch, fmt, 6)
+    if not recorded:
+        t = RoutingTrace(t.experts, t.scores, t.request_ids, t.prompt, t.metadata)
+    w = Workload(arch, t, fmt, batch=2)
+    for step in w.steps:
+        routings = step_routings(w, step)
+        assert len(routings) == arch.layers
+        for layer, r in enumerate(routings):
+            assert np.array_equal(r.experts, t.experts[step.tokens, layer])
+            assert np.array_equal(r.scores, t.scores[step.tokens, layer])
+            if recorded:
+                assert np.array_equal(r.levels, t.levels[step.tokens, layer])
+                assert np.array_equal(r.predicted[0], t.predicted[step.tokens, layer])
+                assert np.array_equal(r.predicted[1], t.predicted_scores[step.tokens, layer])
+            else:
+                assert r.levels is None and r.predicted is None
