@@ -30,6 +30,12 @@ from devices.units import ConfigError
 from workloads.catalog import ModelArch
 from workloads.formats import ExpertFormat
 
+# CPU-placed experts (policies/placement.py): quantized weights are read packed and dequantized inside
+# the dot product (ggml's q4/q8 kernels: https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-cpu/),
+# so no separate pass writes the wide weights
+CPU_FUSED = kernels.Kernel(dequant="fused")
+CPU_FUSED_FORMATS = ("mwq", "copies")
+
 
 @dataclass
 class CostModel:
@@ -62,12 +68,14 @@ class CostModel:
     def cpu_expert_seconds(self, level: int, tokens: int) -> float:
         """One expert at `level` for `tokens` tokens on the host CPU (cpu:), from host RAM: the roofline
         kernel on the CPU's figures (its weights at its memory bandwidth, the matmul at its flops, its
-        per-call overhead), with the dequantization pass the accelerator's call makes (dequant_bytes)."""
+        per-call overhead). Integer formats (MWQ planes, INT copies) run fused, as llama.cpp's quantized
+        dot products dequantize in registers; zip's re-assembly is a pass per call, as on the accelerator."""
         key = (level, tokens)
         t = self._cpu.get(key)
         if t is None:
             fmt = self.fmt
-            t = self._cpu[key] = kernels.expert_seconds(kernels.ROOFLINE, cpu_of(self.device), fmt.level_sizes[level],
+            kernel = CPU_FUSED if fmt.name in CPU_FUSED_FORMATS else kernels.ROOFLINE
+            t = self._cpu[key] = kernels.expert_seconds(kernel, cpu_of(self.device), fmt.level_sizes[level],
                                                         fmt.params, self.dequant_bytes(level), tokens)
         return t
 

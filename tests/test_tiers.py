@@ -399,3 +399,26 @@ def test_bad_tier_input_is_one_clear_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and needle in err and "Traceback" not in err
+
+
+def test_cpu_expert_calls_read_integer_weights_packed():
+    """A CPU-placed INT4 expert (llama.cpp's q4 dot products) reads its packed weights with no
+    dequantization pass: overhead + max(bytes / bandwidth, 2 x params x tokens / flops); zip's
+    re-assembly stays a pass per call."""
+    from devices.levels import cpu_of
+    from devices.profile import load_device
+    from policies.cost import CostModel
+    from workloads.catalog import get_model
+    from workloads.formats import FormatSpec
+    device, m = load_device("rtx-3060-laptop-6gb"), get_model("llama-moe-3.5b")
+    cpu = cpu_of(device)
+    for name, ladder in (("copies", "int4"), ("mwq", "v1")):
+        fmt = FormatSpec(name, ladder=ladder).make(m.expert_shapes)
+        cost = CostModel.build(device, m, fmt)
+        for tokens in (1, 8):
+            want = cpu.overhead + max(fmt.level_sizes[0] / cpu.memory_bandwidth, 2 * fmt.params * tokens / cpu.flops)
+            assert cost.cpu_expert_seconds(0, tokens) == pytest.approx(want)
+    zip_fmt = FormatSpec("zip", codec="lz4").make(m.expert_shapes)
+    z = CostModel.build(device, m, zip_fmt)
+    plain = cpu.overhead + max(zip_fmt.level_sizes[0] / cpu.memory_bandwidth, 2 * zip_fmt.params / cpu.flops)
+    assert z.cpu_expert_seconds(0, 1) == pytest.approx(plain + z.dequant_bytes(0) / cpu.memory_bandwidth)
