@@ -257,7 +257,12 @@ def prepare(spec: RunSpec, timeline: bool = True, quiet: bool = True, device=Non
     workload = Workload(model, trace, fmt, batch=spec.batch)
     memory = memory_split(spec, device, model, workload.kv, budget, default_budget)
     cost = CostModel.build(device, model, fmt, storage)
-    policies = build_policies(workload, memory.budget, cost=cost, **spec.policy.kwargs())
+    try:
+        policies = build_policies(workload, memory.budget, cost=cost, **spec.policy.kwargs())
+    except BudgetError as e:
+        if memory.note:                  # the budget is not the one asked for: say why
+            raise type(e)(f"{e}; {memory.note}") from None
+        raise
     policies.capacities = memory.capacities
     if spec.tiered:
         from policies.tiers import attach_tiers

@@ -271,3 +271,12 @@ def test_budget_only_models_the_budget_alone_and_says_whether_it_would_fit():
     assert "needs 11.52GB of 6.00GB (it would not fit)" in split.note
     small = split_memory("budget-only", device, _replace(m, dense_bits=4), lockstep_kv(1, 1, 16, 16), 200_000_000)
     assert small.meta()["fits"] is True
+
+
+def test_a_capped_default_budget_below_the_minimum_says_it_was_capped():
+    """Mixtral on the Orin Nano: the default 4 GB expert budget is capped to what fits beside 2 GB
+    reserved + 3.21 GB dense weights + the KV, which is below one layer's demand: the refusal says both."""
+    from experiments.run import prepare
+    from experiments.spec import RunSpec
+    with pytest.raises(BudgetError, match=r"below the minimum .*; the default expert budget 4\.00GB capped to"):
+        prepare(RunSpec(device="jetson-orin-nano-8gb", model="mixtral-8x7b", tokens=2), timeline=False)
