@@ -271,7 +271,7 @@ def trace_model(path: str):
 ROW_FIELDS = ("config_hash", "device", "storage", "power_mode", "model", "trace", "trace_options", "policy", "preset", "cache",
               "cache_options", "scheduler", "scheduler_options", "allocator", "allocator_options", "prefetch",
               "prefetch_options", "budget_bytes", "batch", "format", "ladder", "codec", "tokens", "prompt_tokens",
-              "requests", "skew", "locality", "seed", "store", "kv", "dense_bits")
+              "requests", "skew", "locality", "seed", "store", "kv", "dense_bits", "placement", "host_budget", "host_cache")
 
 
 def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
@@ -285,7 +285,11 @@ def spec_row(spec: RunSpec, model_name: str | None = None) -> dict:
            "preset": b.preset, "budget_bytes": spec.budget, "batch": spec.batch, "format": f.name,
            "ladder": f.ladder or "", "codec": f.codec or "", "tokens": spec.tokens, "prompt_tokens": spec.prompt_tokens,
            "requests": spec.requests, "skew": spec.skew, "locality": spec.locality, "seed": spec.seed,
-           "store": spec.store or "", "kv": spec.kv, "dense_bits": spec.dense_bits or ""}
+           "store": spec.store or "", "kv": spec.kv, "dense_bits": spec.dense_bits or "",
+           # the host level (empty: one level); a policy as its JSON document
+           "placement": json.dumps(spec.placement.to_doc()) if spec.placement else "",
+           "host_budget": spec.host_budget or "",
+           "host_cache": json.dumps(spec.host_cache.to_doc()) if spec.host_cache else ""}
     for role in ("cache", "scheduler", "allocator", "prefetch"):
         p = getattr(b, role)
         row[role] = p.name
@@ -315,6 +319,7 @@ def row_spec(row: dict, where: str = "row") -> RunSpec:
            "format": fmt, "policy": policy, "budget": budget if budget == "all" else num("budget_bytes", int),
            "batch": num("batch", int), "tokens": num("tokens", int), "prompt_tokens": num("prompt_tokens", int),
            "seed": num("seed", int), "store": row.get("store") or None, "kv": row.get("kv") or "fixed",
-           "dense_bits": num("dense_bits", int)}
+           "dense_bits": num("dense_bits", int), "host_budget": num("host_budget", int),
+           **{k: json.loads(row[k]) for k in ("placement", "host_cache") if row.get(k)}}
     spec = RunSpec.from_doc(doc, where)
     return spec.with_(policy=replace(spec.policy, preset=row.get("preset") or ""))

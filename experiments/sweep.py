@@ -51,7 +51,8 @@ METRIC_FIELDS = ("status", "ttft_s", "ttft_s_cold", "tpot_s_mean", "tpot_s_p10",
                  "prefetch_waste_bytes", "bits_per_weight", "compute_bubble_fraction", "io_busy_fraction",
                  "decompress_busy_fraction", "energy_j", "energy_per_token_j", "average_power_w", "energy_idle_share",
                  "energy_share_board", "energy_share_compute", "energy_share_memory", "energy_share_decompress",
-                 "energy_share_storage", "energy_reason")
+                 "energy_share_storage", "energy_reason", "host_hit_ratio", "host_peak_bytes", "cpu_token_share",
+                 "cpu_busy_fraction")
 RUN_FIELDS = ("moelab_version", "commit", "wall_s", "note")
 FIELDS = ROW_FIELDS + METRIC_FIELDS + RUN_FIELDS
 GRID_KEYS = ("grid", "runs", "sample", "name", "description")
@@ -67,9 +68,6 @@ def load_grid(path) -> list[RunSpec]:
     specs, seen = [], set()
     for entry, where in _entries(doc, path):
         spec = _checked({**base, **entry}, f"{path}: {where}")
-        if spec.tiered:               # a row has no columns for them (yet): its pick would drop them
-            raise ConfigError(f"{path}: {where}: placement, host_budget, host_cache: a sweep row does not record "
-                              f"the host level yet; run such a spec with `moelab simulate --spec FILE`")
         if spec.config_hash() not in seen:
             seen.add(spec.config_hash())
             specs.append(spec)

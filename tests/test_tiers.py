@@ -365,12 +365,21 @@ def test_a_one_level_run_has_no_tier_keys():
     assert not {"link_bytes", "host_hit_ratio", "cpu_token_share", "placement"} & set(m)
 
 
-def test_a_sweep_refuses_tier_keys(tmp_path):
-    from experiments.sweep import load_grid
+def test_a_sweep_row_records_the_host_level_and_its_spec_reads_back(tmp_path):
+    """A grid over placement: each row records the placement, the host budget and cache and the host
+    metrics, and the row's spec (what `pick` writes) is the run's own."""
+    import csv
+    from experiments.spec import RunSpec, row_spec
+    from experiments.sweep import load_grid, sweep
     grid = tmp_path / "g.yaml"
-    grid.write_text("runs:\n  - {device: rtx-3060-laptop-6gb, host_budget: 8GB}\n")
-    with pytest.raises(ConfigError, match="g.yaml: runs.*host_budget.*moelab simulate --spec"):
-        load_grid(grid)
+    grid.write_text("tokens: 2\ndevice: rtx-3060-laptop-6gb\nmodel: olmoe-1b-7b\nbudget: 1GB\nhost_budget: 8GB\n"
+                    "grid:\n  placement: [gpu-only, {name: cpu-static, options: {layers: 4}}]\n")
+    specs = load_grid(grid)
+    sweep(grid, tmp_path / "r.csv", quiet=True)
+    rows = sorted(csv.DictReader(open(tmp_path / "r.csv")), key=lambda r: r["placement"])   # gpu-only: ""
+    assert sorted(map(row_spec, rows), key=RunSpec.config_hash) == sorted(specs, key=RunSpec.config_hash)
+    assert [float(r["cpu_token_share"]) for r in rows] == [0.0, 0.25]       # 4 of olmoe's 16 layers
+    assert all(r["host_budget"] == "8000000000" and r["host_hit_ratio"] for r in rows)
 
 
 def test_cli_flags_state_the_tier_keys(tmp_path, capsys):

@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
 from devices.power import load_power, mode_powers      # noqa: E402
+from devices.units import MoelabError                   # noqa: E402
 from experiments.plots import pareto_front, plot        # noqa: E402
 from experiments.results import load_results            # noqa: E402
 from experiments.spec import RunSpec                    # noqa: E402
@@ -69,7 +70,9 @@ def zip_vs_bf16(rows: list[dict]) -> list[dict]:
         for mode in load_power(d).modes:
             for model in MODELS:
                 pick = {f: [r for r in rows if (r["device"], r["power_mode"], r["model"], r["format"]) ==
-                            (d, mode, model, f)] for f in ("bf16", "zip")}
+                            (d, mode, model, f) and r["status"] == "ok"] for f in ("bf16", "zip")}
+                if not all(pick.values()):       # a format the device's memory refuses (the rows say why)
+                    continue
 
                 def mean(f, res=None, key=None):
                     vals = [float(r[key]) if key else joules(r, res) for r in pick[f]]
@@ -95,8 +98,11 @@ def concurrency_check() -> list[dict]:
     for d in DEVICES:
         for mode in load_power(d).modes:
             for model in MODELS:
-                run = simulate(RunSpec(device=d, power_mode=mode, model=model, format=FormatSpec("zip", codec="lz4"),
-                                       **BASE))
+                try:
+                    run = simulate(RunSpec(device=d, power_mode=mode, model=model,
+                                           format=FormatSpec("zip", codec="lz4"), **BASE))
+                except MoelabError:      # the device's memory refuses it (results.csv says why)
+                    continue
                 ev = [e for e in run.timeline.events if e.resource.startswith("decompress")]
                 busy = mode_powers(d, mode, "nvme", run.prepared.device.decompress_workers)["decompress"][0]
                 cores = min(load_power(d).concurrency, run.prepared.device.decompress_workers)
