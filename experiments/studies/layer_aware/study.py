@@ -20,6 +20,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
+from devices.units import MoelabError                            # noqa: E402
 from policies import build_policies                              # noqa: E402
 from policies.bundle import workload_routings                    # noqa: E402
 from policies.lookahead import prediction_accuracy               # noqa: E402
@@ -85,7 +86,10 @@ def tpot(model_name: str | None, trace_path: Path, device: str, policy: str, cap
     model = get_model(model_name) if model_name else ModelArch(**RoutingTrace.load(trace_path).metadata["arch"])
     spec = RunSpec.from_doc({"device": device, "model": model_name, "trace": str(trace_path),
                              "policy": {"cache": policy, "prefetch": prefetch}, "budget": cap * model.expert_bytes})
-    m = simulate(spec, timeline=False).metrics
+    try:
+        m = simulate(spec, timeline=False).metrics
+    except MoelabError as e:        # the device's memory cannot hold this budget (beside its dense weights)
+        return {"refused": str(e).split(";")[0]}
     return {"tpot_s": m["tpot_s_mean"], "hit_ratio": m["hit_ratio"], "coverage": m.get("prefetch_coverage")}
 
 
