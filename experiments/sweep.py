@@ -159,6 +159,8 @@ def run_config(spec: RunSpec, keep_timeline: bool = False):
                wall_s=round(time.perf_counter() - t0, 4))
     if spec.budget == "all":
         row["note"] = f"budget: every expert resident ({run.prepared.budget} B)"
+    elif run.prepared.memory.note:      # the budget the run had is not budget_bytes (capped to fit)
+        row["note"] = f"{run.prepared.memory.note} ({run.prepared.budget} B)"
     return (row, run.timeline) if keep_timeline else row
 
 

@@ -280,3 +280,15 @@ def test_a_capped_default_budget_below_the_minimum_says_it_was_capped():
     from experiments.spec import RunSpec
     with pytest.raises(BudgetError, match=r"below the minimum .*; the default expert budget 4\.00GB capped to"):
         prepare(RunSpec(device="jetson-orin-nano-8gb", model="mixtral-8x7b", tokens=2), timeline=False)
+
+
+def test_a_sweep_row_says_when_its_default_budget_was_capped(tmp_path):
+    """A grid row at the device's default budget that the memory caps records the budget it ran at."""
+    import csv
+    from experiments.sweep import sweep
+    grid = tmp_path / "g.yaml"
+    grid.write_text("tokens: 2\nruns:\n  - {device: jetson-orin-nano-8gb, model: qwen1.5-moe-a2.7b}\n")
+    sweep(grid, tmp_path / "r.csv", quiet=True)
+    (row,) = csv.DictReader(open(tmp_path / "r.csv"))
+    assert row["status"] == "ok" and row["budget_bytes"] == "4000000000"
+    assert "the default expert budget 4.00GB capped to 2.2" in row["note"]
