@@ -73,6 +73,8 @@ def check_spec(spec: RunSpec, host: HostOptions | None = None) -> None:
         raise MoelabError(f"execute: a host level on CUDA copies parts to the GPU and decodes them there; format "
                           f"{spec.format.name} decodes on the host only (numpy/numba): use --format bf16, or "
                           f"--torch-device cpu")
+    if spec.tiered and host is not None:
+        tier_levels(spec, host)               # a device without the level, a host budget over its RAM
     if spec.policy.prefetch.name == "oracle" and spec.synthetic:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")
