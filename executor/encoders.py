@@ -70,6 +70,15 @@ class Bf16Encoder:
             at += o * i
         return out
 
+    def decode_tensor(self, parts: Sequence[torch.Tensor], fmt: ExpertFormat, level: int) -> dict[str, torch.Tensor]:
+        """decode from uint8 tensors on any torch device (a GPU's expert pool): views, no copy."""
+        flat = parts[0][:2 * fmt.params].view(torch.bfloat16)      # the store's bytes are little-endian
+        out, at = {}, 0
+        for name, (o, i) in zip(matrix_names(fmt), fmt.shapes):
+            out[name] = flat[at: at + o * i].view(o, i)
+            at += o * i
+        return out
+
 
 register_encoder("bf16", Bf16Encoder())
 

@@ -62,19 +62,23 @@ class Run:
     tokens: torch.Tensor          # [requests, prompt + generated]
     peak_rss_bytes: int
     reader_mode: str
+    logits: list | None = None    # each request group's last step's logits [batch, vocab] (CPU, float)
 
 
 def execute(model: MoETransformer, store: Store, policies: Policies, prompts: torch.Tensor, new_tokens: int, *,
             trace: RoutingTrace | None = None, batch: int | None = None, io_concurrency: int = 2,
             throttle: StorageThrottle | None = None, decompress_workers: int = 2, torch_device: str = "cpu",
             torch_threads: int | None = None, read_mode: str = "auto", quiet: bool = False,
-            meta: dict | None = None, level_fn=None, predict_fn=None) -> Run:
+            meta: dict | None = None, level_fn=None, predict_fn=None, link=None, link_throttle=None) -> Run:
     """Greedy generation of `new_tokens` per prompt ([requests, P] token ids) in groups of
     `batch` requests decoded in lockstep. With `trace`, routing is forced from it and the
     step structure is the trace's (its prompt lengths and output counts win). torch_threads:
     torch's intra-op threads during the run (default: on CPU, all cores but one). level_fn: a
     bit-width router (executor/runtime.py ExpertRuntime). predict_fn: gate lookahead (default, for a
-    prefetcher that reads predictions: the model's own next-layer routers, executor/record.py)."""
+    prefetcher that reads predictions: the model's own next-layer routers, executor/record.py).
+    A bundle with a host level (policies/tiers.py) runs on executor/tiers.py's TieredRuntime:
+    `link` is the profile's devices.tiers.Link (its timeline lane), `link_throttle` a
+    StorageThrottle holding each copy to that link's time (None: as fast as this host copies)."""
     model.eval()
     if torch_threads is not None and torch_threads < 1:
         raise ConfigError(f"--torch-threads must be >= 1, got {torch_threads}")
@@ -82,10 +86,14 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
     saved_threads = torch.get_num_threads()
     with BlobReader(store, mode=read_mode) as reader, \
             IOWorkers(reader, io_concurrency, throttle) as io, DecompressPool(decompress_workers) as dec:
-        rt = ExpertRuntime(store, policies, activation=model.cfg.activation, torch_device=torch_device,
-                           dtype=model.output.weight.dtype, io=io, decompress=dec,
-                           meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads), level_fn=level_fn,
-                           predict_fn=predict_fn or _default_lookahead(model, policies))
+        kw = dict(activation=model.cfg.activation, torch_device=torch_device, dtype=model.output.weight.dtype,
+                  io=io, decompress=dec, meta=dict(meta or {}, read_mode=reader.mode, torch_threads=threads),
+                  level_fn=level_fn, predict_fn=predict_fn or _default_lookahead(model, policies))
+        if policies.lower is not None:
+            from executor.tiers import TieredRuntime
+            rt = TieredRuntime(store, policies, link=link, link_throttle=link_throttle, **kw)
+        else:
+            rt = ExpertRuntime(store, policies, **kw)
         model.set_expert_fn(rt)
         torch.set_num_threads(threads)
         saved_numba = _set_numba_threads(store.format, threads)
@@ -95,6 +103,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             else:
                 tokens = _real_run(model, rt, prompts, new_tokens, batch or prompts.shape[0], quiet)
         finally:
+            rt.close()
             torch.set_num_threads(saved_threads)
             _set_numba_threads(store.format, saved_numba)
             model.set_expert_fn(None)
@@ -103,7 +112,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
         rt.timeline.meta["policy_report"] = policies.report()
         mode = reader.mode
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-    return Run(rt.timeline, tokens, rss, mode)
+    return Run(rt.timeline, tokens, rss, mode, rt.group_logits)
 
 
 @torch.no_grad()
@@ -130,6 +139,7 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
         nxt = logits[:, -1].argmax(-1)
         out.append(nxt[:, None])
         bar.update(1)
+    rt.group_logits.append(logits[:, -1].float().cpu())
     return torch.cat(out, dim=1), step + 1
 
 

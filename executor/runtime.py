@@ -112,6 +112,7 @@ class ExpertRuntime:
         self.predicted = None               # forced predictions of this step (ids, probs) [tokens, layers, P]
         self.predict_fn = predict_fn
         self.sequencer = _Sequencer(None)
+        self.group_logits: list[torch.Tensor] = []   # each group's last step's logits (executor/execute.py)
 
     # -- clock and steps ---------------------------------------------------------
     def now(self) -> float:
@@ -132,7 +133,7 @@ class ExpertRuntime:
 
     # -- the expert_fn -------------------------------------------------------------
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        fmt, s = self.fmt, self.step.index
+        s = self.step.index
         now = self.now()
         self._add("dense", "dense", self.last, now, layer, -1, -1, 0, s, hidden.shape[0])
         if self.levels is not None:             # forced from a trace
@@ -147,13 +148,41 @@ class ExpertRuntime:
             predicted = self.predict_fn(layer, hidden, ids, gates) if self.predict_fn is not None else None
         d = self.p.decide(layer, Routing(ids.cpu().numpy(), gates.float().cpu().numpy(), levels, predicted))
         self.sequencer = _Sequencer(d.decompress_order)
-        for item, kind, evicted in d.loads:      # in storage order: plan, then prefetches
+        self._issue(d, now, s)
+        side = self._begin_side(d, hidden, ids, gates)      # a second compute place (executor/tiers.py)
+        out = self._accelerator(d, layer, hidden, ids, gates)
+        if side is not None:
+            self._join_side(out, side)
+        end = self.now()
+        self._finish(layer, end, s)
+        self.last = self.now()
+        return out
+
+    def _issue(self, d, now: float, s: int) -> None:
+        """Carry the decision's loads out, in storage order: plan, then prefetches."""
+        for item, kind, evicted in d.loads:
             for k in evicted:
                 self._evict(k, now, s)
             self._admit(kind, item, now, s)
 
-        # (expert, level) -> token rows; computed once every part it needs is resident
-        rows = d.rows()
+    def _begin_side(self, d, hidden, ids, gates):
+        """One level: every expert computes here (executor/tiers.py adds the CPU's share)."""
+        return None
+
+    def _join_side(self, out, side) -> None:
+        raise NotImplementedError
+
+    def _finish(self, layer: int, end: float, s: int) -> None:
+        for k in self.p.finish(layer):
+            self._evict(k, end, s)
+
+    def close(self) -> None:
+        """The run ended: what the runtime adds to the timeline's meta, its pools stopped."""
+
+    def _accelerator(self, d, layer: int, hidden, ids, gates) -> torch.Tensor:
+        """Compute each (expert, level) of the decision once every part it needs is resident."""
+        fmt = self.fmt
+        rows = d.rows()                         # (expert, level) -> token rows
         resident = self.memory.buffers
         waiting = {pair: {k for k in (Key(layer, pair[0], q) for q in fmt.level_parts[pair[1]])
                           if k not in resident} for pair in rows}
@@ -177,10 +206,6 @@ class ExpertRuntime:
                 if not need:
                     self._compute(out, hidden, ids, gates, layer, pair, rows.pop(pair))
                     del waiting[pair]
-        end = self.now()
-        for k in self.p.finish(layer):
-            self._evict(k, end, s)
-        self.last = self.now()
         return out
 
     def _admit(self, kind: str, item, now: float, s: int) -> None:
@@ -196,12 +221,14 @@ class ExpertRuntime:
         self.loading.pop(key, None)
         self._add("cache", "evict", now, now, key.layer, key.expert, key.part, self.fmt.resident_bytes[key.part], s)
 
-    def _load(self, key: Key, s: int) -> Future:
-        """Read one part, decompress it if its format says so, and put it in the memory pool.
-        The returned future resolves to the key once the part is resident. Runs on the
-        worker threads' callbacks, so the main thread only waits for what it computes."""
+    def _load(self, key: Key, s: int, fill=None) -> Future:
+        """Read one part, decompress it if its format says so, and hand it to `fill(key, data, buf)`
+        (default: into the memory pool; `buf`: the pooled read buffer `data` lives in, or None). The
+        returned future resolves to what `fill` returns (the key) once the part is resident. Runs on
+        the worker threads' callbacks, so the main thread only waits for what it computes."""
         ready: Future = Future()
         fmt, t0, memory, sequencer = self.fmt, self.t0, self.memory, self.sequencer
+        fill = fill or self._fill
         buf = memory.pool.take(self.io.reader.buffer_size(key))
 
         def decompressed(f: Future) -> None:
@@ -210,8 +237,7 @@ class ExpertRuntime:
                 memory.pool.give(buf)               # the decompressed part is a new array
                 self._add(f"decompress[{r.worker}]", "decompress", r.t_start - t0, r.t_end - t0, key.layer,
                           key.expert, key.part, fmt.decompress_bytes[key.part], s)
-                memory.fill(key, r.value)
-                ready.set_result(key)
+                ready.set_result(fill(key, r.value, None))
             except BaseException as e:          # the computing thread sees it on `ready`
                 ready.set_exception(e)
 
@@ -224,20 +250,27 @@ class ExpertRuntime:
                     sequencer.read_done(key, lambda: self.decompress.submit(
                         self.encoder.decompress_part, key.part, r.data, fmt, tag=key).add_done_callback(decompressed))
                 else:
-                    memory.fill(key, r.data, buf)
-                    ready.set_result(key)
+                    ready.set_result(fill(key, r.data, buf))
             except BaseException as e:
                 ready.set_exception(e)
 
         self.io.submit(key, buf).add_done_callback(read)
         return ready
 
+    def _fill(self, key: Key, data, buf) -> Key:
+        self.memory.fill(key, data, buf)
+        return key
+
+    def _weights(self, layer: int, expert: int, level: int) -> dict:
+        """The (expert, level)'s weight matrices on the torch device, decoded from its resident parts."""
+        parts = [self.memory.buffers[Key(layer, expert, q)] for q in self.fmt.level_parts[level]]
+        return {k: v.to(self.device, self.dtype, non_blocking=True)
+                for k, v in self.encoder.decode(parts, self.fmt, level).items()}
+
     def _compute(self, out, hidden, ids, gates, layer, pair, token_rows) -> None:
         expert, level = pair
         start = self.now()
-        parts = [self.memory.buffers[Key(layer, expert, q)] for q in self.fmt.level_parts[level]]
-        weights = {k: v.to(self.device, self.dtype, non_blocking=True)
-                   for k, v in self.encoder.decode(parts, self.fmt, level).items()}
+        weights = self._weights(layer, expert, level)
         accumulate_expert(out, hidden, ids, gates, expert, weights, self.activation,
                           rows=torch.tensor(token_rows, device=hidden.device))
         self._add("compute", "expert", start, self.now(), layer, expert, level, self.fmt.level_bytes(level),

@@ -67,11 +67,14 @@ def cost_model(spec: RunSpec, host: HostOptions, arch, fmt):
     return CostModel.build(load_device(name), arch, fmt, storage or (spec.storage if source == spec.device else None))
 
 
-def check_spec(spec: RunSpec) -> None:
+def check_spec(spec: RunSpec, host: HostOptions | None = None) -> None:
     """What the executor cannot run, refused before a store is built."""
-    if spec.tiered:
-        raise MoelabError("execute: a host level and CPU placement (--placement, --host-budget, --host-cache) are "
-                          "simulated only so far (`moelab simulate`); the executor runs one memory level")
+    if spec.tiered and host is not None and host.torch_device == "cuda" and spec.format.name != "bf16":
+        raise MoelabError(f"execute: a host level on CUDA copies parts to the GPU and decodes them there; format "
+                          f"{spec.format.name} decodes on the host only (numpy/numba): use --format bf16, or "
+                          f"--torch-device cpu")
+    if spec.tiered and host is not None:
+        tier_levels(spec, host)               # a device without the level, a host budget over its RAM
     if spec.policy.prefetch.name == "oracle" and spec.synthetic:
         raise MoelabError("--prefetch oracle reads the routing ahead from a trace: give --trace, or use "
                           "--prefetch last-use with the model's own router")
@@ -86,7 +89,10 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     from executor.model import model_arch
     from executor.store_build import ensure_store
     from executor.io import StorageThrottle
-    check_spec(spec)
+    check_spec(spec, host)
+    levels = tier_levels(spec, host) if spec.tiered else None
+    if levels is not None:
+        spec = levels[0]
     forced = None if spec.synthetic else read_trace(spec)
     model, tok, name = load_model(spec, host)
     level_fn = bit_router_for(spec, host, model, forced)
@@ -108,6 +114,11 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     budget = memory.budget
     policies = build_bundle(spec, arch, fmt, budget, cost_model(spec, host, arch, fmt), forced)
     policies.capacities = memory.capacities
+    if levels is not None:
+        from policies.tiers import attach_tiers
+        attach_tiers(policies, spec.host_budget, spec.host_cache.name, spec.host_cache.opts,
+                     spec.placement.name if spec.placement else "gpu-only", spec.placement.opts if spec.placement else {})
+    link, link_clock = levels[1:] if levels is not None else (None, None)
     b = spec.policy
     from executor.power import PowerMeter
     meter = PowerMeter()                  # the host's power, sampled on a thread while the run runs
@@ -115,7 +126,8 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
         run = run_executor(model, store, policies, prompts, tokens, trace=forced, batch=spec.batch,
                            io_concurrency=host.io_concurrency, throttle=throttle,
                            decompress_workers=host.decompress_workers, torch_device=host.torch_device,
-                           torch_threads=host.torch_threads, quiet=quiet, level_fn=level_fn,
+                           torch_threads=host.torch_threads, quiet=quiet, level_fn=level_fn, link=link,
+                           link_throttle=link_clock,
                            meta={"model": name, "device": f"host ({host.torch_device})", "format": fmt.name,
                                  "budget_bytes": budget, "cache": b.cache.name, "scheduler": b.scheduler.name,
                                  "prefetcher": b.prefetch.name, "memory": memory.meta()})
@@ -127,6 +139,26 @@ def execute(spec: RunSpec, host: HostOptions = HostOptions(), quiet: bool = True
     if text is not None:
         metrics["text"] = text
     return ExecRun(spec, metrics, run.timeline, run, text)
+
+
+def tier_levels(spec: RunSpec, host: HostOptions):
+    """(the spec with its host level's defaults explicit, the link, a clock holding copies to the --throttle
+    device's link or None) of a tiered spec. The levels are the spec's device's, else the --throttle
+    device's, else the --cost-profile's (execute has no --device); a one-level device is refused."""
+    from devices.levels import lower_link
+    from devices.profile import load_device
+    from experiments.run import resolve_tiers
+    from experiments.spec import DEFAULT_DEVICE
+    name = spec.device or (host.throttle or host.cost_profile or DEFAULT_DEVICE).partition(":")[0]
+    device = load_device(name)
+    spec = resolve_tiers(spec, device)
+    clock = None
+    if host.throttle:
+        throttled = load_device(host.throttle.partition(":")[0])
+        if len(throttled.tiers) > 1:               # copies at least as slow as that device's link
+            from executor.tiers import link_throttle
+            clock = link_throttle(lower_link(throttled))
+    return spec, lower_link(device), clock
 
 
 def exec_memory(spec: RunSpec, arch, fmt, forced, prompts_shape, tokens: int, budget: int, default: int):
@@ -159,6 +191,12 @@ def exec_metrics(spec: RunSpec, run, fmt, name: str, budget: int, total: int, ho
     from workloads.formats import level_bits
     m = compute_metrics(run.timeline, level_bits=level_bits(fmt))
     m.update(run.timeline.meta.get("policy_report", {}))
+    meta = run.timeline.meta
+    if "tier_figures" in meta:                    # a host level (timeline/tiers.py), as run_metrics adds it
+        from timeline.tiers import tier_metrics
+        tokens = sum(e.tokens for e in run.timeline.events if e.resource == "compute")
+        m.update(tier_metrics(meta["tier_figures"], m["makespan_s"], tokens), **meta["tiers"],
+                 host_pinned=meta["host_pinned"])
     b = spec.policy
     m.update(model=name, format=fmt.name, policy=b.label(), cache=b.cache.name, scheduler=b.scheduler.name,
              allocator=b.allocator.name, prefetch=b.prefetch.name, budget_bytes=budget, expert_bytes_total=total,

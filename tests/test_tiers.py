@@ -401,7 +401,9 @@ def test_cli_flags_state_the_tier_keys(tmp_path, capsys):
     (["simulate", "--device", "rtx-3060-laptop-6gb", "--placement", "cpu-static", "--placement-option", "x=1"],
      "--placement-option: cpu-static: unknown option 'x'"),
     (["simulate", "--device", "rtx-3060-laptop-6gb", "--host-budget", "64GB"], "more than"),
-    (["execute", "--host-budget", "1GB"], "simulated only"),
+    (["execute", "--host-budget", "1GB"], "jetson-agx-orin-64gb' has one memory level"),   # the default device
+    (["execute", "--throttle", "rtx-3060-laptop-6gb", "--host-budget", "1GB", "--format", "mwq", "--torch-device",
+      "cuda"], "format mwq decodes on the host only"),
 ])
 def test_bad_tier_input_is_one_clear_line(argv, needle, capsys):
     from experiments.cli import main

@@ -51,10 +51,10 @@ def cmd_execute(args) -> None:
     from experiments.run_exec import check_spec, execute
     args.model = args.model_dir
     spec = spec_from_args(args)
-    check_spec(spec)                      # every check before a store build, not after
+    host = host_options(args)
+    check_spec(spec, host)                # every check before a store build, not after
     check_torch_device(args.torch_device)
     check_out_dir(args.out)
-    host = host_options(args)
     busy = busy_host_warning()
     if busy:
         print(busy, file=sys.stderr)
