@@ -16,11 +16,22 @@ QUICK=${2:-}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 mkdir -p "$OUT"
 moelab() { python -m experiments.cli "$@"; }
+# profile and validate refuse a busy host, and each step's own work lifts the 1-minute load average
+# for a while after it ends: wait (up to 3 minutes) for it to settle before the next step
+quiet() {
+  local half; half=$(( $(nproc) ))
+  for _ in $(seq 36); do
+    awk -v h="$half" '{ exit !($1 * 2 < h) }' /proc/loadavg && return 0
+    sleep 5
+  done
+}
 for cores in 1 2; do
   for throttle in none raspberry-pi-5-8gb:microsd; do
     tag="c$cores-${throttle%%:*}"
     flag=(); [ "$throttle" != none ] && flag=(--throttle "$throttle")
-    for rep in a b; do
+    for rep in a b; do            # a step whose output exists is done (rerun to resume)
+      [ -s "$OUT/host-$tag-$rep.yaml" ] && continue
+      quiet
       moelab profile --quiet --cores "$cores" "${flag[@]}" --out "$OUT/host-$tag-$rep.yaml" $QUICK
     done
     grep -h -o "the lock estimate of .*" "$OUT/host-$tag-a.yaml" "$OUT/host-$tag-b.yaml" || true
@@ -38,6 +49,7 @@ print(f"{sys.argv[1]} vs {sys.argv[2]}: host figures differ by median {sorted(d)
       f"max {max(d):.3f} (lock and cpu shares)")
 PY
     echo "== validate: $cores core(s), storage $throttle"
+    quiet
     moelab validate --quiet --cores "$cores" "${flag[@]}" --profile "$OUT/host-$tag-a.yaml" \
       --out "$OUT/validate-$tag" ${QUICK:---reduced}
   done
