@@ -170,6 +170,8 @@ class ExpertRuntime:
         return None
 
     def _join_side(self, out, side) -> None:
+        """Add the side's outputs into `out`: called only for a side _begin_side returned (a subclass
+        that returns one joins it; one level has none)."""
         raise NotImplementedError
 
     def _finish(self, layer: int, end: float, s: int) -> None:

@@ -34,7 +34,6 @@ from workloads.formats import ExpertFormat
 # the dot product (ggml's q4/q8 kernels: https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-cpu/),
 # so no separate pass writes the wide weights
 CPU_FUSED = kernels.Kernel(dequant="fused")
-CPU_FUSED_FORMATS = ("mwq", "copies")
 
 
 @dataclass
@@ -74,7 +73,7 @@ class CostModel:
         t = self._cpu.get(key)
         if t is None:
             fmt = self.fmt
-            kernel = CPU_FUSED if fmt.name in CPU_FUSED_FORMATS else kernels.ROOFLINE
+            kernel = CPU_FUSED if fmt.dequantizes else kernels.ROOFLINE
             t = self._cpu[key] = kernels.expert_seconds(kernel, cpu_of(self.device), fmt.level_sizes[level],
                                                         fmt.params, self.dequant_bytes(level), tokens)
         return t

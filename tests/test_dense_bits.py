@@ -1,7 +1,10 @@
 """The dense (non-expert) weights' precision as deployed (RunSpec dense_bits): their memory and their
 reads. D²MoE's LLaMA-MoE-3.5B on its 6 GB GPU fits only with them quantized."""
+from dataclasses import replace
+
 import pytest
 
+from devices.profile import load_device
 from devices.units import ConfigError, MoelabError
 from experiments.run import OverMemory, prepare
 from experiments.run_exec import check_spec
@@ -9,9 +12,6 @@ from experiments.spec import RunSpec, row_spec, spec_row
 from policies.cost import CostModel
 from workloads.catalog import get_model
 from workloads.formats import make_format
-from devices.profile import load_device
-from dataclasses import replace
-
 
 def test_dense_bytes_scale_with_the_bits():
     m = get_model("llama-moe-3.5b")

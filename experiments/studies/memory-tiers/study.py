@@ -96,13 +96,12 @@ def simulate_row(run: Run) -> dict:
         m = simulate(spec_of(run), timeline=False).metrics
     except (OverMemory, BudgetError) as e:
         return {**row, "status": "refused", "note": str(e)[:300]}
-    links = m.get("link_bytes") or {}
+    links, busy = m.get("link_bytes") or {}, m.get("link_busy_fraction") or {}    # per link (one here)
     row.update(throughput_tok_s=m["throughput_tok_s"], tpot_ms=1e3 * (m["tpot_s_mean"] or 0),
                ttft_ms=1e3 * m["ttft_s"], hit_ratio=m["hit_ratio"], host_hit_ratio=m.get("host_hit_ratio"),
                cpu_token_share=m.get("cpu_token_share"), ssd_read_gb=m["bytes_read"] / 1e9,
                link_gb=sum(links.values()) / 1e9, cpu_busy=m.get("cpu_busy_fraction"),
-               link_busy=(m.get("link_busy_fraction") or {}).get("link:host-ram>gpu") if isinstance(
-                   m.get("link_busy_fraction"), dict) else m.get("link_busy_fraction"),
+               link_busy=max(busy.values(), default=None),
                n_cpu_moe=n_cpu_moe(run.model, run.vram_mb * 10**6) if run.placement == "llama.cpp" else "")
     return row
 
