@@ -20,6 +20,22 @@ kernel on several torch threads, below 1 for a read that waits on the device). A
           bf16: [0.04, 0.35]            #   host time (latency + bytes / bandwidth of the host's own storage)
         decompress:                     # a decompression task per codec, and its rate alone (raw bytes/s)
           lz4: {share: [0.01, 1.0], rate: 1.4GB/s}
+        beside:                         # optional: measured co-runs (executor/profile_beside.py), per
+          read:                         #   background kind (a format's reads, a codec's decompressions):
+            bf16:                       #   per main-thread operation [main slowdown beside 1 and 2 of
+              alone: [1.0, 1.4]         #   them, their slowdown beside it with 1 and 2]; alone: theirs
+              calls: {bf16: [[[1.2, 1.9, 1.1, 1.5]]]}   #   with no main-thread work, 1 and 2 at once
+              dense: {prefill: [[1.1, 1.3, 1.2, 1.4]], decode: [[1.1, 1.3, 1.2, 1.4]]}
+              decide: [1.5, 2.2, 1.3, 1.6]
+          decompress:
+            lz4hc: {...}                # the same, with zip's calls
+
+With `beside`, sim/host_model.py charges the measured co-run slowdowns (sim/host_beside.py) instead
+of the lock and core shares: CPython's interpreter lock is not a first-come-first-served server (a
+thread that releases it for a short kernel mostly takes it back before a waiter wakes; a waiter
+gets it at the switch interval or a long release), so the shares alone mispredict a co-run by
+several times (a tiny-moe zip call of 242 us took 2.4 ms beside one decompression worker and 8 ms
+beside two on 2 cores; 0.48 and 0.76 ms on 1 core).
 """
 from __future__ import annotations
 
@@ -28,12 +44,27 @@ from dataclasses import dataclass
 from devices.units import parse_bandwidth
 
 KEYS = {"cores", "calls", "dense", "decide", "read", "decompress"}
+OPTIONAL = frozenset({"beside"})
+BESIDE_KINDS = ("read", "decompress")
 
 
 @dataclass(frozen=True)
 class Share:
     lock: float     # share of its wall time alone holding the interpreter lock
     cpu: float      # CPU seconds per wall second alone (the cores it keeps busy)
+
+
+Slow = tuple[float, float, float, float]   # main slowdown beside 1 and 2 workers; theirs beside it, 1 and 2
+
+
+@dataclass(frozen=True)
+class BesideFigures:
+    """One background kind's measured co-runs with each main-thread operation."""
+    alone: tuple[float, float]                          # its slowdown with no main-thread work, 1 and 2 at once
+    calls: dict[str, tuple[tuple[Slow, ...], ...]]      # format key -> level -> per token count
+    dense_prefill: tuple[Slow, ...]
+    dense_decode: tuple[Slow, ...]
+    decide: Slow
 
 
 @dataclass(frozen=True)
@@ -45,12 +76,13 @@ class HostFigures:
     decide: Share
     read: dict[str, Share]                              # format key -> a read of its blobs
     decompress: dict[str, tuple[Share, float]]          # codec -> (share, raw bytes/s alone)
+    beside: dict[str, dict[str, BesideFigures]] | None = None   # kind -> format key or codec -> co-runs
 
 
 def read_host(r, value, key: str, n: int) -> HostFigures:
     """compute.measured.host through the profile reader `r` (devices/profile.py _Reader): every error
     names the file and the key; `n` token counts per row."""
-    v = r.mapping(value, key, KEYS)
+    v = r.mapping(value, key, KEYS, OPTIONAL)
 
     def share(x, where: str) -> Share:
         if (not isinstance(x, list) or len(x) != 2
@@ -82,8 +114,44 @@ def read_host(r, value, key: str, n: int) -> HostFigures:
         decompress[str(codec)] = (share(x["share"], f"{where}.share"),
                                   r.quantity(x["rate"], f"{where}.rate", parse_bandwidth, "1.4GB/s"))
     return HostFigures(cores=r.count(v["cores"], f"{key}.cores"), calls=calls,
+                       beside=read_beside(r, v["beside"], f"{key}.beside", n) if "beside" in v else None,
                        dense_prefill=row(dense["prefill"], f"{key}.dense.prefill"),
                        dense_decode=row(dense["decode"], f"{key}.dense.decode"),
                        decide=share(v["decide"], f"{key}.decide"),
                        read={str(k): share(x, f"{key}.read.{k}") for k, x in table(v["read"], f"{key}.read").items()},
                        decompress=decompress)
+
+
+def read_beside(r, value, key: str, n: int) -> dict[str, dict[str, BesideFigures]]:
+    """compute.measured.host.beside: kind (read, decompress) -> format key or codec -> its co-runs."""
+    def slow(x, where: str, size: int = 4):
+        if (not isinstance(x, list) or len(x) != size
+                or any(isinstance(y, bool) or not isinstance(y, (int, float)) or y < 1 for y in x)):
+            raise r.fail(where, f"expected {size} slowdowns >= 1 ({'main beside 1 and 2, theirs beside it with 1 and 2' if size == 4 else 'with 1 and 2 at once'}), got {x!r}")
+        return tuple(float(y) for y in x)
+
+    def row(x, where: str):
+        if not isinstance(x, list) or len(x) != n:
+            raise r.fail(where, f"expected a list of {n} entries (one per entry of tokens), got {x!r}")
+        return tuple(slow(y, f"{where}[{i}]") for i, y in enumerate(x))
+
+    out = {}
+    for kind, table in r.mapping(value, key, frozenset(), frozenset(BESIDE_KINDS)).items():
+        if not isinstance(table, dict) or not table:
+            raise r.fail(f"{key}.{kind}", f"expected a mapping of {'format key' if kind == 'read' else 'codec'} -> co-runs")
+        out[kind] = {}
+        for name, doc in table.items():
+            where = f"{key}.{kind}.{name}"
+            d = r.mapping(doc, where, {"alone", "calls", "dense", "decide"})
+            calls = d["calls"]
+            if not isinstance(calls, dict) or not calls:
+                raise r.fail(f"{where}.calls", f"expected a mapping of format key -> rows per level, got {calls!r}")
+            dense = r.mapping(d["dense"], f"{where}.dense", {"prefill", "decode"})
+            out[kind][str(name)] = BesideFigures(
+                alone=slow(d["alone"], f"{where}.alone", 2),
+                calls={str(f): tuple(row(x, f"{where}.calls.{f}[{i}]") for i, x in enumerate(levels))
+                       for f, levels in calls.items()},
+                dense_prefill=row(dense["prefill"], f"{where}.dense.prefill"),
+                dense_decode=row(dense["decode"], f"{where}.dense.decode"),
+                decide=slow(d["decide"], f"{where}.decide"))
+    return out

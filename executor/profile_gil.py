@@ -175,8 +175,9 @@ def reference(window: float, counter) -> dict:
             "lock_free": shares(lambda: hashlib.sha256(buf).digest(), window, counter)[0]}
 
 
-def _calls(p, fmt_name: str, window: float, counter) -> tuple[str, list]:
-    """(format key, per level per token count [lock, cpu]) of ExpertRuntime._compute, as p.experts times it."""
+def call_ops(p, fmt_name: str):
+    """(format key, level, token count, op) for each ExpertRuntime._compute the profile times (as
+    p.experts times it: the experts resident, random hidden states), one after another."""
     store = p.store(fmt_name)
     fmt, arch = store.format, p.arch
     _set_numba_threads(fmt, p.threads)
@@ -187,37 +188,48 @@ def _calls(p, fmt_name: str, window: float, counter) -> tuple[str, list]:
     with BlobReader(store) as reader:
         for k in (Key(0, e, q) for e in range(arch.experts) for q in range(fmt.n_parts)):
             rt.memory.buffers[k] = resident_part(enc, fmt, k.part, bytes(reader.read(k)))
-    rows = []
     for level in range(fmt.levels):
-        row = []
         for n in p.tokens:
             hidden, gates = torch.randn(n, arch.d_model), torch.full((n, arch.top_k), 1.0 / arch.top_k)
             ids = torch.full((n, arch.top_k), 1 % arch.experts)
             ids[:, 0] = 0
             out = torch.zeros_like(hidden)
-            row.append(list(shares(lambda: rt._compute(out, hidden, ids, gates, 0, (0, level), list(range(n))),
-                                   window, counter)[:2]))
-        rows.append(row)
-    return measured_key(fmt), rows
+            yield measured_key(fmt), level, n, (lambda: rt._compute(out, hidden, ids, gates, 0, (0, level),
+                                                                     list(range(n))))
 
 
-def _dense(p, window: float, counter) -> dict:
-    """Per token count, [lock, cpu] of a forward of the model with its experts stubbed out (every
-    layer's dense part and the output head): prefill of batch 1 x n tokens, decode of batch n."""
+def _calls(p, fmt_name: str, window: float, counter) -> tuple[str, list]:
+    """(format key, per level per token count [lock, cpu]) of ExpertRuntime._compute, as p.experts times it."""
+    rows: dict[int, list] = {}
+    for key, level, _, op in call_ops(p, fmt_name):
+        rows.setdefault(level, []).append(list(shares(op, window, counter)[:2]))
+    return key, [rows[level] for level in sorted(rows)]
+
+
+def dense_ops(p):
+    """(phase, token count, op) of a forward of the model with its experts stubbed out (every layer's
+    dense part and the output head): prefill of batch 1 x n tokens, decode of batch n; each op's
+    caches are set up when it is yielded."""
     model, _, _ = load_trained(p.model_dir)
     strip_experts(model)
     model.set_expert_fn(lambda layer, h, ids, gates: torch.zeros_like(h))
-    out = {"prefill": [], "decode": []}
     for n in p.tokens:
         model.clear_caches()
         model.setup_caches(1, n + 1)
         tokens, pos = torch.zeros(1, n, dtype=torch.long), torch.arange(n)
-        out["prefill"].append(list(shares(lambda: model(tokens, pos), window, counter)[:2]))
+        yield "prefill", n, (lambda: model(tokens, pos))
         model.clear_caches()
         model.setup_caches(n, 2)
         tokens, pos = torch.zeros(n, 1, dtype=torch.long), torch.tensor([0])
-        out["decode"].append(list(shares(lambda: model(tokens, pos), window, counter)[:2]))
+        yield "decode", n, (lambda: model(tokens, pos))
     model.clear_caches()
+
+
+def _dense(p, window: float, counter) -> dict:
+    """Per token count, [lock, cpu] of the dense part, prefill and decode (dense_ops)."""
+    out = {"prefill": [], "decode": []}
+    for phase, _, op in dense_ops(p):
+        out[phase].append(list(shares(op, window, counter)[:2]))
     return out
 
 

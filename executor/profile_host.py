@@ -52,6 +52,7 @@ from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
+from executor.profile_beside import beside_figures, beside_lines
 from executor.profile_gil import best_time, host_figures, host_lines
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
@@ -465,6 +466,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         bar.set_postfix_str("experts")
         experts = p.experts(bar)
         host = host_figures(p, usable_cpus(), FORMATS, CODECS)      # the structural host model's shares
+        bar.set_postfix_str("co-runs")
+        host["beside"] = beside_figures(p, FORMATS, CODECS, 0.03 if p.quick else 0.1)
         bar.set_postfix_str("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
         bar.set_postfix_str("contention")
@@ -568,6 +571,7 @@ def profile_yaml(m: dict, command: str) -> str:
                      f"call: {_us(c['call'])}, dense: {_us(c['dense'])}, stall: {c['stall']:.2f}}}   "
                      f"# {c['samples']} samples; read, stall: calibrated by simulation")
     lines += host_lines(m["host_figures"], src) if m.get("host_figures") else []
+    lines += beside_lines(m["host_figures"]["beside"], src) if (m.get("host_figures") or {}).get("beside") else []
     lines += [
         "decompress:",
         f"  workers: {m['decompress_workers']}   # the executor's decompression workers (execute "

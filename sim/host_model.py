@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from devices.host_figures import HostFigures, Share
 from devices.profile import interpolate, measured_key
 from devices.units import ConfigError
+from sim.host_beside import BackgroundTask, MainTask, run_tasks
 from sim.host_servers import Operation, Segment, operation_ends, run_threads
 
 STALL_ROUNDS = 3        # fixed-point rounds of read stretch <-> compute timing (as sim/host.py)
@@ -96,7 +97,7 @@ class Background:
 
 class HostModel:
     def __init__(self, figures: HostFigures, key: str, codec: str | None, cost, host_read=None, throttled=False):
-        self.f, self.cost, self.cores = figures, cost, figures.cores
+        self.f, self.cost, self.cores, self.fmt_key = figures, cost, figures.cores, key
         self.calls = figures.calls[key]
         self.read_share = figures.read[key]
         self.dec = figures.decompress.get(codec) if codec else None
@@ -126,7 +127,8 @@ class HostModel:
                               f"{', '.join(m.host.decompress)}); re-run `moelab profile`")
         host = device.storage_option(None)
         throttled = device.storage.get(storage.name) != storage
-        return cls(m.host, key, codec, cost, (host.latency, host.read_bandwidth), throttled)
+        model = BesideModel if m.host.beside is not None else cls
+        return model(m.host, key, codec, cost, (host.latency, host.read_bandwidth), throttled)
 
     # -- shares ----------------------------------------------------------------------------------
     def _share(self, row, tokens: int) -> Share:
@@ -140,7 +142,7 @@ class HostModel:
     def dense_end(self, start: float, seconds: float, tokens: int = 1, prefill: bool = False) -> float:
         """When a dense part of `seconds` (its table) of `tokens` tokens begun at `start` ends."""
         self._prune(start)
-        op = main_op(start, seconds, self._share(self.f.dense_prefill if prefill else self.f.dense_decode, tokens))
+        op = self._main(start, seconds, "prefill" if prefill else "decode", tokens)
         end = self._replay([op], self.in_flight)[0]
         self.history.append((op, end))
         return end
@@ -151,20 +153,20 @@ class HostModel:
         still in flight from earlier, then the decision's own; the decision path begins the main
         thread's operations of this decision point."""
         path = self.cost.decision_seconds(len(loads))
-        self.layer = [main_op(now, path, self.f.decide)] if path > 0 else []
+        self.layer = [self._main(now, path, "decide")] if path > 0 else []
         stretch = self.stretch_used or Stretch([0.0] * len(reads), [0.0] * len(reads))
         self.new = [self._read(i, a, b - x, item.nbytes)
                     for i, ((a, b), (item, _, _), x) in enumerate(zip(reads, loads, stretch))]
         for i, a, b, _ in decs:
             secs = loads[i][0].decompress_bytes / self.dec[1]
-            self.new.append(Background(worker_op(a, secs, self.dec[0]), False, b - stretch.decompress[i], i))
+            self.new.append(Background(self._decompress(a, secs), False, b - stretch.decompress[i], i))
         self.planned = [b for b in self.in_flight if b.end > now] + self.new
         return self.planned
 
     def call_end(self, start: float, seconds: float, spans, level: int = 0, tokens: int = 1) -> float:
         """When an expert call of `seconds` (its table) at `level` for `tokens` tokens begun at `start`
         ends, `spans` in flight."""
-        self.layer.append(main_op(start, seconds, self._share(self.calls[level], tokens)))
+        self.layer.append(self._main(start, seconds, "call", tokens, level))
         return self._replay(self.layer, spans)[-1]
 
     def commit(self, spans) -> None:
@@ -197,6 +199,16 @@ class HostModel:
         self.stretch_used = stretch
         return stretch
 
+    # -- the operations, as the servers run them -------------------------------------------------
+    def _main(self, ready: float, seconds: float, what: str, tokens: int = 1, level: int = 0) -> Operation:
+        """A main-thread operation: a dense part (`prefill` / `decode`), the decision path, an expert call."""
+        row = {"prefill": self.f.dense_prefill, "decode": self.f.dense_decode}.get(what)
+        share = self.f.decide if what == "decide" else self._share(self.calls[level] if row is None else row, tokens)
+        return main_op(ready, seconds, share)
+
+    def _decompress(self, ready: float, seconds: float) -> Operation:
+        return worker_op(ready, seconds, self.dec[0])
+
     # -- the replay --------------------------------------------------------------------------------
     def _read(self, i: int, issue: float, transfer_end: float, nbytes: int) -> Background:
         """A read issued at `issue` whose transfer ends at `transfer_end` (the storage channel's time,
@@ -225,3 +237,60 @@ class HostModel:
         for i, b in enumerate(bg):
             b.end = ends[i + 1, 0]
         return [ends[0, i] for i in range(len(self.history), len(main))]
+
+
+class BesideModel(HostModel):
+    """The same window replays with the measured co-runs (compute.measured.host.beside) in place of
+    the lock and core servers: sim/host_beside.py says why and how they are charged."""
+
+    def __init__(self, figures: HostFigures, key: str, codec: str | None, cost, host_read=None, throttled=False):
+        super().__init__(figures, key, codec, cost, host_read, throttled)
+        where = "compute.measured.host.beside"
+        reads = figures.beside.get("read", {})
+        if key not in reads:
+            raise ConfigError(f"{where}.read has no entry for format {key!r} (has: {', '.join(reads) or 'none'}); "
+                              f"re-run `moelab profile`")
+        self.kinds = {"read": reads[key]}
+        if codec:
+            decs = figures.beside.get("decompress", {})
+            if codec not in decs:
+                raise ConfigError(f"{where}.decompress has no entry for codec {codec!r} (has: "
+                                  f"{', '.join(decs) or 'none'}); re-run `moelab profile`")
+            self.kinds["decompress"] = decs[codec]
+        for kind, f in self.kinds.items():
+            if key not in f.calls and (kind == "read" or key == "zip"):
+                raise ConfigError(f"{where}.{kind} has no calls of format {key!r}; re-run `moelab profile`")
+
+    def _slow(self, row, tokens: int) -> tuple[float, ...]:
+        xs = self.cost.measured.tokens
+        return tuple(max(1.0, interpolate(xs, [x[i] for x in row], tokens)) for i in range(4))
+
+    def _main(self, ready: float, seconds: float, what: str, tokens: int = 1, level: int = 0) -> MainTask:
+        slowed, slows = {}, {}
+        for kind, f in self.kinds.items():
+            if what == "decide":
+                x = f.decide
+            elif what == "call":
+                x = self._slow(f.calls[self.fmt_key][level], tokens)
+            else:
+                x = self._slow(f.dense_prefill if what == "prefill" else f.dense_decode, tokens)
+            slowed[kind], slows[kind] = x[:2], x[2:]
+        return MainTask(ready, seconds, slowed, slows)
+
+    def _decompress(self, ready: float, seconds: float) -> BackgroundTask:
+        return BackgroundTask(ready, seconds, "decompress", self.kinds["decompress"].alone)
+
+    def _read(self, i: int, issue: float, transfer_end: float, nbytes: int) -> Background:
+        """A read: its host time alone (a read of the host's own storage) slowed by the co-runs, then
+        (a throttled read, or one queued in the storage channel) a wait until the transfer's end."""
+        latency, bandwidth = self.host_read
+        host = min(transfer_end - issue, latency + nbytes / bandwidth)
+        task = BackgroundTask(issue, host, "read", self.kinds["read"].alone, transfer_end)
+        return Background(task, True, transfer_end, i)
+
+    def _replay(self, ops, bg) -> list[float]:
+        main = [op for op, _ in self.history] + list(ops)
+        ends, bg_ends = run_tasks(main, [b.op for b in bg])
+        for b, end in zip(bg, bg_ends):
+            b.end = end
+        return ends[len(self.history):]
