@@ -52,7 +52,7 @@ from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
-from executor.profile_beside import beside_figures, beside_lines
+from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
 from executor.profile_gil import best_time, host_figures, host_lines
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
@@ -467,7 +467,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         experts = p.experts(bar)
         host = host_figures(p, usable_cpus(), FORMATS, CODECS)      # the structural host model's shares
         bar.set_postfix_str("co-runs")
-        host["beside"] = beside_figures(p, FORMATS, CODECS, 0.03 if p.quick else 0.1)
+        host["beside"] = beside_figures(p, FORMATS, CODECS, BESIDE_WINDOW_S[p.quick])
         bar.set_postfix_str("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
         bar.set_postfix_str("contention")

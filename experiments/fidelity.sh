@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 24 item 1: the structural host model's fidelity on a quiet host, in one command.
+# Issue 24: the host model's fidelity on a quiet host, in one command.
 #   experiments/fidelity.sh [OUT] [--quick]      (run from the repository root)
 # For 1 and 2 cores, and for the host's own disk and reads throttled to raspberry-pi-5-8gb:microsd:
 # `moelab profile` twice (the two profiles' host figures are compared, to see how far they repeat),
@@ -47,6 +47,17 @@ def flat(h):
 d = [abs(x - y) for p, q in zip(flat(a), flat(b)) for x, y in zip(astuple(p), astuple(q))]
 print(f"{sys.argv[1]} vs {sys.argv[2]}: host figures differ by median {sorted(d)[len(d) // 2]:.3f}, "
       f"max {max(d):.3f} (lock and cpu shares)")
+def slows(h):       # the co-runs' slowdowns (compute.measured.host.beside), in one order
+    out = []
+    for kind in sorted(h.beside or {}):
+        for name, f in sorted(h.beside[kind].items()):
+            rows = [x for k in sorted(f.calls) for row in f.calls[k] for x in row]
+            out += [v for x in rows + list(f.dense_prefill) + list(f.dense_decode) + [f.decide] for v in x]
+    return out
+r = sorted(abs(x / y - 1) for x, y in zip(slows(a), slows(b)))
+if r:
+    print(f"  co-run slowdowns differ by median {100 * r[len(r) // 2]:.0f}%, 90th percentile "
+          f"{100 * r[int(0.9 * (len(r) - 1))]:.0f}% (relative)")
 PY
     echo "== validate: $cores core(s), storage $throttle"
     quiet

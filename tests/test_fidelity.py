@@ -136,11 +136,15 @@ def test_roofline_profiles_are_unchanged():
 
 @pytest.fixture(scope="module")
 def host_profile(tmp_path_factory):
-    """`moelab profile --quick` on the bundled model, loaded back by the strict loader."""
+    """`moelab profile --quick` on the bundled model, loaded back by the strict loader. Its co-runs in
+    short windows: what is checked here is that they are written and read back, not their values."""
+    from executor import profile_beside
     from executor.profile_host import write_profile
     from experiments.calibrate import measure_host
     root = tmp_path_factory.mktemp("profile")
-    m = measure_host(store_root=root / "stores", quick=True, quiet=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(profile_beside.BESIDE_WINDOW_S, True, 0.005)
+        m = measure_host(store_root=root / "stores", quick=True, quiet=True)
     return write_profile(root / "host.yaml", m, "moelab profile --quick"), root
 
 
@@ -154,6 +158,9 @@ def test_profile_writes_a_loadable_measured_profile(host_profile):
     s = device.storage_option(None)
     assert s.name == "disk" and s.read_bandwidth > 0 and s.queue_depth >= 1
     assert set(device.decompress_throughput) == {"lz4", "lz4hc", "zstd"}
+    beside = m.host.beside                    # the co-runs, per background kind
+    assert set(beside["read"]) == {"bf16", "mwq-int2-4", "zip"} and set(beside["decompress"]) == {"lz4", "lz4hc", "zstd"}
+    assert beside["decompress"]["lz4hc"].calls["zip"][0][0][0] >= 1.0
     for line in text.splitlines():            # every figure carries its source
         if any(line.strip().startswith(k) for k in ("read_bandwidth", "latency", "memory_bandwidth", "flops",
                                                       "decision_overhead", "lz4:", "zstd:")):
