@@ -55,7 +55,8 @@ where the roofline is not what the host does. Each table gives seconds at the to
                                         #   stall: the share a read loses while the main thread works
         host:                           # optional: the structural host model's figures (lock and CPU shares
                                         #   per operation, the cores measured on): devices/host_figures.py;
-                                        #   with them the simulator charges sim/host_model.py, not contention
+                                        #   with them the simulator charges sim/host_model.py, not contention;
+                                        #   with its `beside:` co-runs, sim/host_beside.py
 
 They apply to the named model only (other models keep the roofline). Format keys:
 bf16, zip, mwq-int2-4 (mwq / copies with their widths); see measured_key.

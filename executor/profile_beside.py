@@ -2,11 +2,13 @@
 thread's operations and the background tasks slow each other down when they run side by side on
 the profile's cores, measured directly as the executor runs them, not fitted to any executor run.
 
-For each background kind (a read of a format's blobs, as an I/O worker runs it: BlobReader.read with
-its checksum; a decompression task of a codec, as a decompression worker runs it) and each
+For each background kind (a load of a format's parts stored raw, through the executor's own load
+path: an ExpertRuntime's I/O pool, the read with its checksum, the callback filling the expert
+memory; a decompression task of a codec on its decompression pool, with its callback) and each
 main-thread operation the structural model knows (an expert call per format, level and token
 count; the dense part, prefill and decode, per token count; the decision path), 1 and then 2
-background threads loop the task back to back while the main thread loops the operation for
+background threads loop the task back to back (each waits for its task: 1 or 2 in flight on the
+pools) while the main thread loops the operation for
 about `window` seconds. Each side's time per operation there, over its time alone just before,
 is its slowdown; the median of REPEATS readings. `alone`: the background task's slowdown with 2
 threads at once and no main-thread work (1 thread: 1 by definition).

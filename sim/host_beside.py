@@ -8,8 +8,9 @@ over first come, first served. A thread that releases it for a short kernel usua
 before a waiter has woken (~40 us here), and a waiter gets it at a long release or after the switch
 interval (5 ms), so what one thread costs another depends on how its releases fall, which a share
 of time held does not carry (a tiny-moe zip call of 242 us took 2.4 ms beside one decompression
-worker and 8 ms beside two on 2 cores, 0.5 and 0.8 ms on 1 core; the servers with its measured
-shares gave 0.3 ms). A co-run measured as the executor runs it carries it, for the thread counts
+worker and 8 ms beside two on 2 cores, 0.5 and 0.8 ms on 1 core; in a validation run on 2 cores
+the executor's zip calls that overlapped a decompression took a median 1.0-1.2 ms, where the
+servers with the measured shares gave every call 0.26-0.3 ms). A co-run measured as the executor runs it carries it, for the thread counts
 the executor uses (its two read and two decompression workers).
 
 The model, from one instant to the next:
