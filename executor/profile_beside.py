@@ -28,7 +28,7 @@ import torch
 
 from devices.profile import measured_key
 from executor.io import BlobReader, DecompressPool, IOWorkers
-from executor.profile_gil import _decision, call_ops, dense_ops
+from executor.profile_gil import _decision, call_ops, dense_ops, operation_lines
 from executor.runtime import ExpertRuntime, StepInfo, _Sequencer
 from executor.zipcodec import ZipEncoder
 from policies import build_online_policies
@@ -183,7 +183,6 @@ class Loads:
             self.dec.submit(enc.decompress_part, key.part, blob, fmt, tag=key).add_done_callback(decompressed)
             done.result()
             rt.memory.release(key)
-            rt.timeline.events.clear()
         return task
 
 
@@ -210,10 +209,10 @@ def beside_figures(p, formats, codecs, window: float) -> dict:
             with Loads(p, fmt_name) as loads:
                 key, task = loads.read_task()
                 out["read"][key] = kind_figures(p, task, [fmt_name], window)
-                loads.rt.timeline.events.clear()
         with Loads(p, "zip") as loads:
             for codec in codecs:
                 out["decompress"][codec] = kind_figures(p, loads.decompress_task(p, codec), ["zip"], window)
+                loads.rt.timeline.events.clear()         # the tasks' events, kept by the runtime
     return out
 
 
@@ -227,12 +226,6 @@ def beside_lines(b: dict, src: str) -> list[str]:
     for kind in ("read", "decompress"):
         lines.append(f"        {kind}:")
         for name, f in b[kind].items():
-            lines += [f"          {name}:{tag}", f"            alone: {four(f['alone'])}{tag}", "            calls:"]
-            for key, rows in f["calls"].items():
-                lines.append(f"              {key}:")
-                lines += [f"                - [{', '.join(four(x) for x in row)}]{tag}" for row in rows]
-            lines.append("            dense:")
-            lines += [f"              {ph}: [{', '.join(four(x) for x in f['dense'][ph])}]{tag}"
-                      for ph in ("prefill", "decode")]
-            lines.append(f"            decide: {four(f['decide'])}{tag}")
+            lines += [f"          {name}:{tag}", f"            alone: {four(f['alone'])}{tag}"]
+            lines += operation_lines(f["calls"], f["dense"], f["decide"], four, 12, tag)
     return lines

@@ -271,6 +271,19 @@ def _decompress(p, codec: str, window: float, counter) -> dict:
     return {"share": [lock, cpu], "rate": raw / seconds}
 
 
+def operation_lines(calls: dict, dense: dict, decide, figure, indent: int, tag: str) -> list[str]:
+    """The per-operation figures as YAML lines at `indent`: calls per format key (a row per level),
+    dense prefill and decode, the decision path; `figure` writes one entry, `tag` its provenance."""
+    pad = " " * indent
+    lines = [f"{pad}calls:"]
+    for key, rows in calls.items():
+        lines.append(f"{pad}  {key}:")
+        lines += [f"{pad}    - [{', '.join(figure(x) for x in row)}]{tag}" for row in rows]
+    lines.append(f"{pad}dense:")
+    lines += [f"{pad}  {phase}: [{', '.join(figure(x) for x in dense[phase])}]{tag}" for phase in ("prefill", "decode")]
+    return lines + [f"{pad}decide: {figure(decide)}{tag}"]
+
+
 def host_lines(h: dict, src: str) -> list[str]:
     """compute.measured.host as YAML lines (under `measured:`), every figure with its provenance."""
     def pair(x):
@@ -281,14 +294,9 @@ def host_lines(h: dict, src: str) -> list[str]:
              f"spinning Python counter's rate beside it against alone, cpu its CPU time over wall time; the "
              f"lock estimate of a pure-Python loop {ref.get('python', float('nan')):.2f} (should be 1), of a "
              f"lock-free SHA-256 {ref.get('lock_free', float('nan')):.2f} (should be 0: higher on a loaded host)",
-             f"      cores: {h['cores']}   # {src}: the cores it was measured on (os.sched_setaffinity)", "      calls:"]
-    for key, rows in h["calls"].items():
-        lines.append(f"        {key}:")
-        lines += [f"          - [{', '.join(pair(x) for x in row)}]{tag}" for row in rows]
-    lines.append("      dense:")
-    lines += [f"        {phase}: [{', '.join(pair(x) for x in h['dense'][phase])}]{tag}"
-              for phase in ("prefill", "decode")]
-    lines += [f"      decide: {pair(h['decide'])}{tag}", "      read:"]
+             f"      cores: {h['cores']}   # {src}: the cores it was measured on (os.sched_setaffinity)"]
+    lines += operation_lines(h["calls"], h["dense"], h["decide"], pair, 6, tag)
+    lines.append("      read:")
     lines += [f"        {key}: {pair(x)}{tag}" for key, x in h["read"].items()]
     lines.append("      decompress:")
     lines += [f"        {codec}: {{share: {pair(x['share'])}, rate: {x['rate'] / 1e6:.1f}MB/s}}{tag}"

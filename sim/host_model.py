@@ -209,14 +209,18 @@ class HostModel:
     def _decompress(self, ready: float, seconds: float) -> Operation:
         return worker_op(ready, seconds, self.dec[0])
 
+    def _host_seconds(self, issue: float, transfer_end: float, nbytes: int) -> float:
+        """A read's time alone on the host's own storage (latency + bytes / bandwidth), at most its transfer."""
+        latency, bandwidth = self.host_read
+        return min(transfer_end - issue, latency + nbytes / bandwidth)
+
     # -- the replay --------------------------------------------------------------------------------
     def _read(self, i: int, issue: float, transfer_end: float, nbytes: int) -> Background:
         """A read issued at `issue` whose transfer ends at `transfer_end` (the storage channel's time,
         queueing included): its CPU parts are its shares of a read of the host's own storage; the
         rest of its time is the device's (a throttled read: its host read, then the sleep)."""
-        latency, bandwidth = self.host_read
         total = transfer_end - issue
-        host = min(total, latency + nbytes / bandwidth)
+        host = self._host_seconds(issue, transfer_end, nbytes)
         cpu = self.read_share.cpu * host
         wait = max(0.0, (host if self.throttled else total) - cpu)
         op = worker_op(issue, host, self.read_share, wait, transfer_end if self.throttled else None)
@@ -257,8 +261,8 @@ class BesideModel(HostModel):
                 raise ConfigError(f"{where}.decompress has no entry for codec {codec!r} (has: "
                                   f"{', '.join(decs) or 'none'}); re-run `moelab profile`")
             self.kinds["decompress"] = decs[codec]
-        for kind, f in self.kinds.items():
-            if key not in f.calls and (kind == "read" or key == "zip"):
+        for kind, f in self.kinds.items():          # decompress is a kind only of zip runs
+            if key not in f.calls:
                 raise ConfigError(f"{where}.{kind} has no calls of format {key!r}; re-run `moelab profile`")
 
     def _slow(self, row, tokens: int) -> tuple[float, ...]:
@@ -283,8 +287,7 @@ class BesideModel(HostModel):
     def _read(self, i: int, issue: float, transfer_end: float, nbytes: int) -> Background:
         """A read: its host time alone (a read of the host's own storage) slowed by the co-runs, then
         (a throttled read, or one queued in the storage channel) a wait until the transfer's end."""
-        latency, bandwidth = self.host_read
-        host = min(transfer_end - issue, latency + nbytes / bandwidth)
+        host = self._host_seconds(issue, transfer_end, nbytes)
         task = BackgroundTask(issue, host, "read", self.kinds["read"].alone, transfer_end)
         return Background(task, True, transfer_end, i)
 
