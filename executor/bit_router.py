@@ -134,7 +134,8 @@ class BitRouter(nn.Module):
     @torch.no_grad()
     def forward(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, gates=None) -> np.ndarray:
         """The executor's level_fn: uint8 levels [T, k] from the thresholds."""
-        ids = ids.to(torch.long)
+        dev = self.bits.device                  # the router stays where it was loaded (CPU)
+        hidden, ids = hidden.to(dev), ids.to(dev, torch.long)
         s = self.score(self.logits(layer, hidden, ids))
         thr = self.thresholds[layer][ids]                      # [T, k, K-1]
         return (s[..., None] > thr).sum(-1).to(torch.uint8).cpu().numpy()

@@ -95,6 +95,8 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
         else:
             rt = ExpertRuntime(store, policies, **kw)
         model.set_expert_fn(rt)
+        home = model.output.weight.device
+        model.to(torch_device)                  # the dense part runs where the experts do
         torch.set_num_threads(threads)
         saved_numba = _set_numba_threads(store.format, threads)
         try:
@@ -108,6 +110,7 @@ def execute(model: MoETransformer, store: Store, policies: Policies, prompts: to
             _set_numba_threads(store.format, saved_numba)
             model.set_expert_fn(None)
             model.set_forced_routing(None)
+            model.to(home)                      # the caller's model stays where it was
         rt.timeline.meta["peak_expert_bytes"] = rt.memory.peak
         rt.timeline.meta["policy_report"] = policies.report()
         mode = reader.mode
@@ -120,12 +123,14 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
                     forced_steps=None):
     """Prefill `prompt` [B, P] (one step), then `decode_steps` lockstep decode steps."""
     B, P = prompt.shape
+    dev = model.output.weight.device
+    prompt = prompt.to(dev)
     model.setup_caches(B, P + decode_steps + 1)
     steps = iter(forced_steps or [])
     step = step0
     rt.begin_step(StepInfo(step, group, True, B * P, B))
     _force(model, rt, next(steps, None), B)
-    logits = model(prompt, torch.arange(P))
+    logits = model(prompt, torch.arange(P, device=dev))
     _record_kv(model, rt)
     nxt = logits[:, -1].argmax(-1)
     out = [prompt, nxt[:, None]]
@@ -134,13 +139,13 @@ def _generate_group(model, rt, prompt: torch.Tensor, decode_steps: int, group: i
         step += 1
         rt.begin_step(StepInfo(step, group, False, B, B))
         _force(model, rt, next(steps, None), B)
-        logits = model(nxt[:, None], torch.tensor([P + i]))
+        logits = model(nxt[:, None], torch.tensor([P + i], device=dev))
         _record_kv(model, rt)
         nxt = logits[:, -1].argmax(-1)
         out.append(nxt[:, None])
         bar.update(1)
     rt.group_logits.append(logits[:, -1].float().cpu())
-    return torch.cat(out, dim=1), step + 1
+    return torch.cat(out, dim=1).cpu(), step + 1
 
 
 def _record_kv(model, rt) -> None:

@@ -190,8 +190,10 @@ def call_ops(p, fmt_name: str):
             rt.memory.buffers[k] = resident_part(enc, fmt, k.part, bytes(reader.read(k)))
     for level in range(fmt.levels):
         for n in p.tokens:
-            hidden, gates = torch.randn(n, arch.d_model), torch.full((n, arch.top_k), 1.0 / arch.top_k)
-            ids = torch.full((n, arch.top_k), 1 % arch.experts)
+            dev = rt.device
+            hidden = torch.randn(n, arch.d_model, device=dev)
+            gates = torch.full((n, arch.top_k), 1.0 / arch.top_k, device=dev)
+            ids = torch.full((n, arch.top_k), 1 % arch.experts, device=dev)
             ids[:, 0] = 0
             out = torch.zeros_like(hidden)
             yield measured_key(fmt), level, n, (lambda: rt._compute(out, hidden, ids, gates, 0, (0, level),
@@ -213,15 +215,23 @@ def dense_ops(p):
     model, _, _ = load_trained(p.model_dir)
     strip_experts(model)
     model.set_expert_fn(lambda layer, h, ids, gates: torch.zeros_like(h))
+    dev = torch.device(p.torch_device)
+    model.to(dev)
+
+    def forward(tokens, pos):
+        out = model(tokens, pos)
+        if dev.type == "cuda":          # a CUDA forward returns once launched: time its kernels too
+            torch.cuda.synchronize(dev)
+        return out
     for n in p.tokens:
         model.clear_caches()
         model.setup_caches(1, n + 1)
-        tokens, pos = torch.zeros(1, n, dtype=torch.long), torch.arange(n)
-        yield "prefill", n, (lambda: model(tokens, pos))
+        tokens, pos = torch.zeros(1, n, dtype=torch.long, device=dev), torch.arange(n, device=dev)
+        yield "prefill", n, (lambda: forward(tokens, pos))
         model.clear_caches()
         model.setup_caches(n, 2)
-        tokens, pos = torch.zeros(n, 1, dtype=torch.long), torch.tensor([0])
-        yield "decode", n, (lambda: model(tokens, pos))
+        tokens, pos = torch.zeros(n, 1, dtype=torch.long, device=dev), torch.tensor([0], device=dev)
+        yield "decode", n, (lambda: forward(tokens, pos))
     model.clear_caches()
 
 

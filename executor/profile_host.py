@@ -222,12 +222,12 @@ class HostProfiler:
                 for level in range(fmt.levels):
                     row = []
                     for n in self.tokens:
-                        hidden = torch.randn(n, self.arch.d_model)
-                        gates = torch.full((n, self.arch.top_k), 1.0 / self.arch.top_k)
+                        hidden = torch.randn(n, self.arch.d_model, device=rt.device)
+                        gates = torch.full((n, self.arch.top_k), 1.0 / self.arch.top_k, device=rt.device)
                         times = []
                         for i in range(-2, max(self.repeats * 4, n_experts)):   # 2 warm-up calls
                             layer, e = pairs[i % n_experts]
-                            ids = torch.full((n, self.arch.top_k), (e + 1) % self.arch.experts)
+                            ids = torch.full((n, self.arch.top_k), (e + 1) % self.arch.experts, device=rt.device)
                             ids[:, 0] = e
                             out = torch.zeros_like(hidden)
                             t0 = time.perf_counter()

@@ -55,10 +55,10 @@ if '$DEVICE' == 'cuda' and not torch.cuda.is_available():
     raise SystemExit('no CUDA device: nothing below measures a GPU (DEVICE=cpu for a dry run)')
 "
 
-step tests 130 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_executor.py tests/test_io.py tests/test_store.py \
+step tests 80 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_executor.py tests/test_io.py tests/test_store.py \
     tests/test_mwq.py tests/test_zipcodec.py tests/test_cores.py
 
-step execute 110 "$PY" - "$DEVICE" "$DIR" <<'EOF'
+step execute 70 "$PY" - "$DEVICE" "$DIR" <<'EOF'
 """The executor on DEVICE against CPU, per format, on the model's own recorded routing."""
 import sys
 from pathlib import Path
@@ -92,7 +92,7 @@ for fmt in ("bf16", "mwq", "zip"):
 sys.exit(failed)
 EOF
 
-step profile 170 "$PY" -m experiments.cli profile --quick --quiet --force --torch-device "$DEVICE" \
+step profile 240 "$PY" -m experiments.cli profile --quick --quiet --force --torch-device "$DEVICE" \
     --out "$DIR/host-$DEVICE.yaml"
 if [ -f "$DIR/host-$DEVICE.yaml" ]; then
     { echo "== profile figures"; grep -E "^# cores|^  (memory_bandwidth|flops|overhead):" "$DIR/host-$DEVICE.yaml"
