@@ -46,6 +46,11 @@ where the roofline is not what the host does. Each table gives seconds at the to
         load_overhead: 8us              # per load item the decision point issues
         compute_gap: 10us               # optional (default 0): the runtime's own time between two expert
                                         #   calls of a layer (its loop: bookkeeping, waiting on a queue)
+        wake: 25us                      # optional (default 0): a part's ready (its read's or decompression's
+                                        #   end) -> the start of the expert call that waited for it (the
+                                        #   worker's callback, the main thread woken from its queue)
+        handoff: 60us                   # optional (default 0): a read's end -> its decompression's start on
+                                        #   an idle worker (the read's callback, the pool's worker woken)
         contention:                     # optional: per format key, how the executor's threads share the cores
           zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us, stall: 0.5}
                                         # read / decompress: the share of its speed the main thread loses
@@ -157,6 +162,8 @@ class MeasuredTables:
     decision_overhead: float                            # seconds per decision point
     load_overhead: float                                # seconds per load item issued
     compute_gap: float = 0.0                            # seconds between two expert calls of a layer
+    wake: float = 0.0                                   # seconds from a part's ready to the call that waited
+    handoff: float = 0.0                                # seconds from a read's end to its decompression's start
     contention: dict[str, "Contention"] = field(default_factory=dict)   # format key -> how threads share cores
     host: HostFigures | None = None                     # the structural host model's figures, if measured
 
@@ -216,7 +223,9 @@ class DeviceProfile:
             rows.append(("measured", f"tables for {m.model} at {list(m.tokens)} tokens: {', '.join(m.experts)}; "
                                      f"{_format_duration(m.decision_overhead)} per decision point, "
                                      f"{_format_duration(m.load_overhead)} per load, "
-                                     f"{_format_duration(m.compute_gap)} between expert calls"
+                                     f"{_format_duration(m.compute_gap)} between expert calls, "
+                                     f"{_format_duration(m.wake)} to wake for a part, "
+                                     f"{_format_duration(m.handoff)} from a read to its decompression"
                                      + "".join(f"; {k}: main thread at {1 - c.read:.0%} while reading, "
                                                f"{1 - c.decompress:.0%} while decompressing, "
                                                f"+{_format_duration(c.call)} per expert call, "
@@ -349,7 +358,7 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "contention", "host", "read_interference",
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "wake", "handoff", "contention", "host", "read_interference",
                                                                      "decompress_interference"}))
         for old in ("read_interference", "decompress_interference"):
             if old in m:
@@ -384,6 +393,8 @@ class _Reader:
                                         positive=False),
             compute_gap=self.quantity(m.get("compute_gap", "0s"), f"{key}.compute_gap", parse_duration, "10us",
                                       positive=False),
+            wake=self.quantity(m.get("wake", "0s"), f"{key}.wake", parse_duration, "25us", positive=False),
+            handoff=self.quantity(m.get("handoff", "0s"), f"{key}.handoff", parse_duration, "60us", positive=False),
             contention=self.contention(m.get("contention", {}), f"{key}.contention"),
             host=read_host(self, m["host"], f"{key}.host", n) if "host" in m else None)
 

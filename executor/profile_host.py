@@ -20,7 +20,10 @@ the profile predicts what `moelab execute` does here:
   and what a call / dense part costs in runs beyond its table (least squares; the share lost
   while reading and the reads' stall are then calibrated by simulation, experiments/calibrate.py,
   since the executor does not simulate); compute_gap:
-  the mean gap between consecutive expert calls of a layer that loaded nothing.
+  the mean gap between consecutive expert calls of a layer that loaded nothing; wake and handoff
+  (the contention runs, executor/profile_timeline.py): the medians of a part's ready -> the start of
+  the expert call that waited for it, and of a read's end -> its decompression's start on an idle
+  worker: the hand-offs between the executor's threads (a callback, a thread woken from a queue).
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
   tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
@@ -54,6 +57,8 @@ from executor.execute import _set_numba_threads, default_torch_threads, execute,
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
 from executor.profile_gil import best_time, host_figures, host_lines
+from executor.profile_timeline import (compute_gaps, decision_gaps, decision_line, handoff_samples, overlap,
+                                       run_times)
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store_build import ensure_store
@@ -61,7 +66,7 @@ from executor.train import DEFAULT_MODEL, load_trained
 from executor.zipcodec import ZipEncoder
 from policies import build_online_policies, build_policies
 from policies.base import Key
-from timeline.metrics import busy_time, step_spans
+from timeline.metrics import step_spans
 from workloads.formats import make_format
 from workloads.synthetic import synthetic_trace
 from workloads.workload import Workload
@@ -105,6 +110,7 @@ class HostProfiler:
         # format key -> [(format, run config, measured (call, read, run) seconds)]: what
         # experiments/calibrate.py reproduces by simulation (the executor does not simulate)
         self.calibration_runs: dict = {}
+        self.handoffs: tuple[list, list] = ([], [])      # the forced runs' (wakes, handoffs): handoff_samples
         # the forced runs' reads held to a device's storage (profile --throttle): the runs' figures
         # (dense, steps, decision path, contention) are then measured in that regime
         self.throttle = throttle
@@ -264,7 +270,9 @@ class HostProfiler:
                     tl = self._run(**cfg)
                     reads = [(e.start, e.end) for e in tl.of("io")]
                     decs = [(e.start, e.end) for e in tl.events if e.resource.startswith("decompress")]
-                    self.calibration_runs.setdefault(measured_key(fmt), []).append((fmt, cfg, _run_times(tl)))
+                    self.calibration_runs.setdefault(measured_key(fmt), []).append((fmt, cfg, run_times(tl)))
+                    for samples, got in zip(self.handoffs, handoff_samples(tl, self.decompress_workers)):
+                        samples += got
                     prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
                     for e in tl.events:
                         if e.resource == "compute":
@@ -274,8 +282,8 @@ class HostProfiler:
                             kind = (0.0, 1.0)
                         else:
                             continue
-                        rows.append([*kind, _overlap(e.start, e.end, reads),
-                                     _overlap(e.start, e.end, decs)])
+                        rows.append([*kind, overlap(e.start, e.end, reads),
+                                     overlap(e.start, e.end, decs)])
                         extra.append(e.end - e.start - base)
                 if bar is not None:
                     bar.update(1)
@@ -319,8 +327,8 @@ class HostProfiler:
                     for s in sorted(spans)[:-1]:
                         gap = spans[s + 1][0] - spans[s][1]
                         (pre_s if info[s]["prefill"] else dec_s).append((gap, batch))
-                    decisions += _decision_gaps(tl)
-                    call_gaps += _compute_gaps(tl)
+                    decisions += decision_gaps(tl)
+                    call_gaps += compute_gaps(tl)
             # prefill of batch 1 x n tokens; decode at batch n (skip the cold first decode step)
             pre_dense = [t for _, t, b in pre_d if b == 1]
             dec_dense = [t for s, t, b in dec_d if b == n and s > 1]
@@ -330,7 +338,7 @@ class HostProfiler:
             step["decode"].append(_mean([g for g, b in dec_s if b == n]))
             if bar is not None:
                 bar.update(1)
-        a, b = _decision_line(decisions) or (float(np.median([g for _, g in decisions])), 0.0)
+        a, b = decision_line(decisions) or (float(np.median([g for _, g in decisions])), 0.0)
         return {"dense": dense, "step": step, "compute_gap": _mean(call_gaps) if call_gaps else 0.0,
                 "decision_overhead": max(0.0, float(a)),
                 "load_overhead": max(0.0, float(b)), "decision_points": len(decisions)}
@@ -339,8 +347,8 @@ class HostProfiler:
         """Decision points with loads and a hit computed first: runs under a quarter budget."""
         out = []
         for rep in range(2 if self.quick else 4):
-            out += _decision_gaps(self._run(1, 8, 24, budget_share=0.3, seed=10 + rep))
-            out += _decision_gaps(self._run(4, 8, 12, budget_share=0.5, seed=20 + rep))
+            out += decision_gaps(self._run(1, 8, 24, budget_share=0.3, seed=10 + rep))
+            out += decision_gaps(self._run(4, 8, 12, budget_share=0.5, seed=20 + rep))
             if bar is not None:
                 bar.update(1)
         return out
@@ -364,13 +372,6 @@ class HostProfiler:
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
 
 
-def _run_times(tl) -> np.ndarray:
-    """(expert-call seconds, read seconds, run seconds) of a timeline: what the calibration matches
-    (experiments/calibrate.py)."""
-    ev = [e for e in tl.events if e.resource in ("compute", "io", "dense")]
-    return np.array([sum(e.end - e.start for e in ev if e.resource == "compute"),
-                     sum(e.end - e.start for e in ev if e.resource == "io"),
-                     max(e.end for e in ev) - min(e.start for e in ev)])
 
 
 def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
@@ -386,61 +387,14 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     return call, dense, read, dec
 
 
-def _overlap(start: float, end: float, spans) -> float:
-    """Seconds of [start, end] during which at least one of `spans` was in progress."""
-    return busy_time((max(a, start), min(b, end)) for a, b in spans if a < end and b > start)
 
 
-def _decision_gaps(tl) -> list[tuple[int, float]]:
-    """(loads issued, dense end -> first compute start) at decision points whose first compute
-    was of parts already resident (a hit: it waits for the decision path only)."""
-    dense_end = {(e.step, e.layer): e.end for e in tl.of("dense")}
-    loads: dict = {}
-    for e in tl.of("cache"):
-        if e.kind in ("admit", "prefetch"):
-            loads[e.step, e.layer] = loads.get((e.step, e.layer), 0) + 1
-            loads.setdefault((e.step, e.layer, "keys"), set()).add((e.expert, e.level))
-    first: dict = {}
-    for e in tl.of("compute"):
-        k = (e.step, e.layer)
-        if k not in first or e.start < first[k].start:
-            first[k] = e
-    out = []
-    parts = tl.meta["level_parts"]
-    for k, e in first.items():
-        admitted = loads.get((k[0], k[1], "keys"), set())
-        if any((e.expert, p) in admitted for p in parts[e.level]):
-            continue                                     # it waited for its own load
-        out.append((loads.get(k, 0), e.start - dense_end[k]))
-    return out
 
 
-def _compute_gaps(tl) -> list[float]:
-    """Gaps between consecutive expert calls of a layer at decision points that loaded nothing
-    (every call ready at once: the gap is the runtime's own loop)."""
-    loaded = {(e.step, e.layer) for e in tl.of("cache") if e.kind in ("admit", "prefetch")}
-    calls: dict = {}
-    for e in tl.of("compute"):
-        calls.setdefault((e.step, e.layer), []).append((e.start, e.end))
-    out = []
-    for k, spans in calls.items():
-        if k in loaded or (k[0], k[1] - 1) in loaded:
-            continue
-        spans.sort()
-        out += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    return out
 
 
-def _decision_line(decisions) -> tuple[float, float] | None:
-    """(a, b): the line a + b x loads through the mean gap per load count, weighted by its count."""
-    loads = np.array([n for n, _ in decisions], float)
-    gaps = np.array([g for _, g in decisions], float)
-    xs = sorted(set(loads))
-    if len(xs) < 2:
-        return None
-    ys = [float(np.mean(gaps[loads == x])) for x in xs]
-    b, a = np.polyfit(xs, ys, 1, w=[float(np.sqrt((loads == x).sum())) for x in xs])
-    return float(a), float(b)
+
+
 
 
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
@@ -476,13 +430,15 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         roof = p.roofline()
         bar.update(1)
     # refit the decision path with the loaded runs' points too
-    line = _decision_line(extra) if extra else None
+    line = decision_line(extra) if extra else None
     if line:
         dense["decision_overhead"], dense["load_overhead"] = max(0.0, line[0]), max(0.0, line[1])
         dense["decision_points"] = len(extra)
     m = {"model": p.name, "tokens": list(p.tokens), "storage": storage, "decompress": rates,
          "contention": contention, "host_figures": host, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
-         **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device}
+         **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device,
+         "wake": _median(p.handoffs[0]) if p.handoffs[0] else 0.0, "wakes": len(p.handoffs[0]),
+         "handoff": _median(p.handoffs[1]) if p.handoffs[1] else 0.0, "handoff_samples": len(p.handoffs[1])}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
                         "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}
@@ -563,6 +519,10 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
         f"    compute_gap: {_us(m['compute_gap'])}   # {src}: forced executor runs, mean gap between consecutive "
         f"expert calls of a layer that loaded nothing",
+        f"    wake: {_us(m.get('wake', 0.0))}   # {src}: the contention runs, median of a part's ready (read or "
+        f"decompression end) -> the start of the expert call that waited for it ({m.get('wakes', 0)} calls)",
+        f"    handoff: {_us(m.get('handoff', 0.0))}   # {src}: the contention runs, median of a read's end -> its "
+        f"decompression's start on an idle worker ({m.get('handoff_samples', 0)} decompressions)",
         f"    contention:   # {src}: forced executor runs with loads per format, least squares of each expert "
         f"call's and dense part's time beyond its table on the time reads / decompressions were in flight in it",
     ]

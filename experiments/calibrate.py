@@ -83,7 +83,8 @@ def calibrate(m: dict) -> None:
     """Set contention.read and .stall of each format in `m` (measure's dict) by simulation: each
     of the profiler's forced runs simulated again (experiments.run.simulate) on the profile with a
     trial (read, stall), the pair that best matches the measured times kept."""
-    from executor.profile_host import _run_times, write_profile
+    from executor.profile_host import write_profile
+    from executor.profile_timeline import run_times
     from experiments.run import simulate
     cal = m["calibration"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +102,7 @@ def calibrate(m: dict) -> None:
                                                                                   host=None)))
             total = 0.0
             for spec, target in zip(specs, targets):
-                got = _run_times(simulate(spec, device=dev, storage=storage).timeline)
+                got = run_times(simulate(spec, device=dev, storage=storage).timeline)
                 total += float(np.sum(WEIGHTS * (got / target - 1) ** 2))
             return total
         dec = measured.contention[key].decompress          # read + decompress < 1: the main thread runs

@@ -145,6 +145,12 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.compute_gap
 
+    def handoffs(self) -> tuple[float, float]:
+        """(wake, handoff): a part's ready -> the start of the expert call that waited for it, and a
+        read's end -> its decompression's start on an idle worker (measured; 0 without tables)."""
+        m = self.measured
+        return (0.0, 0.0) if m is None else (m.wake, m.handoff)
+
     def contention(self) -> Contention:
         """How the executor's threads share the cores in this format: the main thread's speed while
         reads / decompressions are in flight, and what an expert call / dense part costs in runs beyond

@@ -75,6 +75,9 @@ class Simulator:
         self.decide_base = self.cost.decision_seconds(0)
         self.decide_per_load = self.cost.decision_seconds(1) - self.decide_base
         self.gap = self.cost.compute_gap()
+        # a part's hand-offs between the executor's threads (measured; 0 for roofline profiles): its
+        # ready -> the call that waited for it, a read's end -> its decompression on an idle worker
+        self.wake, self.handoff = self.cost.handoffs()
         self.decides = bool(self.decide_base or self.decide_per_load)     # a decision path that costs time
         self.level_parts = workload.fmt.level_parts
         self.seconds: dict[tuple[int, int], float] = {}     # (level, tokens) -> one expert's compute
@@ -216,11 +219,11 @@ class Simulator:
             tasks.sort(key=_first)              # (stable: ties in first-appearance order)
         else:      # everything was resident: compute in first-appearance order (each ready now)
             tasks = zip(repeat(now), counts, counts.values())
-        seconds, gap, host, computes, free = self.seconds, self.gap, self.host, [], path_end
+        seconds, gap, wake, host, computes, free = self.seconds, self.gap, self.wake, self.host, [], path_end
         for t_ready, (expert, level), n in tasks:
             if gap and computes:                # (free + 0.0 is free: no gap, no addition)
                 free += gap
-            start = t_ready if t_ready > free else free
+            start = t_ready + wake if t_ready > free else free     # it waited: woken by the part's worker
             secs = seconds.get((level, n))
             if secs is None:
                 secs = seconds[level, n] = self.cost.expert_seconds(level, n)
@@ -268,7 +271,7 @@ class Simulator:
         out, last_start = [], 0.0
         for i, item, read_done in tasks:
             seconds = item.decompress_bytes / self.decompress_rate
-            start, done, worker = self.decomp.reserve(max(read_done, last_start),
+            start, done, worker = self.decomp.reserve(max(read_done + self.handoff, last_start),
                                                       seconds if extra is None else max(0.0, seconds + extra[i]))
             last_start = start
             out.append((i, start, done, worker))
