@@ -51,6 +51,9 @@ where the roofline is not what the host does. Each table gives seconds at the to
                                         #   worker's callback, the main thread woken from its queue)
         handoff: 60us                   # optional (default 0): a read's end -> its decompression's start on
                                         #   an idle worker (the read's callback, the pool's worker woken)
+        dense_after_loads: 40us         # optional (default 0): what a dense part takes beyond its table
+                                        #   after a decision point that loaded (the readers' tails, caches
+                                        #   the reads disturbed)
         contention:                     # optional: per format key, how the executor's threads share the cores
           zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us, stall: 0.5}
                                         # read / decompress: the share of its speed the main thread loses
@@ -164,6 +167,7 @@ class MeasuredTables:
     compute_gap: float = 0.0                            # seconds between two expert calls of a layer
     wake: float = 0.0                                   # seconds from a part's ready to the call that waited
     handoff: float = 0.0                                # seconds from a read's end to its decompression's start
+    dense_after_loads: float = 0.0                      # seconds a dense part adds after a decision that loaded
     contention: dict[str, "Contention"] = field(default_factory=dict)   # format key -> how threads share cores
     host: HostFigures | None = None                     # the structural host model's figures, if measured
 
@@ -225,7 +229,8 @@ class DeviceProfile:
                                      f"{_format_duration(m.load_overhead)} per load, "
                                      f"{_format_duration(m.compute_gap)} between expert calls, "
                                      f"{_format_duration(m.wake)} to wake for a part, "
-                                     f"{_format_duration(m.handoff)} from a read to its decompression"
+                                     f"{_format_duration(m.handoff)} from a read to its decompression, "
+                                     f"+{_format_duration(m.dense_after_loads)} per dense part after loads"
                                      + "".join(f"; {k}: main thread at {1 - c.read:.0%} while reading, "
                                                f"{1 - c.decompress:.0%} while decompressing, "
                                                f"+{_format_duration(c.call)} per expert call, "
@@ -358,7 +363,7 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "wake", "handoff", "contention", "host", "read_interference",
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "wake", "handoff", "dense_after_loads", "contention", "host", "read_interference",
                                                                      "decompress_interference"}))
         for old in ("read_interference", "decompress_interference"):
             if old in m:
@@ -395,6 +400,8 @@ class _Reader:
                                       positive=False),
             wake=self.quantity(m.get("wake", "0s"), f"{key}.wake", parse_duration, "25us", positive=False),
             handoff=self.quantity(m.get("handoff", "0s"), f"{key}.handoff", parse_duration, "60us", positive=False),
+            dense_after_loads=self.quantity(m.get("dense_after_loads", "0s"), f"{key}.dense_after_loads",
+                                            parse_duration, "40us", positive=False),
             contention=self.contention(m.get("contention", {}), f"{key}.contention"),
             host=read_host(self, m["host"], f"{key}.host", n) if "host" in m else None)
 

@@ -23,7 +23,9 @@ the profile predicts what `moelab execute` does here:
   the mean gap between consecutive expert calls of a layer that loaded nothing; wake and handoff
   (the contention runs, executor/profile_timeline.py): the medians of a part's ready -> the start of
   the expert call that waited for it, and of a read's end -> its decompression's start on an idle
-  worker: the hand-offs between the executor's threads (a callback, a thread woken from a queue).
+  worker: the hand-offs between the executor's threads (a callback, a thread woken from a queue);
+  dense_after_loads: a decode dense part's mean time beyond its table after a decision point that
+  loaded, less the same after one that hit (the prefetch-free contention runs).
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
   tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
@@ -57,8 +59,8 @@ from executor.execute import _set_numba_threads, default_torch_threads, execute,
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
 from executor.profile_gil import best_time, host_figures, host_lines
-from executor.profile_timeline import (compute_gaps, decision_gaps, decision_line, handoff_samples, overlap,
-                                       run_times)
+from executor.profile_timeline import (compute_gaps, decision_gaps, decision_line, dense_excess, handoff_samples,
+                                       overlap, run_times)
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store_build import ensure_store
@@ -111,6 +113,7 @@ class HostProfiler:
         # experiments/calibrate.py reproduces by simulation (the executor does not simulate)
         self.calibration_runs: dict = {}
         self.handoffs: tuple[list, list] = ([], [])      # the forced runs' (wakes, handoffs): handoff_samples
+        self.dense_excess: tuple[list, list] = ([], [])  # (after loads, after hits): dense_excess
         # the forced runs' reads held to a device's storage (profile --throttle): the runs' figures
         # (dense, steps, decision path, contention) are then measured in that regime
         self.throttle = throttle
@@ -273,6 +276,10 @@ class HostProfiler:
                     self.calibration_runs.setdefault(measured_key(fmt), []).append((fmt, cfg, run_times(tl)))
                     for samples, got in zip(self.handoffs, handoff_samples(tl, self.decompress_workers)):
                         samples += got
+                    if prefetch == "none":          # no read overlaps a dense part
+                        for samples, got in zip(self.dense_excess, dense_excess(tl, self.tokens,
+                                                                                 dense["dense"]["decode"])):
+                            samples += got
                     prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
                     for e in tl.events:
                         if e.resource == "compute":
@@ -438,11 +445,22 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
          "contention": contention, "host_figures": host, "decompress_workers": decompress_workers, "experts": experts, "roofline": roof,
          **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device,
          "wake": _median(p.handoffs[0]) if p.handoffs[0] else 0.0, "wakes": len(p.handoffs[0]),
-         "handoff": _median(p.handoffs[1]) if p.handoffs[1] else 0.0, "handoff_samples": len(p.handoffs[1])}
+         "handoff": _median(p.handoffs[1]) if p.handoffs[1] else 0.0, "handoff_samples": len(p.handoffs[1]),
+         "dense_after_loads": after_loads(*p.dense_excess), "dense_after_samples": [len(x) for x in p.dense_excess]}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
                         "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}
     return m
+
+
+def after_loads(after: list[float], clean: list[float]) -> float:
+    """A dense part's extra after a decision point that loaded: the mean excess over its table after
+    loads less the mean after hits in the same runs (what drifts with the run cancels), at least 0;
+    with under 10 parts after hits, the excess over the table alone."""
+    if not after:
+        return 0.0
+    base = _mean(clean) if len(clean) >= 10 else 0.0
+    return max(0.0, _mean(after) - base)
 
 
 def host_torch_threads(torch_device: str = "cpu") -> int:
@@ -523,6 +541,9 @@ def profile_yaml(m: dict, command: str) -> str:
         f"decompression end) -> the start of the expert call that waited for it ({m.get('wakes', 0)} calls)",
         f"    handoff: {_us(m.get('handoff', 0.0))}   # {src}: the contention runs, median of a read's end -> its "
         f"decompression's start on an idle worker ({m.get('handoff_samples', 0)} decompressions)",
+        f"    dense_after_loads: {_us(m.get('dense_after_loads', 0.0))}   # {src}: the contention runs without "
+        f"prefetch, mean decode dense part beyond its table after a decision point that loaded less the same after "
+        f"one that hit ({'/'.join(str(n) for n in m.get('dense_after_samples', (0, 0)))} parts)",
         f"    contention:   # {src}: forced executor runs with loads per format, least squares of each expert "
         f"call's and dense part's time beyond its table on the time reads / decompressions were in flight in it",
     ]

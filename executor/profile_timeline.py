@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from devices.profile import interpolate
+
 from timeline.metrics import busy_time
 
 def run_times(tl) -> np.ndarray:
@@ -99,3 +101,18 @@ def decision_line(decisions) -> tuple[float, float] | None:
     ys = [float(np.mean(gaps[loads == x])) for x in xs]
     b, a = np.polyfit(xs, ys, 1, w=[float(np.sqrt((loads == x).sum())) for x in xs])
     return float(a), float(b)
+
+
+def dense_excess(tl, tokens, decode) -> tuple[list[float], list[float]]:
+    """(after loads, after hits): each decode dense part's time beyond its table (`decode` at
+    `tokens`) in a run, split by whether the decision point before it (the layer before, or the last
+    layer of the step before) loaded anything. The run's first two steps are left out (cold)."""
+    loaded = {(e.step, e.layer) for e in tl.of("cache") if e.kind in ("admit", "prefetch")}
+    prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
+    dense = [e for e in tl.of("dense") if e.step not in prefill and e.step > 1]
+    layers = max((e.layer for e in tl.of("dense")), default=0) + 1
+    after, clean = [], []
+    for e in dense:
+        before = (e.step, e.layer - 1) if e.layer else (e.step - 1, layers - 1)
+        (after if before in loaded else clean).append(e.end - e.start - interpolate(tokens, decode, e.tokens))
+    return after, clean

@@ -151,6 +151,12 @@ class CostModel:
         m = self.measured
         return (0.0, 0.0) if m is None else (m.wake, m.handoff)
 
+    def dense_after_loads(self) -> float:
+        """What a dense part takes beyond its table after a decision point that loaded (measured; 0
+        without tables)."""
+        m = self.measured
+        return 0.0 if m is None else m.dense_after_loads
+
     def contention(self) -> Contention:
         """How the executor's threads share the cores in this format: the main thread's speed while
         reads / decompressions are in flight, and what an expert call / dense part costs in runs beyond

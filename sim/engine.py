@@ -78,6 +78,8 @@ class Simulator:
         # a part's hand-offs between the executor's threads (measured; 0 for roofline profiles): its
         # ready -> the call that waited for it, a read's end -> its decompression on an idle worker
         self.wake, self.handoff = self.cost.handoffs()
+        self.after_loads = self.cost.dense_after_loads()
+        self.loaded = False             # the last decision point loaded (its dense part pays after_loads)
         self.decides = bool(self.decide_base or self.decide_per_load)     # a decision path that costs time
         self.level_parts = workload.fmt.level_parts
         self.seconds: dict[tuple[int, int], float] = {}     # (level, tokens) -> one expert's compute
@@ -136,7 +138,8 @@ class Simulator:
                     self.pending.pop(k, None)
                 self.rec.evict(s, t, evicted)
             for layer, routing in enumerate(routings):
-                end = host.dense_end(t, t_dense, n, step.prefill) if host is not None else t + t_dense
+                secs = t_dense + self.after_loads if self.loaded else t_dense
+                end = host.dense_end(t, secs, n, step.prefill) if host is not None else t + secs
                 t = layer_fn(t, end, s, layer, n, routing)
             t += self.cost.step_seconds(n, step.prefill)       # output head, sampling: no event
             yield timeout(t - env.now)
@@ -147,6 +150,7 @@ class Simulator:
         from `start`; returns when its last compute ends."""
         d = self.p.decide(layer, routing)
         pending, loads, cache = self.pending, d.loads, self.p.cache
+        self.loaded = bool(loads)
         if pending and loads:                    # evicted before its prefetch was used
             for _, _, evicted in loads:
                 for k in evicted:

@@ -132,7 +132,7 @@ def test_a_hand_computed_case_and_the_oracle():
 
 
 @pytest.mark.parametrize("change", ["scheduler", "cache", "prefetch", "format", "allocator", "contention",
-                                    "on-demand", "wake"])
+                                    "on-demand", "wake", "dense_after_loads"])
 def test_the_fused_loop_is_picked_only_for_the_bundles_it_covers(change, tmp_path):
     m = arch(2, 4, 2)
     fmt = make_format("zip" if change == "format" else "bf16", m.expert_shapes)
@@ -141,9 +141,10 @@ def test_the_fused_loop_is_picked_only_for_the_bundles_it_covers(change, tmp_pat
     bundle = {"scheduler": {"scheduler": "hebf"}, "cache": {"cache": "belady"}, "prefetch": {"prefetch": "last-use"},
               "allocator": {"allocator": "gate-score"}, "on-demand": {"cache": "on-demand"}}.get(change, {})
     device = make_device()
-    if change in ("contention", "wake"):
+    if change in ("contention", "wake", "dense_after_loads"):
         path = tmp_path / "c.yaml"
-        extra = "    contention:\n      bf16: {read: 0.2}" if change == "contention" else "    wake: 30us"
+        extra = {"contention": "    contention:\n      bf16: {read: 0.2}", "wake": "    wake: 30us"}.get(
+            change, "    dense_after_loads: 30us")
         path.write_text(MEASURED.replace("    compute_gap: 0.1ms", "    compute_gap: 0.1ms\n" + extra))
         device = load_device(str(path))
     sim = Simulator(device, w, build_policies(w, 10 ** 6, **bundle))

@@ -156,6 +156,7 @@ def test_profile_writes_a_loadable_measured_profile(host_profile):
     assert m.model == "tiny-moe" and set(m.experts) == {"bf16", "mwq-int2-4", "zip"}
     assert len(m.experts["mwq-int2-4"]) == 3 and all(len(r) == len(m.tokens) for r in m.experts["zip"])
     assert m.wake > 0 and m.handoff > 0       # the contention runs' hand-offs (they wait for reads)
+    assert m.dense_after_loads >= 0
     s = device.storage_option(None)
     assert s.name == "disk" and s.read_bandwidth > 0 and s.queue_depth >= 1
     assert set(device.decompress_throughput) == {"lz4", "lz4hc", "zstd"}

@@ -91,3 +91,31 @@ def test_a_bad_wake_names_its_key(tmp_path):
     with pytest.raises(ConfigError, match=r"compute\.measured\.wake: expected a number with a unit"):
         profile(tmp_path, MEASURED, "    wake: 5\n")
     assert "to wake for a part" in profile(tmp_path, MEASURED, "    wake: 5us\n").describe()
+
+
+def test_a_dense_part_after_a_decision_that_loaded_pays_its_extra_by_hand(tmp_path):
+    """The same two steps with dense_after_loads 300 us: the prefill step's 2nd dense part follows a
+    layer that loaded, and so does the decode step's 1st (after the prefill's last layer, which
+    loaded); the decode step's 2nd follows a hit and takes its table's 1 ms."""
+    dev = profile(tmp_path, MEASURED, "    dense_after_loads: 300us\n")
+    trace = make_trace([[[0], [1]], [[0], [1]]], prompt=[True, False], request_ids=[0, 0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    tl = Simulator(dev, w, build_policies(w, 10 ** 6, cache="lru")).run()
+    dense = [round((e.end - e.start) * 1e6) for e in tl.of("dense")]
+    assert dense == [2000, 2000 + 300, 1000 + 300, 1000]
+
+
+def test_the_profiler_reads_the_dense_extra_after_loads_by_hand():
+    from executor.profile_host import after_loads
+    from executor.profile_timeline import dense_excess
+    steps = [{"step": s, "prefill": s == 0} for s in range(4)]
+    ev = [Event("cache", "admit", 0, 0, 0, 0, 0, step=2),                       # step 2 layer 0 loaded
+          Event("dense", "dense", 0, 500e-6, 0, step=1, tokens=1),             # step 1: left out (cold)
+          Event("dense", "dense", 0, 400e-6, 0, step=2, tokens=1),             # after step 1's layer 1: a hit
+          Event("dense", "dense", 0, 450e-6, 1, step=2, tokens=1),             # after step 2's layer 0: loaded
+          Event("dense", "dense", 0, 410e-6, 0, step=3, tokens=4)]             # after step 2's layer 1: a hit
+    after, clean = dense_excess(Timeline(ev, {"steps": steps}), (1, 4), (400e-6, 420e-6))
+    assert after == pytest.approx([50e-6]) and clean == pytest.approx([0.0, -10e-6])
+    assert after_loads(after, clean) == pytest.approx(50e-6)               # under 10 after hits: vs the table
+    assert after_loads([50e-6] * 3, [10e-6] * 10) == pytest.approx(40e-6)
+    assert after_loads([5e-6], [10e-6] * 10) == 0.0 and after_loads([], []) == 0.0
