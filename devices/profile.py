@@ -54,6 +54,9 @@ where the roofline is not what the host does. Each table gives seconds at the to
         dense_after_loads: 40us         # optional (default 0): what a dense part takes beyond its table
                                         #   after a decision point that loaded (the readers' tails, caches
                                         #   the reads disturbed)
+        call_after_load:                # optional, per format key (default 0): what an expert call takes
+          bf16: 15us                    #   beyond its table when its expert was loaded at this decision
+                                        #   point (its weights fresh from storage, not in the CPU's caches)
         contention:                     # optional: per format key, how the executor's threads share the cores
           zip: {read: 0.6, decompress: 0.2, call: 15us, dense: 80us, stall: 0.5}
                                         # read / decompress: the share of its speed the main thread loses
@@ -168,6 +171,8 @@ class MeasuredTables:
     wake: float = 0.0                                   # seconds from a part's ready to the call that waited
     handoff: float = 0.0                                # seconds from a read's end to its decompression's start
     dense_after_loads: float = 0.0                      # seconds a dense part adds after a decision that loaded
+    call_after_load: dict[str, float] = field(default_factory=dict)   # format key -> seconds a call adds
+                                                        #   when its expert was loaded at its decision point
     contention: dict[str, "Contention"] = field(default_factory=dict)   # format key -> how threads share cores
     host: HostFigures | None = None                     # the structural host model's figures, if measured
 
@@ -363,7 +368,7 @@ class _Reader:
         return tuple(self.quantity(v, f"{key}[{i}]", parse_duration, "80us") for i, v in enumerate(value))
 
     def measured(self, value, key: str) -> MeasuredTables:
-        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "wake", "handoff", "dense_after_loads", "contention", "host", "read_interference",
+        m = self.mapping(value, key, _MEASURED, frozenset({"compute_gap", "wake", "handoff", "dense_after_loads", "call_after_load", "contention", "host", "read_interference",
                                                                      "decompress_interference"}))
         for old in ("read_interference", "decompress_interference"):
             if old in m:
@@ -402,6 +407,7 @@ class _Reader:
             handoff=self.quantity(m.get("handoff", "0s"), f"{key}.handoff", parse_duration, "60us", positive=False),
             dense_after_loads=self.quantity(m.get("dense_after_loads", "0s"), f"{key}.dense_after_loads",
                                             parse_duration, "40us", positive=False),
+            call_after_load=self.per_format(m.get("call_after_load", {}), f"{key}.call_after_load"),
             contention=self.contention(m.get("contention", {}), f"{key}.contention"),
             host=read_host(self, m["host"], f"{key}.host", n) if "host" in m else None)
 
@@ -428,6 +434,13 @@ class _Reader:
             gemm = self.count(v["gemm_from"], f"{where}.gemm_from") if "gemm_from" in v else None
             out[str(fmt)] = Kernel(tokens_per_call=m, dequant=dequant, overhead=overhead, gemm_from=gemm, **rates)
         return out
+
+    def per_format(self, value, key: str) -> dict[str, float]:
+        """A mapping of format key -> duration (compute.measured.call_after_load)."""
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of format key -> duration, got {value!r}")
+        return {str(fmt): self.quantity(v, f"{key}.{fmt}", parse_duration, "15us", positive=False)
+                for fmt, v in value.items()}
 
     def contention(self, value, key: str) -> dict[str, Contention]:
         if not isinstance(value, dict):

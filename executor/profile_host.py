@@ -25,7 +25,8 @@ the profile predicts what `moelab execute` does here:
   the expert call that waited for it, and of a read's end -> its decompression's start on an idle
   worker: the hand-offs between the executor's threads (a callback, a thread woken from a queue);
   dense_after_loads: a decode dense part's mean time beyond its table after a decision point that
-  loaded, less the same after one that hit (the prefetch-free contention runs).
+  loaded, less the same after one that hit (the prefetch-free contention runs); call_after_load, per
+  format: the same for an expert call on an expert just loaded (calls nothing in flight overlapped).
 - compute.measured.dense / step / decision_overhead / load_overhead: forced `execute` runs of
   the model, read from their timelines: the dense part of a layer (prefill: batch 1 x n
   tokens; decode: batch n), the gap between steps (output head, sampling), and the gap from a
@@ -59,8 +60,8 @@ from executor.execute import _set_numba_threads, default_torch_threads, execute,
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
 from executor.profile_gil import best_time, host_figures, host_lines
-from executor.profile_timeline import (compute_gaps, decision_gaps, decision_line, dense_excess, handoff_samples,
-                                       overlap, run_times)
+from executor.profile_timeline import (call_excess, compute_gaps, decision_gaps, decision_line, dense_excess,
+                                       handoff_samples, overlap, run_times)
 from executor.model import model_arch
 from executor.runtime import ExpertRuntime, StepInfo
 from executor.store_build import ensure_store
@@ -263,7 +264,7 @@ class HostProfiler:
         for fmt_name, share in (("bf16", 0.3), ("mwq", 0.5), ("zip", 0.5)):
             fmt = self.store(fmt_name).format
             table = tables[measured_key(fmt)]
-            rows, extra = [], []
+            rows, extra, calls = [], [], ([], [])
             prompt, output = (8, 12) if self.quick else (16, 24)
             for batch, prefetch, budget in ((1, "none", share), (4, "none", 0.75), (1, "oracle", 0.75),
                                             (4, "oracle", share)):
@@ -279,6 +280,8 @@ class HostProfiler:
                     if prefetch == "none":          # no read overlaps a dense part
                         for samples, got in zip(self.dense_excess, dense_excess(tl, self.tokens,
                                                                                  dense["dense"]["decode"])):
+                            samples += got
+                        for samples, got in zip(calls, call_excess(tl, self.tokens, table)):
                             samples += got
                     prefill = {s["step"] for s in tl.meta["steps"] if s["prefill"]}
                     for e in tl.events:
@@ -296,7 +299,8 @@ class HostProfiler:
                     bar.update(1)
             call, dense_x, read, dec = _robust_fit(np.array(rows, float), np.array(extra))
             out[measured_key(fmt)] = {"read": read, "decompress": dec, "call": max(0.0, call),
-                                      "dense": max(0.0, dense_x), "stall": 0.0, "samples": len(extra)}
+                                      "dense": max(0.0, dense_x), "stall": 0.0, "samples": len(extra),
+                                      "after_load": after_loads(*calls), "after_load_samples": [len(c) for c in calls]}
         return out
 
     # -- dense, steps and the decision path: real forced runs ---------------------------
@@ -454,9 +458,9 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
 
 
 def after_loads(after: list[float], clean: list[float]) -> float:
-    """A dense part's extra after a decision point that loaded: the mean excess over its table after
-    loads less the mean after hits in the same runs (what drifts with the run cancels), at least 0;
-    with under 10 parts after hits, the excess over the table alone."""
+    """An operation's extra after loads (a dense part after a decision point that loaded, a call on an
+    expert just loaded): its mean excess over its table then less its mean otherwise in the same runs
+    (what drifts with the run cancels), at least 0; with under 10 of the others, the excess alone."""
     if not after:
         return 0.0
     base = _mean(clean) if len(clean) >= 10 else 0.0
@@ -544,6 +548,11 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    dense_after_loads: {_us(m.get('dense_after_loads', 0.0))}   # {src}: the contention runs without "
         f"prefetch, mean decode dense part beyond its table after a decision point that loaded less the same after "
         f"one that hit ({'/'.join(str(n) for n in m.get('dense_after_samples', (0, 0)))} parts)",
+        f"    call_after_load:   # {src}: the contention runs without prefetch, mean expert call beyond its table "
+        f"when its expert was loaded at its decision point less the same when it was resident (calls no read or "
+        f"decompression overlapped)",
+        *(f"      {key}: {_us(c.get('after_load', 0.0))}   # {'/'.join(str(n) for n in c.get('after_load_samples', (0, 0)))}"
+          f" calls" for key, c in m["contention"].items()),
         f"    contention:   # {src}: forced executor runs with loads per format, least squares of each expert "
         f"call's and dense part's time beyond its table on the time reads / decompressions were in flight in it",
     ]

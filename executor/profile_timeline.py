@@ -116,3 +116,18 @@ def dense_excess(tl, tokens, decode) -> tuple[list[float], list[float]]:
         before = (e.step, e.layer - 1) if e.layer else (e.step - 1, layers - 1)
         (after if before in loaded else clean).append(e.end - e.start - interpolate(tokens, decode, e.tokens))
     return after, clean
+
+
+def call_excess(tl, tokens, table) -> tuple[list[float], list[float]]:
+    """(loaded, resident): each expert call's time beyond its table (`table[level]` at `tokens`) in a
+    run, split by whether its expert was admitted at its own decision point; only calls that no read or
+    decompression overlapped (what those cost is the co-runs'), after the run's first two steps."""
+    loaded = {(e.step, e.layer, e.expert) for e in tl.of("cache", "admit")}
+    busy = sorted((e.start, e.end) for e in tl.events if e.resource == "io" or e.resource.startswith("decompress"))
+    fresh, resident = [], []
+    for e in tl.of("compute"):
+        if e.step < 2 or overlap(e.start, e.end, busy) > 0:
+            continue
+        excess = e.end - e.start - interpolate(tokens, table[e.level], e.tokens)
+        (fresh if (e.step, e.layer, e.expert) in loaded else resident).append(excess)
+    return fresh, resident

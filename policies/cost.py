@@ -157,6 +157,12 @@ class CostModel:
         m = self.measured
         return 0.0 if m is None else m.dense_after_loads
 
+    def call_after_load(self) -> float:
+        """What an expert call takes beyond its table when its expert was loaded at this decision point
+        (measured per format; 0 without tables)."""
+        m = self.measured
+        return 0.0 if m is None else m.call_after_load.get(measured_key(self.fmt), 0.0)
+
     def contention(self) -> Contention:
         """How the executor's threads share the cores in this format: the main thread's speed while
         reads / decompressions are in flight, and what an expert call / dense part costs in runs beyond

@@ -79,6 +79,7 @@ class Simulator:
         # ready -> the call that waited for it, a read's end -> its decompression on an idle worker
         self.wake, self.handoff = self.cost.handoffs()
         self.after_loads = self.cost.dense_after_loads()
+        self.call_after_load = self.cost.call_after_load()
         self.loaded = False             # the last decision point loaded (its dense part pays after_loads)
         self.decides = bool(self.decide_base or self.decide_per_load)     # a decision path that costs time
         self.level_parts = workload.fmt.level_parts
@@ -224,6 +225,7 @@ class Simulator:
         else:      # everything was resident: compute in first-appearance order (each ready now)
             tasks = zip(repeat(now), counts, counts.values())
         seconds, gap, wake, host, computes, free = self.seconds, self.gap, self.wake, self.host, [], path_end
+        after_load = self.call_after_load
         for t_ready, (expert, level), n in tasks:
             if gap and computes:                # (free + 0.0 is free: no gap, no addition)
                 free += gap
@@ -231,6 +233,8 @@ class Simulator:
             secs = seconds.get((level, n))
             if secs is None:
                 secs = seconds[level, n] = self.cost.expert_seconds(level, n)
+            if after_load and ready and any((expert, p) in ready for p in parts[level]):
+                secs += after_load                  # loaded at this decision point: its weights come cold
             free = host.call_end(start, secs, spans, level, n) if host is not None else start + secs
             computes.append((start, free, expert, level, n))
         return reads, decs, computes, path_end, spans

@@ -119,3 +119,28 @@ def test_the_profiler_reads_the_dense_extra_after_loads_by_hand():
     assert after_loads(after, clean) == pytest.approx(50e-6)               # under 10 after hits: vs the table
     assert after_loads([50e-6] * 3, [10e-6] * 10) == pytest.approx(40e-6)
     assert after_loads([5e-6], [10e-6] * 10) == 0.0 and after_loads([], []) == 0.0
+
+
+def test_a_call_on_an_expert_just_loaded_pays_its_extra_by_hand(tmp_path):
+    """The same two steps with call_after_load 400 us for bf16: the prefill step's calls are on experts
+    loaded at their decision points (10 ms + 0.4 ms each); the decode step's hit (10 ms)."""
+    dev = profile(tmp_path, MEASURED, "    call_after_load: {bf16: 400us}\n")
+    trace = make_trace([[[0], [1]], [[0], [1]]], prompt=[True, False], request_ids=[0, 0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    tl = Simulator(dev, w, build_policies(w, 10 ** 6, cache="lru")).run()
+    assert [round((e.end - e.start) * 1e6) for e in tl.of("compute")] == [10400, 10400, 10000, 10000]
+    with pytest.raises(ConfigError, match=r"compute\.measured\.call_after_load\.bf16: expected a number"):
+        profile(tmp_path, MEASURED, "    call_after_load: {bf16: 4}\n")
+
+
+def test_the_profiler_reads_the_call_extra_after_a_load_by_hand():
+    from executor.profile_timeline import call_excess
+    ev = [Event("cache", "admit", 0, 0, 0, 1, 0, step=2),
+          Event("io", "load", 0, 90e-6, 0, 1, 0, step=2),
+          Event("compute", "expert", 100e-6, 250e-6, 0, 1, 0, step=2, tokens=1),   # loaded: +50 over 100
+          Event("compute", "expert", 250e-6, 360e-6, 0, 2, 0, step=2, tokens=1),   # resident: +10
+          Event("io", "load", 370e-6, 500e-6, 1, 3, 0, step=2),
+          Event("compute", "expert", 380e-6, 600e-6, 0, 3, 0, step=2, tokens=1),   # a read overlapped it: out
+          Event("compute", "expert", 0, 300e-6, 0, 1, 0, step=1, tokens=1)]        # step 1: out (cold)
+    fresh, resident = call_excess(Timeline(ev, {}), (1, 4), [(100e-6, 200e-6)])
+    assert fresh == pytest.approx([50e-6]) and resident == pytest.approx([10e-6])
