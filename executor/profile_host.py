@@ -541,18 +541,7 @@ def profile_yaml(m: dict, command: str) -> str:
         f"    load_overhead: {_us(m['load_overhead'])}   # {src}: the same line: b",
         f"    compute_gap: {_us(m['compute_gap'])}   # {src}: forced executor runs, mean gap between consecutive "
         f"expert calls of a layer that loaded nothing",
-        f"    wake: {_us(m.get('wake', 0.0))}   # {src}: the contention runs, median of a part's ready (read or "
-        f"decompression end) -> the start of the expert call that waited for it ({m.get('wakes', 0)} calls)",
-        f"    handoff: {_us(m.get('handoff', 0.0))}   # {src}: the contention runs, median of a read's end -> its "
-        f"decompression's start on an idle worker ({m.get('handoff_samples', 0)} decompressions)",
-        f"    dense_after_loads: {_us(m.get('dense_after_loads', 0.0))}   # {src}: the contention runs without "
-        f"prefetch, mean decode dense part beyond its table after a decision point that loaded less the same after "
-        f"one that hit ({'/'.join(str(n) for n in m.get('dense_after_samples', (0, 0)))} parts)",
-        f"    call_after_load:   # {src}: the contention runs without prefetch, mean expert call beyond its table "
-        f"when its expert was loaded at its decision point less the same when it was resident (calls no read or "
-        f"decompression overlapped)",
-        *(f"      {key}: {_us(c.get('after_load', 0.0))}   # {'/'.join(str(n) for n in c.get('after_load_samples', (0, 0)))}"
-          f" calls" for key, c in m["contention"].items()),
+        *handoff_lines(m, src),
         f"    contention:   # {src}: forced executor runs with loads per format, least squares of each expert "
         f"call's and dense part's time beyond its table on the time reads / decompressions were in flight in it",
     ]
@@ -572,6 +561,24 @@ def profile_yaml(m: dict, command: str) -> str:
         lines.append(f"    {codec}: {rate / 1e6:.1f}MB/s   # {src}: exponent chunks of the model's experts on "
                      f"{m['decompress_workers']} workers while the main thread computes, raw bytes over task time")
     return "\n".join(lines) + "\n"
+
+
+def handoff_lines(m: dict, src: str) -> list:
+    """The profile's hand-off and after-load figures (executor/profile_timeline.py), as YAML lines under `measured:`."""
+    return [
+        f"    wake: {_us(m.get('wake', 0.0))}   # {src}: the contention runs, median of a part's ready (read or "
+        f"decompression end) -> the start of the expert call that waited for it ({m.get('wakes', 0)} calls)",
+        f"    handoff: {_us(m.get('handoff', 0.0))}   # {src}: the contention runs, median of a read's end -> its "
+        f"decompression's start on an idle worker ({m.get('handoff_samples', 0)} decompressions)",
+        f"    dense_after_loads: {_us(m.get('dense_after_loads', 0.0))}   # {src}: the contention runs without "
+        f"prefetch, mean decode dense part beyond its table after a decision point that loaded less the same after "
+        f"one that hit ({'/'.join(str(n) for n in m.get('dense_after_samples', (0, 0)))} parts)",
+        f"    call_after_load:   # {src}: the contention runs without prefetch, mean expert call beyond its table "
+        f"when its expert was loaded at its decision point less the same when it was resident (calls no read or "
+        f"decompression overlapped)",
+        *(f"      {key}: {_us(c.get('after_load', 0.0))}   # {'/'.join(str(n) for n in c.get('after_load_samples', (0, 0)))}"
+          f" calls" for key, c in m["contention"].items()),
+    ]
 
 
 def write_profile(path, m: dict, command: str):
