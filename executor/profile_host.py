@@ -84,6 +84,11 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f}us"
 
 
+def _counts(ns) -> str:
+    """Sample counts as the profile's comments write them: loaded/resident."""
+    return "/".join(str(n) for n in ns)
+
+
 def _median(xs) -> float:
     return float(statistics.median(xs))
 
@@ -566,18 +571,18 @@ def profile_yaml(m: dict, command: str) -> str:
 def handoff_lines(m: dict, src: str) -> list:
     """The profile's hand-off and after-load figures (executor/profile_timeline.py), as YAML lines under `measured:`."""
     return [
-        f"    wake: {_us(m.get('wake', 0.0))}   # {src}: the contention runs, median of a part's ready (read or "
-        f"decompression end) -> the start of the expert call that waited for it ({m.get('wakes', 0)} calls)",
-        f"    handoff: {_us(m.get('handoff', 0.0))}   # {src}: the contention runs, median of a read's end -> its "
-        f"decompression's start on an idle worker ({m.get('handoff_samples', 0)} decompressions)",
-        f"    dense_after_loads: {_us(m.get('dense_after_loads', 0.0))}   # {src}: the contention runs without "
+        f"    wake: {_us(m['wake'])}   # {src}: the contention runs, median of a part's ready (read or "
+        f"decompression end) -> the start of the expert call that waited for it ({m['wakes']} calls)",
+        f"    handoff: {_us(m['handoff'])}   # {src}: the contention runs, median of a read's end -> its "
+        f"decompression's start on an idle worker ({m['handoff_samples']} decompressions)",
+        f"    dense_after_loads: {_us(m['dense_after_loads'])}   # {src}: the contention runs without "
         f"prefetch, mean decode dense part beyond its table after a decision point that loaded less the same after "
-        f"one that hit ({'/'.join(str(n) for n in m.get('dense_after_samples', (0, 0)))} parts)",
+        f"one that hit ({_counts(m['dense_after_samples'])} parts)",
         f"    call_after_load:   # {src}: the contention runs without prefetch, mean expert call beyond its table "
         f"when its expert was loaded at its decision point less the same when it was resident (calls no read or "
         f"decompression overlapped)",
-        *(f"      {key}: {_us(c.get('after_load', 0.0))}   # {'/'.join(str(n) for n in c.get('after_load_samples', (0, 0)))}"
-          f" calls" for key, c in m["contention"].items()),
+        *(f"      {key}: {_us(c['after_load'])}   # {_counts(c['after_load_samples'])} calls"
+          for key, c in m["contention"].items()),
     ]
 
 

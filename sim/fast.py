@@ -37,7 +37,9 @@ _event = tuple.__new__          # an Event from a full 10-tuple (as sim/record.p
 def fused_for(sim) -> bool:
     """Whether a fused loop carries out this simulator's run (sim/engine.py Simulator, not yet run)."""
     p, fmt = sim.p, sim.w.fmt
-    return (sim.host is None and not (sim.wake or sim.after_loads or sim.call_after_load) and type(p.allocator) is FixedLevel and type(p.scheduler) is FifoScheduler
+    # (the measured hand-offs and after-load costs are the general loop's; handoff needs decompression)
+    return (sim.host is None and not (sim.wake or sim.after_loads or sim.call_after_load)
+            and type(p.allocator) is FixedLevel and type(p.scheduler) is FifoScheduler
             and type(p.cache) in (LRU, FIFO, LFU) and p.cache.pools is None
             and (p.prefetcher is None or type(p.prefetcher) is NextLayerOracle)
             and fmt.name in FORMATS and not any(fmt.decompress_bytes)
