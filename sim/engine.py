@@ -149,9 +149,8 @@ class Simulator:
     def _layer(self, start: float, now: float, s: int, layer: int, n: int, routing: Routing) -> float:
         """Carry out one decision point at time `now`, after the layer's dense part of `n` tokens
         from `start`; returns when its last compute ends."""
-        d = self.p.decide(layer, routing)
+        d = self.decide(layer, routing)
         pending, loads, cache = self.pending, d.loads, self.p.cache
-        self.loaded = bool(loads)
         if pending and loads:                    # evicted before its prefetch was used
             for _, _, evicted in loads:
                 for k in evicted:
@@ -182,6 +181,13 @@ class Simulator:
             pending.pop(k, None)
         self.rec.layer(s, layer, start, now, n, d, reads, decs, computes, finished, free)
         return free
+
+    def decide(self, layer: int, routing: Routing):
+        """The policies' decision at a decision point; notes whether it loaded (the next dense part
+        pays after_loads): one place, so every engine built on this one charges it."""
+        d = self.p.decide(layer, routing)
+        self.loaded = bool(d.loads)
+        return d
 
     def _plan(self, now: float, d, stretch: list[float] | None):
         """When the decision's reads, decompressions and computes happen if carried out at `now`

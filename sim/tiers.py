@@ -64,7 +64,7 @@ class TieredSimulator(Simulator):
             # a step starts at env.now, which after the step's timeout can fall an ulp short of the step's
             # end (601.955 + (1640.74 - 601.955) == 1640.7399999999998): start it at the end itself
             now, start = now + (self.free - start), self.free
-        d = self.p.decide(layer, routing)
+        d = self.decide(layer, routing)
         pending, loads, t = self.pending, d.loads, d.tiers
         for _, _, evicted in loads:
             for k in evicted:

@@ -144,3 +144,20 @@ def test_the_profiler_reads_the_call_extra_after_a_load_by_hand():
           Event("compute", "expert", 0, 300e-6, 0, 1, 0, step=1, tokens=1)]        # step 1: out (cold)
     fresh, resident = call_excess(Timeline(ev, {}), (1, 4), [(100e-6, 200e-6)])
     assert fresh == pytest.approx([50e-6]) and resident == pytest.approx([10e-6])
+
+
+def test_the_tiered_engine_charges_the_dense_extra_after_loads_too(tmp_path):
+    """The same two steps on the host-RAM engine (sim/tiers.py), whose decision points go through the
+    engine's one `decide`: the same dense parts as the one-level engine's."""
+    from dataclasses import replace
+    from policies.tiers import attach_tiers
+    from sim.tiers import TieredSimulator
+    from test_tiers import tiered_device
+    dev = profile(tmp_path, MEASURED, "    dense_after_loads: 300us\n")
+    dev = replace(tiered_device(), compute=dev.compute)
+    trace = make_trace([[[0], [1]], [[0], [1]]], prompt=[True, False], request_ids=[0, 0])
+    w = Workload(TINY, trace, make_format("bf16", TINY.expert_shapes), batch=1)
+    p = build_policies(w, 10 ** 6, cache="lru")
+    attach_tiers(p, 10 ** 6, "lru")
+    tl = TieredSimulator(dev, w, p).run()
+    assert [round((e.end - e.start) * 1e6) for e in tl.of("dense")] == [2000, 2000 + 300, 1000 + 300, 1000]
