@@ -8,7 +8,8 @@
 # 2 sigma, Kendall tau, best within noise). Without --quick validate runs its reduced matrix
 # (`--reduced`: bf16, mwq, zip with LRU and the papers' caches at half the experts' bytes, batch 1
 # and 4, prefetch none / oracle: 20 configurations, 3+ executor runs each, the full trace); with
-# --quick its small one (bf16 and zip, 16 configurations, a short trace: checks that it runs).
+# --quick its small one (bf16 and zip, 16 configurations, a short trace). The profiles are full either
+# way (about 10 minutes each on a 2-vCPU VM).
 # Run it on a quiet host: `profile` and `validate` refuse a busy one (load >= half the cores).
 set -euo pipefail
 OUT=${1:-runs/fidelity}
@@ -32,7 +33,9 @@ for cores in 1 2; do
     for rep in a b; do            # a step whose output exists is done (rerun to resume)
       [ -s "$OUT/host-$tag-$rep.yaml" ] && continue
       quiet
-      moelab profile --quiet --cores "$cores" "${flag[@]}" --out "$OUT/host-$tag-$rep.yaml" $QUICK
+      # always a full profile: a quick one's few samples move the predictions more than the model's
+      # own error (experiments/validate.py QUICK_PROFILE); --quick only shrinks validate's matrix
+      moelab profile --quiet --cores "$cores" "${flag[@]}" --out "$OUT/host-$tag-$rep.yaml"
     done
     grep -h -o "the lock estimate of .*" "$OUT/host-$tag-a.yaml" "$OUT/host-$tag-b.yaml" || true
     python - "$OUT/host-$tag-a.yaml" "$OUT/host-$tag-b.yaml" <<'PY'

@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from devices.units import ConfigError
+from executor.host_probe import drift, drift_text, probe, profile_probe
 
 CACHES = ("fifo", "lru", "lfu", "belady")
 PAPER_CACHES = {"mwq": ("d2moe-budget",), "zip": ("zipmoe",)}   # the papers' caches, on their formats
@@ -288,6 +289,7 @@ class Validator:
                     sims[key] = self.simulate(cfg, trace)
                 if "status" not in sims[key] and len(kept.get(key, [])) <= rep:
                     run = self.execute_once(cfg, trace, sims[key]["decisions"])
+                    run["probe"] = probe()          # the host's speed as this run left it
                     append_run(runs_path, key, run)
                     kept.setdefault(key, []).append(run)
                 bar.update(1)
@@ -319,6 +321,32 @@ def profile_cores(path) -> tuple[int, str] | None:
         return None
     m = re.search(r"^# cores: (\d+) of \d+ .*?torch device (\w+)", text, re.M)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+def profile_is_quick(path) -> bool:
+    """Whether a profile was taken with `moelab profile --quick` (its `# samples: quick` line)."""
+    try:
+        return re.search(r"^# samples: quick", Path(path).read_text(), re.M) is not None
+    except OSError:
+        return False
+
+
+# why a quick profile is no ground for a validation (measured on this project's 2-vCPU VM, 2 cores)
+QUICK_PROFILE = ("taken with `moelab profile --quick`: its figures come from few samples, and its predictions can "
+                 "be far off (on a 2-vCPU VM a quick profile read the disk at 241 MB/s, a full one at 993 MB/s, "
+                 "and bf16's TPOT bias went from -0.6% to +50%); validate against a full profile")
+
+
+def host_drift(out: Path, profile_path) -> str:
+    """How much slower the host ran during the executor's runs (their probes, runs.jsonl) than while
+    it was profiled (the profile's `# probe:` line): a drift beyond the error one asks of the model
+    measures the host, not the model."""
+    runs = [r for rs in read_runs(Path(out) / "runs.jsonl").values() for r in rs]
+    d = drift([r.get("probe") for r in runs], profile_probe(profile_path))
+    if d is None:
+        return "Host speed against the profile's: not known (a profile or runs without the probe, executor/host_probe.py)."
+    return (f"Host speed during the executor's runs against the profile's (executor/host_probe.py, + is slower): "
+            f"{drift_text(d)}.")
 
 
 def check_profile_host(path, host: dict) -> None:
@@ -433,6 +461,9 @@ def write_report(out: Path, rows: list[dict], profile=None, host: dict | None = 
         lines += [f"Profile: `{profile.path}` ({profile.name}). Errors are (predicted - measured) / measured; "
                   "measured = median over the executor's repeats, spread = their standard deviation / median "
                   "(TPOT error against the repeats' mean in its own column).", ""]
+        if profile_is_quick(profile.path):
+            lines += [f"**The profile was {QUICK_PROFILE}.**", ""]
+        lines += [host_drift(out, profile.path), ""]
     if host is not None:
         lines += [f"Host: {host['cores']} of {os.cpu_count()} CPUs (CPUs {','.join(map(str, host['cpus']))}), torch "
                   f"device {host['torch_device']}, torch threads {host['torch_threads'] or 'default'}; load average "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from functools import partial
 from itertools import repeat
 from operator import itemgetter
 

@@ -157,3 +157,49 @@ def test_validate_refuses_a_profile_or_a_folder_of_other_cores(tmp_path):
     keep_host(tmp_path / "host.json", dict(host, load=[2.0, 2.0, 2.0]))     # the same cores: fine
     with pytest.raises(ConfigError, match="give another --out"):
         keep_host(tmp_path / "host.json", dict(host, cores=1, cpus=[0]))
+
+
+def test_a_quick_profile_says_so_and_validate_warns_of_it(tmp_path, capsys):
+    """A `--quick` profile carries its `# samples: quick` line; validation.md and `moelab validate` say a
+    quick profile is no ground for a validation; a full profile gets neither."""
+    from types import SimpleNamespace
+    from experiments.calibrate import QUICK_LINE, host_line
+    from experiments.validate import profile_is_quick, write_report
+    host = {"cpus": [0], "torch_device": "cpu", "load": (0.1, 0.2, 0.3), "load_end": (0.4, 0.5, 0.6)}
+    quick, full = tmp_path / "quick.yaml", tmp_path / "full.yaml"
+    quick.write_text(host_line(host, 1) + QUICK_LINE + "\nname: x\n")
+    full.write_text(host_line(host, 1) + "\nname: x\n")
+    assert profile_is_quick(quick) and not profile_is_quick(full) and not profile_is_quick(tmp_path / "none")
+    for path, expected in ((quick, True), (full, False)):
+        out = tmp_path / path.stem
+        out.mkdir()
+        write_report(out, [], SimpleNamespace(path=str(path), name="x"))
+        assert ("taken with `moelab profile --quick`" in (out / "validation.md").read_text()) is expected
+    assert main(["validate", "--force", "--profile", str(quick), "--quick", "--out", str(tmp_path / "v"),
+                 "--model-dir", str(tmp_path / "missing")]) == 2
+    assert "was taken with `moelab profile --quick`" in capsys.readouterr().err
+
+
+def test_the_speed_probe_round_trips_and_the_report_sets_runs_against_the_profile(tmp_path):
+    """The profile's `# probe:` line reads back as the mean of its start and end; validation.md's drift
+    is each run's probe over that, less 1 (median, min, max), worked out by hand."""
+    import json
+    from types import SimpleNamespace
+    from executor.host_probe import drift, probe, probe_line, profile_probe
+    from experiments.validate import write_report
+    got = probe()
+    assert set(got) == {"python", "torch"} and all(v > 0 for v in got.values())
+    path = tmp_path / "p.yaml"
+    path.write_text(probe_line({"python": 0.010, "torch": 0.004}, {"python": 0.012, "torch": 0.006}) + "\nname: x\n")
+    ref = profile_probe(path)
+    assert ref == pytest.approx({"python": 0.011, "torch": 0.005})
+    runs = [{"python": 0.011, "torch": 0.005}, {"python": 0.0121, "torch": 0.006}, {"python": 0.0099, "torch": 0.0045}]
+    d = drift(runs + [None], ref)
+    assert d["python"] == pytest.approx((0.0, -0.1, 0.1)) and d["torch"] == pytest.approx((0.0, -0.1, 0.2))
+    assert drift([], ref) is None and drift(runs, None) is None and profile_probe(tmp_path / "none") is None
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "runs.jsonl").write_text("".join(json.dumps({"key": ["k", i], "run": {"probe": p}}) + "\n"
+                                            for i, p in enumerate(runs)))
+    write_report(out, [], SimpleNamespace(path=str(path), name="x"))
+    assert "python +0% (range -10% to +10%); torch +0% (range -10% to +20%)" in (out / "validation.md").read_text()

@@ -90,11 +90,11 @@ def cmd_profile(args) -> None:
                      torch_device=args.torch_device)
     device = write_profile(out, m, "moelab " + " ".join(args.argv))
     print(device.describe())
-    print(m["provenance"].lstrip("# "))
+    print("\n".join(line.lstrip("# ") for line in m["provenance"].splitlines()))
 
 
 def cmd_validate(args) -> None:
-    from experiments.validate import Validator, summary
+    from experiments.validate import QUICK_PROFILE, Validator, host_drift, profile_is_quick, summary
     from experiments.validate_stats import summary_lines
     host_setup(args, "validate")
     if not Path(args.profile).exists():
@@ -107,6 +107,8 @@ def cmd_validate(args) -> None:
             (f" --torch-device {args.torch_device}" if args.torch_device != "cpu" else "")
         write_profile(args.profile, measure_host(args.model_dir, quick=args.quick, quiet=args.quiet,
                                                  torch_device=args.torch_device), command)
+    if profile_is_quick(args.profile):
+        print(f"warning: {args.profile} was {QUICK_PROFILE}", file=sys.stderr)
     rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
                      max_repeats=args.max_repeats or 2 * args.repeats, spread_limit=args.spread_limit,
                      torch_device=args.torch_device, model_dir=args.model_dir, quiet=args.quiet,
@@ -118,6 +120,7 @@ def cmd_validate(args) -> None:
               f"{100 * s['tpot_spread'][0]:.1f}%)")
     for line in summary_lines(rows):
         print(line)
+    print(host_drift(args.out, args.profile))
     print(f"wrote {Path(args.out) / 'validation.csv'}, validation.md, validation.png")
 
 
