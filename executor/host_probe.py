@@ -4,7 +4,8 @@ A shared VM's speed drifts with its neighbours: on this project's 2-vCPU VM two 
 minutes apart timed the same dense part at 399 us and 648 us, and the executor's TPOTs of one
 matrix moved by 25% between two validations, at a load average near 0 (the load average does not
 see another tenant). A profile is only a ground for a validation if the host runs at the speed it
-was profiled at, so `moelab profile` times this probe at its start and end (its `# probe:` line)
+was profiled at, so `moelab profile` times this probe as each of its stages begins and at its end
+(its `# probe:` line: the median, the range; it warns when the speed moved more than SPREAD_LIMIT)
 and `moelab validate` after each executor run (runs.jsonl), and the report sets them side by side.
 
 The probe is the executor's two kinds of work: the interpreter (a pure-Python loop, as the
@@ -51,25 +52,39 @@ def probe() -> dict[str, float]:
     return out
 
 
-def probe_line(start: dict, end: dict) -> str:
-    """The profile's comment line (read back by profile_probe)."""
-    def ms(p):
-        return ", ".join(f"{k} {1e3 * p[k]:.2f} ms" for k in KINDS)
-    return f"# probe: {ms(start)} at start; {ms(end)} at end (executor/host_probe.py)"
+def summary(probes: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per kind, (median, min, max) seconds over `probes`."""
+    return {k: (statistics.median(p[k] for p in probes), min(p[k] for p in probes), max(p[k] for p in probes))
+            for k in KINDS}
+
+
+def spread(probes: list[dict]) -> float:
+    """How far the host's speed moved over `probes`: the largest max / min - 1 of a kind."""
+    return max(hi / lo - 1 for _, lo, hi in summary(probes).values())
+
+
+def probe_line(probes: list[dict]) -> str:
+    """The profile's comment line (read back by profile_probe): the probe at each stage's start and at
+    the end, its median and range."""
+    s = summary(probes)
+    return ("# probe: " + ", ".join(f"{k} {1e3 * s[k][0]:.2f} ms" for k in KINDS) + f" (median of {len(probes)}: "
+            "each profiling stage's start and the end; range " +
+            ", ".join(f"{k} {1e3 * s[k][1]:.2f}-{1e3 * s[k][2]:.2f} ms" for k in KINDS) +
+            f", the host's speed moved {100 * spread(probes):.0f}%; executor/host_probe.py)")
+
+
+# a profile whose probes moved more than this mixes the host's speeds: it says so (moelab profile)
+SPREAD_LIMIT = 0.15
 
 
 def profile_probe(path) -> dict[str, float] | None:
-    """The profile's probe, the mean of its start and end ({kind: seconds}); None: not recorded."""
+    """The profile's probe ({kind: seconds}, the median over its stages); None: not recorded."""
     try:
         text = Path(path).read_text()
     except OSError:
         return None
-    m = re.search(r"^# probe: python ([\d.]+) ms, torch ([\d.]+) ms at start; python ([\d.]+) ms, "
-                  r"torch ([\d.]+) ms at end", text, re.M)
-    if m is None:
-        return None
-    v = [float(x) / 1e3 for x in m.groups()]
-    return {"python": (v[0] + v[2]) / 2, "torch": (v[1] + v[3]) / 2}
+    m = re.search(r"^# probe: python ([\d.]+) ms, torch ([\d.]+) ms \(median", text, re.M)
+    return None if m is None else {"python": float(m.group(1)) / 1e3, "torch": float(m.group(2)) / 1e3}
 
 
 def drift(probes: list[dict], reference: dict) -> dict[str, tuple[float, float, float]] | None:

@@ -56,6 +56,7 @@ from devices.atomic import atomic_write
 from devices.profile import StorageProfile, interpolate, load_device, measured_key
 from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
+from executor.host_probe import probe
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
@@ -388,8 +389,6 @@ class HostProfiler:
         return {"memory_bandwidth": 2 * a.numel() * 4 / copy, "flops": 2 * 512 ** 3 / mm, "overhead": call}
 
 
-
-
 def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """(call, dense, read, decompress) of y ~ a @ coef: least squares with a soft-L1 loss (a stall of
     the host, e.g. another process taking a core, must not drag the fit), the extra costs >= 0 and
@@ -403,16 +402,6 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     return call, dense, read, dec
 
 
-
-
-
-
-
-
-
-
-
-
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
             torch_device: str = "cpu") -> dict:
@@ -420,31 +409,34 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     still 0 and no storage.burst.predicted: experiments/calibrate.py measure_host adds them by
     simulation."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle, torch_device)
+    probes: list[dict] = []
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
               unit="task") as bar:
-        bar.set_postfix_str("stores")
+        def stage(name: str) -> None:      # the host's speed as each stage begins (executor/host_probe.py)
+            bar.set_postfix_str(name)
+            probes.append(probe())
+        stage("stores")
         for f in FORMATS:
             p.store(f)
         bar.update(1)
-        bar.set_postfix_str("storage")
-        storage = p.storage()
-        bar.update(1)
-        bar.set_postfix_str("decompression")
-        rates = p.decompression()
-        bar.update(1)
-        bar.set_postfix_str("experts")
+        stage("storage")
+        storage, _ = p.storage(), bar.update(1)
+        stage("decompression")
+        rates, _ = p.decompression(), bar.update(1)
+        stage("experts")
         experts = p.experts(bar)
         host = host_figures(p, usable_cpus(), FORMATS, CODECS)      # the structural host model's shares
-        bar.set_postfix_str("co-runs")
+        stage("co-runs")
         host["beside"] = beside_figures(p, FORMATS, CODECS, BESIDE_WINDOW_S[p.quick])
-        bar.set_postfix_str("dense, steps, decisions")
+        stage("dense, steps, decisions")
         dense = p.dense_and_steps(bar)
-        bar.set_postfix_str("contention")
+        stage("contention")
         contention = p.contention(experts, dense, bar)
+        stage("decisions")
         extra = p.decision_runs(bar)
-        roof = p.roofline()
-        bar.update(1)
+        roof, _ = p.roofline(), bar.update(1)
+        probes.append(probe())
     # refit the decision path with the loaded runs' points too
     line = decision_line(extra) if extra else None
     if line:
@@ -455,7 +447,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
          **dense, "torch_threads": p.threads, "throttle": throttle, "torch_device": torch_device,
          "wake": _median(p.handoffs[0]) if p.handoffs[0] else 0.0, "wakes": len(p.handoffs[0]),
          "handoff": _median(p.handoffs[1]) if p.handoffs[1] else 0.0, "handoff_samples": len(p.handoffs[1]),
-         "dense_after_loads": after_loads(*p.dense_excess), "dense_after_samples": [len(x) for x in p.dense_excess]}
+         "dense_after_loads": after_loads(*p.dense_excess), "dense_after_samples": [len(x) for x in p.dense_excess],
+         "probes": probes}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
                         "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}

@@ -181,16 +181,21 @@ def test_a_quick_profile_says_so_and_validate_warns_of_it(tmp_path, capsys):
 
 
 def test_the_speed_probe_round_trips_and_the_report_sets_runs_against_the_profile(tmp_path):
-    """The profile's `# probe:` line reads back as the mean of its start and end; validation.md's drift
-    is each run's probe over that, less 1 (median, min, max), worked out by hand."""
+    """The profile's `# probe:` line (one probe per stage) reads back as their median, with their range
+    and spread; validation.md's drift is each run's probe over that, less 1 (median, min, max), by hand."""
     import json
     from types import SimpleNamespace
-    from executor.host_probe import drift, probe, probe_line, profile_probe
+    from executor.host_probe import drift, probe, probe_line, profile_probe, spread
     from experiments.validate import write_report
     got = probe()
     assert set(got) == {"python", "torch"} and all(v > 0 for v in got.values())
+    stages = [{"python": 0.010, "torch": 0.004}, {"python": 0.011, "torch": 0.005}, {"python": 0.012, "torch": 0.006}]
+    assert spread(stages) == pytest.approx(0.5)                     # torch 6 / 4 ms
+    line = probe_line(stages)
+    assert "python 11.00 ms, torch 5.00 ms (median of 3" in line and "python 10.00-12.00 ms" in line
+    assert "moved 50%" in line
     path = tmp_path / "p.yaml"
-    path.write_text(probe_line({"python": 0.010, "torch": 0.004}, {"python": 0.012, "torch": 0.006}) + "\nname: x\n")
+    path.write_text(line + "\nname: x\n")
     ref = profile_probe(path)
     assert ref == pytest.approx({"python": 0.011, "torch": 0.005})
     runs = [{"python": 0.011, "torch": 0.005}, {"python": 0.0121, "torch": 0.006}, {"python": 0.0099, "torch": 0.0045}]

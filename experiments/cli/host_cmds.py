@@ -82,6 +82,7 @@ def host_setup(args, what: str) -> list[int]:
 
 
 def cmd_profile(args) -> None:
+    from executor.host_probe import SPREAD_LIMIT, spread
     from executor.profile_host import write_profile
     from experiments.calibrate import measure_host
     out = check_out_file(args.out)
@@ -91,6 +92,10 @@ def cmd_profile(args) -> None:
     device = write_profile(out, m, "moelab " + " ".join(args.argv))
     print(device.describe())
     print("\n".join(line.lstrip("# ") for line in m["provenance"].splitlines()))
+    if spread(m["probes"]) > SPREAD_LIMIT:
+        print(f"warning: the host's speed moved {100 * spread(m['probes']):.0f}% while it was profiled (another "
+              f"tenant of the machine? the load average does not see one): its figures mix speeds; profile again "
+              f"on a quiet host before validating against it", file=sys.stderr)
 
 
 def cmd_validate(args) -> None:
