@@ -11,6 +11,16 @@ and `moelab validate` after each executor run (runs.jsonl), and the report sets 
 The probe is the executor's two kinds of work: the interpreter (a pure-Python loop, as the
 executor's dispatch and policies run) and a small torch kernel (float32 matmuls, as its expert
 calls run on one thread), each the median of a few repeats of about 10 ms.
+
+A median of 10 ms repeats misses a host whose speed flips within a second. On this project's
+2-vCPU VM, 0.6 ms slices of a Python loop ran at 0.56-0.61 ms in most seconds and near 1.0 ms
+(1.75x) in bursts of a few hundred ms (a hyper-thread sibling busy on the machine beneath,
+which neither the load average nor the steal time shows), while the per-second medians held
+within 8%. `steadiness` times such slices back to back for a few seconds and reports the
+share that ran SLOW_FACTOR slower than the host's fast slices: an executor run of a few
+hundred ms takes as many of those bursts as fall in it, so its spread, and the error a
+validation can resolve, follow that share (`moelab profile` and `moelab validate` time it at
+their start and end).
 """
 from __future__ import annotations
 
@@ -50,6 +60,74 @@ def probe() -> dict[str, float]:
             times.append(time.perf_counter() - t)
         out[kind] = statistics.median(times)
     return out
+
+
+# steadiness: Python slices of about 0.5 ms, timed back to back for STEADY_SECONDS; a slice
+# SLOW_FACTOR slower than the fast slices (their 10th percentile: the host's full speed, robust to
+# a few lucky slices) ran at a reduced speed
+SLICE_ITERATIONS = 10_000
+STEADY_SECONDS = 2.0
+SLOW_FACTOR = 1.3
+UNSTEADY_LIMIT = 0.05       # a host with more slow slices than this is no ground for a validation
+
+
+def slow_share(times: list[float], factor: float = SLOW_FACTOR) -> float:
+    """The share of slice `times` at least `factor` x their 10th percentile."""
+    if not times:
+        raise ValueError("slow_share: no slice times")
+    fast = float(sorted(times)[(len(times) - 1) // 10])
+    return sum(t >= factor * fast for t in times) / len(times)
+
+
+def _slice() -> None:
+    x = 0
+    for i in range(SLICE_ITERATIONS):
+        x += i & 7
+
+
+def steadiness(seconds: float = STEADY_SECONDS) -> dict[str, float]:
+    """{"slow_share": share of slow slices, "slice": the median slice's seconds, "slices": count}."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while not times or time.perf_counter() < end:
+        t = time.perf_counter()
+        _slice()
+        times.append(time.perf_counter() - t)
+    return {"slow_share": slow_share(times), "slice": statistics.median(times), "slices": len(times)}
+
+
+def steadiness_text(readings: list[dict]) -> str:
+    """'4.1% of ... (start 1.2%, end 7.0%)': the readings' shares of slow slices, their mean first."""
+    mean = statistics.mean(r["slow_share"] for r in readings)
+    each = ", ".join(f"{100 * r['slow_share']:.1f}%" for r in readings)
+    return (f"{100 * mean:.1f}% of {SLICE_ITERATIONS}-iteration Python slices ran >= {SLOW_FACTOR}x the host's "
+            f"fast ones (readings {each}; executor/host_probe.py steadiness)")
+
+
+def steadiness_line(readings: list[dict]) -> str:
+    """The profile's comment line (read back by profile_steadiness)."""
+    return "# steadiness: " + steadiness_text(readings)
+
+
+def profile_steadiness(path) -> float | None:
+    """The mean share of slow slices a profile recorded (its `# steadiness:` line); None: not recorded."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    m = re.search(r"^# steadiness: ([\d.]+)% of", text, re.M)
+    return None if m is None else float(m.group(1)) / 100
+
+
+def unsteady_warning(readings: list[dict], what: str) -> str | None:
+    """The warning `moelab profile` / `validate` print when the host's speed flips (None: steady)."""
+    mean = statistics.mean(r["slow_share"] for r in readings)
+    if mean <= UNSTEADY_LIMIT:
+        return None
+    return (f"warning: this host ran {100 * mean:.0f}% of the time at a reduced speed while {what} (short Python "
+            f"slices at >= {SLOW_FACTOR}x its fast ones; another tenant of the machine beneath? neither the load "
+            f"average nor the steal time sees one): executor runs take as much of it as falls in them, so expect "
+            f"their spread, and the error a validation can resolve, to grow with it")
 
 
 def summary(probes: list[dict]) -> dict[str, tuple[float, float, float]]:

@@ -56,7 +56,7 @@ from devices.atomic import atomic_write
 from devices.profile import StorageProfile, interpolate, load_device, measured_key
 from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
-from executor.host_probe import probe
+from executor.host_probe import probe, steadiness
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
@@ -402,6 +402,9 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     return call, dense, read, dec
 
 
+STEADY_S = {False: 2.0, True: 0.5}      # seconds of the steadiness reading at the start and the end (full, quick)
+
+
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
             torch_device: str = "cpu") -> dict:
@@ -410,6 +413,8 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     simulation."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle, torch_device)
     probes: list[dict] = []
+    steady_s = STEADY_S[quick]
+    steady = [steadiness(steady_s)]             # whether the host's speed flips (executor/host_probe.py)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",
               unit="task") as bar:
@@ -437,6 +442,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
         extra = p.decision_runs(bar)
         roof, _ = p.roofline(), bar.update(1)
         probes.append(probe())
+        steady.append(steadiness(steady_s))
     # refit the decision path with the loaded runs' points too
     line = decision_line(extra) if extra else None
     if line:
@@ -448,7 +454,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
          "wake": _median(p.handoffs[0]) if p.handoffs[0] else 0.0, "wakes": len(p.handoffs[0]),
          "handoff": _median(p.handoffs[1]) if p.handoffs[1] else 0.0, "handoff_samples": len(p.handoffs[1]),
          "dense_after_loads": after_loads(*p.dense_excess), "dense_after_samples": [len(x) for x in p.dense_excess],
-         "probes": probes}
+         "probes": probes, "steadiness": steady}
     # contention.read and .stall are found by simulation (experiments/calibrate.py) from these runs
     m["calibration"] = {"arch": p.arch, "storage": p.throttled, "runs": p.calibration_runs,
                         "model_dir": str(p.model_dir), "stores": {k: str(st.path) for k, st in p.stores.items()}}

@@ -31,7 +31,7 @@ def measure_host(model_dir=None, store_root="runs/stores", quick: bool = False, 
                  throttle: str | None = None, torch_device: str = "cpu") -> dict:
     """Every figure of a host profile: the executor's measurements, then the calibration; with the
     cores it ran on and the load average it saw as its provenance (m["host"], m["provenance"])."""
-    from executor.host_probe import probe_line
+    from executor.host_probe import probe_line, steadiness_line
     from executor.profile_host import measure
     load = os.getloadavg()
     m = measure(model_dir, store_root, quick=quick, quiet=quiet, throttle=throttle, torch_device=torch_device)
@@ -40,7 +40,7 @@ def measure_host(model_dir=None, store_root="runs/stores", quick: bool = False, 
     m["host"] = {"cpus": sorted(os.sched_getaffinity(0)), "torch_device": torch_device, "load": load,
                  "load_end": os.getloadavg()}
     m["provenance"] = (host_line(m["host"], m["torch_threads"]) + (QUICK_LINE if quick else "")
-                       + "\n" + probe_line(m["probes"]))
+                       + "\n" + probe_line(m["probes"]) + "\n" + steadiness_line(m["steadiness"]))
     return m
 
 

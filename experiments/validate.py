@@ -42,7 +42,8 @@ import torch
 from tqdm import tqdm
 
 from devices.units import ConfigError
-from executor.host_probe import drift, drift_text, probe, profile_probe
+from executor.host_probe import (drift, drift_text, probe, profile_probe, profile_steadiness, steadiness,
+                                 steadiness_text)
 
 CACHES = ("fifo", "lru", "lfu", "belady")
 PAPER_CACHES = {"mwq": ("d2moe-budget",), "zip": ("zipmoe",)}   # the papers' caches, on their formats
@@ -127,6 +128,7 @@ class Validator:
         if self.max_repeats < repeats:
             raise ConfigError(f"--max-repeats {max_repeats} must be >= --repeats {repeats}")
         self.spread_limit = spread_limit
+        self.steady_s = 0.5 if quick else 2.0       # seconds per steadiness reading (start and end of a run)
         self.host = host_state(torch_device)
         check_profile_host(profile, self.host)
         self.requests = requests or (2 if quick else 4)
@@ -251,6 +253,7 @@ class Validator:
         large (noisy), passes up to `max_repeats`. Each executor run is kept in runs.jsonl as it
         finishes; a configuration's row is written once its runs are all there (resumable)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self.host["steadiness"] = [steadiness(self.steady_s)]     # the host's speed flips (executor/host_probe.py)
         keep_host(self.out / "host.json", self.host)
         csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
@@ -269,6 +272,8 @@ class Validator:
                 bar.refresh()
                 self.passes(more, range(self.repeats, self.max_repeats), trace, kept, sims, bar)
         noisy_keys = {self.key(c) for c in more}
+        self.host["steadiness"].append(steadiness(self.steady_s))
+        keep_host(self.out / "host.json", self.host)
         for cfg in todo:
             sim = sims[key := self.key(cfg)]
             n = self.max_repeats if key in noisy_keys else self.repeats
@@ -347,6 +352,16 @@ def host_drift(out: Path, profile_path) -> str:
         return "Host speed against the profile's: not known (a profile or runs without the probe, executor/host_probe.py)."
     return (f"Host speed during the executor's runs against the profile's (executor/host_probe.py, + is slower): "
             f"{drift_text(d)}.")
+
+
+def host_steadiness(host: dict | None, profile_path) -> str:
+    """How often the host ran at a reduced speed during this validation (its start and end) and while it
+    was profiled (the profile's `# steadiness:` line)."""
+    readings = (host or {}).get("steadiness")
+    mine = steadiness_text(readings) if readings else "not timed"
+    theirs = profile_steadiness(profile_path)
+    return (f"Host steadiness during this validation: {mine}; while profiled: "
+            + ("not recorded" if theirs is None else f"{100 * theirs:.1f}%") + ".")
 
 
 def check_profile_host(path, host: dict) -> None:
@@ -464,6 +479,7 @@ def write_report(out: Path, rows: list[dict], profile=None, host: dict | None = 
         if profile_is_quick(profile.path):
             lines += [f"**The profile was {QUICK_PROFILE}.**", ""]
         lines += [host_drift(out, profile.path), ""]
+        lines += [host_steadiness(host, profile.path), ""]
     if host is not None:
         lines += [f"Host: {host['cores']} of {os.cpu_count()} CPUs (CPUs {','.join(map(str, host['cpus']))}), torch "
                   f"device {host['torch_device']}, torch threads {host['torch_threads'] or 'default'}; load average "

@@ -208,3 +208,46 @@ def test_the_speed_probe_round_trips_and_the_report_sets_runs_against_the_profil
                                             for i, p in enumerate(runs)))
     write_report(out, [], SimpleNamespace(path=str(path), name="x"))
     assert "python +0% (range -10% to +10%); torch +0% (range -10% to +20%)" in (out / "validation.md").read_text()
+
+
+def test_steadiness_counts_the_slices_that_ran_at_a_reduced_speed(monkeypatch):
+    """A slice at >= 1.3x the fast slices (their 10th percentile) ran slow: by hand, then on a host
+    whose slices are 1 ms three times in four and 2.5 ms the fourth (sleeps in place of the loop)."""
+    import time
+    import executor.host_probe as hp
+    assert hp.slow_share([1.0] * 9 + [1.3]) == pytest.approx(0.1)
+    assert hp.slow_share([1.0] * 9 + [1.29]) == 0.0
+    # one lucky fast slice is not the reference (its minimum would make 19 of 20 slow)
+    assert hp.slow_share([0.5] + [1.0] * 18 + [1.4]) == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        hp.slow_share([])
+    n = iter(range(10 ** 6))
+    monkeypatch.setattr(hp, "_slice", lambda: time.sleep(0.0025 if next(n) % 4 == 3 else 0.001))
+    got = hp.steadiness(0.4)
+    assert got["slices"] >= 40 and got["slow_share"] == pytest.approx(0.25, abs=0.03)
+    assert 0.001 <= got["slice"] < 0.0025
+
+
+def test_steadiness_round_trips_through_the_profile_and_the_report(tmp_path):
+    """The profile's `# steadiness:` line reads back as the readings' mean; validation.md sets the
+    validation's readings beside it; the warning fires above UNSTEADY_LIMIT only."""
+    from types import SimpleNamespace
+    from executor.host_probe import UNSTEADY_LIMIT, profile_steadiness, steadiness_line, unsteady_warning
+    from experiments.validate import host_steadiness, write_report
+    readings = [{"slow_share": 0.02, "slice": 6e-4, "slices": 3000}, {"slow_share": 0.10, "slice": 6e-4, "slices": 3000}]
+    line = steadiness_line(readings)
+    assert line.startswith("# steadiness: 6.0% of 10000-iteration Python slices ran >= 1.3x") and "2.0%, 10.0%" in line
+    path = tmp_path / "p.yaml"
+    path.write_text("# probe: x\n" + line + "\nname: x\n")
+    assert profile_steadiness(path) == pytest.approx(0.06) and profile_steadiness(tmp_path / "none") is None
+    assert unsteady_warning(readings, "it was profiled").startswith("warning: this host ran 6% of the time")
+    assert unsteady_warning([{"slow_share": UNSTEADY_LIMIT}], "x") is None
+    host = {"cores": 2, "cpus": [0, 1], "torch_device": "cpu", "torch_threads": 1, "load": [0.1, 0.1, 0.1],
+            "steadiness": [{"slow_share": 0.01, "slice": 6e-4, "slices": 800}]}
+    text = host_steadiness(host, path)
+    assert "during this validation: 1.0% of" in text and text.endswith("while profiled: 6.0%.")
+    assert host_steadiness({}, tmp_path / "none").endswith("not timed; while profiled: not recorded.")
+    out = tmp_path / "v"
+    out.mkdir()
+    write_report(out, [], SimpleNamespace(path=str(path), name="x"), host)
+    assert text in (out / "validation.md").read_text()

@@ -82,7 +82,7 @@ def host_setup(args, what: str) -> list[int]:
 
 
 def cmd_profile(args) -> None:
-    from executor.host_probe import SPREAD_LIMIT, spread
+    from executor.host_probe import SPREAD_LIMIT, spread, unsteady_warning
     from executor.profile_host import write_profile
     from experiments.calibrate import measure_host
     out = check_out_file(args.out)
@@ -96,10 +96,13 @@ def cmd_profile(args) -> None:
         print(f"warning: the host's speed moved {100 * spread(m['probes']):.0f}% while it was profiled (another "
               f"tenant of the machine? the load average does not see one): its figures mix speeds; profile again "
               f"on a quiet host before validating against it", file=sys.stderr)
+    if warning := unsteady_warning(m["steadiness"], "it was profiled"):
+        print(warning, file=sys.stderr)
 
 
 def cmd_validate(args) -> None:
-    from experiments.validate import QUICK_PROFILE, Validator, host_drift, profile_is_quick, summary
+    from executor.host_probe import unsteady_warning
+    from experiments.validate import QUICK_PROFILE, Validator, host_drift, host_steadiness, profile_is_quick, summary
     from experiments.validate_stats import summary_lines
     host_setup(args, "validate")
     if not Path(args.profile).exists():
@@ -114,10 +117,10 @@ def cmd_validate(args) -> None:
                                                  torch_device=args.torch_device), command)
     if profile_is_quick(args.profile):
         print(f"warning: {args.profile} was {QUICK_PROFILE}", file=sys.stderr)
-    rows = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
-                     max_repeats=args.max_repeats or 2 * args.repeats, spread_limit=args.spread_limit,
-                     torch_device=args.torch_device, model_dir=args.model_dir, quiet=args.quiet,
-                     reduced=args.reduced).run()
+    v = Validator(args.out, args.profile, throttle=args.throttle, quick=args.quick, repeats=args.repeats,
+                  max_repeats=args.max_repeats or 2 * args.repeats, spread_limit=args.spread_limit,
+                  torch_device=args.torch_device, model_dir=args.model_dir, quiet=args.quiet, reduced=args.reduced)
+    rows = v.run()
     for s in summary(rows):
         med, mx = s["err_tpot_s_mean"]
         print(f"throttle {s['throttle']}: {s['configs']} configurations, decisions identical in {s['identical']}; "
@@ -126,6 +129,9 @@ def cmd_validate(args) -> None:
     for line in summary_lines(rows):
         print(line)
     print(host_drift(args.out, args.profile))
+    print(host_steadiness(v.host, args.profile))
+    if warning := unsteady_warning(v.host["steadiness"], "it was validated"):
+        print(warning, file=sys.stderr)
     print(f"wrote {Path(args.out) / 'validation.csv'}, validation.md, validation.png")
 
 
