@@ -28,7 +28,9 @@ kernel on several torch threads, below 1 for a read that waits on the device). A
               dense: {prefill: [[1.1, 1.3, 1.2, 1.4]], decode: [[1.1, 1.3, 1.2, 1.4]]}
               decide: [1.5, 2.2, 1.3, 1.6]
           decompress:
-            lz4hc: {...}                # the same, with zip's calls
+            lz4hc: {...}                # the same, with zip's calls, and optionally
+              rate: 230MB/s             #   raw bytes/s of its task's event alone on the pool
+              across: [2.0, 2.3, 1.9, 2.4]   # it beside 1 and 2 read threads; a read beside 1 and 2 of it
 
 With `beside`, sim/host_model.py charges the measured co-run slowdowns (sim/host_beside.py) instead
 of the lock and core shares: CPython's interpreter lock is not a first-come-first-served server (a
@@ -65,6 +67,8 @@ class BesideFigures:
     dense_prefill: tuple[Slow, ...]
     dense_decode: tuple[Slow, ...]
     decide: Slow
+    rate: float | None = None                           # a decompression's raw bytes/s on the pool alone
+    across: tuple[float, float, float, float] | None = None   # it beside 1 and 2 of the other kind; they beside 1 and 2 of it
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,8 @@ def read_beside(r, value, key: str, n: int) -> dict[str, dict[str, BesideFigures
         out[kind] = {}
         for name, doc in table.items():
             where = f"{key}.{kind}.{name}"
-            d = r.mapping(doc, where, {"alone", "calls", "dense", "decide"})
+            d = r.mapping(doc, where, {"alone", "calls", "dense", "decide"},
+                          frozenset({"rate", "across"}) if kind == "decompress" else frozenset())
             calls = d["calls"]
             if not isinstance(calls, dict) or not calls:
                 raise r.fail(f"{where}.calls", f"expected a mapping of format key -> rows per level, got {calls!r}")
@@ -153,5 +158,7 @@ def read_beside(r, value, key: str, n: int) -> dict[str, dict[str, BesideFigures
                        for f, levels in calls.items()},
                 dense_prefill=row(dense["prefill"], f"{where}.dense.prefill"),
                 dense_decode=row(dense["decode"], f"{where}.dense.decode"),
-                decide=slow(d["decide"], f"{where}.decide"))
+                decide=slow(d["decide"], f"{where}.decide"),
+                rate=r.quantity(d["rate"], f"{where}.rate", parse_bandwidth, "230MB/s") if "rate" in d else None,
+                across=slow(d["across"], f"{where}.across") if "across" in d else None)
     return out

@@ -13,6 +13,16 @@ about `window` seconds. Each side's time per operation there, over its time alon
 is its slowdown; the median of REPEATS readings. `alone`: the background task's slowdown with 2
 threads at once and no main-thread work (1 thread: 1 by definition).
 
+The two background kinds slow each other too, which a main-thread co-run does not carry: on this
+project's 2-vCPU VM a zstd decompression task's event (the worker's decode) took 90 us alone and
+188 us beside two threads loading zip's raw parts, and in a validation run its tasks that
+overlapped reads took a median 190-270 us against 52-85 us. Per codec, `across`: a decompression
+thread looping beside 1 and then 2 read threads, and a read thread beside 1 and then 2
+decompression threads, each side's slowdown against its one thread alone, no main-thread work.
+`rate`: the raw bytes per second of its task's event alone on the pool (what the executor's
+timeline times: 90 us where the same chunks decoded inline on the main thread took 62 us), the
+work the co-run slowdowns apply to.
+
 sim/host_beside.py charges them. They hold for the executor's thread counts (its read and
 decompression pools have 2 workers each) and the switch interval it runs at (Python's default).
 """
@@ -186,6 +196,32 @@ class Loads:
         return task
 
 
+def across(dec, read, window: float) -> list[float]:
+    """[a decompression's slowdown beside 1 and 2 read threads, a read's beside 1 and 2 decompression
+    threads] (one thread of the kind measured, against it alone; medians of REPEATS readings)."""
+    alone = {"dec": mean_time(dec, window / 2), "read": mean_time(read, window / 2)}
+    got: dict = {}
+    for mine, theirs, name in ((dec, read, "dec"), (read, dec, "read")):
+        for k in WORKERS:
+            readings = []
+            for _ in range(REPEATS):
+                with Background(mine, 1) as me, Background(theirs, k):
+                    since = list(me.done)
+                    time.sleep(window)
+                    readings.append(me.per_task(window, since) / alone[name])
+            got[name, k] = max(1.0, statistics.median(readings))
+    return [round(got[n, k], 3) for n in ("dec", "read") for k in WORKERS]
+
+
+def event_rate(loads, task, window: float) -> float:
+    """Raw bytes per second of a decompression task's event alone on the pool (one thread looping)."""
+    loads.rt.timeline.events.clear()
+    mean_time(task, window)
+    events = [e for e in loads.rt.timeline.events if e.resource.startswith("decompress")]
+    loads.rt.timeline.events.clear()
+    return sum(e.bytes for e in events) / sum(e.end - e.start for e in events)      # bytes: the raw bytes
+
+
 def kind_figures(p, task, call_formats, window: float) -> dict:
     """One background kind's co-runs with every main-thread operation."""
     task_alone = mean_time(task, window / 2)
@@ -210,9 +246,13 @@ def beside_figures(p, formats, codecs, window: float) -> dict:
                 key, task = loads.read_task()
                 out["read"][key] = kind_figures(p, task, [fmt_name], window)
         with Loads(p, "zip") as loads:
+            _, read = loads.read_task()
             for codec in codecs:
-                out["decompress"][codec] = kind_figures(p, loads.decompress_task(p, codec), ["zip"], window)
+                task = loads.decompress_task(p, codec)
+                f = kind_figures(p, task, ["zip"], window)
                 loads.rt.timeline.events.clear()         # the tasks' events, kept by the runtime
+                out["decompress"][codec] = dict(f, rate=event_rate(loads, task, window),
+                                                across=across(task, read, window))
     return out
 
 
@@ -227,5 +267,9 @@ def beside_lines(b: dict, src: str) -> list[str]:
         lines.append(f"        {kind}:")
         for name, f in b[kind].items():
             lines += [f"          {name}:{tag}", f"            alone: {four(f['alone'])}{tag}"]
+            if kind == "decompress":
+                lines += [f"            rate: {f['rate'] / 1e6:.1f}MB/s   # {src}: its task's event alone on the pool",
+                          f"            across: {four(f['across'])}   # {src}: beside 1 and 2 read threads; a read "
+                          "beside 1 and 2 of it"]
             lines += operation_lines(f["calls"], f["dense"], f["decide"], four, 12, tag)
     return lines

@@ -18,9 +18,10 @@ The model, from one instant to the next:
   tasks of kind k running (at most 2 counted: the pools' workers), it runs at 1 / (1 + sum over
   kinds of (its slowdown beside n_k of them - 1));
 - a background task runs from its ready time for `work` seconds alone at 1 / its kind's slowdown
-  with the n_k running (beside the main thread's current task when it has one, else alone), then
-  waits until `until` (a throttled read's sleep to its device's time). Background kinds do not
-  slow each other beyond what was measured (two of the same kind at once).
+  with the n_k running (beside the main thread's current task when it has one, else alone), times
+  its slowdown beside the m running of each other kind (`cross`, measured with one of it beside 1
+  and 2 of them and no main-thread work: reads and decompressions slow each other), then waits
+  until `until` (a throttled read's sleep to its device's time).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class BackgroundTask:
     kind: str
     alone: tuple = (1.0, 1.0)                            # its kind's slowdown with no main-thread task, 1 and 2
     until: float | None = None                           # then it waits until this time (a throttled read)
+    cross: dict = field(default_factory=dict)            # other kind -> its slowdown beside 1 and 2 of them
 
 
 def _factor(table: tuple, n: int) -> float:
@@ -77,7 +79,11 @@ class _Run:
         for i in run:
             b = self.bg[i]
             table = task.slows.get(b.kind, b.alone) if task is not None else b.alone
-            rates.append(1.0 / _factor(table, counts[b.kind]))
+            slow = _factor(table, counts[b.kind])
+            for kind, n in counts.items():
+                if kind != b.kind:
+                    slow *= _factor(b.cross.get(kind, (1.0, 1.0)), n)
+            rates.append(1.0 / slow)
         return main_rate, rates
 
     def step(self) -> bool:

@@ -101,6 +101,7 @@ class HostModel:
         self.calls = figures.calls[key]
         self.read_share = figures.read[key]
         self.dec = figures.decompress.get(codec) if codec else None
+        self.dec_rate = self.dec[1] if self.dec else None   # raw bytes/s of a decompression alone
         self.host_read = host_read            # (latency, bandwidth) of the host's own storage
         self.throttled = throttled
         self.history: list[tuple[Operation, float]] = []     # main-thread ops kept for replays (op, end)
@@ -158,7 +159,7 @@ class HostModel:
         self.new = [self._read(i, a, b - x, item.nbytes)
                     for i, ((a, b), (item, _, _), x) in enumerate(zip(reads, loads, stretch))]
         for i, a, b, _ in decs:
-            secs = loads[i][0].decompress_bytes / self.dec[1]
+            secs = loads[i][0].decompress_bytes / self.dec_rate
             self.new.append(Background(self._decompress(a, secs), False, b - stretch.decompress[i], i))
         self.planned = [b for b in self.in_flight if b.end > now] + self.new
         return self.planned
@@ -255,12 +256,17 @@ class BesideModel(HostModel):
             raise ConfigError(f"{where}.read has no entry for format {key!r} (has: {', '.join(reads) or 'none'}); "
                               f"re-run `moelab profile`")
         self.kinds = {"read": reads[key]}
+        self.cross: dict = {}                       # kind -> other kind -> slowdown beside 1 and 2 (zip runs)
         if codec:
             decs = figures.beside.get("decompress", {})
             if codec not in decs:
                 raise ConfigError(f"{where}.decompress has no entry for codec {codec!r} (has: "
                                   f"{', '.join(decs) or 'none'}); re-run `moelab profile`")
             self.kinds["decompress"] = decs[codec]
+            # its task on the pool, as the executor's timeline times it, and how it and reads slow each other
+            self.dec_rate = decs[codec].rate or self.dec_rate
+            across = decs[codec].across or (1.0, 1.0, 1.0, 1.0)
+            self.cross = {"decompress": {"read": across[:2]}, "read": {"decompress": across[2:]}}
         for kind, f in self.kinds.items():          # decompress is a kind only of zip runs
             if key not in f.calls:
                 raise ConfigError(f"{where}.{kind} has no calls of format {key!r}; re-run `moelab profile`")
@@ -282,13 +288,15 @@ class BesideModel(HostModel):
         return MainTask(ready, seconds, slowed, slows)
 
     def _decompress(self, ready: float, seconds: float) -> BackgroundTask:
-        return BackgroundTask(ready, seconds, "decompress", self.kinds["decompress"].alone)
+        return BackgroundTask(ready, seconds, "decompress", self.kinds["decompress"].alone,
+                              cross=self.cross["decompress"])
 
     def _read(self, i: int, issue: float, transfer_end: float, nbytes: int) -> Background:
         """A read: its host time alone (a read of the host's own storage) slowed by the co-runs, then
         (a throttled read, or one queued in the storage channel) a wait until the transfer's end."""
         host = self._host_seconds(issue, transfer_end, nbytes)
-        task = BackgroundTask(issue, host, "read", self.kinds["read"].alone, transfer_end)
+        task = BackgroundTask(issue, host, "read", self.kinds["read"].alone, transfer_end,
+                              cross=self.cross.get("read", {}))
         return Background(task, True, transfer_end, i)
 
     def _replay(self, ops, bg) -> list[float]:

@@ -57,9 +57,11 @@ BESIDE = """
             decide: [1.0, 1.0, 1.0, 1.0]"""
 
 
-def device(tmp_path, host: str, call=2.0, dec=1.5, alone=1.0):
+def device(tmp_path, host: str, call=2.0, dec=1.5, alone=1.0, across=None, rate=None):
     path = tmp_path / "beside.yaml"
     beside = BESIDE.replace("CALL", str(call)).replace("DEC", str(dec)).replace("ALONE", str(alone))
+    pad = "\n            "
+    beside += (pad + f"across: {across}" if across else "") + (pad + f"rate: {rate}" if rate else "")
     path.write_text(PROFILE.replace("HOST\n", host.replace("CORES", "1") + beside + "\n"))
     return load_device(str(path))
 
@@ -76,6 +78,36 @@ def test_a_call_beside_a_decompression_in_the_engine_by_hand(tmp_path):
     assert by_time(ev) == by_time([("dense", 0, 0, 2000), *READS, (DEC, 0, 3054, 7054),
                                    ("compute", 0, 7054, 20054), (DEC, 1, 7054, 13054),
                                    ("dense", 1, 20054, 22054), ("compute", 1, 22054, 32054)])
+
+
+def test_reads_and_decompressions_slow_each_other_by_hand():
+    """No main-thread work. A decompression (1 s) 2x slower beside one read, 3x beside two; a read 1.5x
+    slower beside one decompression. One of each from 0: the read at 1/1.5 ends at 1.5, by when the
+    decompression has done 0.75 s at 1/2; its last 0.25 s alone: 1.75. With two reads of 0.5 s (2 at
+    once: 1.2x each, times 1.5 beside it): each at 1/1.8 ends at 0.9, the decompression at 1/3 has
+    done 0.3 s; its last 0.7 s alone: 1.6."""
+    dec = BackgroundTask(0.0, 1.0, "decompress", cross={"read": (2.0, 3.0)})
+    read = BackgroundTask(0.0, 1.0, "read", cross={"decompress": (1.5, 2.0)})
+    assert run_tasks([], [dec, read])[1] == pytest.approx([1.75, 1.5])
+    reads = [BackgroundTask(0.0, 0.5, "read", alone=(1.0, 1.2), cross={"decompress": (1.5, 2.0)})] * 2
+    assert run_tasks([], [dec] + reads)[1] == pytest.approx([1.6, 0.9, 0.9])
+    assert run_tasks([], [BackgroundTask(0.0, 1.0, "decompress", cross={"read": (2.0, 3.0)})])[1] == [1.0]
+
+
+def test_a_decompression_beside_reads_in_the_engine_by_hand(tmp_path):
+    """test_a_call_beside_a_decompression_in_the_engine_by_hand's run with the codec's pool rate
+    (48 KB/s: 96 B in 2 ms) and `across` [2, 2, 1, 1] (a decompression 2x slower beside reads; reads
+    not slowed). Layer 0's decompression from 3,054 runs beside the reads (one at a time, through
+    6,300): 3,246 us at 1/2 do 1,623 us of its 2,000; the last 377 us alone: 6,677. Then expert 0's
+    call (10 ms) and layer 1's decompression (2 ms; the one worker is free now) begin; the
+    decompression at 1/1.5 beside the call ends at 9,677, by when the call has done 1.5 ms at 1/2;
+    its last 8.5 ms alone: 18,177. Layer 1: dense [18,177, 20,177], expert 1 [20,177, 30,177]."""
+    dev = device(tmp_path, HOST, across="[2.0, 2.0, 1.0, 1.0]", rate="48KB/s")
+    sim, ev = run(dev)
+    assert sim.host.dec_rate == pytest.approx(48e3)
+    assert by_time(ev) == by_time([("dense", 0, 0, 2000), *READS, (DEC, 0, 3054, 6677),
+                                   ("compute", 0, 6677, 18177), (DEC, 1, 6677, 9677),
+                                   ("dense", 1, 18177, 20177), ("compute", 1, 20177, 30177)])
 
 
 @settings(max_examples=25, deadline=None)
@@ -131,9 +163,12 @@ def test_the_profilers_beside_lines_load_back(tmp_path):
     row = lambda s: [[s, s + 1, 1.0, 1.25]] * 2                          # noqa: E731
     kind = {"alone": [1.0, 1.5], "calls": {"zip": [row(2.0)]}, "dense": {"prefill": row(1.0), "decode": row(1.5)},
             "decide": [1.0, 1.0, 30.0, 40.0]}
-    lines = beside_lines({"read": {"zip": kind}, "decompress": {"lz4hc": kind}}, "measured: test")
+    dec = dict(kind, rate=2.3e8, across=[2.0, 2.5, 1.75, 2.25])
+    lines = beside_lines({"read": {"zip": kind}, "decompress": {"lz4hc": dec}}, "measured: test")
     path = tmp_path / "p.yaml"
     path.write_text(PROFILE.replace("HOST\n", HOST.replace("CORES", "2") + "\n" + "\n".join(lines) + "\n"))
     b = load_device(str(path)).compute.measured.host.beside
     assert b["read"]["zip"].alone == (1.0, 1.5) and b["decompress"]["lz4hc"].calls["zip"][0][1] == (2.0, 3.0, 1.0, 1.25)
     assert b["read"]["zip"].dense_decode[0] == (1.5, 2.5, 1.0, 1.25) and b["decompress"]["lz4hc"].decide[3] == 40.0
+    assert b["decompress"]["lz4hc"].rate == 2.3e8 and b["decompress"]["lz4hc"].across == (2.0, 2.5, 1.75, 2.25)
+    assert b["read"]["zip"].rate is None and b["read"]["zip"].across is None
