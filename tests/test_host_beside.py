@@ -57,11 +57,11 @@ BESIDE = """
             decide: [1.0, 1.0, 1.0, 1.0]"""
 
 
-def device(tmp_path, host: str, call=2.0, dec=1.5, alone=1.0, across=None, rate=None):
+def device(tmp_path, host: str, call=2.0, dec=1.5, alone=1.0, extra=()):
+    """The co-run profile; `extra`: lines added to the lz4hc decompressions' entry (across, rate)."""
     path = tmp_path / "beside.yaml"
     beside = BESIDE.replace("CALL", str(call)).replace("DEC", str(dec)).replace("ALONE", str(alone))
-    pad = "\n            "
-    beside += (pad + f"across: {across}" if across else "") + (pad + f"rate: {rate}" if rate else "")
+    beside += "".join("\n            " + line for line in extra)
     path.write_text(PROFILE.replace("HOST\n", host.replace("CORES", "1") + beside + "\n"))
     return load_device(str(path))
 
@@ -102,7 +102,7 @@ def test_a_decompression_beside_reads_in_the_engine_by_hand(tmp_path):
     call (10 ms) and layer 1's decompression (2 ms; the one worker is free now) begin; the
     decompression at 1/1.5 beside the call ends at 9,677, by when the call has done 1.5 ms at 1/2;
     its last 8.5 ms alone: 18,177. Layer 1: dense [18,177, 20,177], expert 1 [20,177, 30,177]."""
-    dev = device(tmp_path, HOST, across="[2.0, 2.0, 1.0, 1.0]", rate="48KB/s")
+    dev = device(tmp_path, HOST, extra=("across: [2.0, 2.0, 1.0, 1.0]", "rate: 48KB/s"))
     sim, ev = run(dev)
     assert sim.host.dec_rate == pytest.approx(48e3)
     assert by_time(ev) == by_time([("dense", 0, 0, 2000), *READS, (DEC, 0, 3054, 6677),
@@ -172,3 +172,25 @@ def test_the_profilers_beside_lines_load_back(tmp_path):
     assert b["read"]["zip"].dense_decode[0] == (1.5, 2.5, 1.0, 1.25) and b["decompress"]["lz4hc"].decide[3] == 40.0
     assert b["decompress"]["lz4hc"].rate == 2.3e8 and b["decompress"]["lz4hc"].across == (2.0, 2.5, 1.75, 2.25)
     assert b["read"]["zip"].rate is None and b["read"]["zip"].across is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("across: [2.0, 2.0, 1.0]", r"host\.beside\.decompress\.lz4hc\.across: expected 4 slowdowns >= 1"),
+    ("across: [0.9, 2.0, 1.0, 1.0]", r"host\.beside\.decompress\.lz4hc\.across: expected 4 slowdowns >= 1"),
+    ("rate: 48", r"host\.beside\.decompress\.lz4hc\.rate: expected a number with a unit"),
+    ("acros: [2.0, 2.0, 1.0, 1.0]", r"host\.beside\.decompress\.lz4hc\.acros: unknown key \(did you mean 'across'\?\)"),
+])
+def test_bad_across_and_rate_are_refused_by_file_and_key(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        device(tmp_path, HOST, extra=(extra,))
+    assert "beside.yaml" in str(e.value)
+
+
+def test_a_read_kind_has_no_across(tmp_path):
+    """across and rate belong to a codec's decompressions; under a format's reads they are refused."""
+    path = tmp_path / "p.yaml"
+    beside = BESIDE.replace("CALL", "2.0").replace("DEC", "1.5").replace("ALONE", "1.0").replace(
+        "            alone: [1.0, 1.0]\n", "            alone: [1.0, 1.0]\n            across: [1.0, 1.0, 1.0, 1.0]\n", 1)
+    path.write_text(PROFILE.replace("HOST\n", HOST.replace("CORES", "1") + beside + "\n"))
+    with pytest.raises(ConfigError, match=r"host\.beside\.read\.zip\.across: unknown key"):
+        load_device(str(path))
