@@ -128,10 +128,11 @@ def read_host(r, value, key: str, n: int) -> HostFigures:
 
 def read_beside(r, value, key: str, n: int) -> dict[str, dict[str, BesideFigures]]:
     """compute.measured.host.beside: kind (read, decompress) -> format key or codec -> its co-runs."""
-    def slow(x, where: str, size: int = 4):
+    def slow(x, where: str, size: int = 4, what: str | None = None):
+        what = what or ("main beside 1 and 2, theirs beside it with 1 and 2" if size == 4 else "with 1 and 2 at once")
         if (not isinstance(x, list) or len(x) != size
                 or any(isinstance(y, bool) or not isinstance(y, (int, float)) or y < 1 for y in x)):
-            raise r.fail(where, f"expected {size} slowdowns >= 1 ({'main beside 1 and 2, theirs beside it with 1 and 2' if size == 4 else 'with 1 and 2 at once'}), got {x!r}")
+            raise r.fail(where, f"expected {size} slowdowns >= 1 ({what}), got {x!r}")
         return tuple(float(y) for y in x)
 
     def row(x, where: str):
@@ -160,5 +161,6 @@ def read_beside(r, value, key: str, n: int) -> dict[str, dict[str, BesideFigures
                 dense_decode=row(dense["decode"], f"{where}.dense.decode"),
                 decide=slow(d["decide"], f"{where}.decide"),
                 rate=r.quantity(d["rate"], f"{where}.rate", parse_bandwidth, "230MB/s") if "rate" in d else None,
-                across=slow(d["across"], f"{where}.across") if "across" in d else None)
+                across=slow(d["across"], f"{where}.across", what="it beside 1 and 2 read threads, a read beside 1 "
+                            "and 2 of it") if "across" in d else None)
     return out
