@@ -62,11 +62,11 @@ def probe() -> dict[str, float]:
     return out
 
 
-# steadiness: Python slices of about 0.5 ms, timed back to back for STEADY_SECONDS; a slice
-# SLOW_FACTOR slower than the fast slices (their 10th percentile: the host's full speed, robust to
-# a few lucky slices) ran at a reduced speed
+# steadiness: Python slices of about 0.3 ms, timed back to back for STEADY_SECONDS (a full, a quick
+# profile or validation: at its start and its end); a slice SLOW_FACTOR slower than the fast slices
+# (their 10th percentile: the host's full speed, robust to a few lucky slices) ran at a reduced speed
 SLICE_ITERATIONS = 10_000
-STEADY_SECONDS = 2.0
+STEADY_SECONDS = {False: 2.0, True: 0.5}
 SLOW_FACTOR = 1.3
 UNSTEADY_LIMIT = 0.05       # a host with more slow slices than this is no ground for a validation
 
@@ -85,7 +85,7 @@ def _slice() -> None:
         x += i & 7
 
 
-def steadiness(seconds: float = STEADY_SECONDS) -> dict[str, float]:
+def steadiness(seconds: float = STEADY_SECONDS[False]) -> dict[str, float]:
     """{"slow_share": share of slow slices, "slice": the median slice's seconds, "slices": count}."""
     times: list[float] = []
     end = time.perf_counter() + seconds
@@ -96,9 +96,13 @@ def steadiness(seconds: float = STEADY_SECONDS) -> dict[str, float]:
     return {"slow_share": slow_share(times), "slice": statistics.median(times), "slices": len(times)}
 
 
+def mean_slow_share(readings: list[dict]) -> float:
+    return statistics.mean(r["slow_share"] for r in readings)
+
+
 def steadiness_text(readings: list[dict]) -> str:
-    """'4.1% of ... (start 1.2%, end 7.0%)': the readings' shares of slow slices, their mean first."""
-    mean = statistics.mean(r["slow_share"] for r in readings)
+    """'4.1% of ... (readings 1.2%, 7.0%)': the readings' shares of slow slices, their mean first."""
+    mean = mean_slow_share(readings)
     each = ", ".join(f"{100 * r['slow_share']:.1f}%" for r in readings)
     return (f"{100 * mean:.1f}% of {SLICE_ITERATIONS}-iteration Python slices ran >= {SLOW_FACTOR}x the host's "
             f"fast ones (readings {each}; executor/host_probe.py steadiness)")
@@ -111,17 +115,13 @@ def steadiness_line(readings: list[dict]) -> str:
 
 def profile_steadiness(path) -> float | None:
     """The mean share of slow slices a profile recorded (its `# steadiness:` line); None: not recorded."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    m = re.search(r"^# steadiness: ([\d.]+)% of", text, re.M)
+    m = profile_comment(path, r"^# steadiness: ([\d.]+)% of")
     return None if m is None else float(m.group(1)) / 100
 
 
 def unsteady_warning(readings: list[dict], what: str) -> str | None:
     """The warning `moelab profile` / `validate` print when the host's speed flips (None: steady)."""
-    mean = statistics.mean(r["slow_share"] for r in readings)
+    mean = mean_slow_share(readings)
     if mean <= UNSTEADY_LIMIT:
         return None
     return (f"warning: this host ran {100 * mean:.0f}% of the time at a reduced speed while {what} (short Python "
@@ -155,13 +155,17 @@ def probe_line(probes: list[dict]) -> str:
 SPREAD_LIMIT = 0.15
 
 
-def profile_probe(path) -> dict[str, float] | None:
-    """The profile's probe ({kind: seconds}, the median over its stages); None: not recorded."""
+def profile_comment(path, pattern: str) -> re.Match | None:
+    """The match of `pattern` on one of a profile's comment lines (None: no such line, or no file)."""
     try:
-        text = Path(path).read_text()
+        return re.search(pattern, Path(path).read_text(), re.M)
     except OSError:
         return None
-    m = re.search(r"^# probe: python ([\d.]+) ms, torch ([\d.]+) ms \(median", text, re.M)
+
+
+def profile_probe(path) -> dict[str, float] | None:
+    """The profile's probe ({kind: seconds}, the median over its stages); None: not recorded."""
+    m = profile_comment(path, r"^# probe: python ([\d.]+) ms, torch ([\d.]+) ms \(median")
     return None if m is None else {"python": float(m.group(1)) / 1e3, "torch": float(m.group(2)) / 1e3}
 
 

@@ -214,7 +214,8 @@ def across(dec, read, window: float) -> list[float]:
 
 
 def event_rate(loads, task, window: float) -> float:
-    """Raw bytes per second of a decompression task's event alone on the pool (one thread looping)."""
+    """Raw bytes per second of a decompression task's event alone on the pool (one thread looping);
+    the runtime's timeline, which keeps every task's event, is cleared before and after."""
     loads.rt.timeline.events.clear()
     mean_time(task, window)
     events = [e for e in loads.rt.timeline.events if e.resource.startswith("decompress")]
@@ -250,7 +251,6 @@ def beside_figures(p, formats, codecs, window: float) -> dict:
             for codec in codecs:
                 task = loads.decompress_task(p, codec)
                 f = kind_figures(p, task, ["zip"], window)
-                loads.rt.timeline.events.clear()         # the tasks' events, kept by the runtime
                 out["decompress"][codec] = dict(f, rate=event_rate(loads, task, window),
                                                 across=across(task, read, window))
     return out

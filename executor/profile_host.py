@@ -56,7 +56,7 @@ from devices.atomic import atomic_write
 from devices.profile import StorageProfile, interpolate, load_device, measured_key
 from devices.units import format_size
 from executor.encoders import get_encoder, resident_part
-from executor.host_probe import probe, steadiness
+from executor.host_probe import STEADY_SECONDS, probe, steadiness
 from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
@@ -402,9 +402,6 @@ def _robust_fit(a: np.ndarray, y: np.ndarray) -> tuple[float, float, float, floa
     return call, dense, read, dec
 
 
-STEADY_S = {False: 2.0, True: 0.5}      # seconds of the steadiness reading at the start and the end (full, quick)
-
-
 def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet: bool = False,
             io_concurrency: int = 2, decompress_workers: int = 2, throttle: str | None = None,
             torch_device: str = "cpu") -> dict:
@@ -413,7 +410,7 @@ def measure(model_dir=None, store_root="runs/stores", quick: bool = False, quiet
     simulation."""
     p = HostProfiler(model_dir, store_root, quick, quiet, io_concurrency, decompress_workers, throttle, torch_device)
     probes: list[dict] = []
-    steady_s = STEADY_S[quick]
+    steady_s = STEADY_SECONDS[quick]
     steady = [steadiness(steady_s)]             # whether the host's speed flips (executor/host_probe.py)
     n_expert = sum(1 if f != "mwq" else 3 for f in FORMATS) * len(p.tokens)
     with tqdm(total=3 + n_expert + len(p.tokens) + (2 if quick else 4) + 1 + 12, disable=quiet, desc="profile",

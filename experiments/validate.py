@@ -33,7 +33,6 @@ import csv
 import itertools
 import json
 import os
-import re
 import statistics
 from pathlib import Path
 
@@ -42,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from devices.units import ConfigError
-from executor.host_probe import (drift, drift_text, probe, profile_probe, profile_steadiness, steadiness,
-                                 steadiness_text)
+from executor.host_probe import (STEADY_SECONDS, drift, drift_text, probe, profile_comment, profile_probe,
+                                 profile_steadiness, steadiness, steadiness_text)
 
 CACHES = ("fifo", "lru", "lfu", "belady")
 PAPER_CACHES = {"mwq": ("d2moe-budget",), "zip": ("zipmoe",)}   # the papers' caches, on their formats
@@ -128,7 +127,6 @@ class Validator:
         if self.max_repeats < repeats:
             raise ConfigError(f"--max-repeats {max_repeats} must be >= --repeats {repeats}")
         self.spread_limit = spread_limit
-        self.steady_s = 0.5 if quick else 2.0       # seconds per steadiness reading (start and end of a run)
         self.host = host_state(torch_device)
         check_profile_host(profile, self.host)
         self.requests = requests or (2 if quick else 4)
@@ -253,7 +251,7 @@ class Validator:
         large (noisy), passes up to `max_repeats`. Each executor run is kept in runs.jsonl as it
         finishes; a configuration's row is written once its runs are all there (resumable)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.host["steadiness"] = [steadiness(self.steady_s)]     # the host's speed flips (executor/host_probe.py)
+        self.host["steadiness"] = [steadiness(STEADY_SECONDS[self.quick])]     # the host's speed flips (executor/host_probe.py)
         keep_host(self.out / "host.json", self.host)
         csv_path, runs_path = self.out / "validation.csv", self.out / "runs.jsonl"
         done = {row_key(r) for r in read_rows(csv_path)}
@@ -272,7 +270,7 @@ class Validator:
                 bar.refresh()
                 self.passes(more, range(self.repeats, self.max_repeats), trace, kept, sims, bar)
         noisy_keys = {self.key(c) for c in more}
-        self.host["steadiness"].append(steadiness(self.steady_s))
+        self.host["steadiness"].append(steadiness(STEADY_SECONDS[self.quick]))
         keep_host(self.out / "host.json", self.host)
         for cfg in todo:
             sim = sims[key := self.key(cfg)]
@@ -320,20 +318,13 @@ def host_state(torch_device: str = "cpu") -> dict:
 
 def profile_cores(path) -> tuple[int, str] | None:
     """(cores, torch device) a profile was measured on, from its `# cores:` line (None: not recorded)."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    m = re.search(r"^# cores: (\d+) of \d+ .*?torch device (\w+)", text, re.M)
+    m = profile_comment(path, r"^# cores: (\d+) of \d+ .*?torch device (\w+)")
     return (int(m.group(1)), m.group(2)) if m else None
 
 
 def profile_is_quick(path) -> bool:
     """Whether a profile was taken with `moelab profile --quick` (its `# samples: quick` line)."""
-    try:
-        return re.search(r"^# samples: quick", Path(path).read_text(), re.M) is not None
-    except OSError:
-        return False
+    return profile_comment(path, r"^# samples: quick") is not None
 
 
 # why a quick profile is no ground for a validation (measured on this project's 2-vCPU VM, 2 cores)
