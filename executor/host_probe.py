@@ -169,6 +169,25 @@ def profile_probe(path) -> dict[str, float] | None:
     return None if m is None else {"python": float(m.group(1)) / 1e3, "torch": float(m.group(2)) / 1e3}
 
 
+def profile_probe_range(path) -> dict[str, tuple[float, float]] | None:
+    """Per kind, the (fastest, slowest) seconds of the profile's probes: the speeds its figures were
+    measured at (its `# probe:` line's range); None: not recorded."""
+    m = profile_comment(path, r"^# probe: .*; range python ([\d.]+)-([\d.]+) ms, torch ([\d.]+)-([\d.]+) ms")
+    if m is None:
+        return None
+    lo_py, hi_py, lo_t, hi_t = (float(x) / 1e3 for x in m.groups())
+    return {"python": (lo_py, hi_py), "torch": (lo_t, hi_t)}
+
+
+def at_speed(run_probe: dict | None, speeds: dict | None) -> bool | None:
+    """Whether a run's probe lies within the profile's range for every kind (the host ran at a speed
+    the profile measured it at); None: either is unknown. The probe's figures are rounded to 10 us
+    in the profile, so a reading within half of that of an end counts as inside."""
+    if not run_probe or not speeds:
+        return None
+    return all(lo - 5e-6 <= run_probe[k] <= hi + 5e-6 for k, (lo, hi) in speeds.items())
+
+
 def drift(probes: list[dict], reference: dict) -> dict[str, tuple[float, float, float]] | None:
     """Per kind, how much slower the host ran than at the reference: (median, min, max) of
     probe / reference - 1 over `probes` (None without probes or a reference)."""

@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from devices.units import ConfigError
-from executor.host_probe import (STEADY_SECONDS, drift, drift_text, probe, profile_comment, profile_probe,
-                                 profile_steadiness, steadiness, steadiness_text)
+from executor.host_probe import (STEADY_SECONDS, at_speed, drift, drift_text, probe, profile_comment, profile_probe,
+                                 profile_probe_range, profile_steadiness, steadiness, steadiness_text)
 
 CACHES = ("fifo", "lru", "lfu", "belady")
 PAPER_CACHES = {"mwq": ("d2moe-budget",), "zip": ("zipmoe",)}   # the papers' caches, on their formats
@@ -70,7 +70,8 @@ def fields() -> list[str]:
         out += [f"pred_{m}", f"meas_{m}", f"sd_{m}", f"err_{m}"]
     for r in RESOURCES:
         out += [f"pred_{r}_busy_s", f"meas_{r}_busy_s", f"err_{r}_busy"]
-    return out + ["runs_tpot_s_mean", "err_tpot_vs_mean_of_runs", "decisions_identical", "status"]
+    return out + ["runs_tpot_s_mean", "runs_at_profile_speed", "err_tpot_vs_mean_of_runs", "decisions_identical",
+                  "status"]
 
 
 def matrix(quick: bool, reduced: bool = False) -> list[dict]:
@@ -117,6 +118,7 @@ class Validator:
         self.out = Path(out)
         self.trace_path = self.out / "trace.npz"          # the model's own routing, recorded once
         self.profile = load_device(str(profile))
+        self.speeds = profile_probe_range(profile)        # the host's speeds while it was profiled
         self.throttle = throttle
         self.storage = self.profile.storage_option(None)
         if throttle:
@@ -233,8 +235,11 @@ class Validator:
             row.update({f"pred_{m}": pred[m], f"meas_{m}": mid,
                         f"sd_{m}": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                         f"err_{m}": rel_err(pred[m], mid)})
-        tpots = [x["tpot_s_mean"] for x in meas if x["tpot_s_mean"] is not None]
+        timed = [r for r in runs if r["metrics"]["tpot_s_mean"] is not None]
+        tpots = [r["metrics"]["tpot_s_mean"] for r in timed]
         row["runs_tpot_s_mean"] = ";".join(f"{t:.6g}" for t in tpots)
+        speed = [at_speed(r.get("probe"), self.speeds) for r in timed]      # 1: the host ran at a profiled speed
+        row["runs_at_profile_speed"] = "" if None in speed else ";".join(str(int(f)) for f in speed)
         row["err_tpot_vs_mean_of_runs"] = rel_err(pred["tpot_s_mean"], float(np.mean(tpots))) if tpots else None
         for r in RESOURCES:
             mid = float(np.median([x["busy"][r] for x in runs]))

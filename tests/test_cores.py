@@ -210,6 +210,23 @@ def test_the_speed_probe_round_trips_and_the_report_sets_runs_against_the_profil
     assert "python +0% (range -10% to +10%); torch +0% (range -10% to +20%)" in (out / "validation.md").read_text()
 
 
+def test_a_run_is_at_the_profiles_speed_when_its_probe_lies_in_the_profiles_range(tmp_path):
+    """The range on the `# probe:` line reads back per kind; a run inside it for both kinds is at the
+    profile's speed, one kind outside is not (the line's 10 us rounding counts as inside)."""
+    from executor.host_probe import at_speed, probe_line, profile_probe_range
+    stages = [{"python": 0.010, "torch": 0.004}, {"python": 0.011, "torch": 0.005}, {"python": 0.012, "torch": 0.006}]
+    path = tmp_path / "p.yaml"
+    path.write_text(probe_line(stages) + "\nname: x\n")
+    speeds = profile_probe_range(path)
+    assert speeds == {"python": pytest.approx((0.010, 0.012)), "torch": pytest.approx((0.004, 0.006))}
+    assert at_speed({"python": 0.011, "torch": 0.0045}, speeds) is True
+    assert at_speed({"python": 0.012004, "torch": 0.0040}, speeds) is True        # within the rounding
+    assert at_speed({"python": 0.0125, "torch": 0.005}, speeds) is False          # python 4% slower than any
+    assert at_speed({"python": 0.011, "torch": 0.0039}, speeds) is False          # torch faster than any
+    assert at_speed(None, speeds) is None and at_speed({"python": 0.011, "torch": 0.005}, None) is None
+    assert profile_probe_range(tmp_path / "none") is None
+
+
 def test_steadiness_counts_the_slices_that_ran_at_a_reduced_speed(monkeypatch):
     """A slice at >= 1.3x the fast slices (their 10th percentile) ran slow: by hand, then on a host
     whose slices are 1 ms three times in four and 2.5 ms the fourth (sleeps in place of the loop)."""

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from experiments.validate_stats import (bootstrap_ci, format_stats, rank_agreement, rank_for_pick, rank_groups,
-                                        rank_stats, report_sections, summary_lines, tpot_points, within_2sigma)
+                                        rank_stats, report_sections, speed_points, summary_lines, tpot_points,
+                                        within_2sigma)
 
 
 def row(pred, meas, sd=0.0, runs=3, fmt="bf16", cache="lru", prefetch="none", share=0.5, batch=1, throttle="",
@@ -115,6 +116,33 @@ def test_summary_lines_and_report_sections_state_each_figure():
     assert "| none | bf16 | 0.5 | 1 | 2 | 1.00 | lru/none | lru/none | True | True | 0.0% |" in text
 
 
+def test_at_the_profiles_speed_only_the_runs_taken_at_it_count():
+    """Runs 1, 2, 3, 4 ms, the 1st and 3rd at the profile's speed: measured 2 ms (their median), sigma
+    1.414 ms, 2 runs; predicted 2.2 ms: +10%, within 2 sigma. Rows without flags, with no run at the
+    speed, or whose flags do not match their runs are left out; over all runs that row's error is
+    2.2 / 2.5 - 1 = -12%."""
+    at = dict(row(2.2e-3, 2.5e-3, sd=1.29e-3, runs=4), runs_tpot_s_mean="0.001;0.002;0.003;0.004",
+              runs_at_profile_speed="1;0;1;0")
+    none_at = dict(row(1.0, 1.0), runs_tpot_s_mean="1;1;1", runs_at_profile_speed="0;0;0")
+    unflagged = dict(row(1.0, 1.0), runs_tpot_s_mean="1;1;1")
+    torn = dict(row(1.0, 1.0), runs_tpot_s_mean="1;1;1", runs_at_profile_speed="1;1")
+    (p,) = speed_points([at, none_at, unflagged, torn])
+    assert p["meas"] == pytest.approx(2e-3) and p["runs"] == 2 and p["sd"] == pytest.approx(2 ** 0.5 * 1e-3)
+    assert within_2sigma(p) is True
+    (s,) = format_stats([at, none_at, unflagged, torn], at_speed=True)
+    assert (s["configs"], s["runs"], s["within"], s["with_sigma"]) == (1, 2, 1, 1)
+    assert s["bias"] == pytest.approx(0.1)
+    assert format_stats([at], at_speed=False)[0]["bias"] == pytest.approx(2.2 / 2.5 - 1)
+    assert format_stats([unflagged], at_speed=True) == []
+    lines = summary_lines([at])
+    assert len(lines) == 2 and lines[1].startswith("  at the profile's speed (2 of 4 runs): 1 configurations")
+    assert "TPOT bias +10.0%" in lines[1] and "within their 2 sigma 1/1" in lines[1]
+    text = "\n".join(report_sections([at]))
+    assert "### At the profile's speed" in text and "| none | bf16 | 2 | 1 | +10.0% " in text
+    assert "### At the profile's speed" not in "\n".join(report_sections([unflagged]))
+    assert len(summary_lines([unflagged])) == 1
+
+
 # -- validate: more runs for a noisy configuration -----------------------------------------------
 PROFILE = """
 name: tiny-host
@@ -188,6 +216,32 @@ def test_validate_adds_runs_where_the_spread_is_large(tmp_path, monkeypatch):
     n = len(calls)
     Validator(tmp_path / "val", profile, **v).run()
     assert len(calls) == n and len(read_rows(tmp_path / "val" / "validation.csv")) == len(rows)
+
+
+def test_validate_marks_each_run_taken_at_the_profiles_speed(tmp_path, monkeypatch):
+    """Each run's probe (taken as it ends) against the profile's range: in, out, in -> "1;0;1" beside the
+    runs' TPOTs; a profile without a probe line marks none."""
+    import experiments.validate as validate
+    from executor.host_probe import probe_line
+    from experiments.validate import Validator, read_rows
+    profile = tmp_path / "host.yaml"
+    profile.write_text(probe_line([{"python": 0.010, "torch": 0.004}, {"python": 0.012, "torch": 0.006}]) + PROFILE)
+    probes = iter([{"python": 0.011, "torch": 0.005}, {"python": 0.020, "torch": 0.005}] * 100)
+    monkeypatch.setattr(validate, "probe", lambda: next(probes))
+
+    def fake(self, cfg, trace, decisions):
+        return {"metrics": {"ttft_s": 0.01, "tpot_s_mean": 1e-3, "throughput_tok_s": 1.0, "hit_ratio": 0.5},
+                "busy": {"io": 0.0, "decompress": 0.0, "compute": 0.0}, "same": True}
+    monkeypatch.setattr(Validator, "execute_once", fake)
+    v = dict(quick=True, repeats=3, store_root=tmp_path / "stores", quiet=True, tokens=4)
+    ok = [r for r in Validator(tmp_path / "val", profile, **v).run() if r["status"] == "ok"]
+    n = len(ok)          # pass 1 alternates in, out, ...; pass 2 starts where pass 1 left off
+    expect = [";".join(str(1 - (i + p * n) % 2) for p in range(3)) for i in range(n)]
+    assert [r["runs_at_profile_speed"] for r in ok] == expect
+    assert "### At the profile's speed" in (tmp_path / "val" / "validation.md").read_text()
+    profile.write_text(PROFILE)
+    ok = [r for r in Validator(tmp_path / "val2", profile, **v).run() if r["status"] == "ok"]
+    assert {r["runs_at_profile_speed"] for r in ok} == {""}
 
 
 def test_max_repeats_below_repeats_is_refused(tmp_path):
