@@ -15,7 +15,7 @@ the profile predicts what `moelab execute` does here:
 - compute.measured.experts: ExpertRuntime._compute (decode / dequantize / re-assemble, then
   the matmuls, with its timeline record) per format and level against token count, with
   the executor's torch threads, cycling over the model's experts (means: the simulator adds
-  them up). contention, per format: from forced executor runs with loads, how much slower the
+  them up), every cell timed interleaved with the others (executor/profile_experts.py). contention, per format: from forced executor runs with loads, how much slower the
   main thread's expert calls and dense parts run while reads / decompressions are in flight,
   and what a call / dense part costs in runs beyond its table (least squares; the share lost
   while reading and the reads' stall are then calibrated by simulation, experiments/calibrate.py,
@@ -45,7 +45,6 @@ import platform
 import socket
 import statistics
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +54,19 @@ from tqdm import tqdm
 from devices.atomic import atomic_write
 from devices.profile import StorageProfile, interpolate, load_device, measured_key
 from devices.units import format_size
-from executor.encoders import get_encoder, resident_part
 from executor.host_probe import STEADY_SECONDS, probe, steadiness
-from executor.execute import _set_numba_threads, default_torch_threads, execute, strip_experts
+from executor.execute import default_torch_threads, execute, strip_experts
 from executor.io import BlobReader, DecompressPool, IOWorkers, StorageThrottle
 from executor.profile_beside import BESIDE_WINDOW_S, beside_figures, beside_lines
+from executor.profile_experts import expert_tables
 from executor.profile_gil import best_time, host_figures, host_lines
 from executor.profile_timeline import (call_excess, compute_gaps, decision_gaps, decision_line, dense_excess,
                                        handoff_samples, overlap, run_times)
 from executor.model import model_arch
-from executor.runtime import ExpertRuntime, StepInfo
 from executor.store_build import ensure_store
 from executor.train import DEFAULT_MODEL, load_trained
 from executor.zipcodec import ZipEncoder
-from policies import build_online_policies, build_policies
-from policies.base import Key
+from policies import build_policies
 from timeline.metrics import step_spans
 from workloads.formats import make_format
 from workloads.synthetic import synthetic_trace
@@ -213,51 +210,9 @@ class HostProfiler:
 
     # -- expert compute ---------------------------------------------------------------------
     def experts(self, bar=None) -> dict:
-        """Seconds of ExpertRuntime._compute per format key, level and token count."""
-        tables = {}
-        saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            for fmt_name in FORMATS:
-                store = self.store(fmt_name)
-                fmt = store.format
-                _set_numba_threads(fmt, self.threads)          # as execute() does
-                enc = get_encoder(fmt.name)
-                pol = build_online_policies(self.arch, fmt, 10 ** 12)
-                rt = ExpertRuntime(store, pol, activation=self.model.cfg.activation, io=None,
-                                   torch_device=self.torch_device)
-                rt.begin_step(StepInfo(0, 0, False, 1, 1))
-                n_experts = min(len(store.keys()) // fmt.n_parts, 16 if self.quick else 64)
-                with BlobReader(store) as reader:
-                    keys = [Key(layer, e, p) for layer in range(self.arch.layers) for e in range(self.arch.experts)
-                            for p in range(fmt.n_parts)]
-                    for k in keys:
-                        rt.memory.buffers[k] = resident_part(enc, fmt, k.part, bytes(reader.read(k)))
-                pairs = [(layer, e) for layer in range(self.arch.layers) for e in range(self.arch.experts)]
-                rows = []
-                for level in range(fmt.levels):
-                    row = []
-                    for n in self.tokens:
-                        hidden = torch.randn(n, self.arch.d_model, device=rt.device)
-                        gates = torch.full((n, self.arch.top_k), 1.0 / self.arch.top_k, device=rt.device)
-                        times = []
-                        for i in range(-2, max(self.repeats * 4, n_experts)):   # 2 warm-up calls
-                            layer, e = pairs[i % n_experts]
-                            ids = torch.full((n, self.arch.top_k), (e + 1) % self.arch.experts, device=rt.device)
-                            ids[:, 0] = e
-                            out = torch.zeros_like(hidden)
-                            t0 = time.perf_counter()
-                            rt._compute(out, hidden, ids, gates, layer, (e, level), list(range(n)))
-                            if i >= 0:
-                                times.append(time.perf_counter() - t0)
-                        row.append(_mean(times))
-                        if bar is not None:
-                            bar.update(1)
-                    rows.append(row)
-                tables[measured_key(fmt)] = rows
-        finally:
-            torch.set_num_threads(saved)
-        return tables
+        """Seconds of ExpertRuntime._compute per format key, level and token count, every cell timed
+        interleaved with the others (executor/profile_experts.py)."""
+        return expert_tables(self, FORMATS, bar)
 
     def contention(self, tables: dict, dense: dict, bar=None) -> dict:
         """Per format, how the executor's threads share the cores (compute.measured.contention): least
