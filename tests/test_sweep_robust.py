@@ -144,11 +144,13 @@ def test_a_signal_cancels_a_dask_sweep(tmp_path, start_sweep, sig):
         t0 = time.time()
         proc.send_signal(sig)
         rc = proc.wait(timeout=10)
-        assert rc == 130 and time.time() - t0 < 5, (rc, stderr_of(proc))
+        took = time.time() - t0
+        assert rc == 130 and took < 5, (rc, took, stderr_of(proc))           # here it takes about 0.2 s
         deadline = time.time() + 5
         while cluster.scheduler.tasks and time.time() < deadline:
             time.sleep(0.05)
-        assert not cluster.scheduler.tasks
+        left = {key: ts.state for key, ts in list(cluster.scheduler.tasks.items())}
+        assert not left, (left, stderr_of(proc))          # what was left says where a failure came from
     assert_whole_unique_rows(out)
 
 
