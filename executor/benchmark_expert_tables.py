@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tables", type=int, default=4, help="table sets per order (default 4)")
     ap.add_argument("--quick", action="store_true", help="the quick profile's token counts and samples")
     args = ap.parse_args(argv)
+    if args.tables < 2:
+        ap.error(f"--tables {args.tables}: need at least 2 table sets per order to measure their spread")
     p = HostProfiler(quick=args.quick, quiet=True)
     got: dict = {"blocked": ([], []), "interleaved": ([], [])}
     with torch.no_grad():
