@@ -76,10 +76,10 @@ def speed_points(rows: list[dict]) -> list[dict]:
     runs; rows without the flags or with no such run are left out."""
     out = []
     for p in tpot_points(rows):
-        flags = p["row"].get("runs_at_profile_speed") or ""
+        flags = (p["row"].get("runs_at_profile_speed") or "").split(";")
         tpots = [float(t) for t in (p["row"].get("runs_tpot_s_mean") or "").split(";") if t]
-        kept = [t for t, f in zip(tpots, flags.split(";")) if f == "1"]
-        if not flags or len(tpots) != len(flags.split(";")) or not kept:
+        kept = [t for t, f in zip(tpots, flags) if f == "1"]
+        if len(flags) != len(tpots) or not kept:          # not marked (an older row), or none at speed
             continue
         out.append(dict(p, meas=float(np.median(kept)), runs=len(kept),
                         sd=float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0))
@@ -219,7 +219,7 @@ def rank_text(s: dict) -> str:
 def summary_lines(rows: list[dict], seed: int = 0) -> list[str]:
     """One line per (throttle, format): what `moelab validate` prints."""
     ranks = {(s["throttle"], s["format"]): s for s in rank_stats(rows)}
-    speeds = _at_speed(rows, seed)
+    speeds = _speed_stats(rows, seed)
     out = []
     for s in format_stats(rows, seed):
         r = ranks.get((s["throttle"], s["format"]))
@@ -236,7 +236,7 @@ def summary_lines(rows: list[dict], seed: int = 0) -> list[str]:
     return out
 
 
-def _at_speed(rows: list[dict], seed: int) -> dict:
+def _speed_stats(rows: list[dict], seed: int) -> dict:
     return {(s["throttle"], s["format"]): s for s in format_stats(rows, seed, at_speed=True)}
 
 
@@ -259,7 +259,7 @@ def report_sections(rows: list[dict], seed: int = 0) -> list[str]:
                      f"{s['within']} / {s['with_sigma']} | {r['groups']} | {tau_text(r['tau_median'])} "
                      f"({tau_text(r['tau_min'])}) | {r['same']} / {r['groups']} | {r['within']} / {r['groups']} | "
                      f"{pct(r['regret_median'])} / {pct(r['regret_max'])} |")
-    speeds = _at_speed(rows, seed)
+    speeds = _speed_stats(rows, seed)
     if speeds:
         lines += ["", f"### {AT_SPEED[0].upper() + AT_SPEED[1:]}", "",
                   "The same statistics over only the executor's runs whose host probe (taken as each run ended) "
