@@ -141,6 +141,9 @@ def spread(probes: list[dict]) -> float:
     return max(hi / lo - 1 for _, lo, hi in summary(probes).values())
 
 
+LINE_ROUNDING = 5e-6       # probe_line writes milliseconds with 2 decimals: a figure there is +-5 us
+
+
 def probe_line(probes: list[dict]) -> str:
     """The profile's comment line (read back by profile_probe): the probe at each stage's start and at
     the end, its median and range."""
@@ -181,11 +184,11 @@ def profile_probe_range(path) -> dict[str, tuple[float, float]] | None:
 
 def at_speed(run_probe: dict | None, speeds: dict | None) -> bool | None:
     """Whether a run's probe lies within the profile's range for every kind (the host ran at a speed
-    the profile measured it at); None: either is unknown. The probe's figures are rounded to 10 us
-    in the profile, so a reading within half of that of an end counts as inside."""
+    the profile measured it at); None: either is unknown. A reading within the line's rounding of an
+    end counts as inside."""
     if not run_probe or not speeds:
         return None
-    return all(lo - 5e-6 <= run_probe[k] <= hi + 5e-6 for k, (lo, hi) in speeds.items())
+    return all(lo - LINE_ROUNDING <= run_probe[k] <= hi + LINE_ROUNDING for k, (lo, hi) in speeds.items())
 
 
 def drift(probes: list[dict], reference: dict) -> dict[str, tuple[float, float, float]] | None:

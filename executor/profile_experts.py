@@ -45,18 +45,17 @@ def timed_means(cells: list[Cell], rounds: int, interleaved: bool = True, seed: 
     """Each cell's mean seconds over `rounds` samples (after WARMUP_ROUNDS untimed ones). Interleaved:
     round by round, every cell once per round in a seeded random order; otherwise (`interleaved=False`,
     the order tables were once timed in, kept to compare) each cell's samples back to back."""
-    sums = [0.0] * len(cells)
+    samples = range(-WARMUP_ROUNDS, rounds)
     if interleaved:
         rng = np.random.default_rng(seed)
-        for r in range(-WARMUP_ROUNDS, rounds):
-            for j in rng.permutation(len(cells)):
-                t = cells[j].call(r)
-                sums[j] += t if r >= 0 else 0.0
+        order = [(r, j) for r in samples for j in rng.permutation(len(cells))]
     else:
-        for j, cell in enumerate(cells):
-            for r in range(-WARMUP_ROUNDS, rounds):
-                t = cell.call(r)
-                sums[j] += t if r >= 0 else 0.0
+        order = [(r, j) for j in range(len(cells)) for r in samples]
+    sums = [0.0] * len(cells)
+    for r, j in order:
+        t = cells[j].call(r)
+        if r >= 0:
+            sums[j] += t
     return [s / rounds for s in sums]
 
 
@@ -88,11 +87,11 @@ def format_cells(p, fmt_name: str) -> tuple[list[Cell], int]:
                        io=None, torch_device=p.torch_device)
     rt.begin_step(StepInfo(0, 0, False, 1, 1))
     n_experts = min(len(store.keys()) // fmt.n_parts, 16 if p.quick else 64)
+    every = [(layer, e) for layer in range(p.arch.layers) for e in range(p.arch.experts)]
     with BlobReader(store) as reader:
-        for k in (Key(layer, e, q) for layer in range(p.arch.layers) for e in range(p.arch.experts)
-                  for q in range(fmt.n_parts)):
+        for k in (Key(layer, e, q) for layer, e in every for q in range(fmt.n_parts)):
             rt.memory.buffers[k] = resident_part(enc, fmt, k.part, bytes(reader.read(k)))
-    pairs = [(layer, e) for layer in range(p.arch.layers) for e in range(p.arch.experts)][:n_experts]
+    pairs = every[:n_experts]
     return [Cell(measured_key(fmt), level, n, _caller(rt, p.arch, pairs, level, n))
             for level in range(fmt.levels) for n in p.tokens], n_experts
 

@@ -15,8 +15,9 @@ the profile predicts what `moelab execute` does here:
 - compute.measured.experts: ExpertRuntime._compute (decode / dequantize / re-assemble, then
   the matmuls, with its timeline record) per format and level against token count, with
   the executor's torch threads, cycling over the model's experts (means: the simulator adds
-  them up), every cell timed interleaved with the others (executor/profile_experts.py). contention, per format: from forced executor runs with loads, how much slower the
-  main thread's expert calls and dense parts run while reads / decompressions are in flight,
+  them up), every cell timed interleaved with the others (executor/profile_experts.py).
+  contention, per format: from forced executor runs with loads, how much slower the main
+  thread's expert calls and dense parts run while reads / decompressions are in flight,
   and what a call / dense part costs in runs beyond its table (least squares; the share lost
   while reading and the reads' stall are then calibrated by simulation, experiments/calibrate.py,
   since the executor does not simulate); compute_gap:

@@ -223,7 +223,7 @@ def test_validate_marks_each_run_taken_at_the_profiles_speed(tmp_path, monkeypat
     runs' TPOTs; a profile without a probe line marks none."""
     import experiments.validate as validate
     from executor.host_probe import probe_line
-    from experiments.validate import Validator, read_rows
+    from experiments.validate import Validator
     profile = tmp_path / "host.yaml"
     profile.write_text(probe_line([{"python": 0.010, "torch": 0.004}, {"python": 0.012, "torch": 0.006}]) + PROFILE)
     probes = iter([{"python": 0.011, "torch": 0.005}, {"python": 0.020, "torch": 0.005}] * 100)
